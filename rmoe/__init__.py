@@ -1,0 +1,23 @@
+"""rmoe: the regulated mixture-of-experts layer library (pure PyTorch).
+
+Public contract::
+
+    from rmoe import build_moe_layer
+    layer = build_moe_layer(d_model, d_ff, router="topk", num_experts=8, top_k=2)
+    y, r = layer(x, mask=None)   # r: RoutingRecord
+"""
+
+from .config import ConfigError, FusionConfig, MoEConfig
+from .experts import Experts, MegaBlocksBackend, TorchDroplessBackend
+from .fusion import StatefulFusion, fused_weights, fusion_pi
+from .layer import MoELayer, build_moe_layer
+from .routing import CosineRouter, Router, RoutingRecord, TopAnyRouter, TopKRouter, build_router
+from .schedules import build_schedule
+from .surgery import find_moe_layers, moe_losses, moefy_bert, moefy_vit
+
+__all__ = [
+    "ConfigError", "FusionConfig", "MoEConfig", "Experts", "MegaBlocksBackend", "TorchDroplessBackend",
+    "StatefulFusion", "fused_weights", "fusion_pi", "MoELayer", "build_moe_layer", "CosineRouter", "Router",
+    "RoutingRecord", "TopAnyRouter", "TopKRouter", "build_router", "build_schedule", "find_moe_layers",
+    "moe_losses", "moefy_bert", "moefy_vit",
+]

@@ -1,0 +1,147 @@
+"""One typed, validated configuration object for an MoE layer.
+
+Every knob of a layer lives here once; ``MoEConfig.from_dict`` rejects unknown keys and values
+outside their allowed range with a message naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+ROUTERS = ("topk", "cosine", "topany")
+BACKENDS = ("torch", "megablocks")
+AUX_LOSSES = ("switch", "load_importance", "dynmoe", "gshard_binary", "none")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+FUSION_AGGS = ("sum", "mean")
+DEFAULT_AUX = {"topk": "switch", "cosine": "switch", "topany": "dynmoe"}
+
+
+class ConfigError(ValueError):
+    """A configuration value is outside what is allowed; the message names key, value and range."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"invalid MoE config: {key}={value!r}; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Stateful Fusion (SPEC §4): ``m <- beta*m + (1-beta)*agg_t score``, ``pi = (1+m)/sum(1+m)``."""
+
+    beta: float = 0.99
+    agg: str = "sum"
+    update_in_eval: bool = False
+    mix_alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.beta, (int, float)) and 0.0 <= self.beta < 1.0):
+            _fail("fusion.beta", self.beta, "a number in [0, 1)")
+        if self.agg not in FUSION_AGGS:
+            _fail("fusion.agg", self.agg, "|".join(FUSION_AGGS))
+        if not isinstance(self.update_in_eval, bool):
+            _fail("fusion.update_in_eval", self.update_in_eval, "true|false")
+        if not (isinstance(self.mix_alpha, (int, float)) and 0.0 <= self.mix_alpha <= 1.0):
+            _fail("fusion.mix_alpha", self.mix_alpha, "a number in [0, 1]")
+
+    @classmethod
+    def from_any(cls, value: Any) -> Optional["FusionConfig"]:
+        if value is None or value is False:
+            return None
+        if isinstance(value, FusionConfig):
+            return value
+        if not isinstance(value, Mapping):
+            _fail("fusion", value, "null or a mapping {beta, agg, update_in_eval, mix_alpha}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            _fail(f"fusion.{unknown[0]}", value[unknown[0]], f"keys {sorted(known)}")
+        return cls(**dict(value))
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Configuration of one MoE layer.
+
+    ``num_experts`` experts are active at start; ``max_experts`` slots exist (only top-any grows
+    into them, other routers use ``max_experts == num_experts``). ``capacity_factor == 0`` is
+    dropless. ``aux_loss`` defaults per router: topk/cosine -> switch, topany -> dynmoe.
+    """
+
+    router: str = "topk"
+    num_experts: int = 8
+    max_experts: Optional[int] = None
+    top_k: int = 2
+    capacity_factor: float = 0.0
+    gate_noise: float = 0.0
+    normalize_gate: bool = True
+    fusion: Optional[FusionConfig] = None
+    backend: str = "torch"
+    aux_loss: Optional[str] = None
+    activation: str = "gelu"
+    bias: bool = True
+    cosine_proj_dim: int = 256
+    cosine_init_temperature: float = 0.5
+    upcycle_noise: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            _fail("router", self.router, "|".join(ROUTERS))
+        if self.backend not in BACKENDS:
+            _fail("backend", self.backend, "|".join(BACKENDS))
+        if not (isinstance(self.num_experts, int) and self.num_experts >= 1):
+            _fail("num_experts", self.num_experts, "an integer >= 1")
+        max_e = self.num_experts if self.max_experts is None else self.max_experts
+        if not (isinstance(max_e, int) and max_e >= 1):
+            _fail("max_experts", self.max_experts, "an integer >= 1 or null")
+        if self.num_experts > max_e:
+            _fail("num_experts", self.num_experts, f"<= max_experts ({max_e})")
+        if self.router != "topany" and max_e != self.num_experts:
+            _fail("max_experts", self.max_experts,
+                  f"equal to num_experts ({self.num_experts}) for router {self.router!r}; "
+                  "only topany has an adaptive pool")
+        object.__setattr__(self, "max_experts", max_e)
+        if not (isinstance(self.top_k, int) and self.top_k >= 1):
+            _fail("top_k", self.top_k, "an integer >= 1")
+        if self.router != "topany" and self.top_k > self.num_experts:
+            _fail("top_k", self.top_k, f"<= num_experts ({self.num_experts})")
+        cf = self.capacity_factor
+        if not (isinstance(cf, (int, float)) and math.isfinite(cf) and cf >= 0):
+            _fail("capacity_factor", cf, "a number >= 0 (0 = dropless)")
+        if cf > 0 and self.router == "topany":
+            _fail("capacity_factor", cf, "0 for router 'topany' (it is dropless)")
+        if cf > 0 and self.backend == "megablocks":
+            _fail("capacity_factor", cf, "0 for backend 'megablocks' (dropless)")
+        gn = self.gate_noise
+        if not (isinstance(gn, (int, float)) and math.isfinite(gn) and gn >= 0):
+            _fail("gate_noise", gn, "a number >= 0")
+        aux = self.aux_loss if self.aux_loss is not None else DEFAULT_AUX[self.router]
+        if aux not in AUX_LOSSES:
+            _fail("aux_loss", self.aux_loss, "|".join(AUX_LOSSES) + " or null (router default)")
+        if aux == "load_importance" and gn <= 0:
+            _fail("gate_noise", gn, "> 0 when aux_loss='load_importance' (it needs noise)")
+        if aux in ("dynmoe", "gshard_binary") and self.router != "topany":
+            _fail("aux_loss", aux, "switch|load_importance|none for router " + repr(self.router))
+        object.__setattr__(self, "aux_loss", aux)
+        if self.activation not in ACTIVATIONS:
+            _fail("activation", self.activation, "|".join(ACTIVATIONS))
+        if not (isinstance(self.cosine_proj_dim, int) and self.cosine_proj_dim >= 1):
+            _fail("cosine_proj_dim", self.cosine_proj_dim, "an integer >= 1")
+        if not (self.cosine_init_temperature > 0):
+            _fail("cosine_init_temperature", self.cosine_init_temperature, "a number > 0")
+        if not (self.upcycle_noise >= 0):
+            _fail("upcycle_noise", self.upcycle_noise, "a number >= 0")
+        object.__setattr__(self, "fusion", FusionConfig.from_any(self.fusion))
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> "MoEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            _fail(unknown[0], cfg[unknown[0]], f"keys {sorted(known)}")
+        return cls(**dict(cfg))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,61 @@
+"""Stateful Fusion of expert weights (RMoE mechanism 2, SPEC §4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import FusionConfig
+from .routing import RoutingRecord
+
+
+def fusion_pi(m: Tensor) -> Tensor:
+    """``pi_e = (1 + m_e) / sum_j (1 + m_j)``."""
+    w = 1.0 + m
+    return w / w.sum()
+
+
+def fused_weights(pi: Tensor, indices: Tensor) -> Tensor:
+    """``w_te = pi_e / sum_{j in S_t} pi_j`` over each token's selected (non-empty) slots."""
+    valid = indices >= 0
+    p = pi[indices.clamp_min(0)] * valid
+    return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+class StatefulFusion(nn.Module):
+    """Keeps ``m`` (a buffer, saved in checkpoints) and re-weights each token's selected experts.
+
+    Each training forward (and eval forward when ``update_in_eval``):
+    ``a_e = agg_t score_te`` (detached; summed over data-parallel ranks), ``m <- beta m + (1-beta) a``.
+    Weights: ``w = alpha * pi_e / sum_{S_t} pi + (1 - alpha) * g_t``.
+    """
+
+    def __init__(self, num_experts: int, cfg: FusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("m", torch.zeros(num_experts, dtype=torch.float32))
+
+    @torch.no_grad()
+    def update(self, scores: Tensor) -> None:
+        a = scores.detach().float().sum(0)
+        n = torch.tensor(float(scores.shape[0]), device=a.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(a)
+            torch.distributed.all_reduce(n)
+        if self.cfg.agg == "mean":
+            a = a / n.clamp_min(1.0)
+        self.m.mul_(self.cfg.beta).add_((1.0 - self.cfg.beta) * a)
+
+    @property
+    def pi(self) -> Tensor:
+        return fusion_pi(self.m)
+
+    def forward(self, rec: RoutingRecord) -> RoutingRecord:
+        if self.training or self.cfg.update_in_eval:
+            self.update(rec.router_probs)
+        pi = self.pi
+        w_state = fused_weights(pi, rec.expert_indices)
+        alpha = self.cfg.mix_alpha
+        weights = w_state if alpha == 1.0 else alpha * w_state + (1.0 - alpha) * rec.gate_values
+        weights = weights * (rec.expert_indices >= 0)
+        return rec.replace(expert_weights=weights, fusion_pi=pi.detach().clone())

@@ -1,0 +1,110 @@
+"""The MoE layer: router (+ Stateful Fusion) + experts on a backend."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .experts import BACKENDS, Experts
+from .fusion import StatefulFusion
+from .routing import RoutingRecord, build_router
+
+
+class MoELayer(nn.Module):
+    """``y, record = layer(x, mask=None)`` with ``x [..., d_model]`` and ``mask [...]`` (True = real).
+
+    Padding tokens (mask False) are not routed: they get a zero output and count nowhere.
+    The last record is kept in ``self.last_routing`` for callbacks and losses.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.d_model, self.d_ff = d_model, d_ff
+        self.router = build_router(d_model, cfg)
+        self.fusion = StatefulFusion(cfg.max_experts, cfg.fusion) if cfg.fusion is not None else None
+        self.experts = Experts(cfg.max_experts, d_model, d_ff, cfg.activation, cfg.bias)
+        if cfg.backend == "megablocks":
+            BACKENDS["megablocks"].check_available()
+        self.backend = BACKENDS[cfg.backend]()
+        self.last_routing: Optional[RoutingRecord] = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.cfg.max_experts
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, RoutingRecord]:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoELayer expects last dim {self.d_model}, got input of shape {tuple(x.shape)}")
+        shape = x.shape
+        xf = x.reshape(-1, self.d_model)
+        keep = None
+        if mask is not None:
+            if mask.shape != shape[:-1]:
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match input {tuple(shape[:-1])}")
+            keep = torch.nonzero(mask.reshape(-1).bool()).flatten()
+            xr = xf.index_select(0, keep)
+        else:
+            xr = xf
+        rec = self.router(xr)
+        if self.fusion is not None:
+            rec = self.fusion(rec)
+        yr = self.backend(self.experts, xr, rec.expert_indices, rec.expert_weights)
+        if keep is not None:
+            y = torch.zeros_like(xf).index_copy(0, keep, yr)
+        else:
+            y = yr
+        self.last_routing = rec
+        return y.reshape(shape), rec
+
+    # --- initialisation from a dense FFN -------------------------------------------------------
+    @torch.no_grad()
+    def upcycle_from(self, fc1: nn.Linear, fc2: nn.Linear, noise: float | None = None) -> "MoELayer":
+        """Every expert slot becomes a copy of the dense FFN ``fc2(act(fc1(x)))`` (+ optional
+        Gaussian noise of std ``noise * std(weight)``)."""
+        noise = self.cfg.upcycle_noise if noise is None else noise
+        if fc1.weight.shape != (self.d_ff, self.d_model) or fc2.weight.shape != (self.d_model, self.d_ff):
+            raise ValueError(f"cannot upcycle FFN {tuple(fc1.weight.shape)}/{tuple(fc2.weight.shape)} into "
+                             f"experts of d_model={self.d_model}, d_ff={self.d_ff}")
+        ex = self.experts
+        ex.w1.copy_(fc1.weight.t().unsqueeze(0).expand_as(ex.w1))
+        ex.w2.copy_(fc2.weight.t().unsqueeze(0).expand_as(ex.w2))
+        self._copy_bias(ex.b1, fc1.bias)
+        self._copy_bias(ex.b2, fc2.bias)
+        if noise > 0:
+            for p in (ex.w1, ex.w2):
+                p.add_(torch.randn_like(p) * noise * p.std())
+        return self
+
+    @torch.no_grad()
+    def split_from(self, fc1: nn.Linear, fc2: nn.Linear) -> "MoELayer":
+        """EMoE-style: split the dense FFN's ``d_ff`` hidden units into ``E`` contiguous parts;
+        expert ``e`` owns part ``e`` (of width ``d_ff_dense / E``) and the full output bias."""
+        e_max, d_ff = self.num_experts, self.d_ff
+        if fc1.weight.shape[0] != e_max * d_ff:
+            raise ValueError(f"cannot split an FFN of width {fc1.weight.shape[0]} into {e_max} experts "
+                             f"of width {d_ff}: build the layer with d_ff = {fc1.weight.shape[0]} // {e_max}")
+        ex = self.experts
+        ex.w1.copy_(fc1.weight.t().reshape(self.d_model, e_max, d_ff).permute(1, 0, 2))
+        ex.w2.copy_(fc2.weight.t().reshape(e_max, d_ff, self.d_model))
+        if ex.b1 is not None:
+            ex.b1.copy_(fc1.bias.reshape(e_max, d_ff) if fc1.bias is not None else torch.zeros_like(ex.b1))
+        self._copy_bias(ex.b2, fc2.bias)
+        return self
+
+    @staticmethod
+    def _copy_bias(dst: Optional[Tensor], src: Optional[Tensor]) -> None:
+        if dst is None:
+            return
+        if src is None:
+            dst.zero_()
+        else:
+            dst.copy_(src.unsqueeze(0).expand_as(dst))
+
+
+def build_moe_layer(d_model: int, d_ff: int, **cfg: Any) -> MoELayer:
+    """Build an MoE layer from keyword config (see :class:`rmoe.config.MoEConfig`)."""
+    return MoELayer(d_model, d_ff, MoEConfig.from_dict(cfg))

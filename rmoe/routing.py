@@ -1,0 +1,310 @@
+"""Routers (SPEC §1): one small class per routing rule, all returning an immutable RoutingRecord.
+
+Routing is computed in fp32 even under autocast. Routers see real tokens only, ``x: [N, d]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import losses
+from .config import MoEConfig
+
+
+@dataclass(frozen=True)
+class RoutingRecord:
+    """What a router decided for ``N`` real tokens, with the losses that travel with it.
+
+    expert_indices: ``[N, K]`` long, −1 where a slot is empty (or its token was dropped).
+    expert_weights: ``[N, K]`` combine weights (0 on empty slots).
+    gate_values:    ``[N, K]`` the router's own gate values (before Stateful Fusion).
+    router_probs:   ``[N, E]`` softmax probabilities (topk/cosine) or masked sigmoid scores (topany).
+    router_logits:  ``[N, E]`` fp32 logits (cosine: scaled similarities; topany: pre-sigmoid).
+    tokens_per_expert: ``[E]`` long, tokens each expert processes (after dropping).
+    active_mask:    ``[E]`` bool, experts in the pool.
+    aux_loss, z_loss: scalars. num_dropped: assignments dropped by capacity.
+    """
+
+    expert_indices: Tensor
+    expert_weights: Tensor
+    gate_values: Tensor
+    router_probs: Tensor
+    router_logits: Tensor
+    tokens_per_expert: Tensor
+    active_mask: Tensor
+    aux_loss: Tensor
+    z_loss: Tensor
+    num_dropped: Tensor
+    fusion_pi: Optional[Tensor] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_indices.shape[0]
+
+    def replace(self, **kw) -> "RoutingRecord":
+        return replace(self, **kw)
+
+
+def _fp32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+def tokens_per_expert(indices: Tensor, num_experts: int) -> Tensor:
+    flat = indices.reshape(-1)
+    return torch.bincount(flat[flat >= 0], minlength=num_experts)
+
+
+def apply_capacity(indices: Tensor, num_experts: int, capacity: int) -> tuple[Tensor, Tensor]:
+    """Drop assignments beyond ``capacity`` per expert.
+
+    Priority: all first choices (in token order), then all second choices, ... (GShard/Tutel).
+    Returns the indices with dropped slots set to −1 and the number dropped.
+    """
+    n, k = indices.shape
+    by_rank = indices.t().reshape(-1)  # [K*N], rank-major
+    onehot = F.one_hot(by_rank.clamp_min(0), num_experts) * (by_rank >= 0).unsqueeze(-1)
+    position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # position of each slot in its expert
+    keep = (position < capacity) & (by_rank >= 0)
+    kept = torch.where(keep, by_rank, torch.full_like(by_rank, -1)).reshape(k, n).t()
+    dropped = ((by_rank >= 0) & ~keep).sum()
+    return kept.contiguous(), dropped
+
+
+class Router(nn.Module):
+    """Base class: ``forward(x [N, d]) -> RoutingRecord``."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        self.d_model = d_model
+        self.cfg = cfg
+        self.num_experts = cfg.max_experts
+
+    @property
+    def active_mask(self) -> Tensor:
+        return torch.ones(self.num_experts, dtype=torch.bool, device=self._device())
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def logits(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class SoftmaxTopKRouter(Router):
+    """Top-k over ``softmax(logits + noise)`` with optional capacity; subclasses define logits."""
+
+    def forward(self, x: Tensor) -> RoutingRecord:
+        cfg, e = self.cfg, self.num_experts
+        clean = self.logits(x)
+        noisy = clean
+        if self.training and cfg.gate_noise > 0:
+            noisy = clean + cfg.gate_noise * torch.randn_like(clean) / e
+        probs = torch.softmax(noisy, dim=-1)
+        k = cfg.top_k
+        top_p, top_i = probs.topk(k, dim=-1)
+        gate = top_p / top_p.sum(-1, keepdim=True) if (cfg.normalize_gate and k > 1) else top_p
+        n = x.shape[0]
+        dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        idx = top_i
+        if cfg.capacity_factor > 0:
+            capacity = k * int(math.floor(cfg.capacity_factor * math.ceil(n / e)))
+            idx, dropped = apply_capacity(top_i, e, capacity)
+        weights = torch.where(idx >= 0, gate, torch.zeros_like(gate))
+        if cfg.aux_loss == "switch":
+            aux = losses.switch_balance_loss(probs, top_i[:, 0])
+        elif cfg.aux_loss == "load_importance":
+            aux = losses.load_importance_loss(clean, noisy, k, cfg.gate_noise / e)
+        else:
+            aux = clean.sum() * 0.0
+        return RoutingRecord(
+            expert_indices=idx,
+            expert_weights=weights,
+            gate_values=gate,
+            router_probs=probs,
+            router_logits=clean,
+            tokens_per_expert=tokens_per_expert(idx, e),
+            active_mask=torch.ones(e, dtype=torch.bool, device=x.device),
+            aux_loss=aux,
+            z_loss=losses.router_z_loss(clean),
+            num_dropped=dropped,
+        )
+
+
+class TopKRouter(SoftmaxTopKRouter):
+    """Switch / GShard: ``logits = W x`` (no bias)."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.weight = nn.Parameter(torch.empty(self.num_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return _fp32_linear(x, self.weight)
+
+
+class CosineRouter(SoftmaxTopKRouter):
+    """GMoE: ``logits = normalize(P x) · normalize_cols(W) * exp(min(tau, log 100))``."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.proj = nn.Linear(d_model, cfg.cosine_proj_dim)
+        self.sim = nn.Parameter(torch.empty(cfg.cosine_proj_dim, self.num_experts))
+        nn.init.normal_(self.sim, std=0.01)
+        self.log_temp = nn.Parameter(torch.tensor(math.log(1.0 / cfg.cosine_init_temperature)))
+
+    def logits(self, x: Tensor) -> Tensor:
+        h = _fp32_linear(x, self.proj.weight, self.proj.bias)
+        scale = torch.exp(torch.clamp(self.log_temp.float(), max=math.log(100.0)))
+        return F.normalize(h, dim=-1) @ F.normalize(self.sim.float(), dim=0) * scale
+
+
+class _StraightThroughSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v: Tensor) -> Tensor:  # noqa: D401
+        return torch.sign(v)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+def ste_sign(v: Tensor) -> Tensor:
+    """``sign(v)`` forward, identity gradient backward."""
+    return _StraightThroughSign.apply(v)
+
+
+class TopAnyRouter(Router):
+    """DynMoE top-any gating with trainable thresholds and an adaptive expert pool.
+
+    ``s = sigmoid(normalize(x) · normalize_cols(W)) ⊙ M``; training ``z = STE_sign(relu(s − σ(G)))``;
+    eval falls back to the top-1 of ``s`` for tokens with no active expert. Gates ``1/k_t``.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        e = self.num_experts
+        w = torch.empty(d_model, e)
+        nn.init.orthogonal_(w)
+        self.weight = nn.Parameter(w)
+        self.thresholds = nn.Parameter(torch.zeros(e))
+        mask = torch.zeros(e, dtype=torch.bool)
+        mask[: cfg.num_experts] = True
+        self.register_buffer("expert_mask", mask)
+        # recording window of the adaptive pool (persisted for exact resume)
+        self.register_buffer("recording", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("routed_count", torch.zeros(e, dtype=torch.float64))
+        self.register_buffer("unrouted_sum", torch.zeros(d_model, dtype=torch.float64))
+        self.register_buffer("unrouted_count", torch.zeros((), dtype=torch.float64))
+
+    @property
+    def active_mask(self) -> Tensor:
+        return self.expert_mask
+
+    def logits(self, x: Tensor) -> Tensor:
+        xn = F.normalize(x.float(), dim=-1)
+        return xn @ F.normalize(self.weight.float(), dim=0)
+
+    def forward(self, x: Tensor) -> RoutingRecord:
+        mask = self.expert_mask
+        logits = self.logits(x)
+        s = torch.sigmoid(logits) * mask
+        z = ste_sign(F.relu(s - torch.sigmoid(self.thresholds.float())))
+        z = z * mask  # inactive experts are never chosen (keeps s=0 >= σ(G) ties out)
+        none = z.detach().sum(-1) == 0
+        if self.training:
+            if bool(self.recording):
+                self._record(x, z.detach(), none)
+        elif bool(none.any()):
+            top1 = s.detach().masked_fill(~mask, float("-inf")).argmax(-1)
+            fallback = F.one_hot(top1, self.num_experts).to(z.dtype)
+            z = torch.where(none.unsqueeze(-1), fallback, z)
+        k_t = z.detach().sum(-1, keepdim=True)
+        gates_dense = z / k_t.clamp_min(1.0)
+        n = x.shape[0]
+        kmax = max(int(k_t.max()) if n else 1, 1)
+        order = torch.sort(z.detach() + s.detach() * 1e-3, dim=-1, descending=True, stable=True).indices
+        idx = order[:, :kmax]
+        valid = torch.gather(z.detach(), 1, idx) > 0
+        idx = torch.where(valid, idx, torch.full_like(idx, -1))
+        gate = torch.gather(gates_dense, 1, idx.clamp_min(0)) * valid
+        if self.cfg.aux_loss == "dynmoe":
+            aux = losses.dynmoe_diverse_simple_loss(self.weight.float(), mask)
+        elif self.cfg.aux_loss == "gshard_binary":
+            aux = losses.gshard_binary_loss(z, s, mask)
+        else:
+            aux = logits.sum() * 0.0
+        return RoutingRecord(
+            expert_indices=idx,
+            expert_weights=gate,
+            gate_values=gate,
+            router_probs=s,
+            router_logits=logits,
+            tokens_per_expert=tokens_per_expert(idx, self.num_experts),
+            active_mask=mask.clone(),
+            aux_loss=aux,
+            z_loss=losses.router_z_loss(logits.masked_fill(~mask, float("-inf"))),
+            num_dropped=torch.zeros((), dtype=torch.long, device=x.device),
+        )
+
+    # --- adaptive expert pool -------------------------------------------------------------
+    @torch.no_grad()
+    def _record(self, x: Tensor, z: Tensor, none: Tensor) -> None:
+        self.routed_count += z.sum(0).double()
+        self.unrouted_sum += x[none].double().sum(0)
+        self.unrouted_count += none.sum().double()
+
+    def start_recording(self) -> None:
+        """Open a recording window: reset counts and sum, then count every training forward."""
+        self.reset_recording()
+        self.recording.fill_(True)
+
+    def reset_recording(self) -> None:
+        self.routed_count.zero_()
+        self.unrouted_sum.zero_()
+        self.unrouted_count.zero_()
+        self.recording.fill_(False)
+
+    @torch.no_grad()
+    def adapt(self) -> dict:
+        """Apply the pool update of SPEC §1 from the recorded window, then reset it.
+
+        Removes every active expert that received zero tokens; if any token found no expert,
+        switches on the first free slot ``j`` with ``W[:, j] = normalize(Σ unrouted x)``,
+        ``G_j = 0``. Counts are summed over data-parallel ranks first. The last active expert is
+        never removed. Returns ``{"removed": [...], "added": [...]}``.
+        """
+        counts, usum, ucount = self.routed_count.clone(), self.unrouted_sum.clone(), self.unrouted_count.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for t in (counts, usum, ucount):
+                torch.distributed.all_reduce(t)
+        mask = self.expert_mask
+        removed = [int(i) for i in torch.nonzero(mask & (counts == 0)).flatten()]
+        if len(removed) == int(mask.sum()):
+            removed = removed[1:]
+        for i in removed:
+            mask[i] = False
+        added = []
+        if float(ucount) > 0:
+            free = torch.nonzero(~mask).flatten()
+            if free.numel() > 0:
+                j = int(free[0])
+                mask[j] = True
+                self.weight.data[:, j] = F.normalize(usum, dim=0).to(self.weight.dtype)
+                self.thresholds.data[j] = 0.0
+                added.append(j)
+        self.reset_recording()
+        return {"removed": removed, "added": added}
+
+
+ROUTERS: dict[str, type[Router]] = {"topk": TopKRouter, "cosine": CosineRouter, "topany": TopAnyRouter}
+
+
+def build_router(d_model: int, cfg: MoEConfig) -> Router:
+    return ROUTERS[cfg.router](d_model, cfg)

@@ -1,0 +1,146 @@
+"""Curriculum schedules for the load-balancing weight λ (RMoE mechanism 1, SPEC §3).
+
+Every schedule is a pure function of ``(step, total_steps)`` returning ``(lambda, phase_name)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from .config import ConfigError
+
+SCHEDULES = ("constant", "linear_ramp", "exp_decay", "phased")
+
+
+def _check_lambda(key: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"invalid curriculum: {key}={value!r}; allowed: a finite number >= 0")
+    return float(value)
+
+
+def constant(step: int, total_steps: int, lambda0: float) -> float:
+    """``λ = λ0``."""
+    return lambda0
+
+
+def linear_ramp(step: int, total_steps: int, lambda_min: float, lambda_max: float) -> float:
+    """``λ = λ_min + (λ_max − λ_min) * min(τ/T, 1)``."""
+    frac = min(step / total_steps, 1.0) if total_steps > 0 else 1.0
+    return lambda_min + (lambda_max - lambda_min) * frac
+
+
+def exp_decay(step: int, total_steps: int, lambda_min: float, lambda_max: float, beta: float) -> float:
+    """``λ = max(λ_min, λ_max * β^τ)``."""
+    return max(lambda_min, lambda_max * beta**step)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A phase ends at ``end`` (fraction of T, or step) and moves λ linearly ``start -> stop``."""
+
+    name: str
+    end: float
+    start_value: float
+    end_value: float
+
+
+def parse_phases(phases: Sequence[Mapping[str, Any]], units: str = "fraction") -> list[Phase]:
+    """Validate a list of ``{name, end, value}`` or ``{name, end, start_value, end_value}``.
+
+    Phase ``i`` starts where phase ``i-1`` ends (the first at 0). Ends strictly increase; with
+    ``units == "fraction"`` they lie in (0, 1]; with ``"steps"`` they are positive integers.
+    """
+    if units not in ("fraction", "steps"):
+        raise ConfigError(f"invalid curriculum: units={units!r}; allowed: fraction|steps")
+    if not phases:
+        raise ConfigError("invalid curriculum: phases=[]; allowed: a non-empty list of phases")
+    out: list[Phase] = []
+    prev_end = 0.0
+    for i, p in enumerate(phases):
+        key = f"curriculum.phases[{i}]"
+        if not isinstance(p, Mapping) or "end" not in p or "name" not in p:
+            raise ConfigError(f"invalid curriculum: {key}={p!r}; allowed: a mapping with name, end and "
+                              "value or start_value/end_value")
+        unknown = set(p) - {"name", "end", "value", "start_value", "end_value"}
+        if unknown:
+            raise ConfigError(f"invalid curriculum: {key}.{sorted(unknown)[0]}; allowed keys: "
+                              "name, end, value, start_value, end_value")
+        end = p["end"]
+        if not isinstance(end, (int, float)) or isinstance(end, bool) or not math.isfinite(end):
+            raise ConfigError(f"invalid curriculum: {key}.end={end!r}; allowed: a number")
+        if units == "fraction" and not (0 < end <= 1):
+            raise ConfigError(f"invalid curriculum: {key}.end={end!r}; allowed: a fraction in (0, 1]")
+        if end <= prev_end:
+            raise ConfigError(f"invalid curriculum: {key}.end={end!r}; allowed: > the previous phase's end "
+                              f"({prev_end}) — phase boundaries must be in increasing order")
+        if "value" in p:
+            if "start_value" in p or "end_value" in p:
+                raise ConfigError(f"invalid curriculum: {key} has both value and start_value/end_value; "
+                                  "allowed: one of them")
+            a = b = _check_lambda(f"{key}.value", p["value"])
+        else:
+            if "start_value" not in p or "end_value" not in p:
+                raise ConfigError(f"invalid curriculum: {key}={dict(p)!r}; allowed: value, or both "
+                                  "start_value and end_value")
+            a = _check_lambda(f"{key}.start_value", p["start_value"])
+            b = _check_lambda(f"{key}.end_value", p["end_value"])
+        out.append(Phase(str(p["name"]), float(end), a, b))
+        prev_end = float(end)
+    return out
+
+
+def phased(step: int, total_steps: int, phases: Sequence[Phase], units: str = "fraction") -> tuple[float, str]:
+    """Piecewise-linear λ over named phases; after the last end, hold its end value."""
+    pos = (step / total_steps if total_steps > 0 else 1.0) if units == "fraction" else float(step)
+    start = 0.0
+    for ph in phases:
+        if pos < ph.end:
+            frac = (pos - start) / (ph.end - start)
+            return ph.start_value + (ph.end_value - ph.start_value) * frac, ph.name
+        start = ph.end
+    last = phases[-1]
+    return last.end_value, last.name
+
+
+Schedule = Callable[[int, int], "tuple[float, str]"]
+
+
+def build_schedule(mode: str, **params: Any) -> Schedule:
+    """Validate parameters and return ``f(step, total_steps) -> (lambda, phase)``.
+
+    constant: ``lambda0``; linear_ramp: ``lambda_min, lambda_max``; exp_decay:
+    ``lambda_min, lambda_max, beta`` (0 < β <= 1); phased: ``phases, units``.
+    """
+    def need(*names: str) -> dict:
+        unknown = set(params) - set(names)
+        if unknown:
+            k = sorted(unknown)[0]
+            raise ConfigError(f"invalid curriculum: {k}={params[k]!r} is not a parameter of {mode!r}; "
+                              f"allowed: {', '.join(names)}")
+        missing = [n for n in names if n not in params and n != "units"]
+        if missing:
+            raise ConfigError(f"invalid curriculum: {missing[0]} missing for mode {mode!r}")
+        return params
+
+    if mode == "constant":
+        lam0 = _check_lambda("lambda0", need("lambda0")["lambda0"])
+        return lambda step, total: (constant(step, total, lam0), "constant")
+    if mode == "linear_ramp":
+        p = need("lambda_min", "lambda_max")
+        lo, hi = _check_lambda("lambda_min", p["lambda_min"]), _check_lambda("lambda_max", p["lambda_max"])
+        return lambda step, total: (linear_ramp(step, total, lo, hi), "ramp")
+    if mode == "exp_decay":
+        p = need("lambda_min", "lambda_max", "beta")
+        lo, hi = _check_lambda("lambda_min", p["lambda_min"]), _check_lambda("lambda_max", p["lambda_max"])
+        beta = p["beta"]
+        if not isinstance(beta, (int, float)) or not (0 < beta <= 1):
+            raise ConfigError(f"invalid curriculum: beta={beta!r}; allowed: a number in (0, 1]")
+        return lambda step, total: (exp_decay(step, total, lo, hi, float(beta)), "decay")
+    if mode == "phased":
+        p = need("phases", "units")
+        units = p.get("units", "fraction")
+        phases = parse_phases(p["phases"], units)
+        return lambda step, total: phased(step, total, phases, units)
+    raise ConfigError(f"invalid curriculum: mode={mode!r}; allowed: {'|'.join(SCHEDULES)}")
