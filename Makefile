@@ -32,6 +32,9 @@ test-gpu: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/rmoe-train $(ARGS)
 
+bench: $(STAMP)
+	$(PY) -m tasks.bench $(ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rmoe tasks callbacks tests
 
