@@ -7,8 +7,9 @@ outside their allowed range with a message naming the key, the value and what is
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping, Optional
+from typing import Any
 
 ROUTERS = ("topk", "cosine", "topany")
 BACKENDS = ("torch", "megablocks")
@@ -46,7 +47,7 @@ class FusionConfig:
             _fail("fusion.mix_alpha", self.mix_alpha, "a number in [0, 1]")
 
     @classmethod
-    def from_any(cls, value: Any) -> Optional["FusionConfig"]:
+    def from_any(cls, value: Any) -> FusionConfig | None:
         if value is None or value is False:
             return None
         if isinstance(value, FusionConfig):
@@ -71,14 +72,14 @@ class MoEConfig:
 
     router: str = "topk"
     num_experts: int = 8
-    max_experts: Optional[int] = None
+    max_experts: int | None = None
     top_k: int = 2
     capacity_factor: float = 0.0
     gate_noise: float = 0.0
     normalize_gate: bool = True
-    fusion: Optional[FusionConfig] = None
+    fusion: FusionConfig | None = None
     backend: str = "torch"
-    aux_loss: Optional[str] = None
+    aux_loss: str | None = None
     activation: str = "gelu"
     bias: bool = True
     cosine_proj_dim: int = 256
@@ -136,7 +137,7 @@ class MoEConfig:
         object.__setattr__(self, "fusion", FusionConfig.from_any(self.fusion))
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> "MoEConfig":
+    def from_dict(cls, cfg: Mapping[str, Any]) -> MoEConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,13 +30,13 @@ class MoELayer(nn.Module):
         if cfg.backend == "megablocks":
             BACKENDS["megablocks"].check_available()
         self.backend = BACKENDS[cfg.backend]()
-        self.last_routing: Optional[RoutingRecord] = None
+        self.last_routing: RoutingRecord | None = None
 
     @property
     def num_experts(self) -> int:
         return self.cfg.max_experts
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, RoutingRecord]:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RoutingRecord]:
         if x.shape[-1] != self.d_model:
             raise ValueError(f"MoELayer expects last dim {self.d_model}, got input of shape {tuple(x.shape)}")
         shape = x.shape
@@ -62,7 +62,7 @@ class MoELayer(nn.Module):
 
     # --- initialisation from a dense FFN -------------------------------------------------------
     @torch.no_grad()
-    def upcycle_from(self, fc1: nn.Linear, fc2: nn.Linear, noise: float | None = None) -> "MoELayer":
+    def upcycle_from(self, fc1: nn.Linear, fc2: nn.Linear, noise: float | None = None) -> MoELayer:
         """Every expert slot becomes a copy of the dense FFN ``fc2(act(fc1(x)))`` (+ optional
         Gaussian noise of std ``noise * std(weight)``)."""
         noise = self.cfg.upcycle_noise if noise is None else noise
@@ -80,7 +80,7 @@ class MoELayer(nn.Module):
         return self
 
     @torch.no_grad()
-    def split_from(self, fc1: nn.Linear, fc2: nn.Linear) -> "MoELayer":
+    def split_from(self, fc1: nn.Linear, fc2: nn.Linear) -> MoELayer:
         """EMoE-style: split the dense FFN's ``d_ff`` hidden units into ``E`` contiguous parts;
         expert ``e`` owns part ``e`` (of width ``d_ff_dense / E``) and the full output bias."""
         e_max, d_ff = self.num_experts, self.d_ff
@@ -96,7 +96,7 @@ class MoELayer(nn.Module):
         return self
 
     @staticmethod
-    def _copy_bias(dst: Optional[Tensor], src: Optional[Tensor]) -> None:
+    def _copy_bias(dst: Tensor | None, src: Tensor | None) -> None:
         if dst is None:
             return
         if src is None:

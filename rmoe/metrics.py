@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -14,11 +13,11 @@ from torch import Tensor
 from .routing import RoutingRecord
 
 
-def _active(counts: Tensor, active: Optional[Tensor]) -> Tensor:
+def _active(counts: Tensor, active: Tensor | None) -> Tensor:
     return torch.ones_like(counts, dtype=torch.bool) if active is None else active.bool()
 
 
-def load_cv(counts: Tensor, active: Optional[Tensor] = None) -> float:
+def load_cv(counts: Tensor, active: Tensor | None = None) -> float:
     """``std(n) / mean(n)`` over active experts (population std)."""
     n = counts[_active(counts, active)].double()
     if n.numel() == 0 or float(n.mean()) == 0:
@@ -26,7 +25,7 @@ def load_cv(counts: Tensor, active: Optional[Tensor] = None) -> float:
     return float(n.std(unbiased=False) / n.mean())
 
 
-def max_violation(counts: Tensor, active: Optional[Tensor] = None) -> float:
+def max_violation(counts: Tensor, active: Tensor | None = None) -> float:
     """MaxVio ``max_e n_e / mean(n) − 1`` over active experts."""
     n = counts[_active(counts, active)].double()
     if n.numel() == 0 or float(n.mean()) == 0:
@@ -34,7 +33,7 @@ def max_violation(counts: Tensor, active: Optional[Tensor] = None) -> float:
     return float(n.max() / n.mean() - 1.0)
 
 
-def normalized_load_entropy(counts: Tensor, active: Optional[Tensor] = None) -> float:
+def normalized_load_entropy(counts: Tensor, active: Tensor | None = None) -> float:
     """``H(f) / log E_active`` with ``f = n / sum(n)`` (1 = perfectly balanced)."""
     n = counts[_active(counts, active)].double()
     e = n.numel()
@@ -45,7 +44,7 @@ def normalized_load_entropy(counts: Tensor, active: Optional[Tensor] = None) -> 
     return float(h / math.log(e))
 
 
-def dead_experts(counts: Tensor, active: Optional[Tensor] = None) -> int:
+def dead_experts(counts: Tensor, active: Tensor | None = None) -> int:
     """Active experts that received no token."""
     return int(((counts == 0) & _active(counts, active)).sum())
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +40,13 @@ class RoutingRecord:
     aux_loss: Tensor
     z_loss: Tensor
     num_dropped: Tensor
-    fusion_pi: Optional[Tensor] = None
+    fusion_pi: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.expert_indices.shape[0]
 
-    def replace(self, **kw) -> "RoutingRecord":
+    def replace(self, **kw) -> RoutingRecord:
         return replace(self, **kw)
 
 

@@ -6,8 +6,9 @@ Every schedule is a pure function of ``(step, total_steps)`` returning ``(lambda
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from .config import ConfigError
 

@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ class TokenMask:
     """Holds the current attention mask of a wrapped model, shared by its MoE adapters."""
 
     def __init__(self) -> None:
-        self.mask: Optional[Tensor] = None
+        self.mask: Tensor | None = None
 
 
 class BertMoEFFN(nn.Module):
@@ -68,8 +69,8 @@ def _init_moe(moe: MoELayer, fc1: nn.Linear, fc2: nn.Linear, init: str) -> MoELa
 
 def _bert_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules()
-            if hasattr(m, "intermediate") and hasattr(getattr(m, "intermediate"), "dense")
-            and hasattr(m, "output") and hasattr(getattr(m, "output"), "dense")]
+            if hasattr(m, "intermediate") and hasattr(m.intermediate, "dense")
+            and hasattr(m, "output") and hasattr(m.output, "dense")]
 
 
 def _check_indices(kind: str, indices: Sequence[int], n: int) -> list[int]:
@@ -170,6 +171,7 @@ def moe_losses(model: nn.Module) -> tuple[Tensor, Tensor]:
             aux.append(m.last_routing.aux_loss)
             z.append(m.last_routing.z_loss)
     if not aux:
-        zero = torch.zeros(())
+        p = next(model.parameters(), None)
+        zero = torch.zeros((), device=p.device if p is not None else None)
         return zero, zero
     return torch.stack(aux).sum(), torch.stack(z).sum()

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def data_dir():
+    """Root of the offline data (glue/, mnist/), from $RMOE_DATA_DIR."""
+    root = os.environ.get("RMOE_DATA_DIR")
+    if not root or not os.path.isdir(root):
+        pytest.skip("RMOE_DATA_DIR is not set to the offline data folder")
+    return root

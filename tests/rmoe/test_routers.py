@@ -1,0 +1,197 @@
+"""Routers against hand-computed values on tiny tensors (SPEC §1)."""
+
+import math
+
+import pytest
+import torch
+
+from rmoe import MoEConfig, build_moe_layer
+from rmoe.routing import CosineRouter, TopAnyRouter, TopKRouter, apply_capacity, ste_sign
+
+
+def _softmax(row):
+    ex = [math.exp(v) for v in row]
+    s = sum(ex)
+    return [v / s for v in ex]
+
+
+def test_topk_softmax_selection_and_renormalised_gates():
+    r = TopKRouter(2, MoEConfig(router="topk", num_experts=3, top_k=2))
+    with torch.no_grad():
+        r.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    x = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
+    rec = r.eval()(x)
+    # logits token0: [1, 2, 3]; token1: [-1, 0.5, -0.5]
+    p0, p1 = _softmax([1, 2, 3]), _softmax([-1, 0.5, -0.5])
+    assert torch.allclose(rec.router_probs, torch.tensor([p0, p1]), atol=1e-6)
+    assert rec.expert_indices.tolist() == [[2, 1], [1, 2]]
+    g0 = [p0[2] / (p0[2] + p0[1]), p0[1] / (p0[2] + p0[1])]
+    g1 = [p1[1] / (p1[1] + p1[2]), p1[2] / (p1[1] + p1[2])]
+    assert torch.allclose(rec.expert_weights, torch.tensor([g0, g1]), atol=1e-6)
+    assert rec.tokens_per_expert.tolist() == [0, 2, 2]
+    # Switch loss: f = [0, 1/2, 1/2] (first choices 2, 1), P = mean probs
+    expected = 3 * (0.5 * (p0[1] + p1[1]) / 2 + 0.5 * (p0[2] + p1[2]) / 2)
+    assert rec.aux_loss.item() == pytest.approx(expected, rel=1e-6)
+    lse = [math.log(sum(math.exp(v) for v in row)) for row in ([1, 2, 3], [-1, 0.5, -0.5])]
+    assert rec.z_loss.item() == pytest.approx((lse[0] ** 2 + lse[1] ** 2) / 2, rel=1e-6)
+
+
+def test_topk_unnormalised_gates_are_the_probabilities():
+    r = TopKRouter(2, MoEConfig(router="topk", num_experts=3, top_k=2, normalize_gate=False))
+    with torch.no_grad():
+        r.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    rec = r.eval()(torch.tensor([[1.0, 2.0]]))
+    p = _softmax([1, 2, 3])
+    assert torch.allclose(rec.expert_weights, torch.tensor([[p[2], p[1]]]), atol=1e-6)
+
+
+def test_noise_only_in_training():
+    cfg = MoEConfig(router="topk", num_experts=4, top_k=1, gate_noise=1.0)
+    r = TopKRouter(8, cfg)
+    x = torch.randn(64, 8)
+    a, b = r.eval()(x), r.eval()(x)
+    assert torch.equal(a.router_probs, b.router_probs)
+    assert torch.allclose(a.router_probs, torch.softmax(x @ r.weight.t(), -1), atol=1e-6)
+    c = r.train()(x)
+    assert not torch.allclose(c.router_probs, a.router_probs)
+    assert torch.allclose(c.router_logits, a.router_logits)  # clean logits are kept
+
+
+def test_capacity_drops_over_cap_in_rank_then_token_order():
+    # N=4, E=2, k=1, cf=1 -> capacity = 1 * floor(1 * ceil(4/2)) = 2
+    cfg = MoEConfig(router="topk", num_experts=2, top_k=1, capacity_factor=1.0)
+    r = TopKRouter(1, cfg)
+    with torch.no_grad():
+        r.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+    x = torch.tensor([[1.0], [2.0], [3.0], [-1.0]])  # three tokens want expert 0
+    rec = r.eval()(x)
+    assert rec.expert_indices.tolist() == [[0], [0], [-1], [1]]
+    assert rec.num_dropped.item() == 1
+    assert rec.expert_weights[2, 0].item() == 0.0
+    assert rec.tokens_per_expert.tolist() == [2, 1]
+
+
+def test_apply_capacity_prefers_first_choices():
+    idx = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    kept, dropped = apply_capacity(idx, 2, capacity=2)
+    # rank 0: tok0->0, tok1->1, tok2->0 (expert 0 now full: 2); rank 1: tok0->1 (ok, 2nd), tok1->0 drop, tok2->1 drop
+    assert kept.tolist() == [[0, 1], [1, -1], [0, -1]]
+    assert dropped.item() == 2
+
+
+def test_cosine_router_by_hand():
+    cfg = MoEConfig(router="cosine", num_experts=2, top_k=1, cosine_proj_dim=2)
+    r = CosineRouter(2, cfg)
+    with torch.no_grad():
+        r.proj.weight.copy_(torch.eye(2))
+        r.proj.bias.zero_()
+        r.sim.copy_(torch.tensor([[3.0, 0.0], [0.0, 5.0]]))  # columns -> unit (1,0), (0,1)
+    x = torch.tensor([[3.0, 4.0]])  # normalised (0.6, 0.8)
+    rec = r.eval()(x)
+    scale = 2.0  # exp(log(1/0.5))
+    assert torch.allclose(rec.router_logits, torch.tensor([[0.6 * scale, 0.8 * scale]]), atol=1e-6)
+    assert rec.expert_indices.tolist() == [[1]]
+    assert rec.expert_weights.tolist() == [[pytest.approx(_softmax([1.2, 1.6])[1], rel=1e-6)]]
+    with torch.no_grad():
+        r.log_temp.fill_(10.0)  # clamped at log 100
+    assert torch.allclose(r.eval()(x).router_logits, torch.tensor([[60.0, 80.0]]), atol=1e-4)
+
+
+def _topany(num=2, emax=3):
+    cfg = MoEConfig(router="topany", num_experts=num, max_experts=emax, top_k=1)
+    r = TopAnyRouter(2, cfg)
+    with torch.no_grad():
+        r.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]))  # columns (1,0), (0,1), (-1,0)
+    return r
+
+
+def test_topany_training_and_eval_fallback():
+    r = _topany()
+    x = torch.tensor([[2.0, 0.0], [0.0, -1.0], [1.0, 1.0]])
+    rec = r.train()(x)
+    # token0: cos = (1, 0, -1) -> s = (σ(1), 0.5, masked 0) ; thresholds σ(0)=0.5 -> z = (1, 0, 0)
+    # token1: cos = (0, -1) -> s = (0.5, σ(-1)) -> none
+    # token2: cos = (1/√2, 1/√2) -> both > 0.5 -> two experts, gates 1/2 each
+    c = 1 / math.sqrt(2)
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    assert torch.allclose(rec.router_probs, torch.tensor(
+        [[sig(1), 0.5, 0.0], [0.5, sig(-1), 0.0], [sig(c), sig(c), 0.0]]), atol=1e-6)
+    assert rec.expert_indices.tolist() == [[0, -1], [-1, -1], [0, 1]] or rec.expert_indices.tolist() == [
+        [0, -1], [-1, -1], [1, 0]]
+    assert rec.expert_weights.sum(-1).tolist() == [1.0, 0.0, 1.0]
+    assert sorted(rec.expert_weights[2].tolist()) == [0.5, 0.5]
+    assert rec.tokens_per_expert.tolist() == [2, 1, 0]
+    ev = r.eval()(x)
+    assert ev.expert_indices[1].tolist() == [0, -1]  # fallback to the top-1 by s (0.5 > σ(-1))
+    assert ev.expert_weights[1, 0].item() == 1.0
+
+
+def test_ste_sign_forward_values_and_identity_gradient():
+    v = torch.tensor([-2.0, 0.0, 0.3, 5.0], requires_grad=True)
+    out = ste_sign(v)
+    assert out.tolist() == [-1.0, 0.0, 1.0, 1.0]
+    (out * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    assert v.grad.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_topany_gradient_flows_through_straight_through_sign():
+    layer = build_moe_layer(2, 2, router="topany", num_experts=2, max_experts=3, top_k=1, activation="relu",
+                            bias=False)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]))
+        layer.experts.w1.copy_(torch.eye(2).expand(3, 2, 2))
+        layer.experts.w2.copy_(torch.tensor([[[2.0, 0.0], [0.0, 3.0]]]).expand(3, 2, 2))
+    x = torch.tensor([[2.0, 1.0]])  # cos with (1,0) = 2/√5, with (0,1) = 1/√5: both > 0 -> both active
+    y, rec = layer.train()(x)
+    assert rec.expert_indices.tolist() == [[0, 1]]
+    y.sum().backward()
+    # y = (z0 f0 + z1 f1) / k with k=2 detached; f_e(x) = relu(x) @ diag(2,3) = (4, 3) -> sum 7
+    # dL/dG_e = dL/dz_e * 1[s_e > σ(G_e)] * (−σ'(G_e)) = (7 / 2) * (−0.25)
+    g = layer.router.thresholds.grad
+    assert g[0].item() == pytest.approx(-7 / 2 * 0.25, rel=1e-6)
+    assert g[1].item() == pytest.approx(-7 / 2 * 0.25, rel=1e-6)
+    assert g[2].item() == 0.0
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+def test_adaptive_pool_remove_and_add_exactly_as_spec():
+    r = _topany(num=2, emax=3)
+    r.train()
+    r.start_recording()
+    x = torch.tensor([[2.0, 0.0], [0.0, -1.0], [0.0, -3.0]])  # token0 -> expert 0; tokens 1,2 -> none
+    r(x)
+    assert r.routed_count.tolist() == [1.0, 0.0, 0.0]
+    assert r.unrouted_count.item() == 2.0
+    change = r.adapt()
+    # expert 1 got zero tokens -> removed; unrouted tokens -> first free slot (1, freed just now)
+    assert change == {"removed": [1], "added": [1]}
+    assert r.expert_mask.tolist() == [True, True, False]
+    assert torch.allclose(r.weight[:, 1], torch.tensor([0.0, -1.0]))  # normalize((0,-1)+(0,-3))
+    assert r.thresholds[1].item() == 0.0
+    assert r.routed_count.sum().item() == 0.0 and not bool(r.recording)
+    # not recording: forwards leave the counters alone
+    r(x)
+    assert r.routed_count.sum().item() == 0.0
+
+
+def test_adaptive_pool_add_uses_first_free_slot_when_none_removed():
+    r = _topany(num=2, emax=3)
+    with torch.no_grad():
+        r.thresholds[0] = -10.0  # expert 0 always on
+    r.train().start_recording()
+    r(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    with torch.no_grad():
+        r.thresholds[0] = 10.0
+    r(torch.tensor([[0.5, -1.0]]))  # expert0 off (threshold), expert1 cos<0 -> none
+    change = r.adapt()
+    assert change == {"removed": [], "added": [2]}
+    assert r.expert_mask.tolist() == [True, True, True]
+    assert torch.allclose(r.weight[:, 2], torch.tensor([0.5, -1.0]) / math.sqrt(1.25), atol=1e-6)
+
+
+def test_routing_is_fp32_under_autocast():
+    layer = build_moe_layer(8, 16, router="topk", num_experts=4, top_k=2)
+    x = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, rec = layer(x)
+    assert rec.router_logits.dtype == torch.float32 and rec.router_probs.dtype == torch.float32

@@ -1,0 +1,76 @@
+"""Curriculum schedules (SPEC §3)."""
+
+import math
+
+import pytest
+
+from rmoe import ConfigError, build_schedule
+from rmoe.schedules import exp_decay, linear_ramp
+
+
+def test_constant():
+    f = build_schedule("constant", lambda0=0.01)
+    assert f(0, 100) == (0.01, "constant") and f(1000, 100) == (0.01, "constant")
+
+
+def test_linear_ramp_by_hand():
+    f = build_schedule("linear_ramp", lambda_min=1e-3, lambda_max=1e-2)
+    assert f(0, 100)[0] == pytest.approx(1e-3)
+    assert f(50, 100)[0] == pytest.approx(5.5e-3)
+    assert f(100, 100)[0] == pytest.approx(1e-2)
+    assert f(250, 100)[0] == pytest.approx(1e-2)  # min(τ/T, 1)
+    assert linear_ramp(25, 100, 1e-2, 1e-3) == pytest.approx(1e-2 - 0.25 * 9e-3)  # downward ramp
+
+
+def test_exp_decay_by_hand():
+    f = build_schedule("exp_decay", lambda_min=0.1, lambda_max=1.0, beta=0.5)
+    assert f(0, 10)[0] == 1.0
+    assert f(2, 10)[0] == 0.25
+    assert f(10, 10)[0] == 0.1  # floor
+    assert exp_decay(3, 0, 0.0, 2.0, 0.9) == pytest.approx(2.0 * 0.9**3)
+
+
+def test_phased_fractions_both_directions():
+    phases = [
+        {"name": "warmup", "end": 0.2, "start_value": 0.0, "end_value": 0.01},
+        {"name": "hold", "end": 0.6, "value": 0.01},
+        {"name": "anneal", "end": 1.0, "start_value": 0.01, "end_value": 0.002},
+    ]
+    f = build_schedule("phased", phases=phases)
+    assert f(0, 100) == (0.0, "warmup")
+    assert f(10, 100)[0] == pytest.approx(0.005) and f(10, 100)[1] == "warmup"
+    assert f(20, 100) == (0.01, "hold")
+    assert f(59, 100) == (0.01, "hold")
+    lam, ph = f(80, 100)
+    assert ph == "anneal" and lam == pytest.approx(0.01 - 0.5 * 0.008)
+    assert f(100, 100) == (0.002, "anneal") and f(130, 100) == (0.002, "anneal")
+
+
+def test_phased_absolute_steps():
+    f = build_schedule("phased", units="steps", phases=[
+        {"name": "a", "end": 10, "start_value": 1.0, "end_value": 0.0},
+        {"name": "b", "end": 30, "start_value": 0.0, "end_value": 2.0},
+    ])
+    assert f(5, 1000) == (0.5, "a")
+    assert f(20, 1000) == (1.0, "b")
+    assert f(40, 1000) == (2.0, "b")
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"mode": "phased", "phases": [{"name": "a", "end": 0.5, "value": 1}, {"name": "b", "end": 0.4, "value": 1}]},
+     "phases[1].end=0.4"),
+    ({"mode": "phased", "phases": [{"name": "a", "end": 1.5, "value": 1}]}, "phases[0].end=1.5"),
+    ({"mode": "phased", "phases": []}, "phases=[]"),
+    ({"mode": "phased", "phases": [{"name": "a", "end": 1.0, "value": -1}]}, "phases[0].value=-1"),
+    ({"mode": "linear_ramp", "lambda_min": -1e-3, "lambda_max": 1e-2}, "lambda_min=-0.001"),
+    ({"mode": "constant", "lambda0": math.nan}, "lambda0=nan"),
+    ({"mode": "exp_decay", "lambda_min": 0, "lambda_max": 1, "beta": 1.5}, "beta=1.5"),
+    ({"mode": "cosine"}, "mode='cosine'"),
+    ({"mode": "constant", "lambda0": 1, "lambda_max": 2}, "lambda_max=2"),
+])
+def test_bad_schedules_fail_with_key_and_value(kwargs, needle):
+    kwargs = dict(kwargs)
+    mode = kwargs.pop("mode")
+    with pytest.raises(ConfigError) as err:
+        build_schedule(mode, **kwargs)
+    assert needle in str(err.value) and "allowed" in str(err.value)
