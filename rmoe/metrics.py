@@ -77,7 +77,7 @@ def router_entropy(probs: Tensor) -> float:
     """Mean per-token entropy of the router distribution (rows renormalised to sum 1)."""
     if probs.shape[0] == 0:
         return 0.0
-    p = probs.double()
+    p = probs.detach().double()
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
     h = -(p * p.clamp_min(1e-300).log()).sum(-1)
     return float(h.mean())
@@ -87,7 +87,7 @@ def top1_confidence(probs: Tensor) -> float:
     """Mean over tokens of the largest (row-normalised) router probability."""
     if probs.shape[0] == 0:
         return 0.0
-    p = probs.double()
+    p = probs.detach().double()
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
     return float(p.max(-1).values.mean())
 
@@ -163,8 +163,8 @@ def record_metrics(rec: RoutingRecord, top_k: int) -> dict[str, float]:
         "dropped_rate": dropped_rate(rec, top_k),
         "router_entropy": router_entropy(rec.router_probs),
         "router_confidence": top1_confidence(rec.router_probs),
-        "aux_loss": float(rec.aux_loss),
-        "z_loss": float(rec.z_loss),
+        "aux_loss": float(rec.aux_loss.detach()),
+        "z_loss": float(rec.z_loss.detach()),
     }
     if rec.fusion_pi is not None:
         out["fusion_entropy"] = entropy(rec.fusion_pi)

@@ -1,0 +1,252 @@
+"""Routing-stability metrics per MoE layer (SPEC §6), logged through ``pl_module.log`` so every
+attached logger gets them, plus plots written into the run folder.
+
+Keys (``<layer>`` is the MoE layer's index among the model's MoE layers, e.g. ``moe0``):
+
+* training stream, every ``log_every_n_steps``: ``routing/<layer>/{load_cv, max_vio, load_entropy,
+  dead_experts, active_experts, experts_per_token, no_expert_share, dropped_rate, router_entropy,
+  router_confidence, aux_loss, z_loss, fusion_entropy}``;
+* fixed probe batch, every ``probe_every_n_steps``: ``routing/<layer>/{top1_flip_rate, jaccard_churn,
+  last_fluctuation_step, fusion_drift}``;
+* validation pass: ``routing/<layer>/{val_dead_experts, val_load_cv, domain_js}`` (domain_js when
+  there are several validation dataloaders, e.g. DomainBed domains).
+
+Token counts are summed over data-parallel ranks before the statistics are computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from rmoe import find_moe_layers
+from rmoe import metrics as M
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def run_probe(pl_module: LightningModule, batch: Any) -> None:
+    """Forward the probe batch through the model (no grad, eval mode).
+
+    Uses ``pl_module.routing_probe(batch)`` when the module defines it, else ``pl_module(batch)``.
+    """
+    fn = getattr(pl_module, "routing_probe", None)
+    if fn is not None:
+        fn(batch)
+    else:
+        pl_module(batch)
+
+
+class RoutingStabilityCallback(Callback):
+    def __init__(self, log_every_n_steps: int | None = None, probe_every_n_steps: int = 50,
+                 probe_size: int = 64, plots: bool = True, plot_dir: str | None = None):
+        if probe_every_n_steps < 1:
+            raise ValueError(f"probe_every_n_steps={probe_every_n_steps}; allowed: an integer >= 1")
+        self.log_every_n_steps = log_every_n_steps
+        self.probe_every_n_steps = probe_every_n_steps
+        self.probe_size = probe_size
+        self.plots = plots
+        self.plot_dir = plot_dir
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.probe_batch: Any = None
+        self.prev_top1: dict[str, Tensor] = {}
+        self.prev_sets: dict[str, Tensor] = {}
+        self.prev_pi: dict[str, Tensor] = {}
+        self.last_fluctuation: dict[str, int] = {}
+        self.history: dict[str, list] = {"step": [], "lambda": [], "phase": [], "load": {}, "pi": {}, "probe": {}}
+        self._val_counts: dict[str, dict[int, Tensor]] = {}
+
+    # --- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _layers(pl_module: LightningModule) -> list[tuple[str, Any]]:
+        return [(f"moe{i}", m) for i, (_, m) in enumerate(find_moe_layers(pl_module))]
+
+    @staticmethod
+    def _reduce_sum(trainer: Trainer, t: Tensor) -> Tensor:
+        if trainer.world_size > 1:
+            return trainer.strategy.reduce(t.clone(), reduce_op="sum")
+        return t
+
+    def _log(self, pl_module: LightningModule, key: str, value: float, **kw) -> None:
+        pl_module.log(key, float(value), on_step=True, on_epoch=False, logger=True, batch_size=1, **kw)
+
+    # --- training stream -----------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.probe_batch is None:
+            self.probe_batch = self._slice(_to_cpu(batch))
+
+    def _slice(self, batch: Any) -> Any:
+        n = self.probe_size
+        if isinstance(batch, Tensor):
+            return batch[:n]
+        if isinstance(batch, dict):
+            return {k: self._slice(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._slice(v) for v in batch)
+        return batch
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        every = self.log_every_n_steps or trainer.log_every_n_steps or 50
+        layers = self._layers(pl_module)
+        if not layers:
+            return
+        if step % every == 0 or step == 1:
+            self._log_stream(trainer, pl_module, layers, step)
+        if step % self.probe_every_n_steps == 0 or step == 1:
+            self._probe(trainer, pl_module, layers, step)
+
+    def _log_stream(self, trainer: Trainer, pl_module: LightningModule, layers, step: int) -> None:
+        self.history["step"].append(step)
+        self.history["lambda"].append(float(getattr(pl_module, "lambda_aux", float("nan"))))
+        self.history["phase"].append(getattr(pl_module, "curriculum_phase", None))
+        for name, moe in layers:
+            rec = moe.last_routing
+            if rec is None:
+                continue
+            counts = self._reduce_sum(trainer, rec.tokens_per_expert.detach().double())
+            vals = M.record_metrics(rec.replace(tokens_per_expert=counts), moe.cfg.top_k)
+            for k, v in vals.items():
+                self._log(pl_module, f"routing/{name}/{k}", v, sync_dist=trainer.world_size > 1)
+            tot = counts.sum().clamp_min(1)
+            self.history["load"].setdefault(name, []).append((counts / tot).cpu().tolist())
+            if moe.fusion is not None:
+                self.history["pi"].setdefault(name, []).append(moe.fusion.pi.detach().cpu().tolist())
+
+    @torch.no_grad()
+    def _probe(self, trainer: Trainer, pl_module: LightningModule, layers, step: int) -> None:
+        if self.probe_batch is None:
+            return
+        # the probe must not change any state: snapshot buffers (fusion m, DynMoE records)
+        saved = {name: {k: v.clone() for k, v in moe.named_buffers()} for name, moe in layers}
+        last = {name: moe.last_routing for name, moe in layers}
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            run_probe(pl_module, _to_device(self.probe_batch, pl_module.device))
+            for name, moe in layers:
+                rec = moe.last_routing
+                probs = rec.router_probs.masked_fill(~rec.active_mask, float("-inf"))
+                top1, sets = probs.argmax(-1), rec.expert_indices
+                out = {}
+                if name in self.prev_top1 and self.prev_top1[name].shape == top1.shape:
+                    flips = self._reduce_sum(trainer, (self.prev_top1[name].to(top1.device) != top1).sum().double())
+                    n = self._reduce_sum(trainer, torch.tensor(float(top1.numel()), device=top1.device))
+                    out["top1_flip_rate"] = float(flips / n.clamp_min(1))
+                    k = max(sets.shape[1], self.prev_sets[name].shape[1])
+                    a = torch.nn.functional.pad(self.prev_sets[name].to(sets.device), (0, k - self.prev_sets[name].shape[1]), value=-1)
+                    b = torch.nn.functional.pad(sets, (0, k - sets.shape[1]), value=-1)
+                    out["jaccard_churn"] = M.jaccard_churn(a, b, moe.num_experts)
+                    if out["top1_flip_rate"] > 0:
+                        self.last_fluctuation[name] = step
+                self.prev_top1[name], self.prev_sets[name] = top1.cpu(), sets.cpu()
+                out["last_fluctuation_step"] = float(self.last_fluctuation.get(name, 0))
+                if moe.fusion is not None:
+                    pi = moe.fusion.pi.detach().cpu()
+                    if name in self.prev_pi:
+                        out["fusion_drift"] = M.fusion_drift(pi, self.prev_pi[name])
+                    self.prev_pi[name] = pi
+                for k, v in out.items():
+                    self._log(pl_module, f"routing/{name}/{k}", v)
+                self.history["probe"].setdefault(name, []).append((step, out.get("top1_flip_rate"),
+                                                                   out.get("jaccard_churn")))
+        finally:
+            for name, moe in layers:
+                for k, v in moe.named_buffers():
+                    v.copy_(saved[name][k])
+                moe.last_routing = last[name]
+            pl_module.train(was_training)
+
+    # --- validation --------------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._val_counts = {}
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        for name, moe in self._layers(pl_module):
+            rec = moe.last_routing
+            if rec is None:
+                continue
+            per = self._val_counts.setdefault(name, {})
+            c = rec.tokens_per_expert.detach().double().cpu()
+            per[dataloader_idx] = per.get(dataloader_idx, torch.zeros_like(c)) + c
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for name, moe in self._layers(pl_module):
+            per = self._val_counts.get(name)
+            if not per:
+                continue
+            loads = torch.stack([per[i] for i in sorted(per)])
+            loads = self._reduce_sum(trainer, loads.to(pl_module.device)).cpu()
+            total = loads.sum(0)
+            active = moe.router.active_mask.detach().cpu()
+            vals = {"val_dead_experts": M.dead_experts(total, active), "val_load_cv": M.load_cv(total, active)}
+            if loads.shape[0] > 1:
+                vals["domain_js"] = M.mean_pairwise_js(loads[:, active] + 0.0)
+                self.history.setdefault("domain_loads", {})[name] = loads.tolist()
+            for k, v in vals.items():
+                pl_module.log(f"routing/{name}/{k}", float(v), on_step=False, on_epoch=True, batch_size=1)
+        if self.plots and trainer.is_global_zero:
+            self._write_plots(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.plots and trainer.is_global_zero:
+            paths = self._write_plots(trainer)
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_image") and paths:
+                    for key, path in paths.items():
+                        logger.log_image(key=f"plots/{key}", images=[path])
+
+    # --- plots ---------------------------------------------------------------------------------
+    def _write_plots(self, trainer: Trainer) -> dict[str, str]:
+        from callbacks.plots import write_routing_plots
+
+        out_dir = self.plot_dir or os.path.join(trainer.default_root_dir, "plots")
+        return write_routing_plots(self.history, out_dir)
+
+    # --- resume --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "probe_batch": self.probe_batch,
+            "prev_top1": self.prev_top1,
+            "prev_sets": self.prev_sets,
+            "prev_pi": self.prev_pi,
+            "last_fluctuation": self.last_fluctuation,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.probe_batch = state["probe_batch"]
+        self.prev_top1 = state["prev_top1"]
+        self.prev_sets = state["prev_sets"]
+        self.prev_pi = state["prev_pi"]
+        self.last_fluctuation = state["last_fluctuation"]
+        self.history = state["history"]
