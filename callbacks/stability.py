@@ -159,8 +159,9 @@ class RoutingStabilityCallback(Callback):
                     flips = self._reduce_sum(trainer, (self.prev_top1[name].to(top1.device) != top1).sum().double())
                     n = self._reduce_sum(trainer, torch.tensor(float(top1.numel()), device=top1.device))
                     out["top1_flip_rate"] = float(flips / n.clamp_min(1))
-                    k = max(sets.shape[1], self.prev_sets[name].shape[1])
-                    a = torch.nn.functional.pad(self.prev_sets[name].to(sets.device), (0, k - self.prev_sets[name].shape[1]), value=-1)
+                    prev = self.prev_sets[name].to(sets.device)
+                    k = max(sets.shape[1], prev.shape[1])
+                    a = torch.nn.functional.pad(prev, (0, k - prev.shape[1]), value=-1)
                     b = torch.nn.functional.pad(sets, (0, k - sets.shape[1]), value=-1)
                     out["jaccard_churn"] = M.jaccard_churn(a, b, moe.num_experts)
                     if out["top1_flip_rate"] > 0:
