@@ -1,0 +1,87 @@
+"""DynMoE adaptive expert pool (SPEC §1): drives ``record`` / ``adapt`` of every
+:class:`rmoe.routing.TopAnyRouter` in the model. A no-op for models without one.
+
+Modes:
+
+* ``epoch`` (GLUE): with ``n`` training batches per epoch, open a recording window before batch
+  ``n // 2`` and call ``router.adapt()`` after batch ``max(3n // 4, n // 2 + 1) - 1`` — the window is the
+  third quarter of the epoch.
+* ``every_step`` (DomainBed): record every batch and ``adapt()`` after every optimizer step
+  (every ``accumulate_grad_batches`` batches), then open the next window.
+
+After each update the active expert count of each router is logged as ``moe/<i>/active_experts``.
+The recording window lives in router buffers, so it is saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from rmoe.routing import TopAnyRouter
+
+MODES = ("epoch", "every_step")
+
+
+class AdaptiveExpertsCallback(Callback):
+    def __init__(self, mode: str = "epoch", log: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"invalid callbacks.adaptive_experts.mode={mode!r}; allowed: {'|'.join(MODES)}")
+        self.mode = mode
+        self.log = log
+        self.updates: list[dict] = []
+
+    @staticmethod
+    def routers(pl_module: L.LightningModule) -> list[TopAnyRouter]:
+        return [m for m in pl_module.modules() if isinstance(m, TopAnyRouter)]
+
+    @staticmethod
+    def window(num_batches: int) -> tuple[int, int]:
+        """``(start, end)`` batch indices of the epoch-mode recording window: record batches
+        ``start .. end-1``, adapt after batch ``end - 1``."""
+        start = num_batches // 2
+        return start, max((3 * num_batches) // 4, start + 1)
+
+    def _num_batches(self, trainer: L.Trainer) -> int:
+        n = trainer.num_training_batches
+        return int(n) if n != float("inf") else 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        routers = self.routers(pl_module)
+        if not routers:
+            return
+        if self.mode == "epoch":
+            start, _ = self.window(self._num_batches(trainer))
+            if batch_idx == start:
+                for r in routers:
+                    r.start_recording()
+        elif not all(bool(r.recording) for r in routers):
+            for r in routers:
+                r.start_recording()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        routers = self.routers(pl_module)
+        if not routers:
+            return
+        if self.mode == "epoch":
+            n = self._num_batches(trainer)
+            _, end = self.window(n)
+            do = batch_idx == end - 1 and end <= n
+        else:
+            acc = max(int(trainer.accumulate_grad_batches), 1)
+            do = (batch_idx + 1) % acc == 0 or batch_idx + 1 == self._num_batches(trainer)
+        if not do:
+            return
+        logged = {}
+        for i, r in enumerate(routers):
+            if not bool(r.recording):
+                continue
+            change = r.adapt()
+            self.updates.append({"step": int(trainer.global_step), "router": i, **change})
+            logged[f"moe/{i}/active_experts"] = float(r.expert_mask.sum())
+        if self.log and logged:
+            pl_module.log_dict(logged, on_step=True, on_epoch=False, batch_size=1)

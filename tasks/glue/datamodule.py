@@ -1,0 +1,134 @@
+"""GLUE LightningDataModule on Hugging Face ``datasets``.
+
+Source: a local folder in the original GLUE TSV layout (``glue_dir``), parsed strictly by
+:mod:`tasks.glue.tsv`, or — when ``glue_dir`` is null — the hub dataset ``nyu-mll/glue``.
+Examples are tokenised once (truncated to ``max_length``, no padding) and padded per batch
+(dynamic padding). The training loader shuffles with a generator seeded from ``seed``.
+Validation: one loader per validation split (MNLI: matched first, then mismatched).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from .tasks import GlueDataError, GlueTask, get_task
+from .tsv import read_glue_tsv, task_file
+
+HUB_DATASET = "nyu-mll/glue"
+
+
+def _check_positive(key: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise GlueDataError(f"invalid data config: {key}={value!r}; allowed: an integer >= 1"
+                            + (" or null" if allow_none else ""))
+
+
+class GLUEDataModule(L.LightningDataModule):
+    """``setup()`` builds ``self.train_set`` and ``self.val_sets`` (a list, headline split first).
+
+    ``max_train_samples`` / ``max_eval_samples`` keep a seeded random subset (for tests and
+    debugging); ``null`` keeps everything.
+    """
+
+    def __init__(self, task: str, tokenizer: str, glue_dir: str | None = None, max_length: int = 128,
+                 batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
+                 max_train_samples: int | None = None, max_eval_samples: int | None = None,
+                 seed: int = 0):
+        super().__init__()
+        self.task: GlueTask = get_task(task)
+        _check_positive("data.max_length", max_length)
+        _check_positive("data.batch_size", batch_size)
+        _check_positive("data.eval_batch_size", eval_batch_size, allow_none=True)
+        _check_positive("data.max_train_samples", max_train_samples, allow_none=True)
+        _check_positive("data.max_eval_samples", max_eval_samples, allow_none=True)
+        self.glue_dir = None if glue_dir in (None, "", "null") else str(glue_dir)
+        if self.glue_dir is not None:
+            if not os.path.isdir(self.glue_dir):
+                raise GlueDataError(f"data.glue_dir={self.glue_dir!r} is not a folder; allowed: a folder in the "
+                                    "GLUE TSV layout (<glue_dir>/<TaskDir>/train.tsv) or null for the hub dataset")
+            for stem in ("train",) + tuple(s for s, _ in self.task.val_splits):
+                task_file(self.glue_dir, self.task, stem)  # fail now on a missing file
+        self.tokenizer_path = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
+        self.seed = seed
+        self.tokenizer = None
+        self.train_set = None
+        self.val_sets: list = []
+        self.val_names: list[str] = []
+
+    # --- raw splits -------------------------------------------------------------------------
+    def _raw_splits(self) -> dict[str, Any]:
+        import datasets
+
+        names = ["train"] + [s for s, _ in self.task.val_splits]
+        if self.glue_dir is not None:
+            return {s: datasets.Dataset.from_dict(read_glue_tsv(task_file(self.glue_dir, self.task, s), self.task))
+                    for s in names}
+        hub = datasets.load_dataset(HUB_DATASET, self.task.name)  # needs the network or a local HF cache
+        a, b = self.task.hub_fields
+        out = {}
+        for stem, split in (("train", "train"),) + self.task.val_splits:
+            ds = hub[split]
+            cols = {"text_a": ds[a], "label": ds["label"]}
+            if b is not None:
+                cols["text_b"] = ds[b]
+            out[stem] = datasets.Dataset.from_dict(cols)
+        return out
+
+    def _subset(self, ds, n: int | None):
+        if n is None or n >= len(ds):
+            return ds
+        return ds.shuffle(seed=self.seed).select(range(n))
+
+    def _tokenize(self, ds):
+        tok, ml = self.tokenizer, self.max_length
+
+        def enc(batch):
+            args = (batch["text_a"], batch["text_b"]) if "text_b" in batch else (batch["text_a"],)
+            return tok(*args, truncation=True, max_length=ml)
+
+        cols = [c for c in ds.column_names if c != "label"]
+        ds = ds.map(enc, batched=True, remove_columns=cols)
+        return ds.rename_column("label", "labels")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from transformers import AutoTokenizer
+
+        from tasks.common import resolve_model_path
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_path))
+        raw = self._raw_splits()
+        self.train_set = self._tokenize(self._subset(raw["train"], self.max_train_samples))
+        self.val_names = [s for s, _ in self.task.val_splits]
+        self.val_sets = [self._tokenize(self._subset(raw[s], self.max_eval_samples)) for s in self.val_names]
+
+    # --- loaders ----------------------------------------------------------------------------
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        labels = [f["labels"] for f in features]
+        batch = self.tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in features],
+                                   padding=True, return_tensors="pt")
+        dtype = torch.float32 if self.task.is_regression else torch.long
+        batch["labels"] = torch.tensor(labels, dtype=dtype)
+        return dict(batch)
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=gen,
+                          collate_fn=self.collate, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
+                           num_workers=self.num_workers) for ds in self.val_sets]

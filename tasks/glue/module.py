@@ -1,0 +1,132 @@
+"""GLUE LightningModule: a Hugging Face encoder with MoE FFNs, a classification/regression head.
+
+Loss: ``task_loss + lambda_aux * block_weight * Σ_layers aux + z_loss_weight * Σ_layers z`` where
+``task_loss`` is cross-entropy (MSE for STS-B) and ``lambda_aux`` is set every step by the
+curriculum callback. Optimiser: AdamW, linear decay to 0 over the planned steps, optional warm-up
+(SPEC §5: weight decay 0, no warm-up). Logged: ``train/{loss,task_loss,aux_loss,z_loss}``,
+``val/loss``, ``val/<metric>``, ``val/score`` (headline, see :mod:`tasks.glue.metrics`) and
+``val/score_best`` (its running max, a buffer so it survives resume); for MNLI the mismatched
+split is logged under ``val_mismatched/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rmoe import moe_losses, moefy_bert
+from tasks.common import build_hf_encoder, linear_decay, split_moe_config
+
+from .metrics import build_metrics, predictions, with_headline
+from .tasks import get_task
+
+
+class GLUEModule(L.LightningModule):
+    """``backbone``: ``{pretrained, config, ...}`` (see ``conf/backbone``); ``moe``: the ``moe``
+    config group (``layers``, ``init`` and the :class:`rmoe.MoEConfig` fields); ``backend``:
+    ``torch|megablocks``."""
+
+    def __init__(self, task: str, backbone: Mapping[str, Any], moe: Mapping[str, Any] | None = None,
+                 backend: str = "torch", lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
+                 adam_eps: float = 1e-8, block_weight: float = 1.0, z_loss_weight: float = 0.0,
+                 classifier_dropout: float | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.task = get_task(task)
+        checks = {"module.lr": (lr, "> 0"), "module.weight_decay": (weight_decay, ">= 0"),
+                  "module.block_weight": (block_weight, ">= 0"), "module.z_loss_weight": (z_loss_weight, ">= 0")}
+        for key, (value, allowed) in checks.items():
+            if not isinstance(value, (int, float)) or value < 0 or (allowed == "> 0" and value <= 0):
+                raise ValueError(f"invalid {key}={value!r}; allowed: a number {allowed}")
+        if not (0.0 <= warmup_ratio < 1.0):
+            raise ValueError(f"invalid module.warmup_ratio={warmup_ratio!r}; allowed: a number in [0, 1)")
+        self.encoder = build_hf_encoder(backbone.get("pretrained"), backbone.get("config"))
+        layers, init, layer_cfg = split_moe_config(moe, backend)
+        self.moe_layers = moefy_bert(self.encoder, layers, layer_cfg, init=init) if layer_cfg is not None else []
+        hidden = self.encoder.config.hidden_size
+        drop = classifier_dropout if classifier_dropout is not None else self.encoder.config.hidden_dropout_prob
+        self.head = nn.Sequential(nn.Dropout(drop), nn.Linear(hidden, self.task.num_labels))
+        self.lambda_aux = 0.0
+        self.block_weight = float(block_weight)
+        self.register_buffer("best_score", torch.tensor(float("-inf")))
+        self.val_names = [s for s, _ in self.task.val_splits]
+        self.val_metrics = nn.ModuleList([build_metrics(self.task) for _ in self.val_names])
+        self._val_loss = [[0.0, 0] for _ in self.val_names]
+
+    # --- forward / losses -------------------------------------------------------------------
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out = self.encoder(**inputs)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            pooled = out.last_hidden_state[:, 0]
+        return self.head(pooled)
+
+    def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.task.is_regression:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels)
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch)
+        task_loss = self.task_loss(logits, batch["labels"])
+        aux, z = moe_losses(self.encoder)
+        loss = task_loss + self.lambda_aux * self.block_weight * aux
+        if self.hparams.z_loss_weight:
+            loss = loss + self.hparams.z_loss_weight * z
+        bs = batch["labels"].shape[0]
+        self.log_dict({"train/loss": loss, "train/task_loss": task_loss, "train/aux_loss": aux, "train/z_loss": z},
+                      on_step=True, on_epoch=False, batch_size=bs, prog_bar=False)
+        return loss
+
+    # --- validation ---------------------------------------------------------------------------
+    def _prefix(self, idx: int) -> str:
+        return "val" if idx == 0 else "val_" + self.val_names[idx].removeprefix("dev_")
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss = [[0.0, 0] for _ in self.val_names]
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self(batch)
+        labels = batch["labels"]
+        loss = self.task_loss(logits, labels)
+        self._val_loss[dataloader_idx][0] += float(loss) * labels.shape[0]
+        self._val_loss[dataloader_idx][1] += labels.shape[0]
+        self.val_metrics[dataloader_idx].update(predictions(self.task, logits), labels)
+
+    def on_validation_epoch_end(self) -> None:
+        for idx, coll in enumerate(self.val_metrics):
+            total, n = self._val_loss[idx]
+            if n == 0:
+                coll.reset()
+                continue
+            values = with_headline(self.task, coll.compute())
+            coll.reset()
+            prefix = self._prefix(idx)
+            logged = {f"{prefix}/{k}": v.float() for k, v in values.items()}
+            logged[f"{prefix}/loss"] = torch.tensor(total / n)
+            if idx == 0:
+                if not self.trainer.sanity_checking:
+                    self.best_score.fill_(max(float(self.best_score), float(values["score"])))
+                best = self.best_score if torch.isfinite(self.best_score) else values["score"]
+                logged["val/score_best"] = best.float().clone()
+            self.log_dict(logged, sync_dist=True)
+
+    # --- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.adam_eps)
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = linear_decay(opt, total, int(hp.warmup_ratio * total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lambda_aux"] = float(self.lambda_aux)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.lambda_aux = float(checkpoint.get("lambda_aux", self.lambda_aux))
