@@ -1,0 +1,77 @@
+"""NaN/Inf in a router output or the loss stops the run (naming step and layer) or skips the batch."""
+
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks.numerics import NumericalFaultCallback, NumericalFaultError
+from rmoe import build_moe_layer, moe_losses
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.moe = build_moe_layer(4, 8, router="topk", num_experts=2, top_k=1)
+        self.head = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, t = batch
+        y, _ = self.moe(x)
+        return torch.nn.functional.cross_entropy(self.head(x + y), t) + 0.01 * moe_losses(self)[0]
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+
+def _data(bad_batch: int):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=g)
+    x[bad_batch * 8 + 3, 1] = float("nan")  # one NaN token in batch `bad_batch`
+    return DataLoader(TensorDataset(x, torch.randint(0, 2, (40,), generator=g)), batch_size=8)
+
+
+class Keep(pl.Callback):
+    def __init__(self):
+        self.params = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.params[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+
+
+def _trainer(tmp_path, cbs):
+    return pl.Trainer(max_epochs=1, callbacks=cbs, default_root_dir=str(tmp_path), logger=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+
+
+def test_stop_names_step_and_layer_and_keeps_last_good_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, save_last=True)
+    model = Tiny()
+    with pytest.raises(NumericalFaultError, match=r"optimizer step 2 .*moe0"):
+        _trainer(tmp_path, [NumericalFaultCallback("stop"), ckpt]).fit(model, _data(bad_batch=2))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = torch.load(os.path.join(tmp_path, "ckpt", "last.ckpt"), weights_only=False)
+    assert state["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_skip_leaves_weights_untouched_on_the_bad_batch(tmp_path):
+    torch.manual_seed(0)
+    keep, num = Keep(), NumericalFaultCallback("skip")
+    model = Tiny()
+    _trainer(tmp_path, [num, keep]).fit(model, _data(bad_batch=2))
+    assert num.skipped == 1
+    # step counter advanced over the skipped batch, but the weights did not move
+    for a, b in zip(keep.params[2], keep.params[3]):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(keep.params[3], keep.params[4]))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bad_option_is_named():
+    with pytest.raises(ValueError, match="on_fault='retry'.*stop\\|skip"):
+        NumericalFaultCallback("retry")
