@@ -11,6 +11,7 @@ split is logged under ``val_mismatched/``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,12 +85,23 @@ class GLUEModule(L.LightningModule):
                       on_step=True, on_epoch=False, batch_size=bs, prog_bar=False)
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        self._epoch_t0, self._val_secs = time.perf_counter(), 0.0
+
+    def on_train_epoch_end(self) -> None:
+        # wall time of the epoch: training batches (validation excluded) and its validation
+        if getattr(self, "_epoch_t0", None) is not None:
+            total = time.perf_counter() - self._epoch_t0
+            self.log_dict({"time/train_epoch_s": total - self._val_secs, "time/val_s": self._val_secs},
+                          on_epoch=True, on_step=False)
+
     # --- validation ---------------------------------------------------------------------------
     def _prefix(self, idx: int) -> str:
         return "val" if idx == 0 else "val_" + self.val_names[idx].removeprefix("dev_")
 
     def on_validation_epoch_start(self) -> None:
         self._val_loss = [[0.0, 0] for _ in self.val_names]
+        self._val_t0 = time.perf_counter()
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch)
@@ -116,6 +128,8 @@ class GLUEModule(L.LightningModule):
                 best = self.best_score if torch.isfinite(self.best_score) else values["score"]
                 logged["val/score_best"] = best.float().clone()
             self.log_dict(logged, sync_dist=True)
+        if not self.trainer.sanity_checking:
+            self._val_secs = getattr(self, "_val_secs", 0.0) + time.perf_counter() - self._val_t0
 
     # --- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
