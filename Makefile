@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-slow test-gpu train lint bench clean
+.PHONY: install test test-slow test-gpu train lint bench sweep-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ train: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m tasks.bench $(ARGS)
+
+sweep-smoke: $(STAMP)
+	$(VENV)/bin/rmoe-train -cd sweeps -cn smoke $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rmoe tasks callbacks tests
