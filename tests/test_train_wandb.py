@@ -1,0 +1,33 @@
+"""W&B (offline): every train(cfg) finishes its run, so consecutive jobs (a multirun) get distinct runs."""
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from tasks.train import CONF_DIR, train
+
+wandb = pytest.importorskip("wandb")
+
+
+@pytest.mark.slow  # ~20-35 s: W&B starts its service process twice
+def test_each_job_finishes_its_wandb_run(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    ids = []
+    for i in range(2):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            overrides = ["backbone=tiny_bert", "debug=fast", "logger=csv_wandb", "trainer.limit_train_batches=1",
+                         "trainer.limit_val_batches=1"]
+            cfg = compose(config_name="train", overrides=overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / f"job{i}")
+        _, obj = train(cfg)
+        assert wandb.run is None  # finished at the end of the job
+        wb = [lg for lg in obj["logger"] if type(lg).__name__ == "WandbLogger"][0]
+        ids.append(wb.version)
+        assert os.path.isfile(tmp_path / f"job{i}" / "metrics.csv")  # the CSV logger ran alongside
+        assert os.path.isdir(tmp_path / f"job{i}" / "wandb")
+    assert ids[0] != ids[1]
