@@ -1,0 +1,137 @@
+"""Collect results of a sweep into tables: ``python -m tasks.collect --input_dir <dir>``.
+
+Every ``results.jsonl`` below ``<dir>`` (any depth: Hydra multirun folders nest) is read; each
+*reader* claims the records of its benchmark and turns them into :class:`Table` s, which are
+printed as Markdown and/or LaTeX and saved as ``<dir>/results.md`` / ``<dir>/results.tex``.
+
+Readers: ``domainbed`` (DomainBed's collect_results: per dataset and model-selection method, one
+column per test domain, mean ± SE over trial seeds). To add a benchmark, write a class with
+``name``, ``claims(record) -> bool`` and ``tables(records, latex) -> list[(heading, [Table])]`` and
+append it to ``READERS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from tasks.domainbed.reporting import Table, all_tables, is_domainbed_record
+from tasks.domainbed.selection import Record, load_records
+
+
+class Reader(Protocol):
+    name: str
+
+    def claims(self, record: Record) -> bool: ...
+
+    def tables(self, records: list[Record], latex: bool) -> list[tuple[str, list[Table]]]: ...
+
+
+class DomainBedReader:
+    name = "domainbed"
+
+    def claims(self, record: Record) -> bool:
+        return is_domainbed_record(record)
+
+    def tables(self, records: list[Record], latex: bool) -> list[tuple[str, list[Table]]]:
+        return [(f"Model selection: {m.name}", ts) for m, ts in all_tables(records, latex)]
+
+
+READERS: list[Any] = [DomainBedReader()]
+
+
+# --- rendering ---------------------------------------------------------------------------------
+def _md_escape(s: str) -> str:
+    return str(s).replace("|", "\\|")
+
+
+def render_markdown(table: Table) -> str:
+    lines = [f"#### {table.title}", ""]
+    lines.append("| " + " | ".join(_md_escape(h) for h in table.header) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(table.header) - 1)) + "|")
+    for row in table.rows:
+        lines.append("| " + " | ".join(_md_escape(c) for c in row) + " |")
+    lines += [""] + [f"{n}" for n in table.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _tex_escape(s: str) -> str:
+    s = str(s)
+    if "$" in s:  # already LaTeX (e.g. "88.1 $\pm$ 0.3")
+        return s
+    for a, b in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#")):
+        s = s.replace(a, b)
+    return s
+
+
+def render_latex(table: Table) -> str:
+    n = len(table.header) - 1
+    lines = [f"% {table.title}", "\\begin{center}", "\\adjustbox{max width=\\textwidth}{%",
+             "\\begin{tabular}{l" + "c" * n + "}", "\\toprule",
+             " & ".join("\\textbf{" + _tex_escape(h) + "}" for h in table.header) + " \\\\", "\\midrule"]
+    for row in table.rows:
+        lines.append(" & ".join(_tex_escape(c) for c in row) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}}", "\\end{center}"]
+    return "\n".join(lines) + "\n"
+
+
+def render(sections: Sequence[tuple[str, list[Table]]], latex: bool) -> str:
+    out = []
+    for heading, tables in sections:
+        if latex:
+            out.append(f"\\subsection{{{_tex_escape(heading)}}}\n")
+            for t in tables:
+                out.append(f"\\subsubsection{{{_tex_escape(t.section or t.title)}}}\n")
+                out.append(render_latex(t))
+        else:
+            out.append(f"### {heading}\n")
+            out += [render_markdown(t) for t in tables]
+    return "\n".join(out)
+
+
+def collect(input_dir: str, fmt: str = "both", save: bool = True) -> str:
+    """Read, select and render; returns the printed text."""
+    if not os.path.isdir(input_dir):
+        raise SystemExit(f"--input_dir {input_dir!r} is not a folder")
+    records = load_records(input_dir)
+    if not records:
+        raise SystemExit(f"no results.jsonl records found below {input_dir!r}")
+    texts: dict[str, list[str]] = {"markdown": [], "latex": []}
+    for reader in READERS:
+        mine = [r for r in records if reader.claims(r)]
+        if not mine:
+            continue
+        for kind in ("markdown", "latex"):
+            if fmt in (kind, "both"):
+                head = f"Total records ({reader.name}): {len(mine)}\n"
+                texts[kind].append(head + "\n" + render(reader.tables(mine, latex=kind == "latex"), kind == "latex"))
+    if not texts["markdown"] and not texts["latex"]:
+        raise SystemExit(f"none of the {len(records)} records below {input_dir!r} belongs to a known benchmark "
+                         f"({', '.join(r.name for r in READERS)})")
+    md, tex = "\n".join(texts["markdown"]), "\n".join(texts["latex"])
+    if save:
+        if md:
+            with open(os.path.join(input_dir, "results.md"), "w") as f:
+                f.write(md)
+        if tex:
+            with open(os.path.join(input_dir, "results.tex"), "w") as f:
+                f.write(tex)
+    return "\n".join(t for t in (md, tex) if t)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Print result tables of a sweep (DomainBed collect_results).")
+    p.add_argument("--input_dir", required=True, help="folder searched recursively for results.jsonl")
+    p.add_argument("--format", choices=("markdown", "latex", "both"), default="both")
+    p.add_argument("--latex", action="store_true", help="LaTeX only (same as --format latex)")
+    p.add_argument("--no-save", action="store_true", help="do not write results.md / results.tex")
+    a = p.parse_args(argv)
+    text = collect(a.input_dir, "latex" if a.latex else a.format, save=not a.no_save)
+    sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""DomainBed LightningModule: a ViT with MoE blocks trained ERM-style over the training domains.
+
+Step: ``x, y`` = the concatenated batches of all training domains;
+``loss = CE(f(x), y) + lambda_aux * block_weight * Σ_layers aux + z_loss_weight * Σ_layers z``
+(SPEC §2; ``lambda_aux`` is set every optimizer step by ``callbacks.curriculum``; vision uses
+``block_weight = 0.01``). Optimiser: Adam (SPEC §5), constant learning rate.
+
+Evaluation over the datamodule's ``[env_i in..., env_i out...]`` loaders: accuracy per loader,
+logged as ``val/env{i}_{in,out}_acc``; ``val/score`` = mean ``out`` accuracy of the training
+domains (training-domain validation), ``val/score_best`` its running max (a buffer, survives
+resume). The last evaluation is kept in ``self.last_eval`` for ``callbacks.domainbed_results``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rmoe import moe_losses
+
+from .model import build_moe_vit
+
+
+class DomainBedModule(L.LightningModule):
+    def __init__(self, backbone: Mapping[str, Any], input_shape: Sequence[int], num_classes: int,
+                 moe: Mapping[str, Any] | None = None, backend: str = "torch", algorithm: str = "RMoE",
+                 lr: float = 3e-5, weight_decay: float = 0.0, adam_betas: Sequence[float] = (0.9, 0.999),
+                 block_weight: float = 0.01, z_loss_weight: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters()
+        for key, value in (("module.lr", lr), ("module.weight_decay", weight_decay),
+                           ("module.block_weight", block_weight), ("module.z_loss_weight", z_loss_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+                    key == "module.lr" and value <= 0):
+                allowed = "> 0" if key == "module.lr" else ">= 0"
+                raise ValueError(f"invalid {key}={value!r}; allowed: a number {allowed}")
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"invalid module.num_classes={num_classes!r}; allowed: an integer >= 2")
+        self.model, self.moe_layers = build_moe_vit(backbone, moe, input_shape, num_classes, backend)
+        self.algorithm = algorithm
+        self.lambda_aux = 0.0
+        self.block_weight = float(block_weight)
+        self.z_loss_weight = float(z_loss_weight)
+        self.register_buffer("best_score", torch.tensor(float("-inf")))
+        self.last_eval: dict[str, float] = {}
+        self._correct: dict[int, Tensor] = {}
+        self._total: dict[int, Tensor] = {}
+
+    # --- forward / training -------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def routing_probe(self, batch: Any) -> None:
+        """Forward the images of a (training or evaluation) batch; used by the stability callback."""
+        x = torch.cat([b[0] for b in batch]) if isinstance(batch[0], (list, tuple)) else batch[0]
+        self.model(x.to(self.device))
+
+    def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
+        x = torch.cat([b[0] for b in batch])
+        y = torch.cat([b[1] for b in batch])
+        logits = self.model(x)
+        task_loss = F.cross_entropy(logits, y)
+        aux, z = moe_losses(self.model)
+        aux, z = aux.to(task_loss.device), z.to(task_loss.device)
+        loss = task_loss + self.lambda_aux * self.block_weight * aux + self.z_loss_weight * z
+        acc = (logits.argmax(-1) == y).float().mean()
+        self.log_dict({"train/loss": loss.detach(), "train/task_loss": task_loss.detach(),
+                       "train/aux_loss": aux.detach(), "train/z_loss": z.detach(), "train/acc": acc},
+                      on_step=True, on_epoch=False, batch_size=len(y), prog_bar=False)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        return torch.optim.Adam(self.parameters(), lr=float(hp.lr), weight_decay=float(hp.weight_decay),
+                                betas=tuple(float(b) for b in hp.adam_betas))
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._correct, self._total = {}, {}
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        pred = self.model(x).argmax(-1)
+        c = (pred == y).sum().detach()
+        self._correct[dataloader_idx] = self._correct.get(dataloader_idx, 0) + c
+        self._total[dataloader_idx] = self._total.get(dataloader_idx, 0) + torch.tensor(len(y), device=c.device)
+
+    def _eval_names(self) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None)
+        names = getattr(dm, "eval_names", None)
+        return list(names) if names else [f"loader{i}" for i in sorted(self._total)]
+
+    def _test_envs(self) -> list[int]:
+        return list(getattr(getattr(self.trainer, "datamodule", None), "test_envs", []))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._total:
+            return
+        names = self._eval_names()
+        accs: dict[str, float] = {}
+        for i in sorted(self._total):
+            c = self.trainer.strategy.reduce(torch.as_tensor(self._correct[i], device=self.device).double(),
+                                             reduce_op="sum")
+            t = self.trainer.strategy.reduce(torch.as_tensor(self._total[i], device=self.device).double(),
+                                             reduce_op="sum")
+            accs[f"{names[i]}_acc"] = float(c / t.clamp_min(1))
+        test_envs = set(self._test_envs())
+        outs = [v for k, v in accs.items() if k.endswith("_out_acc") and int(k[3:].split("_")[0]) not in test_envs]
+        score = sum(outs) / len(outs) if outs else float("nan")
+        self.last_eval = accs
+        if self.trainer.sanity_checking:
+            return
+        if score > float(self.best_score):
+            self.best_score.fill_(score)
+        logged = {f"val/{k}": v for k, v in accs.items()}
+        logged.update({"val/score": score, "val/score_best": float(self.best_score)})
+        self.log_dict(logged, on_step=False, on_epoch=True, batch_size=1)
+
+    def on_fit_end(self) -> None:
+        """Print the run's per-domain table (from the results callback's ``results.jsonl``)."""
+        from callbacks.domainbed_results import DomainBedResultsCallback
+        from tasks.collect import render_markdown
+
+        from .reporting import run_table
+
+        if not self.trainer.is_global_zero:
+            return
+        cbs = [c for c in self.trainer.callbacks if isinstance(c, DomainBedResultsCallback)]
+        records = DomainBedResultsCallback.read(cbs[0].path) if cbs and cbs[0].path else []
+        if records:
+            envs = getattr(self.trainer.datamodule, "environments", None) or [
+                str(i) for i in range(sum(k.endswith("_out_acc") for k in records[0]))]
+            print("\n" + render_markdown(run_table(records, envs)) + f"\nrecords: {cbs[0].path}\n", flush=True)
+
+    # --- resume -------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lambda_aux"] = float(self.lambda_aux)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.lambda_aux = float(checkpoint.get("lambda_aux", self.lambda_aux))
