@@ -51,6 +51,18 @@ class DomainBedModule(L.LightningModule):
         self._correct: dict[int, Tensor] = {}
         self._total: dict[int, Tensor] = {}
 
+    def setup(self, stage: str) -> None:
+        """The data must match the classifier built from the config (fails before training)."""
+        data = getattr(getattr(self.trainer, "datamodule", None), "data", None) if self._trainer else None
+        if data is None:
+            return
+        if data.num_classes != self.hparams.num_classes:
+            raise ValueError(f"module.num_classes={self.hparams.num_classes} but the {type(data).__name__} data "
+                             f"has {data.num_classes} classes")
+        if tuple(data.input_shape) != tuple(self.hparams.input_shape):
+            raise ValueError(f"module.input_shape={list(self.hparams.input_shape)} but the "
+                             f"{type(data).__name__} data has images of shape {list(data.input_shape)}")
+
     # --- forward / training -------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

@@ -1,0 +1,67 @@
+"""``python -m tasks.collect`` on a small synthetic sweep (nested like Hydra multirun folders).
+
+ColoredMNIST (3 domains), one record per run. Selected test accuracies (env{t}_in_acc):
+
+    RMoE  t=0: .80 .82 .84 -> 82.0, SE = std_pop([.80,.82,.84]) / sqrt(3) = .016330 / 1.732 = 0.9
+          t=1: .70 .70 .70 -> 70.0 ± 0.0
+          t=2: .10 .20 .30 -> 20.0, SE = .081650 / 1.732 = 4.7          Avg (82 + 70 + 20) / 3 = 57.3
+    GMoE  t=0: .60 .64     -> 62.0, SE = .02 / 1.414 = 1.4; t=1, t=2: X  Avg X
+Averages (per trial seed, mean over the test domains it has):
+    RMoE  .5333 .5733 .6133 -> 57.3, SE = .032660 / 1.732 = 1.9;   GMoE .60 .64 -> 62.0 ± 1.4
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_run(folder, algorithm, trial_seed, test_env, test_acc):
+    os.makedirs(folder, exist_ok=True)
+    r = {"step": 10, "epoch": 1.0, "hparams": {"lr": 1e-3},
+         "args": {"dataset": "ColoredMNIST", "algorithm": algorithm, "test_envs": [test_env],
+                  "trial_seed": trial_seed, "hparams_seed": 0}}
+    for i in range(3):
+        r[f"env{i}_in_acc"] = test_acc if i == test_env else 0.5
+        r[f"env{i}_out_acc"] = 0.5
+    with open(os.path.join(folder, "results.jsonl"), "w") as f:
+        f.write(json.dumps(r) + "\n")
+
+
+def make_sweep(root):
+    accs = {0: [.80, .82, .84], 1: [.70, .70, .70], 2: [.10, .20, .30]}
+    n = 0
+    for t, vals in accs.items():
+        for seed, a in enumerate(vals):
+            write_run(os.path.join(root, "2026-01-01_00-00-00", str(n)), "RMoE", seed, t, a)
+            n += 1
+    for seed, a in enumerate([.60, .64]):
+        write_run(os.path.join(root, "2026-01-02_00-00-00", str(seed)), "GMoE", seed, 0, a)
+
+
+def test_collect_prints_markdown_and_latex(tmp_path):
+    make_sweep(str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "tasks.collect", "--input_dir", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "Total records (domainbed): 11" in out
+    assert "| Algorithm | +90% | +80% | -90% | Avg |" in out
+    # GMoE sorts before RMoE (paper order)
+    assert "| GMoE | 62.0 ± 1.4 | X | X | X |" in out
+    assert "| RMoE | 82.0 ± 0.9 | 70.0 ± 0.0 | 20.0 ± 4.7 | 57.3 |" in out
+    assert "| Algorithm | ColoredMNIST | Avg |" in out
+    assert "| RMoE | 57.3 ± 1.9 | 57.3 |" in out
+    for method in ("training-domain validation set", "leave-one-domain-out cross-validation",
+                   "test-domain validation set (oracle)"):
+        assert f"Model selection: {method}" in out
+    # LaTeX
+    assert "\\textbf{Algorithm} & \\textbf{+90\\%} & \\textbf{+80\\%} & \\textbf{-90\\%} & \\textbf{Avg} \\\\" in out
+    assert "RMoE & 82.0 $\\pm$ 0.9 & 70.0 $\\pm$ 0.0 & 20.0 $\\pm$ 4.7 & 57.3 \\\\" in out
+    assert (tmp_path / "results.md").exists() and (tmp_path / "results.tex").exists()
+
+
+def test_collect_on_a_folder_without_records_says_so(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "tasks.collect", "--input_dir", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "no results.jsonl records" in p.stderr
