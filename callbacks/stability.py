@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from callbacks.curriculum import CurriculumCallback
 from rmoe import find_moe_layers
 from rmoe import metrics as M
 
@@ -125,7 +126,8 @@ class RoutingStabilityCallback(Callback):
     def _log_stream(self, trainer: Trainer, pl_module: LightningModule, layers, step: int) -> None:
         self.history["step"].append(step)
         self.history["lambda"].append(float(getattr(pl_module, "lambda_aux", float("nan"))))
-        self.history["phase"].append(getattr(pl_module, "curriculum_phase", None))
+        self.history["phase"].append(next((cb.phase for cb in trainer.callbacks if isinstance(cb, CurriculumCallback)),
+                                          None))
         for name, moe in layers:
             rec = moe.last_routing
             if rec is None:
