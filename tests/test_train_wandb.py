@@ -19,8 +19,8 @@ def test_each_job_finishes_its_wandb_run(tmp_path, data_dir, monkeypatch):
     ids = []
     for i in range(2):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            overrides = ["backbone=tiny_bert", "debug=fast", "logger=csv_wandb", "trainer.limit_train_batches=1",
-                         "trainer.limit_val_batches=1"]
+            overrides = ["task=glue/cola", "backbone=tiny_bert", "debug=fast", "logger=csv_wandb",
+                         "trainer.limit_train_batches=1", "trainer.limit_val_batches=1"]
             cfg = compose(config_name="train", overrides=overrides)
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / f"job{i}")

@@ -30,7 +30,7 @@ class DomainBedModule(L.LightningModule):
     def __init__(self, backbone: Mapping[str, Any], input_shape: Sequence[int], num_classes: int,
                  moe: Mapping[str, Any] | None = None, backend: str = "torch", algorithm: str = "RMoE",
                  lr: float = 3e-5, weight_decay: float = 0.0, adam_betas: Sequence[float] = (0.9, 0.999),
-                 block_weight: float = 0.01, z_loss_weight: float = 0.0):
+                 block_weight: float = 0.01, z_loss_weight: float = 0.0, num_threads: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         for key, value in (("module.lr", lr), ("module.weight_decay", weight_decay),
@@ -41,6 +41,9 @@ class DomainBedModule(L.LightningModule):
                 raise ValueError(f"invalid {key}={value!r}; allowed: a number {allowed}")
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"invalid module.num_classes={num_classes!r}; allowed: an integer >= 2")
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"invalid module.num_threads={num_threads!r}; allowed: an integer >= 1 or null")
+        self.num_threads = num_threads
         self.model, self.moe_layers = build_moe_vit(backbone, moe, input_shape, num_classes, backend)
         self.algorithm = algorithm
         self.lambda_aux = 0.0
@@ -52,7 +55,10 @@ class DomainBedModule(L.LightningModule):
         self._total: dict[int, Tensor] = {}
 
     def setup(self, stage: str) -> None:
-        """The data must match the classifier built from the config (fails before training)."""
+        """The data must match the classifier built from the config (fails before training);
+        ``num_threads`` sets torch's intra-op CPU threads (small models run fastest with 1)."""
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
         data = getattr(getattr(self.trainer, "datamodule", None), "data", None) if self._trainer else None
         if data is None:
             return
