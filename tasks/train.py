@@ -108,7 +108,8 @@ def main(cfg: DictConfig) -> float | None:
     if not name:
         return None
     if name not in metrics:
-        raise KeyError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}")
+        log.warning("optimized_metric=%r was not logged (no validation ran?); logged: %s", name, sorted(metrics))
+        return None
     return metrics[name]
 
 
