@@ -145,8 +145,8 @@ class _SortedExpertsFn(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         gy = gy.contiguous()
         blocks = ctx.blocks
-        hit = sorted({e for e, _, _ in blocks})
-        empty = [e for e in range(w1.shape[0]) if e not in set(hit)]
+        hit = {e for e, _, _ in blocks}
+        empty = [e for e in range(w1.shape[0]) if e not in hit]
 
         def buf(shape):  # written block by block; experts without tokens get zeros
             t = gy.new_empty(shape)
