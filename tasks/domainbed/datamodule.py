@@ -3,8 +3,9 @@
 * Splits: ``out, in = split_dataset(env_i, int(len * holdout_fraction), seed_hash(trial_seed, i))``.
 * Training: an endless stream; step ``s`` yields ``[(x_e, y_e) for each training env e]`` with
   ``batch_size`` indices drawn uniformly with replacement from ``in_e`` (DomainBed's
-  InfiniteDataLoader) by a generator seeded with ``seed_hash(seed, s)`` -- so a resumed run draws
-  exactly the batches the uninterrupted run would have drawn.
+  InfiniteDataLoader) by a generator seeded with ``seed_hash(seed, s)`` (``seed_hash(seed, s, rank)``
+  on data-parallel ranks > 0) -- so a resumed run draws exactly the batches the uninterrupted run
+  would have drawn.
 * Evaluation: ``val_dataloader()`` is the list ``[env0_in, env1_in, ..., env0_out, env1_out, ...]``
   (names in ``eval_names``), DomainBed's evaluation order.
 """
@@ -27,11 +28,13 @@ from .splits import SplitDataset, in_out_splits, seed_hash
 class DomainBatchStream(IterableDataset):
     """Endless ``[(x, y) per training env]`` from step ``start_step`` on (see module docstring)."""
 
-    def __init__(self, envs: Sequence[SplitDataset], batch_size: int, seed: int, start_step: int = 0):
+    def __init__(self, envs: Sequence[SplitDataset], batch_size: int, seed: int, start_step: int = 0, rank: int = 0):
         self.envs, self.batch_size, self.seed, self.start_step = list(envs), int(batch_size), int(seed), int(start_step)
+        self.rank = int(rank)
 
     def batch(self, step: int) -> list[tuple[Tensor, Tensor]]:
-        gen = torch.Generator().manual_seed(seed_hash(self.seed, step))
+        key = seed_hash(self.seed, step) if self.rank == 0 else seed_hash(self.seed, step, self.rank)
+        gen = torch.Generator().manual_seed(key)
         out = []
         for env in self.envs:
             idx = torch.randint(len(env), (self.batch_size,), generator=gen)
@@ -115,7 +118,9 @@ class DomainBedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        stream = DomainBatchStream(self.train_splits, self.batch_size, self.seed, self._start_step())
+        trainer = getattr(self, "trainer", None)
+        rank = int(trainer.global_rank) if trainer is not None else 0
+        stream = DomainBatchStream(self.train_splits, self.batch_size, self.seed, self._start_step(), rank)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=False, pin_memory=False)
 
