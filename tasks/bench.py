@@ -435,6 +435,16 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _hwm_bytes() -> int:
+    """Peak RSS of this process image (``VmHWM``; unlike ``ru_maxrss`` it is not inherited from
+    the parent that forked us)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def mem_child(variant: str, e: int, k: int, n: int) -> dict:
     """Runs in a fresh process: one forward+backward, peak RSS above the pre-run RSS, and the
     bytes of the activations saved for backward (parameters excluded, each storage counted once)."""
@@ -464,11 +474,16 @@ def mem_child(variant: str, e: int, k: int, n: int) -> dict:
         if st.data_ptr() not in params and st.data_ptr() != x.untyped_storage().data_ptr():
             seen[st.data_ptr()] = st.nbytes()
         return t
+    try:  # reset the peak-RSS mark to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
     rss0 = _rss_bytes()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = fwd(x)
     y.backward(g)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    peak = _hwm_bytes() - rss0
     return {"peak_bytes": peak, "saved_bytes": sum(seen.values())}
 
 
