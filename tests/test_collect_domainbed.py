@@ -28,6 +28,7 @@ def write_run(folder, algorithm, trial_seed, test_env, test_acc):
         r[f"env{i}_out_acc"] = 0.5
     with open(os.path.join(folder, "results.jsonl"), "w") as f:
         f.write(json.dumps(r) + "\n")
+    open(os.path.join(folder, "done"), "w").close()  # complete run (DomainBed's convention)
 
 
 def make_sweep(root):
@@ -46,6 +47,7 @@ def test_collect_prints_markdown_and_latex(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tasks.collect", "--input_dir", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "Total records (domainbed): 11" in out
+    assert "Ignored incomplete runs (no `done` file): 0" in out
     assert "| Algorithm | +90% | +80% | -90% | Avg |" in out
     # GMoE sorts before RMoE (paper order)
     assert "| GMoE | 62.0 ± 1.4 | X | X | X |" in out

@@ -18,8 +18,9 @@ import numpy as np
 from .datasets import DATASETS
 from .selection import SELECTION_METHODS, Record, SelectionMethod, group_records, n_envs
 
-#: Preferred row order; other algorithms follow alphabetically.
-ALGORITHM_ORDER = ("ERM", "MoE", "GMoE", "DynMoE", "RMoE")
+#: Preferred row order (DomainBed-style names, then this platform's ``moe`` option names); other
+#: algorithms follow alphabetically.
+ALGORITHM_ORDER = ("ERM", "MoE", "GMoE", "DynMoE", "RMoE", "dense", "moe_topk", "gmoe", "dynmoe", "rmoe")
 
 
 @dataclass
@@ -61,6 +62,17 @@ def environment_names(dataset: str, records: list[Record]) -> list[str]:
         return list(DATASETS[dataset].ENVIRONMENTS)
     n = max(n_envs(r) for r in records if r["args"]["dataset"] == dataset)
     return [str(i) for i in range(n)]
+
+
+def selected_accs(records: list[Record], method: type[SelectionMethod]) -> dict[tuple[str, str, int, Any], float]:
+    """``{(dataset, algorithm, test_env, trial_seed): selected test accuracy}`` for one selection
+    method (groups where the method selects nothing are left out)."""
+    out = {}
+    for g in group_records(records):
+        acc = method.sweep_acc(g["records"])
+        if acc is not None:
+            out[(g["dataset"], g["algorithm"], g["test_env"], g["trial_seed"])] = float(acc)
+    return out
 
 
 def results_tables(records: list[Record], method: type[SelectionMethod], latex: bool = False) -> list[Table]:
