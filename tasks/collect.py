@@ -10,7 +10,7 @@ Readers: ``domainbed`` (DomainBed's collect_results: per dataset and model-selec
 column per test domain, mean ± SE over trial seeds), ``glue`` (the paper's GLUE table: best dev
 epoch, mean ± SE over seeds, best learning rate; see :mod:`tasks.glue.collect`). To add a benchmark,
 write a class with ``name``, ``claims(record) -> bool`` and ``tables(records, latex) -> list[(heading,
-[Table])]`` and append it to ``READERS``.
+[Table])]`` (optionally ``configure(input_dir)``, called first) and append it to ``READERS``.
 
 ``python -m tasks.collect --study docs/results --output docs/RESULTS.md`` writes the study report
 instead (:mod:`tasks.study_report`).
@@ -117,6 +117,8 @@ def collect(input_dir: str, fmt: str = "both", save: bool = True) -> str:
                          f"{input_dir!r} ({len(ignored)} incomplete run folders without a done file ignored)")
     texts: dict[str, list[str]] = {"markdown": [], "latex": []}
     for reader in READERS:
+        if hasattr(reader, "configure"):  # optional: a reader may read side files (e.g. a meta.json)
+            reader.configure(input_dir)
         mine = [r for r in records if reader.claims(r)]
         if not mine:
             continue

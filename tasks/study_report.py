@@ -42,7 +42,7 @@ from tasks.domainbed.selection import (
 )
 from tasks.glue.collect import SELECTIONS as GLUE_SELECTIONS
 from tasks.glue.collect import cells as glue_cells
-from tasks.glue.collect import glue_table, run_variant
+from tasks.glue.collect import glue_planned, glue_table, run_variant
 from tasks.results import (
     SUMMARY_FILE,
     Paired,
@@ -185,15 +185,6 @@ def expected_keys(meta: Mapping[str, Any] | None, bench: str) -> list[tuple]:
         else:
             out.append((str(e["task"]), str(e["variant"]), e.get("test_env"), e.get("trial_seed")))
     return sorted(set(out), key=repr)
-
-
-def glue_planned(meta: Mapping[str, Any] | None) -> dict[tuple[str, str], int] | None:
-    if not meta or not meta.get("expected"):
-        return None
-    seeds: dict[tuple[str, str], set] = defaultdict(set)
-    for task, variant, seed in expected_keys(meta, "glue"):
-        seeds[(task, variant)].add(seed)
-    return {k: len(v) for k, v in seeds.items()}
 
 
 # --- formatting helpers -------------------------------------------------------------------------
@@ -558,6 +549,12 @@ class Comparison:
     verdict: str  # holds | against | within noise | no data
 
 
+def join_comparisons(comps: Sequence[Comparison]) -> str:
+    """``"A − B = +1.20 ± 0.40 points (n = 9): holds; ..."`` (comparisons without data: just their text)."""
+    parts = [c.text if c.verdict == "no data" else f"{c.text}: {c.verdict}" for c in comps]
+    return "; ".join(parts) or "no paired runs"
+
+
 def claim_verdict(comps: Sequence[Comparison]) -> str:
     vs = [c.verdict for c in comps]
     if not vs or all(v == "no data" for v in vs):
@@ -668,8 +665,12 @@ class Report:
         planned = glue_planned(self.s.meta.get("glue"))
         lines = ["## GLUE", ""]
         for sel, head in (("best_dev", H_GLUE_BEST), ("heldout", H_GLUE_HELD)):
+            lines += [f"### {head}", ""]
+            if sel == "heldout" and not any(GLUE_SELECTIONS[sel][1](r) for r in self.glue_runs):
+                lines += ["No run recorded held-out scores.", ""]
+                continue
             t = glue_table(self.glue_runs, sel, planned=planned, title=head)
-            lines += [f"### {head}", ""] + render_table(t) + [""]
+            lines += render_table(t) + [""]
         lines += [f"### {H_GLUE_PAIRED}", "",
                   "Dev-score difference in points (x100) over seeds paired by seed, each method at its kept "
                   "learning rate; \"all\" pools the (task, seed) pairs of every task.", ""]
@@ -807,7 +808,7 @@ class Report:
                  + "; ".join(held) + ". ") if held else ""
         lines += ["**1. RMoE beats the top-k MoE baseline and DynMoE on GLUE dev (paper: on every task).** "
                   "Paired over (task, seed), best dev epoch, each method at its kept learning rate: "
-                  + ("; ".join(f"{c.text}: {c.verdict}" for c in comps) or "no paired runs") + ". " + extra
+                  + join_comparisons(comps) + ". " + extra
                   + f"Verdict: **{claim_verdict(comps)}** (see {link(H_GLUE_PAIRED)}, {link(H_GLUE_BEST)}).", ""]
         # 2. DomainBed
         comps = []
@@ -818,32 +819,31 @@ class Report:
         lines += [f"**2. RMoE beats GMoE and DynMoE on DomainBed (paper: PACS, VLCS, OfficeHome, DomainNet; here "
                   f"{datasets}).** Test-domain accuracy under training-domain validation, mean over test domains "
                   "per trial seed, paired over (dataset, trial seed): "
-                  + ("; ".join(f"{c.text}: {c.verdict}" for c in comps) or "no paired runs")
-                  + f". Verdict: **{claim_verdict(comps)}** (see {link(H_DB_PAIRED)}).", ""]
+                  + join_comparisons(comps) + f". Verdict: **{claim_verdict(comps)}** (see {link(H_DB_PAIRED)}).", ""]
         # 3. stability
         comps = []
         for b, base, _key, label, p in self.stability_pairs():
             if p.n == 0:
                 continue
+            same = " (identical in every pair)" if p.mean == 0 and p.se == 0 else ""
             comps.append(Comparison(f"{BENCH_LABELS.get(b, b)} {label} "
-                                    + diff_sentence("rmoe", base, p, "", scale=1.0, digits=4),
+                                    + diff_sentence("rmoe", base, p, "", scale=1.0, digits=4) + same,
                                     direction_verdict(p, -1)))
         lines += ["**3. Regulation makes routing more stable: lower routing fluctuation, fewer dead experts, "
                   "more balanced load than the baselines.** End-of-training values, RMoE − baseline paired by run "
                   "condition (lower = more stable): "
-                  + ("; ".join(f"{c.text}: {c.verdict}" for c in comps) or "no paired runs")
+                  + join_comparisons(comps)
                   + f". Verdict: **{claim_verdict(comps)}** (see {link(H_STAB_PAIRED)}, {link(H_STAB)} and the "
                   f"probe flip-rate figure under {link(H_FIGS)}).", ""]
         # 4. ablations
-        comps = [Comparison(diff_sentence(a, b, p, "points"), direction_verdict(p))
-                 for a, b, p, _ in self.glue_comparisons("best_dev", ABLATIONS)]
-        abl_tasks = sorted({glue_task_label(t) for a, b, p, per in self.glue_comparisons("best_dev", ABLATIONS)
-                            for t, q in per.items() if q.n > 0})
+        ablations = self.glue_comparisons("best_dev", ABLATIONS)
+        comps = [Comparison(diff_sentence(a, b, p, "points"), direction_verdict(p)) for a, b, p, _ in ablations]
+        abl_tasks = [glue_task_label(t) for t in sort_glue_tasks({t for _, _, _, per in ablations
+                                                                  for t, q in per.items() if q.n > 0})]
         lines += ["**4. Both mechanisms contribute (the paper calls Phased Curriculum and Stateful Fusion "
                   "synergistic): full RMoE beats RMoE without Stateful Fusion and RMoE without the curriculum.** "
                   f"GLUE dev, best dev epoch, paired over (task, seed) on {', '.join(abl_tasks) or 'no task'}: "
-                  + ("; ".join(f"{c.text}: {c.verdict}" for c in comps if c.verdict != "no data")
-                     or "no paired runs")
+                  + join_comparisons([c for c in comps if c.verdict != "no data"])
                   + f". Verdict: **{claim_verdict(comps)}** (see {link(H_GLUE_PAIRED)}).", ""]
         return lines
 

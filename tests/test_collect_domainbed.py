@@ -18,7 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_run(folder, algorithm, trial_seed, test_env, test_acc):
+def write_run(folder, algorithm, trial_seed, test_env, test_acc, done=True):
     os.makedirs(folder, exist_ok=True)
     r = {"step": 10, "epoch": 1.0, "hparams": {"lr": 1e-3},
          "args": {"dataset": "ColoredMNIST", "algorithm": algorithm, "test_envs": [test_env],
@@ -28,7 +28,8 @@ def write_run(folder, algorithm, trial_seed, test_env, test_acc):
         r[f"env{i}_out_acc"] = 0.5
     with open(os.path.join(folder, "results.jsonl"), "w") as f:
         f.write(json.dumps(r) + "\n")
-    open(os.path.join(folder, "done"), "w").close()  # complete run (DomainBed's convention)
+    if done:
+        open(os.path.join(folder, "done"), "w").close()  # complete run (DomainBed's convention)
 
 
 def make_sweep(root):
@@ -67,3 +68,16 @@ def test_collect_on_a_folder_without_records_says_so(tmp_path):
     p = subprocess.run([sys.executable, "-m", "tasks.collect", "--input_dir", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode != 0 and "no results.jsonl records" in p.stderr
+
+
+def test_collect_ignores_runs_without_a_done_file(tmp_path, capsys):
+    make_sweep(str(tmp_path))
+    # an unfinished RMoE run on test domain 1 (its records must not change the 70.0 ± 0.0 cell)
+    write_run(os.path.join(str(tmp_path), "2026-01-03_00-00-00", "0"), "RMoE", 3, 1, 0.10, done=False)
+    from tasks.collect import collect
+
+    out = collect(str(tmp_path), fmt="markdown", save=False)
+    assert "Ignored incomplete runs (no `done` file): 1" in out
+    assert "Total records (domainbed): 11" in out
+    assert "| RMoE | 82.0 ± 0.9 | 70.0 ± 0.0 | 20.0 ± 4.7 | 57.3 |" in out
+    assert "2026-01-03_00-00-00" in capsys.readouterr().err

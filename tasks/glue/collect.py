@@ -16,6 +16,8 @@ the mean only), plus ``(lr x)`` when several learning rates were run.
 
 from __future__ import annotations
 
+import json
+import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -181,7 +183,7 @@ def glue_table(runs: list[Run], selection: str = "best_dev", latex: bool = False
             row.append(cell_text(cs.get((t, v)), p, latex, n_max))
         rows.append(row)
     desc = SELECTIONS[selection][0]
-    notes = [f"GLUE dev score x100 ({desc}), mean ± SE over seeds (SE = sample std / √n; one seed: the mean)."]
+    notes = [f"GLUE dev score x100, {desc}; mean ± SE over seeds (SE = sample std / √n; one seed: the mean)."]
     if any(c["n_lrs"] > 1 for c in cs.values()):
         notes.append("(lr x): the learning rate with the best mean selection score over seeds, of those run.")
     if planned is not None:
@@ -193,16 +195,50 @@ def glue_table(runs: list[Run], selection: str = "best_dev", latex: bool = False
     return Table(title=title or f"GLUE: {desc}", header=header, rows=rows, section="GLUE", notes=notes)
 
 
+def glue_planned(meta: Mapping[str, Any] | None) -> dict[tuple[str, str], int] | None:
+    """``{(task, variant): number of planned seeds}`` from a ``meta.json``'s ``expected`` list
+    (``[{"task", "variant", "seed"}, ...]``); None without one."""
+    if not meta or not meta.get("expected"):
+        return None
+    seeds: dict[tuple[str, str], set] = defaultdict(set)
+    for e in meta["expected"]:
+        seeds[(str(e["task"]), str(e["variant"]))].add(repr(e.get("seed")))
+    return {k: len(v) for k, v in seeds.items()}
+
+
+def find_glue_meta(input_dir: str) -> dict[str, Any] | None:
+    """The GLUE ``meta.json`` (``"benchmark": "glue"``) in ``input_dir`` or one folder below, if any."""
+    candidates = [os.path.join(input_dir, "meta.json")]
+    if os.path.isdir(input_dir):
+        candidates += [os.path.join(input_dir, d, "meta.json") for d in sorted(os.listdir(input_dir))]
+    for path in candidates:
+        if os.path.isfile(path):
+            with open(path) as f:
+                meta = json.load(f)
+            if isinstance(meta, dict) and meta.get("benchmark") == "glue":
+                return meta
+    return None
+
+
 class GlueReader:
-    """``tasks.collect`` reader: GLUE ``summary.json`` records (``benchmark == "glue"``)."""
+    """``tasks.collect`` reader: GLUE ``summary.json`` records (``benchmark == "glue"``). When the
+    input folder (or a folder below it) holds the GLUE ``meta.json`` of ``make reproduce-*``, its
+    planned runs mark missing (``— (0/n)``) and partial (``(k/n)``) cells."""
 
     name = "glue"
+
+    def __init__(self) -> None:
+        self.planned: dict[tuple[str, str], int] | None = None
+
+    def configure(self, input_dir: str) -> None:
+        self.planned = glue_planned(find_glue_meta(input_dir))
 
     def claims(self, record: Mapping[str, Any]) -> bool:
         return is_glue_summary(record)
 
     def tables(self, records: list[Run], latex: bool) -> list[tuple[str, list[Table]]]:
-        out = [("GLUE dev, best dev epoch (paper protocol)", [glue_table(records, "best_dev", latex)])]
+        out = [("GLUE dev, best dev epoch (paper protocol)",
+                [glue_table(records, "best_dev", latex, planned=self.planned)])]
         if any(select_heldout(r) is not None for r in records):
-            out.append(("GLUE dev, held-out selection", [glue_table(records, "heldout", latex)]))
+            out.append(("GLUE dev, held-out selection", [glue_table(records, "heldout", latex, planned=self.planned)]))
         return out
