@@ -1,0 +1,135 @@
+"""Exact resume: the random-number generators and a ``last.ckpt`` written mid-epoch too.
+
+* :class:`RNGStateCallback` saves the Python, NumPy and torch (CPU and CUDA) generator states in
+  every checkpoint and puts them back when the resumed training starts (``on_train_start``: after
+  Lightning has restored the loops and created the train loader iterator, before the first batch),
+  so dropout, routing noise and anything else drawing from the global generators continue the
+  interrupted run's streams. ``tasks.resume.prepare_fit`` adds it to every ``train()`` run. Under
+  DDP the checkpoint holds rank 0's states and every rank restores them (the ranks are seeded alike).
+* :class:`LastCheckpoint` is the ``last_checkpoint`` entry of ``conf/callbacks/default.yaml``: a
+  ``ModelCheckpoint`` (``monitor=None``, one file) written after every validation, as the stock
+  callback, *and* every ``every_n_train_steps`` optimizer steps (Lightning's own
+  ``every_n_train_steps`` excludes the after-validation save). A step save is skipped when a
+  validation follows the batch: the save after the validation covers the step, and a checkpoint
+  taken between the batch and its validation would resume without that validation (Lightning does
+  not rerun it).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+
+def collect_rng_states() -> dict[str, Any]:
+    # plain tuples/ints/tensors only: Lightning loads checkpoints with torch.load(weights_only=True)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {"python": random.getstate(),
+                              "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                        int(has_gauss), float(cached)),
+                              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    if "python" in states:
+        random.setstate(states["python"])
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "torch.cuda" in states and torch.cuda.is_available():
+        cuda = states["torch.cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class RNGStateCallback(Callback):
+    """Checkpoints the global RNG states and restores them at the start of the resumed training.
+
+    Also loads the checkpointed train-loader state when Lightning has not (Lightning 2.5-2.6 bug
+    #20550: when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, the train
+    loader is built before the checkpoint is restored and its saved state is silently dropped).
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return collect_rng_states()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = dict(state_dict)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        loader_states = getattr(fit_loop, "_combined_loader_states_to_load", None)
+        combined = getattr(fit_loop, "_combined_loader", None)
+        if loader_states and combined is not None:  # Lightning #20550 (see the class docstring)
+            combined._load_state_dicts(loader_states)
+            fit_loop._combined_loader_states_to_load = []
+        if self._pending is not None:
+            set_rng_states(self._pending)
+            self._pending = None
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint(monitor=None)`` saved after every validation and every ``every_n_train_steps``
+    optimizer steps (``null`` or 0: after validations only, as the stock callback)."""
+
+    def __init__(self, *args: Any, every_n_train_steps: int | None = None, **kwargs: Any):
+        n = 0 if every_n_train_steps is None else every_n_train_steps
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"invalid callbacks.last_checkpoint.every_n_train_steps={every_n_train_steps!r}; "
+                             "allowed: an integer >= 0 or null")
+        if kwargs.get("monitor") is not None:
+            raise ValueError(f"invalid callbacks.last_checkpoint.monitor={kwargs['monitor']!r}; allowed: null "
+                             "(it keeps the latest state; the model_checkpoint entry keeps the best)")
+        super().__init__(*args, **kwargs)
+        self.save_every_n_train_steps = n
+        self._step_saved_at: int | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self.save_every_n_train_steps
+        if n < 1 or trainer.global_step % n != 0 or self._should_skip_saving_checkpoint(trainer):
+            return
+        if self._validation_follows(trainer):
+            return  # the save after that validation covers this step (Lightning would not redo it on resume)
+        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._step_saved_at = int(trainer.global_step)
+
+    @staticmethod
+    def _validation_follows(trainer: L.Trainer) -> bool:
+        """Whether Lightning validates right after this batch. A checkpoint taken in between would
+        resume after the validation point, and Lightning does not rerun a skipped validation."""
+        epoch_loop = trainer.fit_loop.epoch_loop
+        try:
+            return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+                        and not getattr(epoch_loop, "_skip_next_val", False))
+        except Exception:  # private Lightning API changed: save anyway
+            return False
+
+    def _allow_resave(self, trainer: L.Trainer) -> None:
+        # the step save of this very step was taken before the validation: let the validation's save replace it
+        if not trainer.sanity_checking and self._step_saved_at == trainer.global_step:
+            self._last_global_step_saved = -1
+            self._step_saved_at = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._allow_resave(trainer)
+        super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._should_save_on_train_epoch_end(trainer):
+            self._allow_resave(trainer)
+        super().on_train_epoch_end(trainer, pl_module)

@@ -1,0 +1,120 @@
+"""Before ``trainer.fit``: make the run resumable and check the checkpoint it resumes from.
+
+:func:`prepare_fit` (called by :func:`tasks.train.train` just before ``trainer.fit``)
+
+* adds :class:`callbacks.resume.RNGStateCallback` to the trainer (unless already there), so every
+  checkpoint carries the Python/NumPy/torch generator states and a resumed run continues them;
+* when ``ckpt_path`` is a file, :func:`check_checkpoint` reads it (memory-mapped) and fails before
+  training when it is missing, unreadable or truncated, or when its ``state_dict`` does not fit
+  the model — naming the file, the first mismatching keys/shapes and what the model expects
+  (typically: a checkpoint of another backbone, ``moe`` option or number of experts).
+
+Lightning's own ``ckpt_path`` keywords (``last``, ``best``, ``hpc``, ``registry...``) and remote
+URLs (``s3://...``) are left to Lightning.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+SHOW = 5  # mismatching keys named in the message, per kind
+ALLOWED = ("a complete checkpoint written by rmoe-train for this model configuration "
+           "(e.g. <run>/checkpoints/last.ckpt), or ckpt_path=null to start from scratch")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's ``state_dict`` does not fit the model (keys or shapes)."""
+
+
+def _is_local_path(ckpt_path: str) -> bool:
+    if ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry"):
+        return False
+    return "://" not in ckpt_path
+
+
+def _shape(v: Any) -> list[int] | None:
+    return list(v.shape) if hasattr(v, "shape") else None
+
+
+def _first(items: list[str], n: int = SHOW) -> str:
+    more = f", ... ({len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def load_checkpoint_file(ckpt_path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint for inspection; a clear error naming the path when it is missing or corrupt."""
+    path = os.fspath(ckpt_path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"ckpt_path={path!r}: no such file; allowed: {ALLOWED}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"ckpt_path={path!r} is a folder; allowed: {ALLOWED}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"ckpt_path={path!r} is an empty file (0 bytes); allowed: {ALLOWED}")
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"ckpt_path={path!r} is not a readable checkpoint (truncated or corrupt?): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; allowed: {ALLOWED}") from e
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
+        what = f"keys {sorted(ckpt)[:8]}" if isinstance(ckpt, Mapping) else f"a {type(ckpt).__name__}"
+        raise ValueError(f"ckpt_path={path!r} is not a Lightning checkpoint: no 'state_dict' mapping ({what}); "
+                         f"allowed: {ALLOWED}")
+    return dict(ckpt)
+
+
+def state_dict_mismatch(saved: Mapping[str, Any], expected: Mapping[str, Any],
+                        strict: bool = True) -> dict[str, list]:
+    """``{"missing": [...], "unexpected": [...], "shape": [(key, saved_shape, expected_shape), ...]}``."""
+    missing = [k for k in expected if k not in saved] if strict else []
+    unexpected = [k for k in saved if k not in expected] if strict else []
+    shape = [(k, _shape(saved[k]), _shape(v)) for k, v in expected.items()
+             if k in saved and _shape(v) is not None and _shape(saved[k]) != _shape(v)]
+    return {"missing": missing, "unexpected": unexpected, "shape": shape}
+
+
+def check_checkpoint(ckpt_path: str | os.PathLike | None, model: torch.nn.Module) -> dict[str, Any] | None:
+    """Fail before training when ``ckpt_path`` cannot be resumed into ``model`` (see module docstring).
+
+    Returns the loaded (memory-mapped) checkpoint, or ``None`` when there is nothing to check."""
+    if ckpt_path is None or ckpt_path == "":
+        return None
+    path = os.fspath(ckpt_path)
+    if not _is_local_path(path):
+        return None
+    ckpt = load_checkpoint_file(path)
+    expected = model.state_dict()
+    diff = state_dict_mismatch(ckpt["state_dict"], expected, strict=bool(getattr(model, "strict_loading", True)))
+    if any(diff.values()):
+        parts = []
+        if diff["shape"]:
+            parts.append(f"{len(diff['shape'])} tensor(s) of another shape: " + _first(
+                [f"{k}: checkpoint {a}, model expects {b}" for k, a, b in diff["shape"]]))
+        if diff["missing"]:
+            parts.append(f"{len(diff['missing'])} key(s) the model expects are missing: {_first(diff['missing'])}")
+        if diff["unexpected"]:
+            parts.append(f"{len(diff['unexpected'])} key(s) the model does not have: {_first(diff['unexpected'])}")
+        raise CheckpointMismatchError(
+            f"ckpt_path={path!r} does not fit the model {type(model).__name__} "
+            f"({len(expected)} tensors): " + "; ".join(parts)
+            + f". The checkpoint was written for another architecture (backbone, moe option, num_experts/"
+              f"max_experts or MoE layers); allowed: {ALLOWED}")
+    return ckpt
+
+
+def prepare_fit(trainer: Any, model: torch.nn.Module, ckpt_path: str | os.PathLike | None) -> None:
+    """Add the RNG-state callback to ``trainer`` and check ``ckpt_path`` against ``model``."""
+    from callbacks.resume import RNGStateCallback
+
+    if not any(isinstance(cb, RNGStateCallback) for cb in trainer.callbacks):
+        trainer.callbacks.append(RNGStateCallback())
+    ckpt = check_checkpoint(ckpt_path, model)
+    del ckpt
