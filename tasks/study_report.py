@@ -228,6 +228,15 @@ def fmt_diff(p: Paired, scale: float = 100.0, digits: int = 2) -> tuple[str, str
     return mean, se, str(p.n)
 
 
+def fmt_key(bench: str, key: tuple) -> str:
+    """A planned-run key for people: ``cola/rmoe/seed 2``, ``RotatedMNIST/gmoe/test env 1/trial seed 0``."""
+    if bench == "glue":
+        return f"{key[0]}/{key[1]}/seed {key[2]}"
+    if len(key) == 4:
+        return f"{key[0]}/{key[1]}/test env {key[2]}/trial seed {key[3]}"
+    return "/".join(str(x) for x in key)
+
+
 def fmt_num(x: float | None, digits: int) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
@@ -271,12 +280,20 @@ def db_columns(dataset: str, records: list[Record], expected: list[tuple]) -> li
     envs |= {r["args"]["test_envs"][0] for r in records
              if r["args"]["dataset"] == dataset and len(r["args"]["test_envs"]) == 1}
     if not envs:
-        envs = set(range(len(environment_names(dataset, records))))
+        envs = set(range(len(_env_names(dataset, records))))
     return sorted(envs)
 
 
+def _env_names(dataset: str, records: list[Record]) -> list[str]:
+    mine = [r for r in records if r["args"]["dataset"] == dataset]
+    try:
+        return environment_names(dataset, mine)
+    except ValueError:  # an unknown dataset without records
+        return []
+
+
 def db_env_label(dataset: str, records: list[Record], env: int) -> str:
-    names = environment_names(dataset, [r for r in records if r["args"]["dataset"] == dataset] or records)
+    names = _env_names(dataset, records)
     return names[env] if 0 <= env < len(names) else str(env)
 
 
@@ -631,7 +648,7 @@ class Report:
                          + (f", {len(extra)} finished runs not in the plan" if extra else "")
                          + f"; incomplete run folders ignored: {len(inc)}")
             if missing:
-                shown = ", ".join("/".join(str(x) for x in k) for k in missing[:30])
+                shown = ", ".join(fmt_key(b, k) for k in missing[:30])
                 lines.append(f"- Planned but not finished ({len(missing)}): {shown}"
                              + (", …" if len(missing) > 30 else ""))
             short = meta.get("shortened") or []

@@ -204,6 +204,8 @@ def test_provenance_and_stability(study):
     assert "- Command: `make reproduce-glue`" in text
     assert "- Wall time: 1 h 30 min 05 s in total over 2 invocation(s)" in text
     assert "- Jobs: 43 of 48 planned runs finished; incomplete run folders ignored: 1" in text
+    assert ("- Planned but not finished (5): cola/rmoe/seed 2, rte/dense/seed 0, rte/dense/seed 1, rte/dense/seed 2, "
+            "rte/dynmoe/seed 2") in text
     assert "  - train on 2,000 examples per task instead of all" in text
     assert "- Jobs: 18 of 18 planned runs finished; incomplete run folders ignored: 0" in text
     stab = row(text, "## Routing stability", "GLUE | CoLA | MoE (top-k)")
