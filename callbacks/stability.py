@@ -100,6 +100,8 @@ class RoutingStabilityCallback(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.probe_batch is None:
             self.probe_batch = self._slice(_to_cpu(batch))
+            if trainer.world_size > 1:  # one probe batch for all data-parallel ranks: rank 0's
+                self.probe_batch = trainer.strategy.broadcast(self.probe_batch, src=0)
 
     def _slice(self, batch: Any) -> Any:
         n = self.probe_size
@@ -165,7 +167,10 @@ class RoutingStabilityCallback(Callback):
                     k = max(sets.shape[1], prev.shape[1])
                     a = torch.nn.functional.pad(prev, (0, k - prev.shape[1]), value=-1)
                     b = torch.nn.functional.pad(sets, (0, k - sets.shape[1]), value=-1)
-                    out["jaccard_churn"] = M.jaccard_churn(a, b, moe.num_experts)
+                    # token-weighted mean over the ranks' probe tokens, as the flip rate
+                    churn = M.jaccard_churn(a, b, moe.num_experts) * a.shape[0]
+                    churn = self._reduce_sum(trainer, torch.tensor(churn, dtype=torch.float64, device=top1.device))
+                    out["jaccard_churn"] = float(churn / n.clamp_min(1))
                     if out["top1_flip_rate"] > 0:
                         self.last_fluctuation[name] = step
                 self.prev_top1[name], self.prev_sets[name] = top1.cpu(), sets.cpu()
