@@ -60,7 +60,11 @@ def finish_wandb() -> None:
 
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
+        from tasks.wandb_utils import offline_run_dir, print_sync_command
+
+        run_dir = offline_run_dir(wandb.run)
         wandb.finish()
+        print_sync_command(run_dir)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -75,6 +79,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("Instantiating module <%s>", cfg.module._target_)
         model = hydra.utils.instantiate(cfg.module, _convert_="all")
         callbacks = instantiate_group(cfg.get("callbacks"), "callback")
+        from tasks.wandb_utils import auto_offline
+
+        auto_offline(cfg)  # W&B offline when there is no API key or the host is unreachable
         loggers = instantiate_group(cfg.get("logger"), "logger")
         log.info("Instantiating trainer <%s>", cfg.trainer._target_)
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
