@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig, path: str) -> str:
@@ -32,14 +33,18 @@ def write_routing_plots(history: dict, out_dir: str) -> dict[str, str]:
         if not loads:
             continue
         arr = np.asarray(loads, dtype=float)
+        xs = steps[-len(loads):] if len(steps) >= len(loads) else list(range(len(loads)))
+        half = ((xs[-1] - xs[0]) / (2 * (len(xs) - 1)) if len(xs) > 1 else 0) or 0.5  # columns centred on steps
         fig, ax = plt.subplots(figsize=(7, 3))
         im = ax.imshow(arr.T, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
-                       extent=(steps[0] if steps else 0, steps[-1] if steps else len(loads), -0.5, arr.shape[1] - 0.5))
+                       extent=(xs[0] - half, xs[-1] + half, -0.5, arr.shape[1] - 0.5))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="step", ylabel="expert", title=f"{layer}: share of tokens per expert")
         fig.colorbar(im, ax=ax)
         paths[f"load_heatmap_{layer}"] = _save(fig, os.path.join(out_dir, f"load_heatmap_{layer}.png"))
         fig, ax = plt.subplots(figsize=(5, 3))
         ax.bar(np.arange(arr.shape[1]), arr[-1])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="expert", ylabel="share of tokens", title=f"{layer}: tokens per expert (step {steps[-1]})")
         paths[f"tokens_hist_{layer}"] = _save(fig, os.path.join(out_dir, f"tokens_hist_{layer}.png"))
     lam = [v for v in history.get("lambda", [])]

@@ -11,8 +11,8 @@ from tasks.train import CONF_DIR, train
 wandb = pytest.importorskip("wandb")
 
 
-@pytest.mark.slow  # ~20-35 s: W&B starts its service process twice
-def test_each_job_finishes_its_wandb_run(tmp_path, data_dir, monkeypatch):
+@pytest.mark.slow  # ~12-35 s: two tiny runs, W&B starts a run twice
+def test_each_job_finishes_its_wandb_run(tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -29,5 +29,8 @@ def test_each_job_finishes_its_wandb_run(tmp_path, data_dir, monkeypatch):
         wb = [lg for lg in obj["logger"] if type(lg).__name__ == "WandbLogger"][0]
         ids.append(wb.version)
         assert os.path.isfile(tmp_path / f"job{i}" / "metrics.csv")  # the CSV logger ran alongside
-        assert os.path.isdir(tmp_path / f"job{i}" / "wandb")
+        runs = list((tmp_path / f"job{i}" / "wandb").glob(f"offline-run-*-{wb.version}"))
+        assert len(runs) == 1
+        # each job prints the sync command of its own offline run
+        assert f"upload it with: wandb sync {runs[0]}" in capsys.readouterr().out
     assert ids[0] != ids[1]
