@@ -1,0 +1,108 @@
+"""Resuming from a checkpoint that cannot be resumed fails before training, naming the file and why
+(tasks/resume.py, called by train()); and last.ckpt's save schedule (callbacks/resume.LastCheckpoint)."""
+
+import os
+import re
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from tasks.resume import CheckpointMismatchError
+from tasks.train import CONF_DIR, train
+
+HELPERS = os.path.dirname(os.path.abspath(__file__))
+RMOE = ["backbone=tiny_bert", "debug=fast", "task=glue/cola", "moe=rmoe", "moe.num_experts=2", "moe.max_experts=4"]
+
+
+def make_cfg(out_dir, *overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def rmoe_ckpt(tmp_path_factory):
+    if not os.path.isdir(os.environ.get("RMOE_DATA_DIR", "")):
+        pytest.skip("RMOE_DATA_DIR is not set to the offline data folder")
+    out = tmp_path_factory.mktemp("rmoe_run")
+    train(make_cfg(out, *RMOE))
+    return out / "checkpoints" / "last.ckpt"
+
+
+def fails_before_training(out, exc, match, *overrides):
+    with pytest.raises(exc, match=match) as info:
+        train(make_cfg(out, *overrides))
+    assert not os.path.exists(out / "checkpoints")  # the trainer never started
+    return str(info.value)
+
+
+def test_checkpoint_of_another_pool_size_names_file_keys_and_shapes(tmp_path, rmoe_ckpt):
+    msg = fails_before_training(tmp_path / "run", CheckpointMismatchError, "does not fit the model",
+                                *RMOE[:-1], "moe.max_experts=8", f"ckpt_path={rmoe_ckpt}")
+    assert f"ckpt_path='{rmoe_ckpt}'" in msg
+    # e.g. "...fusion.m: checkpoint [4], model expects [8]"
+    assert re.search(r"fusion\.m: checkpoint \[4\], model expects \[8\]", msg), msg
+    assert re.search(r"router\.expert_mask: checkpoint \[4\], model expects \[8\]", msg), msg
+    assert "allowed:" in msg
+
+
+def test_checkpoint_of_another_moe_option_names_missing_and_unexpected_keys(tmp_path, rmoe_ckpt):
+    msg = fails_before_training(tmp_path / "run", CheckpointMismatchError, "does not fit the model",
+                                "backbone=tiny_bert", "debug=fast", "task=glue/cola", "moe=dense",
+                                f"ckpt_path={rmoe_ckpt}")
+    assert f"ckpt_path='{rmoe_ckpt}'" in msg
+    # the dense model expects the FFN the MoE layer replaced; the checkpoint has the MoE's tensors
+    assert re.search(r"key\(s\) the model expects are missing: encoder\.\S*intermediate\.dense\.weight", msg), msg
+    assert re.search(r"key\(s\) the model does not have: \S*moe\.", msg), msg
+
+
+def test_missing_truncated_and_foreign_files_name_the_path(tmp_path, rmoe_ckpt):
+    missing = tmp_path / "nope" / "last.ckpt"
+    fails_before_training(tmp_path / "a", FileNotFoundError, re.escape(f"ckpt_path='{missing}': no such file"),
+                          *RMOE, f"ckpt_path={missing}")
+
+    truncated = tmp_path / "truncated.ckpt"
+    data = rmoe_ckpt.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])  # a copy cut short (not how our atomic saves fail)
+    fails_before_training(tmp_path / "b", ValueError,
+                          re.escape(f"ckpt_path='{truncated}' is not a readable checkpoint (truncated or corrupt?)"),
+                          *RMOE, f"ckpt_path={truncated}")
+
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    fails_before_training(tmp_path / "c", ValueError, re.escape(f"ckpt_path='{empty}' is an empty file"),
+                          *RMOE, f"ckpt_path={empty}")
+
+    foreign = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    fails_before_training(tmp_path / "d", ValueError,
+                          re.escape(f"ckpt_path='{foreign}' is not a Lightning checkpoint: no 'state_dict'"),
+                          *RMOE, f"ckpt_path={foreign}")
+
+
+def test_a_matching_checkpoint_resumes(tmp_path, rmoe_ckpt):
+    _, obj = train(make_cfg(tmp_path / "run", *RMOE, "trainer.max_epochs=2", f"ckpt_path={rmoe_ckpt}"))
+    assert obj["trainer"].global_step == 8  # 4 restored + 4 more
+
+
+@pytest.mark.parametrize("every,saves", [(2, [2, 4, 5, 6, 8, 10]), (5, [5, 10])])
+def test_last_checkpoint_every_n_steps_and_after_each_validation(tmp_path, monkeypatch, every, saves):
+    """5 batches per epoch, 2 epochs, validation at each epoch end. A step save is skipped when the
+    epoch's validation follows the batch: the save after the validation (with its score) covers it."""
+    monkeypatch.syspath_prepend(HELPERS)
+    from _resume_helpers import SaveSpy
+
+    SaveSpy.saves = []
+    train(make_cfg(tmp_path, *RMOE, "callbacks.model_checkpoint=null", "trainer.limit_train_batches=5",
+                   "trainer.max_epochs=2", f"callbacks.last_checkpoint.every_n_train_steps={every}",
+                   "+callbacks.spy._target_=_resume_helpers.SaveSpy"))
+    assert [s for s, _ in SaveSpy.saves] == saves
+    # saves at an epoch end hold that epoch's validation result; mid-epoch saves the previous one
+    scores = dict(SaveSpy.saves)
+    assert scores[5] > float("-inf") and (every != 2 or scores[4] == float("-inf"))
+    assert os.path.isfile(tmp_path / "checkpoints" / "last.ckpt")
+    assert os.listdir(tmp_path / "checkpoints") == ["last.ckpt"]
