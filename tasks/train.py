@@ -95,6 +95,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         datamodule.prepare_data()
         datamodule.setup("fit")
         if cfg.get("train", True):
+            from tasks.resume import prepare_fit
+            prepare_fit(trainer, model, cfg.get("ckpt_path"))  # RNG states in checkpoints; ckpt fits the model
             trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test"):

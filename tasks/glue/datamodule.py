@@ -125,9 +125,12 @@ class GLUEDataModule(L.LightningDataModule):
         return dict(batch)
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=gen,
-                          collate_fn=self.collate, num_workers=self.num_workers)
+        # epoch e: randperm under seed + e, dealt to the data-parallel ranks; resumable mid-epoch
+        # (the loader's position is checkpointed: tasks/samplers.py)
+        from tasks.samplers import resumable_train_loader
+
+        return resumable_train_loader(self.train_set, self.batch_size, self.seed, trainer=self.trainer,
+                                      collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
