@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-slow test-gpu train lint bench sweep-smoke clean
+.PHONY: install test test-slow test-gpu train lint bench sweep-smoke reproduce-small reproduce-glue reproduce-domainbed reproduce-report clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,21 @@ bench: $(STAMP)
 
 sweep-smoke: $(STAMP)
 	$(VENV)/bin/rmoe-train -cd sweeps -cn smoke $(ARGS)
+
+# The reproduction study (issue #10; README "Reproducing the study"): job folders in logs/reproduce,
+# records in docs/results, report in docs/RESULTS.md. Reruns skip finished jobs.
+reproduce-small: $(STAMP)
+	$(PY) -m tasks.reproduce small $(ARGS)
+
+reproduce-glue: $(STAMP)
+	$(PY) -m tasks.reproduce glue $(ARGS)
+
+reproduce-domainbed: $(STAMP)
+	$(PY) -m tasks.reproduce domainbed $(ARGS)
+
+# docs/RESULTS.md (+ docs/plots) from docs/results alone, offline
+reproduce-report: $(STAMP)
+	$(PY) -m tasks.reproduce report
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rmoe tasks callbacks tests

@@ -3,6 +3,7 @@
 Config resolvers (registered on import of this module, which ``tasks.train`` imports):
 
 * ``${rmoe_data:<sub>}`` -> ``$RMOE_DATA_DIR/<sub>``, or null when ``RMOE_DATA_DIR`` is unset.
+* ``${rmoe_join:<list>}`` -> the items joined by ``-`` (``[0, 2]`` -> ``0-2``; job folder names).
 """
 
 from __future__ import annotations
@@ -26,9 +27,17 @@ def _data_subdir(sub: str = "") -> str | None:
     return os.path.join(root, sub) if sub else root
 
 
+def _join(items: Any, sep: str = "-") -> str:
+    if isinstance(items, (str, int, float)):
+        return str(items)
+    return sep.join(str(i) for i in items)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("rmoe_data"):
         OmegaConf.register_new_resolver("rmoe_data", _data_subdir)
+    if not OmegaConf.has_resolver("rmoe_join"):
+        OmegaConf.register_new_resolver("rmoe_join", _join)
 
 
 register_resolvers()

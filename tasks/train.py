@@ -110,10 +110,28 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """``rmoe-train``: train one configuration; returns ``cfg.optimized_metric`` for sweepers."""
+    """``rmoe-train``: train one configuration; returns ``cfg.optimized_metric`` for sweepers.
+
+    On success rank 0 writes ``<run>/done`` (:mod:`tasks.jobs`); ``skip_if_done=true`` skips a job
+    whose folder already has it and clears an unfinished one first."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    metrics, _ = train(cfg)
+    from tasks import jobs
+
+    out_dir = cfg.get("paths", {}).get("output_dir")
     name = cfg.get("optimized_metric")
+    if cfg.get("skip_if_done") and out_dir:
+        if jobs.is_done(out_dir):
+            recorded = jobs.read_done(out_dir).get("metrics", {})
+            log.info("%s is done (skip_if_done=true): not training again", out_dir)
+            return recorded.get(name) if name else None
+        if jobs.is_rank_zero():
+            jobs.clear_partial(out_dir)
+    metrics, objects = train(cfg)
+    trainer = objects.get("trainer")
+    if out_dir and (trainer.is_global_zero if trainer is not None else jobs.is_rank_zero()):
+        from callbacks.run_summary import git_commit
+
+        jobs.mark_done(out_dir, metrics, git_commit())
     if not name:
         return None
     if name not in metrics:

@@ -71,7 +71,7 @@ class DomainBedDataModule(L.LightningDataModule):
     def __init__(self, dataset: str, root: str | None, test_envs: Sequence[int], holdout_fraction: float = 0.2,
                  trial_seed: int = 0, data_seed: int = 0, seed: int = 0, batch_size: int = 32,
                  eval_batch_size: int = 128, num_workers: int = 0, augment: bool = True, augment_eval: bool = True,
-                 check_images: bool = True, download: bool = False):
+                 check_images: bool = True, download: bool = False, max_images: int | None = None):
         super().__init__()
         cls = get_dataset_class(dataset)
         self.dataset_name = dataset
@@ -87,6 +87,8 @@ class DomainBedDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, int(num_workers)
         self.dataset_kwargs = dict(augment=augment, augment_eval=augment_eval, check_images=check_images,
                                    download=download)
+        if max_images is not None:  # MNIST-based datasets: a seeded subsample of the images (CPU studies)
+            self.dataset_kwargs["max_images"] = max_images
         self.data: MultipleDomainDataset | None = None
         self.train_envs = [i for i in range(len(self.environments)) if i not in self.test_envs]
         n = len(self.environments)

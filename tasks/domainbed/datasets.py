@@ -214,8 +214,23 @@ def rotate_uint8(images: Tensor, angle: float) -> Tensor:
     return torch.from_numpy(out)
 
 
-def _shuffle_and_deal(images: Tensor, labels: Tensor, n_envs: int, generator: torch.Generator):
+def _check_max_images(max_images: Any, available: int) -> int | None:
+    if max_images is None:
+        return None
+    if not isinstance(max_images, int) or isinstance(max_images, bool) or not 1 <= max_images:
+        raise DomainBedDataError(f"invalid data.max_images={max_images!r}; allowed: an integer >= 1 "
+                                 f"(at most {available}) or null for all images")
+    return min(max_images, available)
+
+
+def _shuffle_and_deal(images: Tensor, labels: Tensor, n_envs: int, generator: torch.Generator,
+                      max_images: int | None = None):
+    """DomainBed's shuffle of all images, then image ``j`` goes to environment ``j % n_envs``;
+    ``max_images`` keeps the first ``max_images`` of the shuffled images (a seeded subsample)."""
     perm = torch.randperm(len(images), generator=generator)
+    limit = _check_max_images(max_images, len(images))
+    if limit is not None:
+        perm = perm[:limit]
     images, labels = images[perm], labels[perm]
     return [(images[i::n_envs], labels[i::n_envs]) for i in range(n_envs)]
 
@@ -224,9 +239,11 @@ class _RotatedEnvironments(MultipleDomainDataset):
     ANGLES: Sequence[int] = (0, 15, 30, 45, 60, 75)
     ENVIRONMENTS = ("0", "15", "30", "45", "60", "75")
 
-    def _build(self, images: Tensor, labels: Tensor, seed: int, num_classes: int) -> None:
+    def _build(self, images: Tensor, labels: Tensor, seed: int, num_classes: int, max_images: int | None = None
+               ) -> None:
         gen = torch.Generator().manual_seed(int(seed))
-        for (imgs, labs), angle in zip(_shuffle_and_deal(images, labels, len(self.ANGLES), gen), self.ANGLES):
+        deal = _shuffle_and_deal(images, labels, len(self.ANGLES), gen, max_images)
+        for (imgs, labs), angle in zip(deal, self.ANGLES):
             env = TensorEnvironment(rotate_uint8(imgs, angle).unsqueeze(1), labs)
             self.datasets.append(env)
         self.train_datasets = list(self.datasets)
@@ -239,10 +256,11 @@ class RotatedMNIST(_RotatedEnvironments):
 
     INPUT_SHAPE = (1, 28, 28)
 
-    def __init__(self, root: str | None, seed: int = 0, download: bool = False, **_: Any):
+    def __init__(self, root: str | None, seed: int = 0, download: bool = False, max_images: int | None = None,
+                 **_: Any):
         super().__init__()
         images, labels = load_mnist(root, download)
-        self._build(images, labels, seed, 10)
+        self._build(images, labels, seed, 10, max_images)
 
 
 class RotatedDigits(_RotatedEnvironments):
@@ -252,14 +270,14 @@ class RotatedDigits(_RotatedEnvironments):
     INPUT_SHAPE = (1, 8, 8)
     CHECKPOINT_FREQ = 50
 
-    def __init__(self, root: str | None = None, seed: int = 0, **_: Any):
+    def __init__(self, root: str | None = None, seed: int = 0, max_images: int | None = None, **_: Any):
         super().__init__()
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         images = torch.from_numpy(np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8))
         labels = torch.from_numpy(digits.target.astype(np.int64))
-        self._build(images, labels, seed, 10)
+        self._build(images, labels, seed, 10, max_images)
 
 
 class ColoredMNIST(MultipleDomainDataset):
@@ -271,11 +289,12 @@ class ColoredMNIST(MultipleDomainDataset):
     LABEL_NOISE = 0.25
     INPUT_SHAPE = (2, 28, 28)
 
-    def __init__(self, root: str | None, seed: int = 0, download: bool = False, **_: Any):
+    def __init__(self, root: str | None, seed: int = 0, download: bool = False, max_images: int | None = None,
+                 **_: Any):
         super().__init__()
         images, labels = load_mnist(root, download)
         gen = torch.Generator().manual_seed(int(seed))
-        for (imgs, labs), e in zip(_shuffle_and_deal(images, labels, 3, gen), self.COLOR_FLIP):
+        for (imgs, labs), e in zip(_shuffle_and_deal(images, labels, 3, gen, max_images), self.COLOR_FLIP):
             n = len(labs)
             y = (labs < 5).float()
             y = (y - (torch.rand(n, generator=gen) < self.LABEL_NOISE).float()).abs()

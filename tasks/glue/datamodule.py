@@ -4,7 +4,9 @@ Source: a local folder in the original GLUE TSV layout (``glue_dir``), parsed st
 :mod:`tasks.glue.tsv`, or — when ``glue_dir`` is null — the hub dataset ``nyu-mll/glue``.
 Examples are tokenised once (truncated to ``max_length``, no padding) and padded per batch
 (dynamic padding). The training loader shuffles with a generator seeded from ``seed``.
-Validation: one loader per validation split (MNLI: matched first, then mismatched).
+Validation: one loader per validation split (MNLI: matched first, then mismatched), then -- when
+``heldout_samples`` is set -- one over a slice held out from train (``val_heldout/*``), so an
+epoch can be selected without looking at dev.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class GLUEDataModule(L.LightningDataModule):
     def __init__(self, task: str, tokenizer: str, glue_dir: str | None = None, max_length: int = 128,
                  batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
                  max_train_samples: int | None = None, max_eval_samples: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, heldout_samples: int | None = None, data_seed: int | None = None):
         super().__init__()
         self.task: GlueTask = get_task(task)
         _check_positive("data.max_length", max_length)
@@ -48,6 +50,7 @@ class GLUEDataModule(L.LightningDataModule):
         _check_positive("data.eval_batch_size", eval_batch_size, allow_none=True)
         _check_positive("data.max_train_samples", max_train_samples, allow_none=True)
         _check_positive("data.max_eval_samples", max_eval_samples, allow_none=True)
+        _check_positive("data.heldout_samples", heldout_samples, allow_none=True)
         self.glue_dir = None if glue_dir in (None, "", "null") else str(glue_dir)
         if self.glue_dir is not None:
             if not os.path.isdir(self.glue_dir):
@@ -62,7 +65,11 @@ class GLUEDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.seed = seed
+        self.heldout_samples = heldout_samples
+        # rows (held-out slice, subsets) are chosen by data_seed, the training order by seed
+        self.data_seed = int(seed if data_seed is None else data_seed)
         self.tokenizer = None
+        self.heldout_set = None
         self.train_set = None
         self.val_sets: list = []
         self.val_names: list[str] = []
@@ -89,7 +96,21 @@ class GLUEDataModule(L.LightningDataModule):
     def _subset(self, ds, n: int | None):
         if n is None or n >= len(ds):
             return ds
-        return ds.shuffle(seed=self.seed).select(range(n))
+        return ds.shuffle(seed=self.data_seed).select(range(n))
+
+    def heldout_split(self, n_rows: int) -> tuple[list[int], list[int]]:
+        """``(train_rows, heldout_rows)``: a ``data_seed``-seeded permutation of the ``n_rows`` training
+        rows; the first ``heldout_samples`` are held out, the rest (in original order) train."""
+        n = self.heldout_samples
+        if n is None:
+            return list(range(n_rows)), []
+        if n >= n_rows:
+            raise GlueDataError(f"invalid data config: heldout_samples={n}; allowed: fewer than the "
+                                f"{n_rows} training rows of {self.task.name}")
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(self.data_seed)).tolist()
+        held = sorted(perm[:n])
+        keep = set(held)
+        return [i for i in range(n_rows) if i not in keep], held
 
     def _tokenize(self, ds):
         tok, ml = self.tokenizer, self.max_length
@@ -111,9 +132,15 @@ class GLUEDataModule(L.LightningDataModule):
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_path))
         raw = self._raw_splits()
-        self.train_set = self._tokenize(self._subset(raw["train"], self.max_train_samples))
+        train_rows, held_rows = self.heldout_split(len(raw["train"]))
+        train = raw["train"].select(train_rows) if held_rows else raw["train"]
+        self.train_set = self._tokenize(self._subset(train, self.max_train_samples))
         self.val_names = [s for s, _ in self.task.val_splits]
         self.val_sets = [self._tokenize(self._subset(raw[s], self.max_eval_samples)) for s in self.val_names]
+        if held_rows:  # evaluated after the dev split(s), logged as val_heldout/*
+            self.heldout_set = self._tokenize(raw["train"].select(held_rows))
+            self.val_names.append("heldout")
+            self.val_sets.append(self.heldout_set)
 
     # --- loaders ----------------------------------------------------------------------------
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:

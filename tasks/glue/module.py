@@ -33,7 +33,8 @@ class GLUEModule(L.LightningModule):
     ``torch|megablocks``."""
 
     def __init__(self, task: str, backbone: Mapping[str, Any], moe: Mapping[str, Any] | None = None,
-                 backend: str = "torch", lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
+                 backend: str = "torch", heldout_samples: int | None = None, freeze_layers: int = 0,
+                 lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
                  adam_eps: float = 1e-8, block_weight: float = 1.0, z_loss_weight: float = 0.0,
                  classifier_dropout: float | None = None):
         super().__init__()
@@ -49,18 +50,34 @@ class GLUEModule(L.LightningModule):
         self.encoder = build_hf_encoder(backbone.get("pretrained"), backbone.get("config"))
         layers, init, layer_cfg = split_moe_config(moe, backend)
         self.moe_layers = moefy_bert(self.encoder, layers, layer_cfg, init=init) if layer_cfg is not None else []
+        self._freeze(int(freeze_layers), layers or [])
         hidden = self.encoder.config.hidden_size
         drop = classifier_dropout if classifier_dropout is not None else self.encoder.config.hidden_dropout_prob
         self.head = nn.Sequential(nn.Dropout(drop), nn.Linear(hidden, self.task.num_labels))
         self.lambda_aux = 0.0
         self.block_weight = float(block_weight)
         self.register_buffer("best_score", torch.tensor(float("-inf")))
-        self.val_names = [s for s, _ in self.task.val_splits]
+        self.val_names = [s for s, _ in self.task.val_splits] + (["heldout"] if heldout_samples else [])
         self.val_metrics = nn.ModuleList([build_metrics(self.task) for _ in self.val_names])
         self._val_loss = [[0.0, 0] for _ in self.val_names]
         # from_pretrained returns the encoder in eval mode and Lightning keeps submodule modes:
         # without this, dropout, routing noise, fusion updates and pool recording stay off in training
         self.train()
+
+    def _freeze(self, n: int, moe_layers: list[int]) -> None:
+        """Freeze the embeddings and encoder layers ``0..n-1`` (no gradients, not in the optimizer)."""
+        blocks = self.encoder.encoder.layer
+        if isinstance(n, bool) or not 0 <= n <= len(blocks):
+            raise ValueError(f"invalid module.freeze_layers={n!r}; allowed: an integer in [0, {len(blocks)}]")
+        if n == 0:
+            return
+        frozen_moe = [i for i in moe_layers if i < n]
+        if frozen_moe:
+            raise ValueError(f"invalid module.freeze_layers={n}: it would freeze the MoE layer(s) {frozen_moe} "
+                             f"(moe.layers={list(moe_layers)}); allowed: <= {min(moe_layers)}")
+        for mod in [self.encoder.embeddings, *blocks[:n]]:
+            for p in mod.parameters():
+                p.requires_grad_(False)
 
     # --- forward / losses -------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -137,7 +154,7 @@ class GLUEModule(L.LightningModule):
     # --- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.adam_eps)
+        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.adam_eps)
         total = int(self.trainer.estimated_stepping_batches)
         sched = linear_decay(opt, total, int(hp.warmup_ratio * total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

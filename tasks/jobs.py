@@ -1,0 +1,76 @@
+"""Run folders as units of work: the ``done`` marker, skipping finished jobs, clearing killed ones.
+
+* ``<run>/done`` is written by ``rmoe-train`` (rank 0) after ``train()`` returned without error --
+  DomainBed's convention. Its content is JSON: the final metrics, the finish time and the commit.
+  Result readers (``tasks.collect``, ``tasks.study_report``) only count folders that have it.
+* With ``skip_if_done=true`` (the reproduction sweeps, whose job folders are named by their
+  parameters, not by a timestamp or job number), a job whose folder has ``done`` is skipped and
+  returns its recorded metric; a folder without it (a killed or failed job) first loses its partial
+  outputs (:data:`PARTIAL_OUTPUTS`) and the job is trained from scratch -- never counted half done.
+* A failing job in a multirun does not stop the other jobs (Hydra records it as failed and goes
+  on); ``rmoe-train -m`` exits non-zero at the end and the failed folder has no ``done``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DONE = "done"
+# what a previous, unfinished attempt may have left in a job folder (.hydra/ and the log stay)
+PARTIAL_OUTPUTS = ("results.jsonl", "summary.json", "summary.json.tmp", "metrics.csv", "hparams.yaml",
+                   "checkpoints", "plots", "wandb")
+
+
+def is_done(run_dir: str | os.PathLike) -> bool:
+    return (Path(run_dir) / DONE).is_file()
+
+
+def read_done(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``done`` record (``{}`` if it is empty or not JSON -- DomainBed writes an empty file)."""
+    try:
+        text = (Path(run_dir) / DONE).read_text()
+        return json.loads(text) if text.strip() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def mark_done(run_dir: str | os.PathLike, metrics: Mapping[str, float], commit: str | None = None) -> Path:
+    """Write ``<run_dir>/done`` atomically (temp file + rename)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
+              "metrics": {k: float(v) for k, v in sorted(metrics.items())}}
+    tmp = run_dir / (DONE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, run_dir / DONE)
+    return run_dir / DONE
+
+
+def clear_partial(run_dir: str | os.PathLike) -> list[str]:
+    """Remove the outputs of an unfinished attempt; returns what was removed."""
+    run_dir = Path(run_dir)
+    removed = []
+    for name in PARTIAL_OUTPUTS:
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+            removed.append(name)
+        elif p.exists():
+            p.unlink()
+            removed.append(name)
+    if removed:
+        log.warning("%s: removed the partial outputs of an unfinished attempt: %s", run_dir, ", ".join(removed))
+    return removed
+
+
+def is_rank_zero() -> bool:
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
