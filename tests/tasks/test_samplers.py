@@ -96,3 +96,21 @@ def test_iterating_does_not_touch_the_global_torch_rng():
     loader = resumable_train_loader(DATA, BS, SEED)
     batches(loader)
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_worker_prefetch_is_not_counted_as_seen():
+    """With worker processes the sampler runs ahead of training; the position counts handed-out batches."""
+    full = resumable_train_loader(DATA, BS, SEED)
+    full.sampler.set_epoch(0)
+    want = batches(full)
+    first = resumable_train_loader(DATA, BS, SEED, num_workers=2)
+    first.sampler.set_epoch(0)
+    it = iter(first)
+    head = [next(it).tolist() for _ in range(2)]
+    state = first.state_dict()
+    del it
+    assert state["samples"] == 2 * BS
+    resumed = resumable_train_loader(DATA, BS, SEED, num_workers=2)
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(0)
+    assert head + batches(resumed) == want
