@@ -53,9 +53,9 @@ SHORTENED = {
         "backbone all-MiniLM-L6-v2 (6 layers, width 384) instead of bert-large-cased; one MoE layer at encoder "
         "layer 2 (of 6) instead of layer 10 (of 24), experts upcycled from its FFN",
         "embeddings and encoder layers 0-1 frozen (not trained)",
-        "640 training rows per task (a fixed data_seed=0 subset) instead of the full training set; 200 further "
+        "640 training rows per task (a fixed data_seed=0 subset) instead of the full training set; 128 further "
         "training rows held out for epoch selection",
-        "3 epochs instead of 10; max sequence length 64 instead of 128; lr 1e-4 (one value) instead of the grid "
+        "3 epochs instead of 10; max sequence length 64 instead of 128; lr 3e-4 (one value, higher for the short run) instead of the grid "
         "{2e-5, 3e-5, 5e-5}",
         "3 seeds (0, 1, 2) as the paper; dev sets complete",
     ],
