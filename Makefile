@@ -6,7 +6,6 @@ STAMP := $(VENV)/.installed
 export RMOE_DATA_DIR ?= $(abspath ../shared/data)
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
-export WANDB_MODE ?= offline
 
 .PHONY: install test test-slow test-gpu train lint bench sweep-smoke reproduce-small reproduce-glue reproduce-domainbed reproduce-report clean
 
