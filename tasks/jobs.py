@@ -6,7 +6,8 @@
 * With ``skip_if_done=true`` (the reproduction sweeps, whose job folders are named by their
   parameters, not by a timestamp or job number), a job whose folder has ``done`` is skipped and
   returns its recorded metric; a folder without it (a killed or failed job) first loses its partial
-  outputs (:data:`PARTIAL_OUTPUTS`) and the job is trained from scratch -- never counted half done.
+  outputs (:data:`PARTIAL_OUTPUTS`) and the job is trained from scratch -- never counted half done
+  (unless ``ckpt_path`` is set: then the job resumes and the folder is left as it is).
 * A failing job in a multirun does not stop the other jobs (Hydra records it as failed and goes
   on); ``rmoe-train -m`` exits non-zero at the end and the failed folder has no ``done``.
 """

@@ -124,7 +124,7 @@ def main(cfg: DictConfig) -> float | None:
             recorded = jobs.read_done(out_dir).get("metrics", {})
             log.info("%s is done (skip_if_done=true): not training again", out_dir)
             return recorded.get(name) if name else None
-        if jobs.is_rank_zero():
+        if jobs.is_rank_zero() and not cfg.get("ckpt_path"):  # resuming: keep the folder's checkpoints
             jobs.clear_partial(out_dir)
     metrics, objects = train(cfg)
     trainer = objects.get("trainer")
