@@ -21,7 +21,6 @@ succeeded (see :mod:`tasks.jobs`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -137,13 +136,10 @@ class RunSummaryCallback(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        path = self.path or os.path.join(trainer.default_root_dir, "summary.json")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.summary(trainer, pl_module), f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        from tasks.jobs import write_json_atomic
+
+        write_json_atomic(self.path or os.path.join(trainer.default_root_dir, "summary.json"),
+                          self.summary(trainer, pl_module))
 
     # --- resume: keep the per-epoch records and the time already spent ------------------------
     def state_dict(self) -> dict[str, Any]:

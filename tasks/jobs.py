@@ -50,10 +50,18 @@ def mark_done(run_dir: str | os.PathLike, metrics: Mapping[str, float], commit: 
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
               "metrics": {k: float(v) for k, v in sorted(metrics.items())}}
-    tmp = run_dir / (DONE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, run_dir / DONE)
-    return run_dir / DONE
+    return write_json_atomic(run_dir / DONE, record)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """``obj`` as indented, key-sorted JSON: written to ``<path>.tmp``, then renamed over ``path``
+    (a reader never sees a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def clear_partial(run_dir: str | os.PathLike) -> list[str]:

@@ -55,8 +55,8 @@ SHORTENED = {
         "embeddings and encoder layers 0-1 frozen (not trained)",
         "640 training rows per task (a fixed data_seed=0 subset) instead of the full training set; 128 further "
         "training rows held out for epoch selection",
-        "3 epochs instead of 10; max sequence length 64 instead of 128; lr 3e-4 (one value, higher for the short run) instead of the grid "
-        "{2e-5, 3e-5, 5e-5}",
+        "3 epochs instead of 10; max sequence length 64 instead of 128; lr 3e-4 (one value, higher for the "
+        "short run) instead of the grid {2e-5, 3e-5, 5e-5}",
         "3 seeds (0, 1, 2) as the paper; dev sets complete",
     ],
     "domainbed": [
@@ -173,9 +173,10 @@ def write_meta(bench: str, plan: list[Multirun], results_dir: Path, invocation: 
 def run_bench(bench: str, log_dir: Path, results_dir: Path, n_jobs: int, extra: list[str], dry_run: bool) -> int:
     plan = PLANS[bench]()
     bench_dir = log_dir / bench
-    todo = [mr for mr in plan if pending(mr, bench_dir)]
+    waiting = [(mr, len(pending(mr, bench_dir))) for mr in plan]
+    todo = [mr for mr, n in waiting if n]
     total = sum(len(mr.jobs) for mr in plan)
-    left = sum(len(pending(mr, bench_dir)) for mr in plan)
+    left = sum(n for _, n in waiting)
     log.info("%s: %d planned jobs, %d done, %d to run", bench, total, total - left, left)
     failures = 0
     invocation = None
@@ -192,9 +193,10 @@ def run_bench(bench: str, log_dir: Path, results_dir: Path, n_jobs: int, extra: 
                       "jobs_run": left - still, "jobs_failed_or_unfinished": still}
         log.info("%s: %d jobs finished in %.1f s; %d unfinished", bench, left - still, invocation["wall_time_s"], still)
     if dry_run:
-        for mr in todo:
-            log.info("would run: rmoe-train -m -cd sweeps -cn %s %s (%d pending)", mr.config, " ".join(mr.overrides),
-                     len(pending(mr, bench_dir)))
+        for mr, n in waiting:
+            if n:
+                log.info("would run: rmoe-train -m -cd sweeps -cn %s %s (%d pending)", mr.config,
+                         " ".join(mr.overrides), n)
         return 0
     n = export(bench, plan, bench_dir, results_dir)
     write_meta(bench, plan, results_dir, invocation)

@@ -19,7 +19,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.domainbed.selection import DONE_FILE, find_run_dirs
+from tasks.domainbed.selection import find_run_dirs
 
 SUMMARY_FILE = "summary.json"
 
@@ -68,10 +68,6 @@ def load_summaries(input_dir: str, benchmark: str | None = None) -> tuple[list[d
         s["run_dir"] = d
         runs.append(s)
     return runs, incomplete
-
-
-def is_complete(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, DONE_FILE))
 
 
 # --- statistics ---------------------------------------------------------------------------------

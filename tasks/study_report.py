@@ -197,6 +197,13 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str | 
     return lines
 
 
+def paired_table(labels: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+    """A paired-differences table: three label columns, then mean diff, SE, n and the verdict."""
+    if not rows:
+        return ["No paired runs yet."]
+    return md_table([*labels, "mean diff", "SE", "n", "verdict"], rows, "lllrrrl")
+
+
 def render_table(t: Table) -> list[str]:
     return md_table(t.header, t.rows) + [""] + [f"{n}" for n in t.notes]
 
@@ -700,12 +707,7 @@ class Report:
                 for task, p in entries:
                     rows.append([f"{variant_label(a)} − {variant_label(b)}", GLUE_SELECTIONS[sel][0], task,
                                  *fmt_diff(p), noise_verdict(p)])
-        if rows:
-            lines += md_table(["comparison", "selection", "task", "mean diff", "SE", "n", "verdict"], rows,
-                              "lllrrrl")
-        else:
-            lines.append("No paired runs yet.")
-        return lines + [""]
+        return lines + paired_table(["comparison", "selection", "task"], rows) + [""]
 
     # DomainBed
     def db_variants(self) -> list[str]:
@@ -736,12 +738,7 @@ class Report:
                 for d, p in list((d, p) for d, p in per.items() if p.n > 0) + [("all", pooled)]:
                     rows.append([f"{variant_label(a)} − {variant_label(b)}", m.name, d, *fmt_diff(p),
                                  noise_verdict(p)])
-        if rows:
-            lines += md_table(["comparison", "model selection", "dataset", "mean diff", "SE", "n", "verdict"],
-                              rows, "lllrrrl")
-        else:
-            lines.append("No paired runs yet.")
-        return lines + [""]
+        return lines + paired_table(["comparison", "model selection", "dataset"], rows) + [""]
 
     # stability
     def stability_section(self) -> list[str]:
@@ -780,12 +777,7 @@ class Report:
             if p.n:
                 rows.append([BENCH_LABELS.get(b, b), label, f"RMoE − {variant_label(base)}",
                              *fmt_diff(p, scale=1.0, digits=4), noise_verdict(p)])
-        if rows:
-            lines += md_table(["benchmark", "metric", "comparison", "mean diff", "SE", "n", "verdict"], rows,
-                              "lllrrrl")
-        else:
-            lines.append("No paired runs yet.")
-        return lines + [""]
+        return lines + paired_table(["benchmark", "metric", "comparison"], rows) + [""]
 
     def stability_pairs(self) -> list[tuple[str, str, str, str, Paired]]:
         out = []

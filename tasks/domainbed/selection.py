@@ -27,12 +27,15 @@ from typing import Any
 
 import numpy as np
 
+from tasks.jobs import DONE
+
 Record = dict[str, Any]
 
 
-#: A run folder is complete when it holds this (empty) file, written after the run's last record
-#: (DomainBed's convention); folders without it are still running, crashed or were interrupted.
-DONE_FILE = "done"
+#: A run folder is complete when it holds this file, written after the run's last record
+#: (DomainBed's convention; ``rmoe-train`` writes it, see :mod:`tasks.jobs`); folders without it are
+#: still running, crashed or were interrupted.
+DONE_FILE = DONE
 
 
 def find_run_dirs(input_dir: str, filename: str = "results.jsonl") -> tuple[list[str], list[str]]:

@@ -109,8 +109,8 @@ class GLUEDataModule(L.LightningDataModule):
                                 f"{n_rows} training rows of {self.task.name}")
         perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(self.data_seed)).tolist()
         held = sorted(perm[:n])
-        keep = set(held)
-        return [i for i in range(n_rows) if i not in keep], held
+        held_set = set(held)
+        return [i for i in range(n_rows) if i not in held_set], held
 
     def _tokenize(self, ds):
         tok, ml = self.tokenizer, self.max_length

@@ -154,7 +154,8 @@ class GLUEModule(L.LightningModule):
     # --- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.adam_eps)
+        trainable = [p for p in self.parameters() if p.requires_grad]  # module.freeze_layers leaves some out
+        opt = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.adam_eps)
         total = int(self.trainer.estimated_stepping_batches)
         sched = linear_decay(opt, total, int(hp.warmup_ratio * total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
