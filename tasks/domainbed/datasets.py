@@ -13,7 +13,7 @@
 * RotatedMNIST / ColoredMNIST: the 70,000 MNIST images (train then test), shuffled by
   ``torch.randperm`` under ``torch.Generator().manual_seed(seed)`` and dealt to the environments
   as ``images[i::n_envs]`` -- exactly DomainBed's construction (identical tensors for ``seed`` =
-  DomainBed's ``--seed``). RotatedMNIST: PIL bicubic rotation by 0, 15, 30, 45, 60, 75 degrees.
+  DomainBed's ``--seed``). RotatedMNIST: bilinear rotation by 0, 15, 30, 45, 60, 75 degrees.
   ColoredMNIST: binary label ``digit < 5`` flipped with probability 0.25, colour = label flipped
   with probability 0.1 / 0.2 / 0.9 (colour-label agreement 0.9 / 0.8 / 0.1), 2 channels.
 * RotatedDigits: the same rotation protocol over scikit-learn's 1,797 bundled 8x8 digits.
@@ -203,14 +203,14 @@ def load_mnist(root: str | os.PathLike | None, download: bool = False) -> tuple[
 
 def rotate_uint8(images: Tensor, angle: float) -> Tensor:
     """Rotate every ``uint8 [N, H, W]`` image counter-clockwise by ``angle`` degrees about its centre
-    with PIL bicubic resampling and zero fill (DomainBed's ``rotate(x, angle, fill=(0,),
-    resample=BICUBIC)``, bit-identical)."""
+    with PIL bilinear resampling and zero fill (DomainBed's ``torchvision.transforms.functional.rotate(
+    x, angle, fill=(0,), interpolation=BILINEAR)`` on a PIL image, bit-identical)."""
     if angle == 0:
         return images.clone()
     arr = images.numpy()
     out = np.empty_like(arr)
     for i in range(len(arr)):
-        out[i] = np.asarray(Image.fromarray(arr[i]).rotate(angle, resample=Image.BICUBIC, fillcolor=0))
+        out[i] = np.asarray(Image.fromarray(arr[i]).rotate(angle, resample=Image.BILINEAR, fillcolor=0))
     return torch.from_numpy(out)
 
 
