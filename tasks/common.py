@@ -4,6 +4,10 @@ Config resolvers (registered on import of this module, which ``tasks.train`` imp
 
 * ``${rmoe_data:<sub>}`` -> ``$RMOE_DATA_DIR/<sub>``, or null when ``RMOE_DATA_DIR`` is unset.
 * ``${rmoe_join:<list>}`` -> the items joined by ``-`` (``[0, 2]`` -> ``0-2``; job folder names).
+* ``${rmoe_seed_hash:<dataset>,<algorithm>,<test_envs>,<hparams_seed>,<trial_seed>}`` -> DomainBed's
+  training seed of a sweep job, ``misc.seed_hash(dataset, algorithm, test_envs, hparams_seed, trial_seed)``
+  (md5 of ``str`` of that tuple, mod 2**31), with DomainBed's argument types: two strings, a list of
+  ints, two ints (``hparams_seed`` may be null).
 """
 
 from __future__ import annotations
@@ -33,11 +37,23 @@ def _join(items: Any, sep: str = "-") -> str:
     return sep.join(str(i) for i in items)
 
 
+def _domainbed_seed(dataset: Any, algorithm: Any, test_envs: Any, hparams_seed: Any, trial_seed: Any) -> int:
+    from tasks.domainbed.splits import seed_hash
+
+    if isinstance(test_envs, (str, int)):  # a single test env given without brackets
+        test_envs = [test_envs]
+    envs = [int(e) for e in test_envs]
+    hp = None if hparams_seed is None else int(hparams_seed)
+    return seed_hash(str(dataset), str(algorithm), envs, hp, int(trial_seed))
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("rmoe_data"):
         OmegaConf.register_new_resolver("rmoe_data", _data_subdir)
     if not OmegaConf.has_resolver("rmoe_join"):
         OmegaConf.register_new_resolver("rmoe_join", _join)
+    if not OmegaConf.has_resolver("rmoe_seed_hash"):
+        OmegaConf.register_new_resolver("rmoe_seed_hash", _domainbed_seed)
 
 
 register_resolvers()

@@ -4,14 +4,19 @@ training seed ``seed_hash(dataset, algorithm, test_envs, hparams_seed, trial_see
 schedule (after the first update, every ``checkpoint_freq`` updates, after the last)."""
 
 import gzip
+import hashlib
 import os
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
+import tasks.common  # noqa: F401  (config resolvers)
 from tasks.domainbed.datasets import rotate_uint8
+from tasks.train import CONF_DIR
 
 
 def _first_mnist_images(data_dir, n):
@@ -39,3 +44,48 @@ def test_rotation_is_torchvision_bilinear_with_zero_fill(data_dir, angle):
     bicubic = np.stack([np.asarray(rotate(Image.fromarray(x), angle, interpolation=InterpolationMode.BICUBIC,
                                           fill=(0,))) for x in imgs])
     assert not np.array_equal(ours, bicubic)
+
+
+# --- training seed ---------------------------------------------------------------------------------
+
+def _reference_seed_hash(*args):
+    """DomainBed ``misc.seed_hash``: md5 of ``str(args)``, as an integer mod 2**31."""
+    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
+
+
+def _resolve_seed(*args):
+    cfg = OmegaConf.create({"seed": "${rmoe_seed_hash:" + ",".join(args) + "}"})
+    return cfg.seed
+
+
+def test_seed_hash_resolver_is_domainbeds_seed_hash():
+    # by hand: md5("('RotatedMNIST', 'RMoE', [0], 0, 0)") = 5f198b21...fffd0d93; its low 31 bits = 0x7ffd0d93
+    assert _reference_seed_hash("RotatedMNIST", "RMoE", [0], 0, 0) == 2147290515
+    assert _resolve_seed("RotatedMNIST", "RMoE", "[0]", "0", "0") == 2147290515
+    assert _resolve_seed("PACS", "GMoE", "[1, 3]", "2", "1") == _reference_seed_hash("PACS", "GMoE", [1, 3], 2, 1)
+    assert _resolve_seed("VLCS", "rmoe", "[2]", "0", "2") == _reference_seed_hash("VLCS", "rmoe", [2], 0, 2)
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def test_domainbed_run_seed_is_the_sweep_seed_hash_unless_given():
+    exp = ["experiment=domainbed/rotated_mnist_rmoe"]
+    cfg = _compose(exp)
+    assert (cfg.data.dataset, cfg.module.algorithm, list(cfg.data.test_envs), cfg.data.hparams_seed,
+            cfg.data.trial_seed) == ("RotatedMNIST", "RMoE", [0], 0, 0)
+    assert cfg.seed == 2147290515
+    # the results records carry the same hparams_seed and seed
+    args = cfg.callbacks.domainbed_results.args
+    assert (args.hparams_seed, args.seed, cfg.datamodule.seed) == (0, 2147290515, 2147290515)
+
+    t1 = _compose(exp + ["data.trial_seed=1"])
+    assert t1.seed == _reference_seed_hash("RotatedMNIST", "RMoE", [0], 0, 1) != cfg.seed
+    other = _compose(["task=domainbed/pacs", "data.test_envs=[2]", "data.hparams_seed=3"])
+    assert other.seed == _reference_seed_hash("PACS", "rmoe", [2], 3, 0)
+    assert other.callbacks.domainbed_results.args.hparams_seed == 3
+
+    fixed = _compose(exp + ["data.trial_seed=1", "seed=5"])
+    assert fixed.seed == 5 and fixed.callbacks.domainbed_results.args.seed == 5 and fixed.datamodule.seed == 5
