@@ -13,9 +13,10 @@ from typing import Any
 
 ROUTERS = ("topk", "cosine", "topany")
 BACKENDS = ("torch", "megablocks")
-AUX_LOSSES = ("switch", "load_importance", "dynmoe", "gshard_binary", "none")
+AUX_LOSSES = ("switch", "load_importance", "load_importance_tutel", "dynmoe", "gshard_binary", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 FUSION_AGGS = ("sum", "mean")
+DROPOUT_POSITIONS = ("pre_act", "post_act")
 DEFAULT_AUX = {"topk": "switch", "cosine": "switch", "topany": "dynmoe"}
 
 
@@ -67,7 +68,11 @@ class MoEConfig:
 
     ``num_experts`` experts are active at start; ``max_experts`` slots exist (only top-any grows
     into them, other routers use ``max_experts == num_experts``). ``capacity_factor == 0`` is
-    dropless. ``aux_loss`` defaults per router: topk/cosine -> switch, topany -> dynmoe.
+    dropless; ``batch_prioritized_routing`` fills a finite capacity in descending order of each
+    token's top-1 probability (tutel's BPR) instead of token order. ``aux_loss`` defaults per router:
+    topk/cosine -> switch, topany -> dynmoe. ``expert_dropout`` is dropout inside every expert, on
+    the hidden units before (``pre_act``, DynMoE's GLUE experts) or after (``post_act``, GMoE's
+    vision experts) the activation.
     """
 
     router: str = "topk"
@@ -75,6 +80,7 @@ class MoEConfig:
     max_experts: int | None = None
     top_k: int = 2
     capacity_factor: float = 0.0
+    batch_prioritized_routing: bool = False
     gate_noise: float = 0.0
     normalize_gate: bool = True
     fusion: FusionConfig | None = None
@@ -85,6 +91,8 @@ class MoEConfig:
     cosine_proj_dim: int = 256
     cosine_init_temperature: float = 0.5
     upcycle_noise: float = 0.0
+    expert_dropout: float = 0.0
+    expert_dropout_position: str = "pre_act"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -115,16 +123,23 @@ class MoEConfig:
             _fail("capacity_factor", cf, "0 for router 'topany' (it is dropless)")
         if cf > 0 and self.backend == "megablocks":
             _fail("capacity_factor", cf, "0 for backend 'megablocks' (dropless)")
+        if not isinstance(self.batch_prioritized_routing, bool):
+            _fail("batch_prioritized_routing", self.batch_prioritized_routing, "true|false")
+        if self.batch_prioritized_routing and self.router == "topany":
+            _fail("batch_prioritized_routing", True, "false for router 'topany' (it is dropless)")
         gn = self.gate_noise
         if not (isinstance(gn, (int, float)) and math.isfinite(gn) and gn >= 0):
             _fail("gate_noise", gn, "a number >= 0")
         aux = self.aux_loss if self.aux_loss is not None else DEFAULT_AUX[self.router]
         if aux not in AUX_LOSSES:
             _fail("aux_loss", self.aux_loss, "|".join(AUX_LOSSES) + " or null (router default)")
-        if aux == "load_importance" and gn <= 0:
-            _fail("gate_noise", gn, "> 0 when aux_loss='load_importance' (it needs noise)")
+        if aux in ("load_importance", "load_importance_tutel") and gn <= 0:
+            _fail("gate_noise", gn, f"> 0 when aux_loss={aux!r} (it needs noise)")
         if aux in ("dynmoe", "gshard_binary") and self.router != "topany":
-            _fail("aux_loss", aux, "switch|load_importance|none for router " + repr(self.router))
+            _fail("aux_loss", aux, "switch|load_importance|load_importance_tutel|none for router "
+                  + repr(self.router))
+        if aux in ("switch", "load_importance", "load_importance_tutel") and self.router == "topany":
+            _fail("aux_loss", aux, "dynmoe|gshard_binary|none for router 'topany'")
         object.__setattr__(self, "aux_loss", aux)
         if self.activation not in ACTIVATIONS:
             _fail("activation", self.activation, "|".join(ACTIVATIONS))
@@ -134,6 +149,11 @@ class MoEConfig:
             _fail("cosine_init_temperature", self.cosine_init_temperature, "a number > 0")
         if not (self.upcycle_noise >= 0):
             _fail("upcycle_noise", self.upcycle_noise, "a number >= 0")
+        p = self.expert_dropout
+        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p < 1.0):
+            _fail("expert_dropout", p, "a number in [0, 1)")
+        if self.expert_dropout_position not in DROPOUT_POSITIONS:
+            _fail("expert_dropout_position", self.expert_dropout_position, "|".join(DROPOUT_POSITIONS))
         object.__setattr__(self, "fusion", FusionConfig.from_any(self.fusion))
 
     @classmethod

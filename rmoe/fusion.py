@@ -26,7 +26,10 @@ class StatefulFusion(nn.Module):
     """Keeps ``m`` (a buffer, saved in checkpoints) and re-weights each token's selected experts.
 
     Each training forward (and eval forward when ``update_in_eval``):
-    ``a_e = agg_t score_te`` (detached; summed over data-parallel ranks), ``m <- beta m + (1-beta) a``.
+    ``a_e = agg_t score_te`` (detached; summed over data-parallel ranks), ``m <- beta m + (1-beta) a``,
+    where ``score`` is the router's dispatch score (``RoutingRecord.dispatch_scores``: the binary
+    activations ``z`` for top-any, so with ``agg=sum`` ``a_e`` counts the tokens that activated
+    ``e``; the probabilities for softmax routers).
     Weights: ``w = alpha * pi_e / sum_{S_t} pi + (1 - alpha) * g_t``.
     """
 
@@ -52,7 +55,7 @@ class StatefulFusion(nn.Module):
 
     def forward(self, rec: RoutingRecord) -> RoutingRecord:
         if self.training or self.cfg.update_in_eval:
-            self.update(rec.router_probs)
+            self.update(rec.dispatch_scores)
         pi = self.pi
         w_state = fused_weights(pi, rec.expert_indices)
         alpha = self.cfg.mix_alpha

@@ -26,7 +26,8 @@ class MoELayer(nn.Module):
         self.d_model, self.d_ff = d_model, d_ff
         self.router = build_router(d_model, cfg)
         self.fusion = StatefulFusion(cfg.max_experts, cfg.fusion) if cfg.fusion is not None else None
-        self.experts = Experts(cfg.max_experts, d_model, d_ff, cfg.activation, cfg.bias)
+        self.experts = Experts(cfg.max_experts, d_model, d_ff, cfg.activation, cfg.bias,
+                               cfg.expert_dropout, cfg.expert_dropout_position)
         if cfg.backend == "megablocks":
             BACKENDS["megablocks"].check_available()
         self.backend = BACKENDS[cfg.backend]()

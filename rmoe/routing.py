@@ -24,6 +24,10 @@ class RoutingRecord:
     expert_weights: ``[N, K]`` combine weights (0 on empty slots).
     gate_values:    ``[N, K]`` the router's own gate values (before Stateful Fusion).
     router_probs:   ``[N, E]`` softmax probabilities (topk/cosine) or masked sigmoid scores (topany).
+    dispatch_scores: ``[N, E]`` what the router hands the dispatcher, the score Stateful Fusion
+                    aggregates (SPEC §4.1): the probabilities for topk/cosine, the binarised
+                    activations ``z`` for topany (in eval, tokens with no active expert hand over
+                    their sigmoid scores ``s``, from which the dispatcher takes the top-1).
     router_logits:  ``[N, E]`` fp32 logits (cosine: scaled similarities; topany: pre-sigmoid).
     tokens_per_expert: ``[E]`` long, tokens each expert processes (after dropping).
     active_mask:    ``[E]`` bool, experts in the pool.
@@ -40,6 +44,7 @@ class RoutingRecord:
     aux_loss: Tensor
     z_loss: Tensor
     num_dropped: Tensor
+    dispatch_scores: Tensor | None = None
     fusion_pi: Tensor | None = None
 
     @property
@@ -50,9 +55,9 @@ class RoutingRecord:
         return replace(self, **kw)
 
 
-def _fp32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+def _no_autocast(x: Tensor):
+    """Routing runs in fp32 even under bf16/fp16 autocast (SPEC §1)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def tokens_per_expert(indices: Tensor, num_experts: int) -> Tensor:
@@ -60,12 +65,19 @@ def tokens_per_expert(indices: Tensor, num_experts: int) -> Tensor:
     return torch.bincount(flat[flat >= 0], minlength=num_experts)
 
 
-def apply_capacity(indices: Tensor, num_experts: int, capacity: int) -> tuple[Tensor, Tensor]:
+def apply_capacity(indices: Tensor, num_experts: int, capacity: int,
+                   priority: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Drop assignments beyond ``capacity`` per expert.
 
-    Priority: all first choices (in token order), then all second choices, ... (GShard/Tutel).
+    All first choices claim places before all second choices, ... (GShard/Tutel). Within a rank,
+    tokens go in token order, or, with ``priority [N]`` (batch-prioritized routing: each token's
+    top-1 probability), in descending priority, so the least confident tokens are dropped first.
     Returns the indices with dropped slots set to −1 and the number dropped.
     """
+    if priority is not None:
+        order = torch.sort(priority, descending=True, stable=True).indices
+        kept_sorted, dropped = apply_capacity(indices.index_select(0, order), num_experts, capacity)
+        return torch.empty_like(kept_sorted).index_copy_(0, order, kept_sorted), dropped
     n, k = indices.shape
     by_rank = indices.t().reshape(-1)  # [K*N], rank-major
     onehot = F.one_hot(by_rank.clamp_min(0), num_experts) * (by_rank >= 0).unsqueeze(-1)
@@ -100,6 +112,10 @@ class SoftmaxTopKRouter(Router):
     """Top-k over ``softmax(logits + noise)`` with optional capacity; subclasses define logits."""
 
     def forward(self, x: Tensor) -> RoutingRecord:
+        with _no_autocast(x):
+            return self._route(x.float())
+
+    def _route(self, x: Tensor) -> RoutingRecord:
         cfg, e = self.cfg, self.num_experts
         clean = self.logits(x)
         noisy = clean
@@ -114,12 +130,15 @@ class SoftmaxTopKRouter(Router):
         idx = top_i
         if cfg.capacity_factor > 0:
             capacity = k * int(math.floor(cfg.capacity_factor * math.ceil(n / e)))
-            idx, dropped = apply_capacity(top_i, e, capacity)
+            priority = top_p[:, 0].detach() if cfg.batch_prioritized_routing else None
+            idx, dropped = apply_capacity(top_i, e, capacity, priority)
         weights = torch.where(idx >= 0, gate, torch.zeros_like(gate))
         if cfg.aux_loss == "switch":
             aux = losses.switch_balance_loss(probs, top_i[:, 0])
         elif cfg.aux_loss == "load_importance":
             aux = losses.load_importance_loss(clean, noisy, k, cfg.gate_noise / e)
+        elif cfg.aux_loss == "load_importance_tutel":
+            aux = losses.load_importance_loss_tutel(clean, noisy, k, cfg.gate_noise / e)
         else:
             aux = clean.sum() * 0.0
         return RoutingRecord(
@@ -133,6 +152,7 @@ class SoftmaxTopKRouter(Router):
             aux_loss=aux,
             z_loss=losses.router_z_loss(clean),
             num_dropped=dropped,
+            dispatch_scores=probs,
         )
 
 
@@ -145,7 +165,7 @@ class TopKRouter(SoftmaxTopKRouter):
         nn.init.normal_(self.weight, std=0.02)
 
     def logits(self, x: Tensor) -> Tensor:
-        return _fp32_linear(x, self.weight)
+        return F.linear(x, self.weight.float())
 
 
 class CosineRouter(SoftmaxTopKRouter):
@@ -159,7 +179,7 @@ class CosineRouter(SoftmaxTopKRouter):
         self.log_temp = nn.Parameter(torch.tensor(math.log(1.0 / cfg.cosine_init_temperature)))
 
     def logits(self, x: Tensor) -> Tensor:
-        h = _fp32_linear(x, self.proj.weight, self.proj.bias)
+        h = F.linear(x, self.proj.weight.float(), self.proj.bias.float())
         scale = torch.exp(torch.clamp(self.log_temp.float(), max=math.log(100.0)))
         return F.normalize(h, dim=-1) @ F.normalize(self.sim.float(), dim=0) * scale
 
@@ -183,7 +203,9 @@ class TopAnyRouter(Router):
     """DynMoE top-any gating with trainable thresholds and an adaptive expert pool.
 
     ``s = sigmoid(normalize(x) · normalize_cols(W)) ⊙ M``; training ``z = STE_sign(relu(s − σ(G)))``;
-    eval falls back to the top-1 of ``s`` for tokens with no active expert. Gates ``1/k_t``.
+    eval falls back to the top-1 of ``s`` for tokens with no active expert. Gates ``z / k_t`` with
+    the differentiable ``k_t = Σ_e z_te`` (DynMoE divides by it without detaching), applied only
+    when some token has more than one expert; otherwise the gates are ``z``.
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig):
@@ -211,23 +233,30 @@ class TopAnyRouter(Router):
         return xn @ F.normalize(self.weight.float(), dim=0)
 
     def forward(self, x: Tensor) -> RoutingRecord:
+        with _no_autocast(x):
+            return self._route(x.float())
+
+    def _route(self, x: Tensor) -> RoutingRecord:
         mask = self.expert_mask
         logits = self.logits(x)
         s = torch.sigmoid(logits) * mask
         z = ste_sign(F.relu(s - torch.sigmoid(self.thresholds.float())))
         z = z * mask  # inactive experts are never chosen (keeps s=0 >= σ(G) ties out)
         none = z.detach().sum(-1) == 0
+        dispatch = z
         if self.training:
             if bool(self.recording):
                 self._record(x, z.detach(), none)
         elif bool(none.any()):
             top1 = s.detach().masked_fill(~mask, float("-inf")).argmax(-1)
             fallback = F.one_hot(top1, self.num_experts).to(z.dtype)
+            dispatch = torch.where(none.unsqueeze(-1), s, z)
             z = torch.where(none.unsqueeze(-1), fallback, z)
-        k_t = z.detach().sum(-1, keepdim=True)
-        gates_dense = z / k_t.clamp_min(1.0)
+        k_t = z.sum(-1, keepdim=True)  # differentiable, as DynMoE's normaliser
         n = x.shape[0]
-        kmax = max(int(k_t.max()) if n else 1, 1)
+        kmax = max(int(k_t.detach().max()) if n else 1, 1)
+        # where(k > 0, k, 1) rather than clamp_min(k, 1): the clamp has zero gradient at k == 1
+        gates_dense = z / torch.where(k_t > 0, k_t, torch.ones_like(k_t)) if kmax > 1 else z
         order = torch.sort(z.detach() + s.detach() * 1e-3, dim=-1, descending=True, stable=True).indices
         idx = order[:, :kmax]
         valid = torch.gather(z.detach(), 1, idx) > 0
@@ -236,7 +265,7 @@ class TopAnyRouter(Router):
         if self.cfg.aux_loss == "dynmoe":
             aux = losses.dynmoe_diverse_simple_loss(self.weight.float(), mask)
         elif self.cfg.aux_loss == "gshard_binary":
-            aux = losses.gshard_binary_loss(z, s, mask)
+            aux = losses.gshard_binary_loss(z, idx[:, 0], mask)
         else:
             aux = logits.sum() * 0.0
         return RoutingRecord(
@@ -250,6 +279,7 @@ class TopAnyRouter(Router):
             aux_loss=aux,
             z_loss=losses.router_z_loss(logits.masked_fill(~mask, float("-inf"))),
             num_dropped=torch.zeros((), dtype=torch.long, device=x.device),
+            dispatch_scores=dispatch,
         )
 
     # --- adaptive expert pool -------------------------------------------------------------

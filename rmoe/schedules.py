@@ -21,6 +21,15 @@ def _check_lambda(key: str, value: Any) -> float:
     return float(value)
 
 
+def _check_order(p: Mapping[str, Any]) -> tuple[float, float]:
+    """``λ_min <= λ_max`` (a phased schedule states a downward move explicitly)."""
+    lo, hi = _check_lambda("lambda_min", p["lambda_min"]), _check_lambda("lambda_max", p["lambda_max"])
+    if lo > hi:
+        raise ConfigError(f"invalid curriculum: lambda_min={lo!r} > lambda_max={hi!r}; allowed: "
+                          "lambda_min <= lambda_max (for lambda moving down use mode=phased)")
+    return lo, hi
+
+
 def constant(step: int, total_steps: int, lambda0: float) -> float:
     """``λ = λ0``."""
     return lambda0
@@ -33,8 +42,8 @@ def linear_ramp(step: int, total_steps: int, lambda_min: float, lambda_max: floa
 
 
 def exp_decay(step: int, total_steps: int, lambda_min: float, lambda_max: float, beta: float) -> float:
-    """``λ = max(λ_min, λ_max * β^τ)``."""
-    return max(lambda_min, lambda_max * beta**step)
+    """``λ = max(λ_min, λ_max * β^(τ+1))`` (the released code multiplies by β before the first step)."""
+    return max(lambda_min, lambda_max * beta ** (step + 1))
 
 
 @dataclass(frozen=True)
@@ -130,11 +139,11 @@ def build_schedule(mode: str, **params: Any) -> Schedule:
         return lambda step, total: (constant(step, total, lam0), "constant")
     if mode == "linear_ramp":
         p = need("lambda_min", "lambda_max")
-        lo, hi = _check_lambda("lambda_min", p["lambda_min"]), _check_lambda("lambda_max", p["lambda_max"])
+        lo, hi = _check_order(p)
         return lambda step, total: (linear_ramp(step, total, lo, hi), "ramp")
     if mode == "exp_decay":
         p = need("lambda_min", "lambda_max", "beta")
-        lo, hi = _check_lambda("lambda_min", p["lambda_min"]), _check_lambda("lambda_max", p["lambda_max"])
+        lo, hi = _check_order(p)
         beta = p["beta"]
         if not isinstance(beta, (int, float)) or not (0 < beta <= 1):
             raise ConfigError(f"invalid curriculum: beta={beta!r}; allowed: a number in (0, 1]")

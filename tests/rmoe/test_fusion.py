@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from rmoe import FusionConfig, StatefulFusion
+from rmoe import FusionConfig, StatefulFusion, build_moe_layer
 from rmoe.routing import RoutingRecord
 
 
@@ -11,7 +12,8 @@ def _rec(probs, idx, gates):
     probs, idx, gates = torch.tensor(probs), torch.tensor(idx), torch.tensor(gates)
     z = torch.zeros(())
     return RoutingRecord(idx, gates.clone(), gates, probs, probs.log(), torch.zeros(probs.shape[1]),
-                         torch.ones(probs.shape[1], dtype=torch.bool), z, z, torch.zeros((), dtype=torch.long))
+                         torch.ones(probs.shape[1], dtype=torch.bool), z, z, torch.zeros((), dtype=torch.long),
+                         dispatch_scores=probs)
 
 
 def test_sum_update_pi_and_weights_by_hand():
@@ -52,3 +54,56 @@ def test_eval_frozen_unless_update_in_eval():
 def test_state_is_a_buffer_in_state_dict():
     f = StatefulFusion(4, FusionConfig())
     assert "m" in f.state_dict()
+
+
+def test_topany_fusion_pi_is_the_ema_of_activation_counts():
+    """RMoE's fusion is fed top-any's binary activations z: with agg=sum, a_e counts the tokens
+    that activated expert e; π = (1+m)/Σ(1+m) over several steps (reference from SPEC §1/§4)."""
+    torch.manual_seed(0)
+    beta = 0.9
+    layer = build_moe_layer(6, 4, router="topany", num_experts=4, max_experts=6, top_k=1,
+                            fusion={"beta": beta, "agg": "sum"}).train()
+    with torch.no_grad():
+        layer.router.thresholds.copy_(torch.tensor([-0.5, 0.3, 0.0, 0.6, 0.0, 0.0]))
+    w, g = layer.router.weight.detach(), layer.router.thresholds.detach()
+    mask = layer.router.expert_mask.float()
+    m = torch.zeros(6)
+    for step in range(4):
+        x = torch.randn(30, 6)
+        _, rec = layer(x)
+        s = torch.sigmoid(F.normalize(x, dim=-1) @ F.normalize(w, dim=0)) * mask
+        z = (s > torch.sigmoid(g)).float()
+        m = beta * m + (1 - beta) * z.sum(0)
+        pi = (1 + m) / (1 + m).sum()
+        assert torch.allclose(layer.fusion.m, m, atol=1e-5), step
+        assert torch.allclose(rec.fusion_pi, pi, atol=1e-6)
+        # each token's weights: π_e / Σ_{j∈S_t} π_j over its activated experts
+        for t in range(30):
+            sel = torch.nonzero(z[t]).flatten()
+            got = {int(e): float(v) for e, v in zip(rec.expert_indices[t], rec.expert_weights[t]) if e >= 0}
+            assert set(got) == set(sel.tolist())
+            for e in sel.tolist():
+                assert got[e] == pytest.approx(float(pi[e] / pi[sel].sum()), rel=1e-5)
+    # popular experts get a visibly larger share (with sigmoid scores s, π would be near uniform)
+    assert float(rec.fusion_pi.max() / rec.fusion_pi[mask.bool()].min()) > 1.5
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_mix_alpha_controls_the_task_gradient_reaching_the_router(alpha):
+    """alpha=1 (the paper's code): the combine weights are π only, so the task loss sends no
+    gradient to the router (thresholds learn nothing from it); alpha<1 keeps the router's gates."""
+    torch.manual_seed(1)
+    layer = build_moe_layer(6, 4, router="topany", num_experts=4, max_experts=6, top_k=1, aux_loss="none",
+                            fusion={"beta": 0.9, "agg": "sum", "mix_alpha": alpha}).train()
+    with torch.no_grad():
+        layer.router.thresholds.copy_(torch.tensor([-1.0, -1.0, -1.0, -1.0, 0.0, 0.0]))  # tokens take 2+ experts
+        layer.experts.w2.mul_(torch.arange(1.0, 7.0).view(6, 1, 1))  # experts differ
+    y, rec = layer(torch.randn(20, 6))
+    assert int((rec.expert_indices >= 0).sum(-1).max()) > 1
+    (y.pow(2).sum() + rec.aux_loss).backward()
+    g_thr, g_w = layer.router.thresholds.grad, layer.router.weight.grad
+    if alpha == 1.0:
+        assert g_thr is None or float(g_thr.abs().max()) == 0.0
+        assert g_w is None or float(g_w.abs().max()) == 0.0
+    else:
+        assert float(g_thr.abs().max()) > 0 and float(g_w.abs().max()) > 0

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rmoe import MoEConfig, build_moe_layer
 from rmoe.routing import CosineRouter, TopAnyRouter, TopKRouter, apply_capacity, ste_sign
@@ -140,18 +141,96 @@ def test_topany_gradient_flows_through_straight_through_sign():
     with torch.no_grad():
         layer.router.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]))
         layer.experts.w1.copy_(torch.eye(2).expand(3, 2, 2))
-        layer.experts.w2.copy_(torch.tensor([[[2.0, 0.0], [0.0, 3.0]]]).expand(3, 2, 2))
+        layer.experts.w2.copy_(torch.stack([torch.diag(torch.tensor([2.0, 3.0])), torch.eye(2), torch.eye(2)]))
     x = torch.tensor([[2.0, 1.0]])  # cos with (1,0) = 2/√5, with (0,1) = 1/√5: both > 0 -> both active
     y, rec = layer.train()(x)
     assert rec.expert_indices.tolist() == [[0, 1]]
     y.sum().backward()
-    # y = (z0 f0 + z1 f1) / k with k=2 detached; f_e(x) = relu(x) @ diag(2,3) = (4, 3) -> sum 7
-    # dL/dG_e = dL/dz_e * 1[s_e > σ(G_e)] * (−σ'(G_e)) = (7 / 2) * (−0.25)
+    # y = (z0 f0 + z1 f1) / k with k = z0 + z1 NOT detached (DynMoE); f0 = (4, 3), f1 = (2, 1):
+    # dL/dg = (7, 3), dL/dz_e = (1/k)(dL/dg_e − mean_S dL/dg) = (1, −1); dz_e/dG_e = −σ'(0) = −0.25.
+    # (A detached k would give (7/2, 3/2) * −0.25.)
     g = layer.router.thresholds.grad
-    assert g[0].item() == pytest.approx(-7 / 2 * 0.25, rel=1e-6)
-    assert g[1].item() == pytest.approx(-7 / 2 * 0.25, rel=1e-6)
+    assert g[0].item() == pytest.approx(-0.25, rel=1e-6)
+    assert g[1].item() == pytest.approx(0.25, rel=1e-6)
     assert g[2].item() == 0.0
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+class _Sign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v):
+        return torch.sign(v)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _topany_reference(x, w, g, mask, w1, b1, w2, b2, detach_k=False):
+    """DynMoE's top-any forward written from SPEC §1: dense over all experts, gates z / Σz."""
+    s = torch.sigmoid(F.normalize(x, dim=-1) @ F.normalize(w, dim=0)) * mask
+    z = _Sign.apply(F.relu(s - torch.sigmoid(g)))
+    k = z.sum(-1, keepdim=True)
+    k = k.detach() if detach_k else k
+    gates = z / (k + 1e-12) if bool((k.detach() > 1).any()) else z
+    h = torch.einsum("nd,edf->enf", x, w1) + b1[:, None]
+    out = torch.einsum("enf,efd->end", F.gelu(h), w2) + b2[:, None]
+    return torch.einsum("ne,end->nd", gates, out)
+
+
+def test_topany_gradients_equal_a_differentiable_normaliser_reference():
+    torch.manual_seed(0)
+    layer = build_moe_layer(6, 5, router="topany", num_experts=4, max_experts=6, top_k=1)
+    with torch.no_grad():
+        layer.router.thresholds.copy_(torch.tensor([0.2, -0.3, 0.4, 0.0, 0.1, 0.0]))
+    x = torch.randn(40, 6)
+    y, rec = layer.train()(x)
+    ks = (rec.expert_indices >= 0).sum(-1)
+    assert int(ks.max()) > 1 and bool((ks == 1).any()) and bool((ks == 0).any())  # all cases present
+    grad_out = torch.randn_like(y)
+    (y * grad_out).sum().backward()
+    r, ex = layer.router, layer.experts
+    params = [p.detach().clone().requires_grad_(True) for p in (r.weight, r.thresholds)]
+    ref = _topany_reference(x, params[0], params[1], r.expert_mask.float(), ex.w1.detach(), ex.b1.detach(),
+                            ex.w2.detach(), ex.b2.detach())
+    assert torch.allclose(y, ref, atol=1e-5)
+    (ref * grad_out).sum().backward()
+    assert torch.allclose(r.thresholds.grad, params[1].grad, atol=1e-5)
+    assert torch.allclose(r.weight.grad, params[0].grad, atol=1e-5)
+    # a detached normaliser trains the thresholds differently, so the comparison above can fail
+    detached = params[1].detach().clone().requires_grad_(True)
+    ref_d = _topany_reference(x, params[0].detach(), detached, r.expert_mask.float(), ex.w1.detach(),
+                              ex.b1.detach(), ex.w2.detach(), ex.b2.detach(), detach_k=True)
+    (ref_d * grad_out).sum().backward()
+    assert (detached.grad - r.thresholds.grad).abs().max() > 1e-3
+
+
+def test_batch_prioritized_routing_drops_the_least_confident_tokens():
+    idx = torch.tensor([[0], [0], [0], [1]])
+    top1 = torch.tensor([0.5, 0.9, 0.7, 0.6])
+    kept, dropped = apply_capacity(idx, 2, 1)  # token order: token 0 keeps expert 0's place
+    assert kept.flatten().tolist() == [0, -1, -1, 1] and int(dropped) == 2
+    kept, dropped = apply_capacity(idx, 2, 1, priority=top1)  # most confident first: token 1
+    assert kept.flatten().tolist() == [-1, 0, -1, 1] and int(dropped) == 2
+    kept, _ = apply_capacity(idx, 2, 2, priority=top1)  # capacity 2: tokens 1 and 2 (0.9, 0.7)
+    assert kept.flatten().tolist() == [-1, 0, 0, 1]
+    # second choices still come after all first choices
+    idx2 = torch.tensor([[0, 1], [1, 0]])
+    kept, _ = apply_capacity(idx2, 2, 1, priority=torch.tensor([0.1, 0.9]))
+    assert kept.tolist() == [[0, -1], [1, -1]]
+
+
+def test_router_uses_batch_prioritized_routing_when_configured():
+    cfg = MoEConfig(router="topk", num_experts=2, top_k=1, capacity_factor=0.5, batch_prioritized_routing=True)
+    r = TopKRouter(2, cfg)
+    with torch.no_grad():
+        r.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    x = torch.tensor([[0.1, 0.0], [3.0, 0.0], [1.0, 0.0], [2.0, 0.0]])  # all prefer expert 0
+    rec = r.eval()(x)  # capacity = 1 * floor(0.5 * ceil(4/2)) = 1
+    assert rec.expert_indices.flatten().tolist() == [-1, 0, -1, -1]  # token 1 is the most confident
+    plain = TopKRouter(2, MoEConfig(router="topk", num_experts=2, top_k=1, capacity_factor=0.5))
+    plain.load_state_dict(r.state_dict())
+    assert plain.eval()(x).expert_indices.flatten().tolist() == [0, -1, -1, -1]
 
 
 def test_adaptive_pool_remove_and_add_exactly_as_spec():
@@ -189,9 +268,24 @@ def test_adaptive_pool_add_uses_first_free_slot_when_none_removed():
     assert torch.allclose(r.weight[:, 2], torch.tensor([0.5, -1.0]) / math.sqrt(1.25), atol=1e-6)
 
 
-def test_routing_is_fp32_under_autocast():
-    layer = build_moe_layer(8, 16, router="topk", num_experts=4, top_k=2)
-    x = torch.randn(5, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, rec = layer(x)
+@pytest.mark.parametrize("router,extra", [("topk", {}), ("cosine", {}), ("topany", {"max_experts": 6})])
+def test_routing_is_fp32_under_autocast(router, extra):
+    torch.manual_seed(0)
+    layer = build_moe_layer(8, 16, router=router, num_experts=4, top_k=2 if router != "topany" else 1, **extra)
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        ref = layer.router.eval()(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rec = layer.router.eval()(x)
+            rec_bf16_in = layer.router.eval()(x.bfloat16())
     assert rec.router_logits.dtype == torch.float32 and rec.router_probs.dtype == torch.float32
+    # every matmul of the router ran in fp32: the same logits as without autocast
+    assert torch.equal(rec.router_logits, ref.router_logits)
+    assert torch.equal(rec.expert_indices, ref.expert_indices)
+    assert rec_bf16_in.router_logits.dtype == torch.float32
+    # (the same matmul in bf16 would differ by far more than fp32 rounding)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        w = layer.router.weight if router != "cosine" else layer.router.proj.weight
+        lowp = x @ (w if w.shape[0] == 8 else w.t())
+    exact = x @ (w if w.shape[0] == 8 else w.t())
+    assert lowp.dtype == torch.bfloat16 and (lowp.float() - exact).abs().max() > 1e-4

@@ -24,10 +24,26 @@ def test_linear_ramp_by_hand():
 
 def test_exp_decay_by_hand():
     f = build_schedule("exp_decay", lambda_min=0.1, lambda_max=1.0, beta=0.5)
-    assert f(0, 10)[0] == 1.0
-    assert f(2, 10)[0] == 0.25
+    assert f(0, 10)[0] == 0.5  # β applied before the first step: λ_max β^(τ+1)
+    assert f(2, 10)[0] == 0.125
     assert f(10, 10)[0] == 0.1  # floor
-    assert exp_decay(3, 0, 0.0, 2.0, 0.9) == pytest.approx(2.0 * 0.9**3)
+    assert exp_decay(3, 0, 0.0, 2.0, 0.9) == pytest.approx(2.0 * 0.9**4)
+
+
+def test_exp_decay_vision_defaults_reach_the_floor_at_step_21():
+    # SPEC §3 vision: λ_max 1e-2, β 0.9, λ_min 1e-3: 1e-2 * 0.9^22 = 9.85e-4 < 1e-3 <= 1e-2 * 0.9^21
+    f = build_schedule("exp_decay", lambda_min=1e-3, lambda_max=1e-2, beta=0.9)
+    assert f(0, 5001)[0] == pytest.approx(9e-3)
+    assert f(1, 5001)[0] == pytest.approx(8.1e-3)
+    assert f(20, 5001)[0] == pytest.approx(1.0941898913151245e-3)
+    assert f(21, 5001)[0] == pytest.approx(1e-3)
+    assert f(22, 5001)[0] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("mode,extra", [("linear_ramp", {}), ("exp_decay", {"beta": 0.9})])
+def test_lambda_min_above_lambda_max_is_rejected(mode, extra):
+    with pytest.raises(ConfigError, match=r"lambda_min=0\.01 > lambda_max=0\.001.*lambda_min <= lambda_max"):
+        build_schedule(mode, lambda_min=1e-2, lambda_max=1e-3, **extra)
 
 
 def test_phased_fractions_both_directions():
