@@ -1,19 +1,22 @@
 """DomainBed results records: one JSON line per evaluation in ``<run>/results.jsonl``.
 
-Evaluation runs every ``trainer.val_check_interval`` optimizer steps (Lightning's validation loop
-over the datamodule's per-domain ``in``/``out`` loaders); this callback also stops training after
-``trainer.max_steps`` steps *with* a final evaluation (by setting ``trainer.should_stop`` on the last
-step, which makes Lightning validate). After each evaluation it appends::
+Evaluation (Lightning's validation loop over the datamodule's per-domain ``in``/``out`` loaders)
+follows DomainBed's schedule, set by :class:`callbacks.domainbed_schedule.DomainBedEvalSchedule`:
+after the first update, every ``checkpoint_freq`` (= ``trainer.val_check_interval``) updates from
+there, and after the last (``trainer.max_steps``). After each evaluation this callback appends::
 
     {"step": S, "epoch": S / steps_per_epoch, "env0_in_acc": ..., "env0_out_acc": ..., ...,
      "lambda_aux": ..., "hparams": {...}, "args": {"dataset", "algorithm", "test_envs",
      "trial_seed", "hparams_seed", "seed", "holdout_fraction", "steps", "checkpoint_freq",
      "output_dir", ...}}
 
-``S`` is the number of optimizer steps taken (DomainBed's record ``step`` counts from 0, i.e.
-ours minus one). ``hparams_seed`` null is replaced by ``md5(json(hparams)) % 2**31``, so runs of
-different hyper-parameters are told apart by model selection. When a run resumes from a checkpoint,
-records written after that checkpoint's step are dropped first (they are evaluated again).
+``S`` is DomainBed's ``step``: the 0-based index of the update just taken (optimizer steps taken
+minus one: 0, f, 2f, ..., max_steps - 1). ``hparams_seed`` null is replaced by
+``md5(json(hparams)) % 2**31``, so runs of different hyper-parameters are told apart by model
+selection. When a run resumes from a checkpoint taken after ``n`` optimizer steps, records with
+``S >= n`` are dropped first (they are evaluated again), and the file is rewritten atomically.
+A half-written last line (a kill during the append) is dropped with a
+warning naming the file; a malformed line elsewhere fails naming the file and the line.
 (The DomainBed module prints the run's per-domain table from ``self.path`` at the end of fit.)
 """
 
@@ -71,25 +74,45 @@ class DomainBedResultsCallback(Callback):
 
     @staticmethod
     def read(path: str) -> list[dict]:
+        """The records of ``path``; a half-written last line is dropped with a warning."""
         if not os.path.exists(path):
             return []
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().split("\n")
+        while lines and not lines[-1].strip():
+            lines.pop()
+        out = []
+        for i, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+            except ValueError as e:
+                if i == len(lines):
+                    import warnings
+
+                    warnings.warn(f"{path}:{i}: dropped a half-written last line ({len(line)} characters; a run "
+                                  f"killed while appending it): {e}", stacklevel=2)
+                    continue
+                raise ValueError(f"{path}:{i}: malformed record ({e}); allowed: one JSON object per line") from e
+            out.append(rec)
+        return out
 
     # --- hooks ---------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.path = self._path(trainer)
         if trainer.is_global_zero and os.path.exists(self.path):
-            step = int(trainer.global_step)
-            keep = [r for r in self.read(self.path) if int(r.get("step", -1)) <= step] if step > 0 else []
-            with open(self.path, "w") as f:
+            done = int(trainer.global_step)  # updates in the checkpoint: its records have step < done
+            keep = [r for r in self.read(self.path) if int(r.get("step", done)) < done]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
                 for r in keep:
                     f.write(json.dumps(r, sort_keys=True) + "\n")
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
-            trainer.should_stop = True  # -> Lightning runs the final validation before stopping
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
@@ -98,7 +121,7 @@ class DomainBedResultsCallback(Callback):
         if not accs:
             return
         dm = trainer.datamodule
-        step = int(trainer.global_step)
+        step = int(trainer.global_step) - 1  # DomainBed's step: index of the update just taken
         spe = float(getattr(dm, "steps_per_epoch", 0) or 0)
         record: dict[str, Any] = {"step": step, "epoch": step / spe if spe else None}
         record.update({k: float(v) for k, v in accs.items()})

@@ -13,6 +13,9 @@
   validation follows the batch: the save after the validation covers the step, and a checkpoint
   taken between the batch and its validation would resume without that validation (Lightning does
   not rerun it).
+* :class:`RunIdentityCallback` writes the run's identity (task, dataset, test_envs, method/variant,
+  backbone) into every checkpoint under ``"rmoe_run_identity"``; ``tasks.resume`` refuses to resume
+  a checkpoint of another identity.
 """
 
 from __future__ import annotations
@@ -24,6 +27,18 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+IDENTITY_KEY = "rmoe_run_identity"
+
+
+class RunIdentityCallback(Callback):
+    """Stores ``identity`` (a plain dict) in every checkpoint under :data:`IDENTITY_KEY`."""
+
+    def __init__(self, identity: dict[str, Any]):
+        self.identity = dict(identity)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[IDENTITY_KEY] = dict(self.identity)
 
 
 def collect_rng_states() -> dict[str, Any]:

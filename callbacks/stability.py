@@ -12,6 +12,11 @@ Keys (``<layer>`` is the MoE layer's index among the model's MoE layers, e.g. ``
   there are several validation dataloaders, e.g. DomainBed domains).
 
 Token counts are summed over data-parallel ranks before the statistics are computed.
+
+Lightning writes every ``on_step`` value logged from a callback hook again at each later step of the
+same epoch (the last value, until it is logged anew), so between two probes the CSV repeats the last
+probe's values. The values logged this epoch are checkpointed; a run resumed mid-epoch logs them
+once more at its first step, so its rows are those of the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -81,6 +86,10 @@ class RoutingStabilityCallback(Callback):
         self.last_fluctuation: dict[str, int] = {}
         self.history: dict[str, list] = {"step": [], "lambda": [], "phase": [], "load": {}, "pi": {}, "probe": {}}
         self._val_counts: dict[str, dict[int, Tensor]] = {}
+        # on_step values logged this epoch ({key: value}, epoch) and, after a resume, those to log again
+        self._epoch_logged: dict[str, float] = {}
+        self._epoch_logged_epoch: int | None = None
+        self._replay: tuple[int | None, dict[str, float]] | None = None
 
     # --- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -95,6 +104,18 @@ class RoutingStabilityCallback(Callback):
 
     def _log(self, pl_module: LightningModule, key: str, value: float, **kw) -> None:
         pl_module.log(key, float(value), on_step=True, on_epoch=False, logger=True, batch_size=1, **kw)
+        epoch = int(pl_module.trainer.current_epoch) if pl_module._trainer is not None else None
+        if epoch != self._epoch_logged_epoch:
+            self._epoch_logged, self._epoch_logged_epoch = {}, epoch
+        self._epoch_logged[key] = float(value)
+
+    def _replay_after_resume(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Log again the values the interrupted run had logged in this epoch (see the module docstring)."""
+        epoch, values = self._replay
+        self._replay = None
+        if epoch is not None and epoch == int(trainer.current_epoch):
+            for k, v in values.items():
+                self._log(pl_module, k, v)
 
     # --- training stream -----------------------------------------------------------------------
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -120,6 +141,8 @@ class RoutingStabilityCallback(Callback):
         layers = self._layers(pl_module)
         if not layers:
             return
+        if self._replay is not None:
+            self._replay_after_resume(trainer, pl_module)
         if step % every == 0 or step == 1:
             self._log_stream(trainer, pl_module, layers, step)
         if step % self.probe_every_n_steps == 0 or step == 1:
@@ -249,6 +272,8 @@ class RoutingStabilityCallback(Callback):
             "prev_pi": self.prev_pi,
             "last_fluctuation": self.last_fluctuation,
             "history": self.history,
+            "epoch_logged": dict(self._epoch_logged),
+            "epoch_logged_epoch": self._epoch_logged_epoch,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -258,3 +283,6 @@ class RoutingStabilityCallback(Callback):
         self.prev_pi = state["prev_pi"]
         self.last_fluctuation = state["last_fluctuation"]
         self.history = state["history"]
+        self._epoch_logged = dict(state.get("epoch_logged", {}))
+        self._epoch_logged_epoch = state.get("epoch_logged_epoch")
+        self._replay = (self._epoch_logged_epoch, dict(self._epoch_logged))

@@ -9,6 +9,14 @@
   the model — naming the file, the first mismatching keys/shapes and what the model expects
   (typically: a checkpoint of another backbone, ``moe`` option or number of experts).
 
+* checks the checkpoint's *run identity* (task, dataset, test_envs, method/variant, backbone: written
+  into every checkpoint by :class:`callbacks.resume.RunIdentityCallback`) against this run's and
+  refuses another run's checkpoint naming the differences (:class:`CheckpointIdentityError`); a
+  checkpoint without an identity (written before it was recorded) is accepted with a warning;
+* ``init_from=<ckpt>`` (``+init_from=`` on the command line) starts a *new* run from another
+  checkpoint's weights only (fine-tuning, e.g. from another task): shapes must fit, the identity is
+  not checked, and nothing else (optimizer, step, λ, loader position) is taken over.
+
 Lightning's own ``ckpt_path`` keywords (``last``, ``best``, ``hpc``, ``registry...``) and remote
 URLs (``s3://...``) are left to Lightning.
 """
@@ -21,13 +29,60 @@ from typing import Any
 
 import torch
 
+from callbacks.resume import IDENTITY_KEY
+
 SHOW = 5  # mismatching keys named in the message, per kind
 ALLOWED = ("a complete checkpoint written by rmoe-train for this model configuration "
            "(e.g. <run>/checkpoints/last.ckpt), or ckpt_path=null to start from scratch")
+IDENTITY_FIELDS = ("task_name", "task", "test_envs", "method", "variant", "backbone")
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's ``state_dict`` does not fit the model (keys or shapes)."""
+
+
+class CheckpointIdentityError(ValueError):
+    """The checkpoint was written by a run of another task, dataset, test_envs, method or backbone."""
+
+
+def run_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same run (resuming one from the other's checkpoint is allowed)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    def sel(key: str) -> Any:
+        if isinstance(cfg, DictConfig):
+            v = OmegaConf.select(cfg, key, default=None)
+            return OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node
+
+    test_envs = sel("data.test_envs")
+    return {"task_name": sel("task_name"), "task": sel("data.task") or sel("data.dataset"),
+            "test_envs": sorted(int(t) for t in test_envs) if test_envs is not None else None,
+            "method": sel("moe.name"), "variant": sel("variant") or sel("moe.name"),
+            "backbone": sel("backbone.name")}
+
+
+def check_identity(path: str, saved: Mapping[str, Any] | None, expected: Mapping[str, Any] | None) -> None:
+    """Refuse a checkpoint whose recorded run identity differs from this run's."""
+    if not expected:
+        return
+    if not saved:
+        import warnings
+
+        warnings.warn(f"ckpt_path={path!r} records no run identity (written before identities were "
+                      "recorded): its task/method/backbone cannot be checked", stacklevel=2)
+        return
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, this run {expected.get(k)!r}" for k in IDENTITY_FIELDS
+            if k in saved and k in expected and saved.get(k) != expected.get(k)]
+    if diff:
+        raise CheckpointIdentityError(
+            f"ckpt_path={path!r} was written by another run ({'; '.join(diff)}); resuming it would mix that "
+            "run's state and records into this one. Allowed: a checkpoint of this run (same task, dataset, "
+            "test_envs, method/variant and backbone), or +init_from=<ckpt> to fine-tune from its weights as "
+            "a new run")
 
 
 def _is_local_path(ckpt_path: str) -> bool:
@@ -110,11 +165,29 @@ def check_checkpoint(ckpt_path: str | os.PathLike | None, model: torch.nn.Module
     return ckpt
 
 
-def prepare_fit(trainer: Any, model: torch.nn.Module, ckpt_path: str | os.PathLike | None) -> None:
-    """Add the RNG-state callback to ``trainer`` and check ``ckpt_path`` against ``model``."""
-    from callbacks.resume import RNGStateCallback
+def init_from_checkpoint(init_from: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Load only the weights of ``init_from`` into ``model`` (a new run starting from them)."""
+    ckpt = check_checkpoint(init_from, model)
+    if ckpt is None:
+        raise ValueError(f"init_from={os.fspath(init_from)!r}: allowed: a local checkpoint file")
+    model.load_state_dict(ckpt["state_dict"], strict=bool(getattr(model, "strict_loading", True)))
+
+
+def prepare_fit(trainer: Any, model: torch.nn.Module, ckpt_path: str | os.PathLike | None,
+                identity: Mapping[str, Any] | None = None) -> int | None:
+    """Add the RNG-state and run-identity callbacks to ``trainer``; check ``ckpt_path`` against
+    ``model`` (shapes) and ``identity`` (this run's :func:`run_identity`). Returns the checkpoint's
+    global step (None without a local checkpoint)."""
+    from callbacks.resume import RNGStateCallback, RunIdentityCallback
 
     if not any(isinstance(cb, RNGStateCallback) for cb in trainer.callbacks):
         trainer.callbacks.append(RNGStateCallback())
+    if identity and not any(isinstance(cb, RunIdentityCallback) for cb in trainer.callbacks):
+        trainer.callbacks.append(RunIdentityCallback(identity))
     ckpt = check_checkpoint(ckpt_path, model)
+    if ckpt is None:
+        return None
+    check_identity(os.fspath(ckpt_path), ckpt.get(IDENTITY_KEY), identity)
+    step = int(ckpt.get("global_step", 0) or 0)
     del ckpt
+    return step

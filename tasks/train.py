@@ -16,8 +16,14 @@ so targets receive plain dicts/lists):
   or null, are skipped); ``trainer``: ``_target_: lightning.pytorch.Trainer`` and its arguments.
 * ``task_name`` names the log folder ``logs/<task_name>/{runs,multiruns}/...``; ``seed`` seeds
   Python/NumPy/torch (and dataloader workers); ``ckpt_path`` resumes; ``train``/``test`` pick stages.
+* ``init_from`` (optional, ``+init_from=<ckpt>``): start a new run from another checkpoint's weights
+  only (fine-tuning; no identity check, nothing else taken over).
 * ``paths.output_dir`` is the run folder (Hydra's output dir; set it yourself when composing a
   config outside ``@hydra.main``, e.g. in tests).
+
+Before anything is built, :func:`tasks.checks.check_config` rejects configs that would train nothing
+or fail deep inside a step. On resume the CSV logger keeps the ``metrics.csv`` rows logged before
+the checkpoint and appends (:func:`tasks.run_folder.keep_csv_history`).
 
 Returns ``(metrics, objects)``: ``metrics`` are the trainer's final ``callback_metrics`` as floats;
 ``objects`` holds ``cfg, datamodule, model, callbacks, logger, trainer``.
@@ -71,6 +77,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Instantiate datamodule, module, callbacks, loggers and trainer from ``cfg``; fit (and test)."""
     import lightning as L
 
+    from tasks.checks import check_config
+
+    check_config(cfg)
     try:
         if cfg.get("seed") is not None:
             L.seed_everything(int(cfg.seed), workers=True)
@@ -88,6 +97,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                                           _convert_="all")
         objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks,
                    "logger": loggers, "trainer": trainer}
+        from tasks.resume import init_from_checkpoint, prepare_fit, run_identity
+
+        ckpt_path = cfg.get("ckpt_path")
+        # RNG states and the run identity in checkpoints; ckpt_path fits the model and is this run's
+        resume_step = prepare_fit(trainer, model, ckpt_path, run_identity(cfg)) if cfg.get("train", True) else None
+        if cfg.get("init_from"):
+            if ckpt_path:
+                raise ValueError(f"init_from={cfg.init_from!r} and ckpt_path={ckpt_path!r} are both set; allowed: "
+                                 "one of them (ckpt_path continues a run, init_from starts a new one from its weights)")
+            init_from_checkpoint(cfg.init_from, model)
+        if loggers and resume_step is not None:
+            from tasks.jobs import is_rank_zero
+            from tasks.run_folder import keep_csv_history
+
+            if is_rank_zero():
+                keep_csv_history(loggers, resume_step)  # Lightning's CSV logger would delete metrics.csv
         if loggers:
             hparams = OmegaConf.to_container(cfg, resolve=True)
             for lg in loggers:
@@ -95,9 +120,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         datamodule.prepare_data()
         datamodule.setup("fit")
         if cfg.get("train", True):
-            from tasks.resume import prepare_fit
-            prepare_fit(trainer, model, cfg.get("ckpt_path"))  # RNG states in checkpoints; ckpt fits the model
-            trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test"):
             ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
@@ -108,36 +131,110 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         finish_wandb()
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    """``rmoe-train``: train one configuration; returns ``cfg.optimized_metric`` for sweepers.
+def _start_job(cfg: DictConfig, out_dir: str) -> bool:
+    """Rank 0, run folder locked: refuse a run that would mix records; on a continuation remove
+    ``done``; remove orphan temporary checkpoints. Returns False when ``skip_if_done`` skips the job."""
+    from tasks import jobs
+    from tasks.checkpoint_io import remove_orphan_temporaries
+    from tasks.run_folder import check_records_before_start
 
-    On success rank 0 writes ``<run>/done`` (:mod:`tasks.jobs`); ``skip_if_done=true`` skips a job
-    whose folder already has it and clears an unfinished one first."""
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.get("skip_if_done"):
+        if jobs.is_done(out_dir):
+            return False
+        if not ckpt_path:  # resuming: keep the folder's checkpoints
+            jobs.clear_partial(out_dir)
+    check_records_before_start(out_dir, ckpt_path, bool(cfg.get("skip_if_done")))
+    if ckpt_path and jobs.is_done(out_dir):
+        os.unlink(Path(out_dir) / jobs.DONE)
+        log.warning("%s: continuing a finished run from %s: removed its done file (written again when this "
+                    "attempt succeeds)", out_dir, ckpt_path)
+    remove_orphan_temporaries(Path(out_dir) / "checkpoints")
+    return True
+
+
+def _attempt(cfg: DictConfig, event: str, **extra: Any) -> dict[str, Any]:
+    import socket
+    import time
+
+    from callbacks.run_summary import hydra_overrides
+
+    return {"event": event, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pid": os.getpid(),
+            "host": socket.gethostname(), "ckpt_path": cfg.get("ckpt_path"), "overrides": hydra_overrides(),
+            **extra}
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """One job of ``rmoe-train``: train one configuration; returns ``cfg.optimized_metric`` for sweepers.
+
+    Rank 0 locks the run folder (:mod:`tasks.run_folder`) and, on success, writes ``<run>/done``
+    (:mod:`tasks.jobs`); ``skip_if_done=true`` skips a job whose folder already has it and clears an
+    unfinished one first. Each attempt is listed in ``<run>/attempts.jsonl``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tasks import jobs
+    from tasks.checks import check_config
+    from tasks.run_folder import acquire_lock, append_attempt, release_lock
 
+    check_config(cfg)  # before the run folder is touched
     out_dir = cfg.get("paths", {}).get("output_dir")
     name = cfg.get("optimized_metric")
-    if cfg.get("skip_if_done") and out_dir:
-        if jobs.is_done(out_dir):
-            recorded = jobs.read_done(out_dir).get("metrics", {})
-            log.info("%s is done (skip_if_done=true): not training again", out_dir)
-            return recorded.get(name) if name else None
-        if jobs.is_rank_zero() and not cfg.get("ckpt_path"):  # resuming: keep the folder's checkpoints
-            jobs.clear_partial(out_dir)
-    metrics, objects = train(cfg)
-    trainer = objects.get("trainer")
-    if out_dir and (trainer.is_global_zero if trainer is not None else jobs.is_rank_zero()):
-        from callbacks.run_summary import git_commit
+    owner = bool(out_dir) and jobs.is_rank_zero()
+    if owner:
+        acquire_lock(out_dir)
+    try:
+        if owner:
+            if not _start_job(cfg, out_dir):
+                recorded = jobs.read_done(out_dir).get("metrics", {})
+                log.info("%s is done (skip_if_done=true): not training again", out_dir)
+                return recorded.get(name) if name else None
+            append_attempt(out_dir, _attempt(cfg, "start"))
+        try:
+            metrics, objects = train(cfg)
+        except BaseException as e:
+            if owner:
+                append_attempt(out_dir, _attempt(cfg, "failed", error=f"{type(e).__name__}: {e}"[:2000]))
+            raise
+        trainer = objects.get("trainer")
+        if out_dir and (trainer.is_global_zero if trainer is not None else jobs.is_rank_zero()):
+            from callbacks.run_summary import git_commit
 
-        jobs.mark_done(out_dir, metrics, git_commit())
+            jobs.mark_done(out_dir, metrics, git_commit())
+            append_attempt(out_dir, _attempt(cfg, "done", global_step=int(trainer.global_step) if trainer else None))
+    finally:
+        if owner:
+            release_lock(out_dir)
     if not name:
         return None
     if name not in metrics:
         log.warning("optimized_metric=%r was not logged (no validation ran?); logged: %s", name, sorted(metrics))
         return None
     return metrics[name]
+
+
+def main() -> None:
+    """``rmoe-train``. A ``ckpt_path`` inside a run folder continues that run in place (adds
+    ``hydra.run.dir=<run>``); a single run whose folder is known from the command line locks it
+    before Hydra writes ``.hydra/`` into it, so a second run into a busy folder changes nothing."""
+    import sys
+
+    from tasks import jobs
+    from tasks.run_folder import RunFolderError, acquire_lock, plan_from_argv, release_lock
+
+    argv, run_dir = plan_from_argv(sys.argv[1:])
+    sys.argv[1:] = argv
+    held = run_dir if run_dir and "${" not in run_dir and jobs.is_rank_zero() else None
+    if held:
+        try:
+            acquire_lock(held)
+        except RunFolderError as e:
+            print(f"rmoe-train: error: {e}", file=sys.stderr)
+            sys.exit(1)
+    try:
+        _hydra_main()
+    finally:
+        if held:
+            release_lock(held)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,225 @@
+"""Checks on the composed config that make every accepted run train something real.
+
+:func:`check_config` is called by :func:`tasks.train.train` (and ``rmoe-train`` before it touches the
+run folder) before anything is built. Each violation raises :class:`ConfigError` whose message names
+the key, the value and what is allowed:
+
+* ``trainer.max_steps``: -1 (no step limit, ``trainer.max_epochs`` decides) or an integer >= 1;
+  ``trainer.max_epochs`` >= 1 when there is no step limit (-1 with ``max_steps=-1`` would never
+  end); ``trainer.limit_train_batches`` not 0;
+* ``moe.layers`` for an MoE method (``moe.router`` not null): a non-empty list of distinct integer
+  layer indices within the backbone's depth (when it is known from the config);
+* ``data.test_envs`` (DomainBed): a non-empty list of distinct environment indices that leaves at
+  least one training environment;
+* ``module.lr`` and every other ``module.*lr``: a finite number > 0; ``module.weight_decay``: a
+  finite number >= 0;
+* ``data.max_length`` (text backbones): at most the backbone's ``max_position_embeddings``;
+* ``seed``, ``data.data_seed``, ``data.trial_seed``: integers in [0, 2**32 - 1];
+* ``logger.wandb.mode``: null | online | offline | disabled.
+
+(λ's ``lambda_min <= lambda_max`` and the phase checks live with the schedules in ``rmoe``.)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+SEED_MAX = 2**32 - 1
+WANDB_MODES = (None, "online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be trained; the message names the key, the value and what is allowed."""
+
+
+def _fail(key: str, value: Any, allowed: str, why: str = "") -> None:
+    raise ConfigError(f"invalid config: {key}={value!r}{f' ({why})' if why else ''}; allowed: {allowed}")
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, DictConfig):
+        v = OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
+        return OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _has(cfg: Any, key: str) -> bool:
+    sentinel = object()
+    return _get(cfg, key, sentinel) is not sentinel
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+def check_trainer(cfg: Any) -> None:
+    if _get(cfg, "trainer.fast_dev_run"):
+        return
+    steps = _get(cfg, "trainer.max_steps", -1)
+    steps = -1 if steps is None else steps
+    if not _is_int(steps) or not (steps == -1 or steps >= 1):
+        _fail("trainer.max_steps", steps, "-1 (no step limit; trainer.max_epochs decides) or an integer >= 1",
+              "a run of 0 steps trains nothing" if steps == 0 else "")
+    epochs = _get(cfg, "trainer.max_epochs", None)
+    if epochs is not None and (not _is_int(epochs) or not (epochs == -1 or epochs >= 1)):
+        _fail("trainer.max_epochs", epochs, "-1 (no epoch limit; trainer.max_steps decides) or an integer >= 1")
+    if steps == -1 and (epochs is None or epochs == -1) and _has(cfg, "trainer.max_epochs"):
+        _fail("trainer.max_epochs", epochs, "an integer >= 1 when trainer.max_steps=-1",
+              "with trainer.max_steps=-1 the run would never end")
+    limit = _get(cfg, "trainer.limit_train_batches", None)
+    if limit is not None and (not _is_number(limit) or limit <= 0 or not math.isfinite(float(limit))):
+        _fail("trainer.limit_train_batches", limit, "a fraction in (0, 1] or an integer >= 1")
+
+
+@functools.lru_cache(maxsize=16)
+def _hf_config(pretrained: str) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    from tasks.common import resolve_model_path
+
+    return AutoConfig.from_pretrained(resolve_model_path(pretrained)).to_dict()
+
+
+def backbone_geometry(backbone: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
+    """``(number of layers/blocks, max positions)`` of the backbone when the config tells (None if not)."""
+    if not backbone:
+        return None, None
+    conf = backbone.get("config")
+    if isinstance(conf, Mapping):
+        depth = conf.get("num_hidden_layers")
+        return (int(depth) if depth is not None else None,
+                int(conf.get("max_position_embeddings", 512)) if conf.get("model_type") else None)
+    pretrained = backbone.get("pretrained")
+    if isinstance(pretrained, str) and pretrained and "tokenizer" in backbone:  # a Hugging Face text encoder
+        try:
+            hf = _hf_config(pretrained)
+        except Exception:  # noqa: BLE001 - the module reports an unloadable backbone itself
+            return None, None
+        depth, pos = hf.get("num_hidden_layers"), hf.get("max_position_embeddings")
+        return (int(depth) if depth is not None else None, int(pos) if pos is not None else None)
+    depth = backbone.get("depth")
+    if _is_int(depth) and not backbone.get("arch"):
+        return int(depth), None
+    return None, None
+
+
+def check_moe(cfg: Any) -> None:
+    moe = _get(cfg, "moe")
+    if not isinstance(moe, Mapping) or moe.get("router") is None:
+        return
+    name = moe.get("name", "?")
+    layers = moe.get("layers")
+    if _is_int(layers):
+        layers = [layers]
+    depth, _ = backbone_geometry(_get(cfg, "backbone"))
+    where = f"distinct integer layer indices in [0, {depth - 1}]" if depth else "distinct integer layer indices >= 0"
+    allowed = f"a non-empty list of {where} (moe={name} puts its MoE layers there; moe=dense for no MoE)"
+    if not isinstance(layers, (list, tuple)) or not layers:
+        _fail("moe.layers", layers, allowed, f"moe={name} with no MoE layer would train the dense model")
+    if not all(_is_int(i) for i in layers):
+        _fail("moe.layers", list(layers), allowed)
+    if len(set(layers)) != len(layers):
+        dup = sorted({i for i in layers if list(layers).count(i) > 1})
+        _fail("moe.layers", list(layers), allowed, f"layer(s) {dup} repeated")
+    bad = [i for i in layers if i < 0 or (depth is not None and i >= depth)]
+    if bad:
+        _fail("moe.layers", list(layers), allowed,
+              f"{bad} outside the backbone's {depth} layers" if depth else f"{bad} negative")
+
+
+def check_test_envs(cfg: Any) -> None:
+    if not _has(cfg, "data.test_envs") or _get(cfg, "data.dataset") is None:
+        return
+    envs = _get(cfg, "data.test_envs")
+    dataset = _get(cfg, "data.dataset")
+    try:
+        from tasks.domainbed.datasets import DomainBedDataError, get_dataset_class
+        from tasks.domainbed.datasets import check_test_envs as check
+
+        environments = list(get_dataset_class(dataset).ENVIRONMENTS)
+    except (ImportError, ValueError):
+        return  # the datamodule names an unknown dataset itself
+    allowed = (f"a non-empty list of distinct indices of {dataset}'s environments "
+               f"({', '.join(f'{i}={e}' for i, e in enumerate(environments))}) leaving at least one for training")
+    if not isinstance(envs, (list, tuple)) or not envs:
+        _fail("data.test_envs", envs, allowed, "no test environment: nothing is held out to test on")
+    try:
+        check(dataset, environments, list(envs))
+    except DomainBedDataError as e:
+        _fail("data.test_envs", list(envs), allowed, str(e))
+
+
+def check_learning_rates(cfg: Any) -> None:
+    module = _get(cfg, "module")
+    if not isinstance(module, Mapping):
+        return
+    for k, v in module.items():
+        if not (k == "lr" or k.endswith("_lr")):
+            continue
+        if v is None and k != "lr":
+            continue
+        if not _is_number(v) or not math.isfinite(float(v)) or float(v) <= 0:
+            _fail(f"module.{k}", v, "a finite number > 0")
+    wd = module.get("weight_decay")
+    if wd is not None and (not _is_number(wd) or not math.isfinite(float(wd)) or float(wd) < 0):
+        _fail("module.weight_decay", wd, "a finite number >= 0")
+
+
+def check_max_length(cfg: Any) -> None:
+    if not _has(cfg, "data.max_length"):
+        return
+    ml = _get(cfg, "data.max_length")
+    _, positions = backbone_geometry(_get(cfg, "backbone"))
+    name = _get(cfg, "backbone.name", "?")
+    if positions is None:
+        return
+    if not _is_int(ml) or not 1 <= ml <= positions:
+        _fail("data.max_length", ml, f"an integer in [1, {positions}] (backbone {name} has {positions} "
+                                     "position embeddings)")
+
+
+def check_seeds(cfg: Any) -> None:
+    for key in ("seed", "data.data_seed", "data.trial_seed"):
+        if not _has(cfg, key):
+            continue
+        v = _get(cfg, key)
+        if v is None and key != "seed":
+            continue
+        if v is None:
+            continue  # seed=null: not seeded (allowed by train())
+        if not _is_int(v) or not 0 <= v <= SEED_MAX:
+            _fail(key, v, f"an integer in [0, {SEED_MAX}]")
+
+
+def check_wandb(cfg: Any) -> None:
+    if not _has(cfg, "logger.wandb") or _get(cfg, "logger.wandb._target_") is None:
+        return
+    mode = _get(cfg, "logger.wandb.mode")
+    if mode not in WANDB_MODES:
+        _fail("logger.wandb.mode", mode, "null (auto: online with an API key and a reachable host, else "
+                                         "offline) | online | offline | disabled")
+
+
+CHECKS = (check_trainer, check_moe, check_test_envs, check_learning_rates, check_max_length, check_seeds,
+          check_wandb)
+
+
+def check_config(cfg: Any) -> None:
+    """Run every check above on the composed config (see the module docstring)."""
+    for check in CHECKS:
+        check(cfg)
