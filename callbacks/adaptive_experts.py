@@ -3,9 +3,9 @@
 
 Modes:
 
-* ``epoch`` (GLUE): with ``n`` training batches per epoch, open a recording window before batch
-  ``n // 2`` and call ``router.adapt()`` after batch ``max(3n // 4, n // 2 + 1) - 1`` — the window is the
-  third quarter of the epoch.
+* ``epoch`` (GLUE): with ``n`` training batches per epoch, record batches ``n // 2`` to ``3n // 4``,
+  both included (DynMoE's GLUE script), then call ``router.adapt()`` after batch ``3n // 4`` (the
+  last batch when ``3n // 4`` is past the end).
 * ``every_step`` (DomainBed): record every batch and ``adapt()`` after every optimizer step
   (every ``accumulate_grad_batches`` batches), then open the next window.
 
@@ -40,9 +40,9 @@ class AdaptiveExpertsCallback(Callback):
     @staticmethod
     def window(num_batches: int) -> tuple[int, int]:
         """``(start, end)`` batch indices of the epoch-mode recording window: record batches
-        ``start .. end-1``, adapt after batch ``end - 1``."""
+        ``start .. end-1`` (= ``n // 2 .. 3n // 4`` inclusive), adapt after batch ``end - 1``."""
         start = num_batches // 2
-        return start, max((3 * num_batches) // 4, start + 1)
+        return start, max(min((3 * num_batches) // 4 + 1, num_batches), start + 1)
 
     def _num_batches(self, trainer: L.Trainer) -> int:
         n = trainer.num_training_batches

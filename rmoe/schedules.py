@@ -117,18 +117,28 @@ def phased(step: int, total_steps: int, phases: Sequence[Phase], units: str = "f
 Schedule = Callable[[int, int], "tuple[float, str]"]
 
 
+PARAMS = ("lambda0", "lambda_min", "lambda_max", "beta", "phases", "units")
+MODE_PARAMS = {"constant": ("lambda0",), "linear_ramp": ("lambda_min", "lambda_max"),
+               "exp_decay": ("lambda_min", "lambda_max", "beta"), "phased": ("phases", "units")}
+
+
 def build_schedule(mode: str, **params: Any) -> Schedule:
     """Validate parameters and return ``f(step, total_steps) -> (lambda, phase)``.
 
     constant: ``lambda0``; linear_ramp: ``lambda_min, lambda_max``; exp_decay:
-    ``lambda_min, lambda_max, beta`` (0 < β <= 1); phased: ``phases, units``.
+    ``lambda_min, lambda_max, beta`` (0 < β <= 1); phased: ``phases, units``. Parameters of the
+    other modes may be present and are not read (a protocol states its benchmark's ``lambda0``
+    beside its ramp, for the curriculum-off ablation); any other key is an error.
     """
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(f"invalid curriculum: {k}={params[k]!r} is not a curriculum parameter; "
+                          f"allowed: mode, {', '.join(PARAMS)}")
+    if mode not in MODE_PARAMS:
+        raise ConfigError(f"invalid curriculum: mode={mode!r}; allowed: {'|'.join(SCHEDULES)}")
+
     def need(*names: str) -> dict:
-        unknown = set(params) - set(names)
-        if unknown:
-            k = sorted(unknown)[0]
-            raise ConfigError(f"invalid curriculum: {k}={params[k]!r} is not a parameter of {mode!r}; "
-                              f"allowed: {', '.join(names)}")
         missing = [n for n in names if n not in params and n != "units"]
         if missing:
             raise ConfigError(f"invalid curriculum: {missing[0]} missing for mode {mode!r}")

@@ -46,35 +46,45 @@ def fit(cb, xs, accumulate=1):
 
 
 def test_window_arithmetic():
-    assert AdaptiveExpertsCallback.window(8) == (4, 6)
-    assert AdaptiveExpertsCallback.window(100) == (50, 75)
+    # record batches n//2 .. 3n//4, both ends included (DynMoE's GLUE script)
+    assert AdaptiveExpertsCallback.window(8) == (4, 7)
+    assert AdaptiveExpertsCallback.window(100) == (50, 76)
+    assert AdaptiveExpertsCallback.window(4) == (2, 4)
     assert AdaptiveExpertsCallback.window(2) == (1, 2)
     assert AdaptiveExpertsCallback.window(1) == (0, 1)
 
 
 def test_epoch_mode_records_third_quarter_then_adapts():
-    # batches 0-3 route to expert 1 only (outside the window: not counted); 4 and 5 (the window) send
-    # one token to expert 0 and one to no expert; 6 and 7 come after the update
-    xs = [-E0] * 4 + [E0, E2] + [-E0] * 2
+    # batches 0-3 route to expert 1 only (outside the window: not counted); 4, 5 and 6 (the window,
+    # 8//2 .. 3*8//4 inclusive) send two tokens to expert 0 and one to no expert; 7 comes after the update
+    xs = [-E0] * 4 + [E0, E2, E0] + [-E0]
     cb = AdaptiveExpertsCallback(mode="epoch")
     module = fit(cb, xs)
     initial = [True, True, False, False]
-    assert module.masks[:5] == [initial] * 5  # nothing changes before the end of batch 5
+    assert module.masks[:6] == [initial] * 6  # nothing changes before the end of batch 6
     # expert 1 got no token in the window -> removed; the unrouted token opens the first free slot (1)
     # with W[:, 1] = normalize(sum of unrouted x) = e2 and threshold 0
-    assert module.masks[5] == [True, True, False, False]
-    assert cb.updates == [{"step": 6, "router": 0, "removed": [1], "added": [1]}]
+    assert module.masks[6] == [True, True, False, False]
+    assert cb.updates == [{"step": 7, "router": 0, "removed": [1], "added": [1]}]
     assert torch.allclose(module.moe.router.weight[:, 1], E2)
     assert float(module.moe.router.thresholds[1]) == 0.0
-    assert module.masks[6:] == [initial] * 2 and not bool(module.moe.router.recording)
+    assert module.masks[7:] == [initial] and not bool(module.moe.router.recording)
+
+
+def test_epoch_mode_window_includes_batch_3n_over_4():
+    # the only token that uses expert 1 arrives at batch 6 = 3*8//4: inside the window, so expert 1 stays
+    xs = [E0] * 6 + [-E0] + [E0]
+    cb = AdaptiveExpertsCallback(mode="epoch")
+    fit(cb, xs)
+    assert cb.updates == [{"step": 7, "router": 0, "removed": [], "added": []}]
 
 
 def test_epoch_mode_without_unrouted_tokens_only_removes():
     xs = [E0] * 8  # expert 1 never used in the window, no unrouted token
     cb = AdaptiveExpertsCallback(mode="epoch")
     module = fit(cb, xs)
-    assert module.masks[5] == [True, False, False, False]
-    assert cb.updates == [{"step": 6, "router": 0, "removed": [1], "added": []}]
+    assert module.masks[6] == [True, False, False, False]
+    assert cb.updates == [{"step": 7, "router": 0, "removed": [1], "added": []}]
 
 
 def test_every_step_mode_adapts_after_each_optimizer_step():

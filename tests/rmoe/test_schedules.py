@@ -82,7 +82,7 @@ def test_phased_absolute_steps():
     ({"mode": "constant", "lambda0": math.nan}, "lambda0=nan"),
     ({"mode": "exp_decay", "lambda_min": 0, "lambda_max": 1, "beta": 1.5}, "beta=1.5"),
     ({"mode": "cosine"}, "mode='cosine'"),
-    ({"mode": "constant", "lambda0": 1, "lambda_max": 2}, "lambda_max=2"),
+    ({"mode": "constant", "lambda0": 1, "lambda_maxx": 2}, "lambda_maxx=2"),  # a typo, not another mode's key
 ])
 def test_bad_schedules_fail_with_key_and_value(kwargs, needle):
     kwargs = dict(kwargs)
@@ -90,3 +90,11 @@ def test_bad_schedules_fail_with_key_and_value(kwargs, needle):
     with pytest.raises(ConfigError) as err:
         build_schedule(mode, **kwargs)
     assert needle in str(err.value) and "allowed" in str(err.value)
+
+
+def test_other_modes_parameters_are_carried_but_not_read():
+    # a protocol states its benchmark's lambda0 beside its ramp; switching the mode picks the right one
+    params = {"lambda0": 0.5, "lambda_min": 1e-3, "lambda_max": 1e-2, "beta": 0.9}
+    assert build_schedule("constant", **params)(7, 10)[0] == 0.5
+    assert build_schedule("linear_ramp", **params)(5, 10)[0] == pytest.approx(1e-3 + 0.5 * 9e-3)
+    assert build_schedule("exp_decay", **params)(0, 10)[0] == pytest.approx(9e-3)
