@@ -3,20 +3,23 @@
 training seed ``seed_hash(dataset, algorithm, test_envs, hparams_seed, trial_seed)`` and the evaluation
 schedule (after the first update, every ``checkpoint_freq`` updates, after the last)."""
 
+import csv
 import gzip
 import hashlib
+import json
 import os
 
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 import tasks.common  # noqa: F401  (config resolvers)
+from callbacks.domainbed_schedule import domainbed_should_evaluate
 from tasks.domainbed.datasets import rotate_uint8
-from tasks.train import CONF_DIR
+from tasks.train import CONF_DIR, train
 
 
 def _first_mnist_images(data_dir, n):
@@ -84,8 +87,43 @@ def test_domainbed_run_seed_is_the_sweep_seed_hash_unless_given():
     t1 = _compose(exp + ["data.trial_seed=1"])
     assert t1.seed == _reference_seed_hash("RotatedMNIST", "RMoE", [0], 0, 1) != cfg.seed
     other = _compose(["task=domainbed/pacs", "data.test_envs=[2]", "data.hparams_seed=3"])
-    assert other.seed == _reference_seed_hash("PACS", "rmoe", [2], 3, 0)
+    alg = other.module.algorithm
+    assert isinstance(alg, str) and other.seed == _reference_seed_hash("PACS", alg, [2], 3, 0)
     assert other.callbacks.domainbed_results.args.hparams_seed == 3
 
     fixed = _compose(exp + ["data.trial_seed=1", "seed=5"])
     assert fixed.seed == 5 and fixed.callbacks.domainbed_results.args.seed == 5 and fixed.datamodule.seed == 5
+
+
+# --- evaluation schedule ---------------------------------------------------------------------------
+
+def _domainbed_eval_steps(n_steps, checkpoint_freq):
+    """The ``step`` values DomainBed's train.py records (its loop, written out here)."""
+    return [step for step in range(n_steps) if step % checkpoint_freq == 0 or step == n_steps - 1]
+
+
+@pytest.mark.parametrize("n_steps,freq", [(7, 3), (9, 3), (5001, 300), (1, 5), (10, 1)])
+def test_schedule_rule_matches_domainbeds_loop(n_steps, freq):
+    ours = [u - 1 for u in range(0, n_steps + 1) if domainbed_should_evaluate(u, freq, n_steps)]  # u: updates
+    assert ours == _domainbed_eval_steps(n_steps, freq)
+
+
+TINY = ["data.batch_size=4", "data.eval_batch_size=256", "logger=csv", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "backbone.embed_dim=16", "backbone.num_heads=2", "backbone.depth=2",
+        "backbone.moe_layers=[1]", "callbacks.routing_stability.plots=false"]
+
+
+def test_short_run_evaluates_on_domainbeds_schedule(tmp_path):
+    cfg = _compose(["task=domainbed/rotated_digits", "trainer.max_steps=7", "trainer.val_check_interval=3", *TINY])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    train(cfg)
+    with open(tmp_path / "results.jsonl") as f:
+        recs = [json.loads(line) for line in f]
+    assert [r["step"] for r in recs] == _domainbed_eval_steps(7, 3) == [0, 3, 6]
+    assert all(r["args"]["checkpoint_freq"] == 3 and r["args"]["steps"] == 7 for r in recs)
+    # Lightning validated exactly three times, after updates 1, 4 and 7 (its loggers number a validation
+    # after update u as step u - 1, DomainBed's numbering)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({int(r["step"]) for r in rows if r.get("val/score")}) == [0, 3, 6]

@@ -51,7 +51,9 @@ def test_train_resume_and_records(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     metrics, objs = train(make_cfg(straight, TINY + ["trainer.max_steps=9"]))
     recs = records(straight)
-    assert [r["step"] for r in recs] == [3, 6, 9]  # every checkpoint_freq steps and the last step
+    # DomainBed's schedule and numbering (step = index of the update just taken): after the first
+    # update, when step % checkpoint_freq == 0, and after the last update (step 8 of 0..8)
+    assert [r["step"] for r in recs] == [0, 3, 6, 8]
     r = recs[-1]
     for i in range(6):
         assert 0.0 <= r[f"env{i}_in_acc"] <= 1.0 and 0.0 <= r[f"env{i}_out_acc"] <= 1.0
@@ -59,18 +61,19 @@ def test_train_resume_and_records(tmp_path):
     assert (a["dataset"], a["algorithm"], a["test_envs"], a["trial_seed"], a["steps"], a["checkpoint_freq"]) == (
         "RotatedDigits", "rmoe", [0], 0, 9, 3)
     assert r["hparams"]["lr"] == 1e-3 and r["hparams"]["moe"]["router"] == "topany"
-    # epoch = step / DomainBed's steps_per_epoch = min_e len(in_e) / batch (240 / 4 = 60 -> 9 / 60)
-    assert r["epoch"] == pytest.approx(9 / (min(objs["datamodule"].describe()["in_sizes"]) / 4))
+    # epoch = step / DomainBed's steps_per_epoch = min_e len(in_e) / batch (240 / 4 = 60 -> 8 / 60)
+    assert r["epoch"] == pytest.approx(8 / (min(objs["datamodule"].describe()["in_sizes"]) / 4))
     # val/score: mean out accuracy of the training domains
     assert metrics["val/score"] == pytest.approx(sum(r[f"env{i}_out_acc"] for i in range(1, 6)) / 5, abs=1e-6)
 
-    train(make_cfg(split, TINY + ["trainer.max_steps=6"]))
-    assert [r["step"] for r in records(split)] == [3, 6]
+    # 7 updates end on a scheduled evaluation (step 6): its last.ckpt is saved after that evaluation
+    train(make_cfg(split, TINY + ["trainer.max_steps=7"]))
+    assert [r["step"] for r in records(split)] == [0, 3, 6]
     ckpt = split / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
     _, objs2 = train(make_cfg(split, TINY + ["trainer.max_steps=9", f"ckpt_path={ckpt}"]))
     resumed = records(split)
-    assert [r["step"] for r in resumed] == [3, 6, 9]
+    assert [r["step"] for r in resumed] == [0, 3, 6, 8]  # step 6 neither lost nor evaluated twice
     # the resumed run sees the same batches and states as the uninterrupted one
     for k in recs[-1]:
         if k.endswith("_acc"):
@@ -87,9 +90,13 @@ def test_resume_drops_records_after_the_checkpoint(tmp_path):
                                 "callbacks.model_checkpoint.filename='s{step}'"]))
     ckpts = sorted(os.listdir(out / "checkpoints"))
     assert "s3.ckpt" in ckpts
-    assert [r["step"] for r in records(out)] == [3, 6]
+    assert [r["step"] for r in records(out)] == [0, 3, 5]
+    before = records(out)
+    # s3.ckpt: 3 updates (steps 0..2); the records of steps 3 and 5 are dropped, then evaluated again
     train(make_cfg(out, TINY + ["trainer.max_steps=6", f"ckpt_path={out / 'checkpoints' / 's3.ckpt'}"]))
-    assert [r["step"] for r in records(out)] == [3, 6]
+    after = records(out)
+    assert [r["step"] for r in after] == [0, 3, 5]
+    assert after[0] == before[0]
 
 
 def test_bad_test_envs_fail_before_training(tmp_path):

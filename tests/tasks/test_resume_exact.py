@@ -28,8 +28,9 @@ GLUE = ["task=glue/cola", "backbone=tiny_bert", "moe=rmoe", "moe.num_experts=2",
         "data.max_train_samples=40", "data.batch_size=8", "data.max_eval_samples=16", "data.max_length=32",
         "trainer.max_epochs=3", "callbacks.last_checkpoint.every_n_train_steps=3",
         "callbacks.routing_stability.probe_every_n_steps=2", *COMMON]
-# RotatedDigits, ViT + RMoE (pool adapted every step), 24 steps of one endless stream, validation every
-# 10 steps; last.ckpt every 4 steps (4, 8, 12, 16, 20) and after each validation
+# RotatedDigits, ViT + RMoE (pool adapted every step), 24 steps of one endless stream, validation on
+# DomainBed's schedule with checkpoint_freq 10 (after updates 1, 11, 21, 24 = DomainBed steps 0, 10, 20, 23);
+# last.ckpt every 4 steps (4, 8, 12, 16, 20) and after each validation
 DOMAINBED = ["task=domainbed/rotated_digits", "trainer.max_steps=24", "trainer.val_check_interval=10",
              "callbacks.last_checkpoint.every_n_train_steps=4", "callbacks.routing_stability.probe_every_n_steps=3",
              *COMMON]
@@ -193,15 +194,18 @@ def test_domainbed_sigkill_mid_stream_then_resume_matches_uninterrupted_run(tmp_
     full = tmp_path / "full"
     run_train(full, DOMAINBED)
     saved, resumed = kill_then_resume(tmp_path, DOMAINBED, kill_step=14)
-    assert saved["global_step"] == 12  # a step save between the validations at 10 and 20
+    assert saved["global_step"] == 12  # a step save between the validations after updates 11 and 21
     assert_same_final_state(full, resumed)
     assert_same_history(full, resumed)
-    # DomainBed's records: the resumed run's evaluations (steps 20, 24) are the uninterrupted run's
+    # DomainBed's records: the killed run's before the checkpoint (steps 0, 10), then the resumed run's
+    # (steps 20, 23), equal to the uninterrupted run's
     import json
 
     def records(d):
         with open(d / "results.jsonl") as f:
-            return {r["step"]: {k: v for k, v in r.items() if k.startswith("env")} for r in map(json.loads, f)}
+            recs = [json.loads(line) for line in f]
+        return [r["step"] for r in recs], {r["step"]: {k: v for k, v in r.items() if k.startswith("env")} for r in recs}
 
-    ra, rb = records(full), records(resumed)
-    assert sorted(rb) == [10, 20, 24] and all(ra[s] == rb[s] for s in rb)
+    (steps_a, ra), (steps_b, rb) = records(full), records(resumed)
+    assert steps_a == steps_b == [0, 10, 20, 23]  # in order, no step twice
+    assert all(ra[s] == rb[s] for s in rb)

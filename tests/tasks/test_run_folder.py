@@ -1,0 +1,218 @@
+"""Run folders (tasks/run_folder.py, rmoe-train's main): one process owns a folder, a continuation
+happens in place and keeps the history, and nothing a collector counts is left by a run that did not
+finish. Real ``python -m tasks.train`` processes on tiny BERT + CoLA; real lock files and CSV files."""
+
+import csv
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tasks import jobs
+from tasks.results import load_summaries
+from tasks.run_folder import (
+    LOCK,
+    RunFolderBusyError,
+    acquire_lock,
+    keep_csv_history,
+    lock_holder,
+    plan_from_argv,
+    release_lock,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HELPERS = os.path.dirname(os.path.abspath(__file__))  # _run_helpers.py
+FAST = ["task=glue/cola", "backbone=tiny_bert", "debug=fast", "moe=moe_topk", "callbacks.routing_stability.plots=false"]
+
+
+@pytest.fixture(autouse=True)
+def _needs_data(data_dir):
+    return data_dir
+
+
+def start(args, run_dir=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline",
+               PYTHONPATH=os.pathsep.join([HELPERS, ROOT, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "tasks.train", *args, *([f"hydra.run.dir={run_dir}"] if run_dir else [])]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(args, run_dir=None, timeout=300):
+    proc = start(args, run_dir)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out + err
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run (one epoch of 4 steps, done); tests copy it before changing it."""
+    if not os.path.isdir(os.environ.get("RMOE_DATA_DIR", "")):
+        pytest.skip("RMOE_DATA_DIR is not set to the offline data folder")
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    code, out = run(FAST, run_dir)
+    assert code == 0, out[-3000:]
+    return run_dir
+
+
+def copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def counted(folder):
+    """Run folders the collectors count below ``folder`` (those with a done file)."""
+    summaries, _ = load_summaries(str(folder))
+    return summaries
+
+
+def test_a_second_run_into_a_busy_folder_fails_at_once_naming_the_holder(tmp_path):
+    run_dir, ready, go = tmp_path / "run", tmp_path / "ready", tmp_path / "go"
+    first = start([*FAST, "seed=0", "+callbacks.wait._target_=_run_helpers.WaitForFile",
+                   f"+callbacks.wait.ready={ready}", f"+callbacks.wait.go={go}"], run_dir)
+    try:
+        t0 = time.monotonic()
+        while not ready.exists():  # the first run is training (paused at its first batch)
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() - t0 < 240
+            time.sleep(0.1)
+        overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+        code, out = run([*FAST, "seed=1"], run_dir)  # same folder, another config
+        assert code != 0
+        holder = lock_holder(run_dir)
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+        host = socket.gethostname()
+        assert f"run folder '{run_dir}' is in use by another run: pid {first.pid} on host {host!r}" in out
+        assert "allowed: a folder no other run is using" in out
+        # the second run changed nothing in the folder: not even Hydra's record of the overrides
+        assert (run_dir / ".hydra" / "overrides.yaml").read_text() == overrides
+        assert "seed=0" in overrides
+    finally:
+        go.touch()
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    # one run's records: each step logged once, one last checkpoint, the lock gone
+    steps = [int(r["step"]) for r in rows(run_dir / "metrics.csv") if r.get("train/loss")]
+    assert steps == [0, 1, 2, 3]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["best_epoch000.ckpt", "last.ckpt"]
+    assert jobs.is_done(run_dir) and not (run_dir / LOCK).exists()
+    assert "seed=0" in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, caplog):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # that process has exited
+    (tmp_path / LOCK).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "start": None,
+                                             "since": "2026-01-01T00:00:00Z"}))
+    with caplog.at_level(logging.WARNING, logger="tasks.run_folder"):
+        acquire_lock(tmp_path)
+    assert f"taking over the stale lock of pid {pid}" in caplog.text
+    assert lock_holder(tmp_path)["pid"] == os.getpid()
+    acquire_lock(tmp_path)  # re-entrant in the owning process
+    release_lock(tmp_path)
+    assert (tmp_path / LOCK).exists()
+    release_lock(tmp_path)
+    assert not (tmp_path / LOCK).exists()
+    # a live holder (pid 1, this host) is not taken over; another host's lock cannot be judged
+    for holder in ({"pid": 1, "host": socket.gethostname()}, {"pid": pid, "host": "elsewhere.example"}):
+        (tmp_path / LOCK).write_text(json.dumps({**holder, "since": "x"}))
+        with pytest.raises(RunFolderBusyError, match=f"pid {holder['pid']} on host '{holder['host']}'"):
+            acquire_lock(tmp_path)
+        assert lock_holder(tmp_path)["pid"] == holder["pid"]
+
+
+def test_a_checkpoint_path_inside_a_run_folder_continues_that_run_in_place(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    argv, where = plan_from_argv(["moe=rmoe", f"ckpt_path={ckpt}"])
+    assert where == str(run_dir) and argv[-1] == f"hydra.run.dir={run_dir}"
+    # an explicit folder, a multirun, or a checkpoint outside any run folder: left alone
+    explicit = [f"ckpt_path={ckpt}", "hydra.run.dir=/x"]
+    assert plan_from_argv(explicit) == (explicit, "/x")
+    assert plan_from_argv(["-m", f"ckpt_path={ckpt}"])[1] is None
+    assert plan_from_argv([f"ckpt_path={tmp_path / 'w.ckpt'}"])[1] is None
+
+
+def test_continuing_a_finished_run_removes_done_until_it_succeeds_and_keeps_the_history(tmp_path, finished_run):
+    run_dir = copy_run(finished_run, tmp_path / "run")  # one epoch of 4 steps
+    assert jobs.is_done(run_dir) and len(counted(tmp_path)) == 1
+    first = [r for r in rows(run_dir / "metrics.csv")]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    orphan = run_dir / "checkpoints" / ".tmp-killedsave.ckpt"  # a save killed mid-way leaves this
+    orphan.write_bytes(b"partial")
+
+    # a continuation (in place: no hydra.run.dir) that fails in its 2nd epoch: no done, nothing counted
+    code, out = run([*FAST, "trainer.max_epochs=2", f"ckpt_path={ckpt}",
+                     "+callbacks.fail._target_=_run_helpers.FailAtStep", "+callbacks.fail.step=5"])
+    assert code != 0 and "injected failure at step 5" in out
+    assert not jobs.is_done(run_dir) and counted(tmp_path) == []
+    assert not orphan.exists()
+    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [a["event"] for a in attempts] == ["start", "done", "start", "failed"]
+    assert "injected failure at step 5" in attempts[-1]["error"]
+    assert "trainer.max_epochs=2" in attempts[-1]["overrides"]
+
+    # the next continuation succeeds: done again, and metrics.csv holds the first attempt's rows
+    # unchanged followed by the second epoch's (the failed attempt's row past the checkpoint is dropped)
+    code, out = run([*FAST, "trainer.max_epochs=2", f"ckpt_path={ckpt}"])
+    assert code == 0, out[-3000:]
+    assert jobs.is_done(run_dir) and len(counted(tmp_path)) == 1
+    final = rows(run_dir / "metrics.csv")
+    assert [{k: v for k, v in r.items() if v} for r in final[:len(first)]] == \
+        [{k: v for k, v in r.items() if v} for r in first]
+    steps = [int(r["step"]) for r in final if r.get("train/loss")]
+    assert steps == list(range(8))
+    assert len([r for r in final if r.get("val/score")]) == 2
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 8
+
+
+def test_runs_that_would_mix_records_are_refused_before_training(tmp_path, finished_run):
+    done_run = copy_run(finished_run, tmp_path / "done_run")
+    before = sorted(os.listdir(done_run))
+    mtime = (done_run / "metrics.csv").stat().st_mtime_ns
+    # a fresh run into a folder holding another run's records
+    code, out = run([*FAST, "seed=3"], done_run)
+    assert code != 0
+    assert f"run folder '{done_run}' already holds the records of another run (done, metrics.csv" in out
+    assert "allowed: a new folder" in out
+    assert (done_run / "metrics.csv").stat().st_mtime_ns == mtime and sorted(os.listdir(done_run)) == before
+    # resuming a run folder's checkpoint into another folder would split its records over two folders
+    other = tmp_path / "other"
+    ckpt = done_run / "checkpoints" / "last.ckpt"
+    code, out = run([*FAST, "trainer.max_epochs=2", f"ckpt_path={ckpt}"], other)
+    assert code != 0
+    assert f"ckpt_path='{ckpt}' belongs to the run folder '{done_run}', but this run writes to '{other}'" in out
+    assert not (other / "metrics.csv").exists() and not jobs.is_done(other)
+
+
+def test_keep_csv_history_keeps_rows_before_the_checkpoint_and_appends(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    path = tmp_path / "metrics.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "epoch", "step"])
+        for s in range(10):
+            w.writerow([s * 0.5, 0, s])
+        f.write("9.5,0")  # a half-written last row (killed mid-write)
+    logger = CSVLogger(save_dir=str(tmp_path), name="", version="")
+    assert keep_csv_history([logger], resume_step=6) == 6
+    logger.log_metrics({"a": 3.0, "b": 7.0}, step=6)  # a new column too: the header grows
+    logger.save()
+    got = rows(path)
+    assert [r["step"] for r in got] == ["0", "1", "2", "3", "4", "5", "6"]
+    assert [r["a"] for r in got[:6]] == [str(s * 0.5) for s in range(6)]
+    assert got[-1]["b"] == "7.0" and got[0]["b"] == ""
