@@ -80,7 +80,7 @@ def check_identity(path: str, saved: Mapping[str, Any] | None, expected: Mapping
     if diff:
         raise CheckpointIdentityError(
             f"ckpt_path={path!r} was written by another run ({'; '.join(diff)}); resuming it would mix that "
-            "run's state and records into this one. Allowed: a checkpoint of this run (same task, dataset, "
+            "run's state and records into this one; allowed: a checkpoint of this run (same task, dataset, "
             "test_envs, method/variant and backbone), or +init_from=<ckpt> to fine-tune from its weights as "
             "a new run")
 

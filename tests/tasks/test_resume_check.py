@@ -106,3 +106,79 @@ def test_last_checkpoint_every_n_steps_and_after_each_validation(tmp_path, monke
     assert scores[5] > float("-inf") and (every != 2 or scores[4] == float("-inf"))
     assert os.path.isfile(tmp_path / "checkpoints" / "last.ckpt")
     assert os.listdir(tmp_path / "checkpoints") == ["last.ckpt"]
+
+
+# --- another architecture: backbone, number of experts, MoE layers -----------------------------
+TOPK = ["backbone=tiny_bert", "debug=fast", "task=glue/cola", "moe=moe_topk", "moe.num_experts=2"]
+
+
+@pytest.fixture(scope="module")
+def topk_ckpt(tmp_path_factory):
+    if not os.path.isdir(os.environ.get("RMOE_DATA_DIR", "")):
+        pytest.skip("RMOE_DATA_DIR is not set to the offline data folder")
+    out = tmp_path_factory.mktemp("topk_run")
+    train(make_cfg(out, *TOPK))
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_checkpoint_of_another_backbone_names_the_embedding_shapes(tmp_path, rmoe_ckpt):
+    # tiny_bert (hidden 32) -> a hidden-64 BERT of the same depth
+    msg = fails_before_training(tmp_path / "run", CheckpointMismatchError, "does not fit the model", *RMOE,
+                                "backbone.config.hidden_size=64", "backbone.config.intermediate_size=128",
+                                f"ckpt_path={rmoe_ckpt}")
+    assert re.search(r"embeddings\.word_embeddings\.weight: checkpoint \[30522, 32\], model expects \[30522, 64\]",
+                     msg), msg
+
+
+def test_checkpoint_of_another_number_of_experts_names_the_router_shape(tmp_path, topk_ckpt):
+    msg = fails_before_training(tmp_path / "run", CheckpointMismatchError, "does not fit the model", *TOPK[:-1],
+                                "moe.num_experts=4", f"ckpt_path={topk_ckpt}")
+    assert re.search(r"router\.weight: checkpoint \[2, 32\], model expects \[4, 32\]", msg), msg
+
+
+def test_checkpoint_with_moe_at_other_layers_names_the_missing_and_unexpected_layers(tmp_path, rmoe_ckpt):
+    msg = fails_before_training(tmp_path / "run", CheckpointMismatchError, "does not fit the model", *RMOE,
+                                "moe.layers=[0]", f"ckpt_path={rmoe_ckpt}")
+    # the checkpoint has the MoE at encoder layer 1 (tiny_bert's default), the model at layer 0
+    assert re.search(r"missing: \S*layer\.0\.\S*moe\.", msg), msg
+    assert re.search(r"does not have: \S*layer\.0\.intermediate\.dense\.weight|does not have: \S*layer\.1\.\S*moe\.",
+                     msg), msg
+
+
+# --- another run: same architecture, another task ------------------------------------------------
+def test_checkpoint_of_another_task_is_refused_naming_the_difference(tmp_path, rmoe_ckpt):
+    """A CoLA checkpoint resumed into an RTE run of the same architecture would put CoLA's state (and
+    its dev scores) into RTE's records: refused before training, nothing recorded."""
+    from tasks.resume import CheckpointIdentityError
+
+    out = tmp_path / "rte"
+    msg = fails_before_training(out, CheckpointIdentityError, "was written by another run",
+                                *[o if o != "task=glue/cola" else "task=glue/rte" for o in RMOE],
+                                "trainer.max_epochs=2", f"ckpt_path={rmoe_ckpt}")
+    assert f"ckpt_path='{rmoe_ckpt}' was written by another run (task_name: checkpoint 'glue/cola', this run " \
+           "'glue/rte'; task: checkpoint 'cola', this run 'rte')" in msg
+    assert "allowed: a checkpoint of this run" in msg and "+init_from=<ckpt>" in msg
+    assert not (out / "summary.json").exists() and not (out / "metrics.csv").exists()
+    # the identity written into the checkpoint is the CoLA run's
+    saved = torch.load(rmoe_ckpt, weights_only=False)["rmoe_run_identity"]
+    assert saved == {"task_name": "glue/cola", "task": "cola", "test_envs": None, "method": "rmoe",
+                     "variant": "rmoe", "backbone": "tiny_bert"}
+
+
+def test_init_from_starts_a_new_run_from_another_tasks_weights(tmp_path, rmoe_ckpt):
+    from tasks.glue.module import GLUEModule  # noqa: F401  (instantiated by the config)
+    from tasks.resume import init_from_checkpoint
+
+    rte = [o if o != "task=glue/cola" else "task=glue/rte" for o in RMOE]
+    cfg = make_cfg(tmp_path / "init", *rte)
+    import hydra
+
+    model = hydra.utils.instantiate(cfg.module, _convert_="all")
+    init_from_checkpoint(rmoe_ckpt, model)
+    saved = torch.load(rmoe_ckpt, weights_only=False)["state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    # as a run: trains from step 0 and records RTE
+    _, obj = train(make_cfg(tmp_path / "run", *rte, f"+init_from={rmoe_ckpt}"))
+    assert obj["trainer"].global_step == 4
+    ident = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["rmoe_run_identity"]
+    assert ident["task"] == "rte"
