@@ -59,7 +59,7 @@ def test_train_resume_and_records(tmp_path):
         assert 0.0 <= r[f"env{i}_in_acc"] <= 1.0 and 0.0 <= r[f"env{i}_out_acc"] <= 1.0
     a = r["args"]
     assert (a["dataset"], a["algorithm"], a["test_envs"], a["trial_seed"], a["steps"], a["checkpoint_freq"]) == (
-        "RotatedDigits", "rmoe", [0], 0, 9, 3)
+        "RotatedDigits", "RMoE", [0], 0, 9, 3)
     assert r["hparams"]["lr"] == 1e-3 and r["hparams"]["moe"]["router"] == "topany"
     # epoch = step / DomainBed's steps_per_epoch = min_e len(in_e) / batch (240 / 4 = 60 -> 8 / 60)
     assert r["epoch"] == pytest.approx(8 / (min(objs["datamodule"].describe()["in_sizes"]) / 4))
