@@ -33,6 +33,11 @@ class GlueTask:
     hub_fields: tuple[str, str | None]
     val_splits: tuple[tuple[str, str], ...] = (("dev", "validation"),)
     headline: str = "acc"
+    # headerless files: the exact number of tab-separated fields of a row (CoLA: 4)
+    n_fields: int | None = None
+    # rows with an empty sentence are dropped with a warning (count + first line) instead of failing:
+    # only where the official files contain such rows (QQP's question2)
+    empty_text_warns: bool = False
 
     @property
     def is_regression(self) -> bool:
@@ -53,12 +58,12 @@ _NLI2 = ("entailment", "not_entailment")
 TASKS: dict[str, GlueTask] = {
     t.name: t
     for t in (
-        GlueTask("cola", "CoLA", (3, None, 1), False, _BIN, ("sentence", None), headline="mcc"),
+        GlueTask("cola", "CoLA", (3, None, 1), False, _BIN, ("sentence", None), headline="mcc", n_fields=4),
         GlueTask("sst2", "SST-2", ("sentence", None, "label"), True, _BIN, ("sentence", None)),
         GlueTask("mrpc", "MRPC", ("#1 String", "#2 String", "Quality"), True, _BIN,
                  ("sentence1", "sentence2"), headline="acc_f1"),
         GlueTask("qqp", "QQP", ("question1", "question2", "is_duplicate"), True, _BIN,
-                 ("question1", "question2"), headline="acc_f1"),
+                 ("question1", "question2"), headline="acc_f1", empty_text_warns=True),
         GlueTask("stsb", "STS-B", ("sentence1", "sentence2", "score"), True, None,
                  ("sentence1", "sentence2"), headline="pearson_spearman"),
         GlueTask("mnli", "MNLI", ("sentence1", "sentence2", "gold_label"), True,

@@ -149,16 +149,80 @@ def test_stsb_regression_labels(tmp_path, glue_dir):
 
 
 def test_mnli_has_matched_and_mismatched(tmp_path, glue_dir):
+    """Distinct matched (4 rows) and mismatched (5 rows) files: swapping the splits would be seen."""
     header = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
               "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n")
-    rows = "".join(f"{i}\tp\tq\tg\tb1\tb2\tp1\tp2\tPremise {i}.\tHypothesis {i}.\tx\t"
-                   f"{['entailment', 'neutral', 'contradiction'][i % 3]}\n" for i in range(6))
-    for stem in ("train", "dev_matched", "dev_mismatched"):
-        _write(str(tmp_path / "MNLI" / f"{stem}.tsv"), header + rows)
+    names = ["entailment", "neutral", "contradiction"]
+
+    def rows(tag, labels):
+        return "".join(f"{i}\tp\tq\tg\tb1\tb2\tp1\tp2\t{tag} premise {i}.\t{tag} hypothesis {i}.\tx\t"
+                       f"{names[y]}\n" for i, y in enumerate(labels))
+
+    _write(str(tmp_path / "MNLI" / "train.tsv"), header + rows("Train", [0, 1, 2, 0, 1, 2]))
+    _write(str(tmp_path / "MNLI" / "dev_matched.tsv"), header + rows("Matched", [2, 2, 0, 1]))
+    _write(str(tmp_path / "MNLI" / "dev_mismatched.tsv"), header + rows("Mismatched", [1, 0, 0, 2, 1]))
     dm = GLUEDataModule("mnli", TOKENIZER, glue_dir=str(tmp_path), max_length=32, batch_size=4)
     dm.setup("fit")
     assert dm.val_names == ["dev_matched", "dev_mismatched"] and len(dm.val_dataloader()) == 2
     assert dm.train_set["labels"] == [0, 1, 2, 0, 1, 2]
+    assert dm.val_sets[0]["labels"] == [2, 2, 0, 1] and dm.val_sets[1]["labels"] == [1, 0, 0, 2, 1]
+    first = dm.tokenizer.decode(dm.val_sets[1][0]["input_ids"], skip_special_tokens=True)
+    assert first.startswith("mismatched premise 0")
     os.remove(tmp_path / "MNLI" / "dev_mismatched.tsv")
     with pytest.raises(GlueDataError, match="dev_mismatched.tsv"):
         GLUEDataModule("mnli", TOKENIZER, glue_dir=str(tmp_path))
+
+
+RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
+
+
+def test_non_utf8_bytes_name_file_line_and_byte(tmp_path):
+    path = tmp_path / "RTE" / "train.tsv"
+    path.parent.mkdir(parents=True)
+    latin1 = "1\tcaf\u00e9\tb\tentailment\n".encode("latin-1")  # é = 0xe9, not UTF-8
+    path.write_bytes((RTE_HEADER + "0\ta\tb\tentailment\n").encode() + latin1)
+    with pytest.raises(GlueDataError) as e:
+        read_glue_tsv(str(path), get_task("rte"))
+    assert str(e.value).startswith(f"{path}:3: not UTF-8 text: byte 0xe9 at column 6")
+    assert "allowed: UTF-8 text" in str(e.value)
+
+
+def test_gzip_bytes_are_named_as_such(tmp_path):
+    import gzip
+
+    path = tmp_path / "RTE" / "dev.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(gzip.compress((RTE_HEADER + "0\ta\tb\tentailment\n").encode()))
+    with pytest.raises(GlueDataError, match=rf"^{path}: a gzip-compressed file, not a TSV text file; allowed: the "
+                                            r"decompressed UTF-8 \.tsv"):
+        read_glue_tsv(str(path), get_task("rte"))
+
+
+def test_cola_row_with_an_extra_tab_is_rejected_not_cut(tmp_path):
+    path = str(tmp_path / "CoLA" / "train.tsv")
+    _write(path, "gj04\t1\t\tFine.\ngj04\t1\t\tHe left\tearly.\n")
+    with pytest.raises(GlueDataError) as e:
+        read_glue_tsv(path, get_task("cola"))
+    assert str(e.value) == (f"{path}:2: malformed row: 5 tab-separated fields, expected 4 "
+                            "(CoLA's fields; a tab inside a sentence?)")
+
+
+def test_empty_sentence_is_rejected_naming_the_key(tmp_path):
+    path = str(tmp_path / "RTE" / "train.tsv")
+    _write(path, RTE_HEADER + "0\ta\tb\tentailment\n1\tA premise.\t \tentailment\n")
+    with pytest.raises(GlueDataError) as e:
+        read_glue_tsv(path, get_task("rte"))
+    assert str(e.value) == f"{path}:3: malformed row: sentence2=' ' is empty; allowed: a non-empty sentence"
+    path = str(tmp_path / "CoLA" / "train.tsv")
+    _write(path, "gj04\t1\t\tFine.\ngj04\t0\t*\t\n")
+    with pytest.raises(GlueDataError, match=r"train.tsv:2: malformed row: column 3 \(sentence\)='' is empty"):
+        read_glue_tsv(path, get_task("cola"))
+
+
+def test_qqp_rows_with_an_empty_question_are_dropped_with_a_count(tmp_path):
+    path = str(tmp_path / "QQP" / "train.tsv")
+    head = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+    _write(path, head + "0\t1\t2\tWhy?\tHow?\t0\n1\t3\t4\tWhat?\t\t1\n2\t5\t6\t\tWho?\t0\n3\t7\t8\tA?\tB?\t1\n")
+    with pytest.warns(UserWarning, match=r"train.tsv: dropped 2 row\(s\) with an empty sentence \(first at line 3\)"):
+        d = read_glue_tsv(path, get_task("qqp"))
+    assert d["text_a"] == ["Why?", "A?"] and d["label"] == [0, 1]
