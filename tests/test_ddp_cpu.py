@@ -1,6 +1,7 @@
 """``trainer=ddp`` on CPU: two real processes over gloo (``python -m tasks.train``, real torch.distributed).
 
-RMoE on RotatedDigits (top-any router with its pool adapted every step + Stateful Fusion + exp-decay λ).
+RMoE on RotatedDigits (top-any router with its pool adapted every step + exp-decay λ; Stateful Fusion,
+off in the vision protocol, switched on here so that its state is checked too).
 The ranks draw different batches, yet at the end every tensor of the model -- weights, fusion state
 ``m``, DynMoE expert mask and pool records -- is identical on both, and so are λ, its schedule and the
 stability callback's history (loads, fusion π, probe flips): rmoe all-reduces what routing accumulates.
@@ -26,6 +27,7 @@ def test_ddp_two_cpu_processes_keep_routing_state_identical(tmp_path):
            "trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
            "callbacks.routing_stability.probe_every_n_steps=2", "callbacks.routing_stability.plots=false",
            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"hydra.run.dir={out}",
+           "moe.fusion={beta: 0.99, agg: sum, update_in_eval: false, mix_alpha: 1.0}",
            "+callbacks.dump._target_=_resume_helpers.DumpState", f"+callbacks.dump.path={out}/final"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -47,12 +49,12 @@ def test_ddp_two_cpu_processes_keep_routing_state_identical(tmp_path):
     assert fusion and masks and all(float(sd0[k].abs().sum()) > 0 for k in fusion)  # fusion state moved
     assert all(int(sd0[k].sum()) >= 1 for k in masks)
 
-    # the same λ on both ranks, and it follows exp_decay: max(1e-3, 1e-2 * 0.999^τ) (conf/curriculum/exp_decay.yaml)
-    assert r0["lambda"] == r1["lambda"] == pytest.approx(max(1e-3, 1e-2 * 0.999 ** 7))
+    # the same λ on both ranks, and it follows the vision RMoE protocol: max(1e-3, 1e-2 * 0.9^(τ+1)) (SPEC §3)
+    assert r0["lambda"] == r1["lambda"] == pytest.approx(max(1e-3, 1e-2 * 0.9 ** 8))
     assert r0["callbacks"]["CurriculumCallback"] == r1["callbacks"]["CurriculumCallback"]
     with open(out / "metrics.csv", newline="") as f:
         lam = [float(r["curriculum/lambda"]) for r in csv.DictReader(f) if r.get("curriculum/lambda")]
-    assert lam == pytest.approx([max(1e-3, 1e-2 * 0.999 ** t) for t in range(8)])
+    assert lam == pytest.approx([max(1e-3, 1e-2 * 0.9 ** (t + 1)) for t in range(8)])
 
     # routing statistics (token counts summed over ranks), fusion π and probe flips: one history
     h0 = r0["callbacks"]["RoutingStabilityCallback"]["history"]

@@ -183,6 +183,7 @@ def test_lambda_min_above_lambda_max_is_rejected_before_training():
 
     cfg = _compose(["task=glue/rte", "moe=rmoe", "curriculum.lambda_min=0.1"])
     # train() builds the callbacks before the trainer: the ConfigError surfaces wrapped by Hydra, message intact
-    with pytest.raises(Exception, match=r"lambda_min=0\.1 > lambda_max=0\.01.*allowed: lambda_min <= lambda_max") as err:
+    msg = r"lambda_min=0\.1 > lambda_max=0\.01.*allowed: lambda_min <= lambda_max"
+    with pytest.raises(Exception, match=msg) as err:
         hydra.utils.instantiate(cfg.callbacks.curriculum, _convert_="all")
     assert isinstance(err.value.__cause__, ConfigError)
