@@ -7,7 +7,10 @@
 * Image folders (PACS, VLCS, OfficeHome, DomainNet, TerraIncognita):
   ``<root>/<Dataset>/<domain>/<class>/<image>`` (DomainBed's download layout; the dataset folder may
   also carry DomainBed's name, e.g. ``office_home``). Domains are the sorted domain folders, checked
-  against the expected names; every image is checked to be readable before training.
+  against the expected names; every image is fully decoded once before training (a truncated file
+  fails naming its path; results cached per file size and mtime in ``$RMOE_IMAGE_CHECK_CACHE`` or
+  ``~/.cache/rmoe/image_check``, so a large dataset pays once); a class folder without images fails
+  naming it (torchvision's ImageFolder, which DomainBed uses, rejects it too).
   DomainBed's transforms: resize to 224 + ImageNet normalisation; training domains use
   RandomResizedCrop(224, 0.7-1) + flip + ColorJitter(0.3 x4) + RandomGrayscale.
 * RotatedMNIST / ColoredMNIST: the 70,000 MNIST images (train then test), shuffled by
@@ -22,6 +25,8 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,8 +78,11 @@ class ImageFolderEnvironment(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path, y = self.samples[i]
-        with open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f).convert("RGB")
+        except Exception as e:  # noqa: BLE001 - name the file whatever the decoder raised
+            raise DomainBedDataError(f"image {path} cannot be read: {type(e).__name__}: {e}") from e
         return self.transform(img), y
 
     def with_transform(self, transform: Callable) -> ImageFolderEnvironment:
@@ -329,14 +337,61 @@ def domainbed_transforms(size: int = 224) -> tuple[Callable, Callable]:
     return plain, augment
 
 
-def _check_readable(paths: list[str]) -> list[tuple[str, str]]:
-    bad = []
-    for p in paths:
+def _decode_error(path: str) -> str | None:
+    """None when the image decodes completely, else the error (``verify()`` misses truncated JPEGs)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.width < 1 or img.height < 1:
+                return f"empty image ({img.width}x{img.height})"
+    except Exception as exc:  # noqa: BLE001 - any failure to decode is reported by name
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def image_check_cache(base: str | os.PathLike) -> Path:
+    """Where the decoded-OK list of the dataset folder ``base`` is kept."""
+    root = os.environ.get("RMOE_IMAGE_CHECK_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rmoe", "image_check")
+    return Path(root) / (hashlib.md5(os.path.realpath(base).encode("utf-8")).hexdigest() + ".json")
+
+
+def _stamp(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _check_readable(paths: list[str], cache: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """Fully decode every image not already known to decode (same size and mtime as when it did);
+    returns ``[(path, error), ...]``. ``cache``: a JSON file ``{path: [size, mtime_ns]}`` of the
+    images that decoded, updated here (best effort)."""
+    known: dict[str, list[int]] = {}
+    if cache is not None:
         try:
-            with Image.open(p) as img:
-                img.verify()
-        except Exception as exc:  # noqa: BLE001 - any failure to decode is reported by name
-            bad.append((p, f"{type(exc).__name__}: {exc}"))
+            known = json.loads(Path(cache).read_text())
+        except (OSError, ValueError):
+            known = {}
+    stamps = {p: _stamp(p) for p in paths}
+    todo = [p for p in paths if stamps[p] is None or known.get(p) != stamps[p]]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        errors = list(pool.map(_decode_error, todo))
+    bad = [(p, err) for p, err in zip(todo, errors) if err is not None]
+    if cache is not None and todo:
+        known.update({p: stamps[p] for p, err in zip(todo, errors) if err is None and stamps[p] is not None})
+        for p, _ in bad:
+            known.pop(p, None)
+        try:
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(f"{cache}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
     return bad
 
 
@@ -382,11 +437,19 @@ class MultipleEnvironmentImageFolder(MultipleDomainDataset):
                 raise DomainBedDataError(f"{name}: class folders of {ddir} ({classes}) differ from those of "
                                          f"{base / sorted(self.DOMAINS)[0]} ({classes_ref})")
             samples = []
+            empty = []
             for c, cls in enumerate(classes):
+                n = len(samples)
                 for dirpath, _, files in sorted(os.walk(ddir / cls, followlinks=True)):
                     for fname in sorted(files):
                         if fname.lower().endswith(IMG_EXTENSIONS):
                             samples.append((os.path.join(dirpath, fname), c))
+                if len(samples) == n:
+                    empty.append(str(ddir / cls))
+            if empty:
+                raise DomainBedDataError(f"{name}: {len(empty)} class folder(s) hold no images: {empty[:10]}; allowed: "
+                                         f"at least one image ({', '.join(IMG_EXTENSIONS)}) per class folder "
+                                         "(DomainBed's torchvision ImageFolder rejects empty classes too)")
             if not samples:
                 raise DomainBedDataError(f"{name}: domain folder {ddir} holds no images "
                                          f"(expected {ddir}/<class>/<image> with extensions {IMG_EXTENSIONS})")
@@ -396,7 +459,7 @@ class MultipleEnvironmentImageFolder(MultipleDomainDataset):
             self.datasets.append(ImageFolderEnvironment(samples, classes, eval_t))
             self.train_datasets.append(ImageFolderEnvironment(samples, classes, train_t))
         if check_images:
-            bad = _check_readable(all_paths)
+            bad = _check_readable(all_paths, image_check_cache(base))
             if bad:
                 shown = "; ".join(f"{p} ({err})" for p, err in bad[:10])
                 more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""

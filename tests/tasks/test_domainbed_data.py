@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import json
 import os
 import struct
 import time
@@ -242,6 +243,56 @@ def test_unreadable_image_is_named(tmp_path):
     bad.write_bytes(b"not an image at all")
     with pytest.raises(DomainBedDataError, match="broken.jpg"):
         DomainBedDataModule("PACS", str(tmp_path), [0]).setup()
+
+
+def test_truncated_jpeg_fails_the_check_naming_the_file_and_is_cached_once_good(tmp_path, monkeypatch):
+    """A JPEG cut short passes PIL's verify() (header only) but not a full decode: the check decodes
+    every image; images that decoded are remembered by size and mtime, so a second check skips them."""
+    from tasks.domainbed.datasets import _check_readable, image_check_cache
+
+    monkeypatch.setenv("RMOE_IMAGE_CHECK_CACHE", str(tmp_path / "cache"))
+    _make_pacs(tmp_path)
+    good = tmp_path / "PACS" / "photo" / "horse" / "photo.jpg"
+    Image.fromarray(np.random.RandomState(1).randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(good, quality=90)
+    data = good.read_bytes()
+    with Image.open(good) as img:
+        img.verify()  # the full file
+    DomainBedDataModule("PACS", str(tmp_path), [0]).setup()
+    cache = image_check_cache(tmp_path / "PACS")
+    assert str(good) in json.loads(cache.read_text()) and len(json.loads(cache.read_text())) == 25
+    # the same file cut in half: verify() still passes, the check does not (the cache entry is stale)
+    good.write_bytes(data[: len(data) // 2])
+    with Image.open(good) as img:
+        img.verify()
+    with pytest.raises(DomainBedDataError) as e:
+        DomainBedDataModule("PACS", str(tmp_path), [0]).setup()
+    assert f"PACS: 1 image(s) cannot be read: {good} (OSError: image file is truncated" in str(e.value)
+    assert str(good) not in json.loads(cache.read_text())
+    # cached images are not decoded again: only the changed file is
+    assert _check_readable([str(good)], cache)[0][0] == str(good)
+
+
+def test_image_that_breaks_after_the_check_names_its_path_when_loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("RMOE_IMAGE_CHECK_CACHE", str(tmp_path / "cache"))
+    _make_pacs(tmp_path)
+    ds = PACS(str(tmp_path), test_envs=[0])
+    path = ds[3].samples[0][0]
+    open(path, "wb").close()
+    with pytest.raises(DomainBedDataError, match=rf"image {path} cannot be read: UnidentifiedImageError"):
+        ds[3][0]
+
+
+def test_empty_class_folder_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("RMOE_IMAGE_CHECK_CACHE", str(tmp_path / "cache"))
+    _make_pacs(tmp_path)
+    for d in ("art_painting", "cartoon", "photo", "sketch"):
+        os.makedirs(tmp_path / "PACS" / d / "zebra")
+    (tmp_path / "PACS" / "photo" / "zebra" / "notes.txt").write_text("not an image")
+    with pytest.raises(DomainBedDataError) as e:
+        DomainBedDataModule("PACS", str(tmp_path), [0]).setup()
+    msg = str(e.value)
+    assert msg.startswith(f"PACS: 1 class folder(s) hold no images: ['{tmp_path / 'PACS' / 'art_painting' / 'zebra'}']")
+    assert "allowed: at least one image (.jpg" in msg
 
 
 @pytest.mark.parametrize("test_envs", [[6], [-1], [0, 0], [0, 1, 2, 3, 4, 5]])
