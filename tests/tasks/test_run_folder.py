@@ -216,3 +216,18 @@ def test_keep_csv_history_keeps_rows_before_the_checkpoint_and_appends(tmp_path)
     assert [r["step"] for r in got] == ["0", "1", "2", "3", "4", "5", "6"]
     assert [r["a"] for r in got[:6]] == [str(s * 0.5) for s in range(6)]
     assert got[-1]["b"] == "7.0" and got[0]["b"] == ""
+
+
+def test_half_written_last_line_of_results_jsonl_is_dropped_with_a_warning(tmp_path):
+    """A kill while appending an evaluation leaves a cut last line: the resumed run drops it (it is
+    evaluated again) naming the file; a malformed line elsewhere is an error naming file and line."""
+    from callbacks.domainbed_results import DomainBedResultsCallback
+
+    path = tmp_path / "results.jsonl"
+    good = [{"step": 0, "env0_in_acc": 0.5}, {"step": 10, "env0_in_acc": 0.6}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"step": 20, "env0_in_a')
+    with pytest.warns(UserWarning, match=rf"{path}:3: dropped a half-written last line \(22 characters"):
+        assert DomainBedResultsCallback.read(str(path)) == good
+    path.write_text(json.dumps(good[0]) + "\n" + "{oops\n" + json.dumps(good[1]) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: malformed record .*; allowed: one JSON object per line"):
+        DomainBedResultsCallback.read(str(path))
