@@ -226,7 +226,7 @@ def test_half_written_last_line_of_results_jsonl_is_dropped_with_a_warning(tmp_p
     path = tmp_path / "results.jsonl"
     good = [{"step": 0, "env0_in_acc": 0.5}, {"step": 10, "env0_in_acc": 0.6}]
     path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"step": 20, "env0_in_a')
-    with pytest.warns(UserWarning, match=rf"{path}:3: dropped a half-written last line \(22 characters"):
+    with pytest.warns(UserWarning, match=rf"{path}:3: dropped a half-written last line \(23 characters"):
         assert DomainBedResultsCallback.read(str(path)) == good
     path.write_text(json.dumps(good[0]) + "\n" + "{oops\n" + json.dumps(good[1]) + "\n")
     with pytest.raises(ValueError, match=rf"{path}:2: malformed record .*; allowed: one JSON object per line"):
