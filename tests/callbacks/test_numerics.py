@@ -75,3 +75,72 @@ def test_skip_leaves_weights_untouched_on_the_bad_batch(tmp_path):
 def test_bad_option_is_named():
     with pytest.raises(ValueError, match="on_fault='retry'.*stop\\|skip"):
         NumericalFaultCallback("retry")
+
+
+# --- one test per fault branch: router output, aux loss, loss, gradient; NaN and Inf -----------------
+class Faulty(Tiny):
+    """Tiny with one non-finite value injected at batch ``at`` into exactly one place the detector
+    checks; everything else stays finite (so each branch must catch its own fault)."""
+
+    def __init__(self, where: str, value: float, at: int = 2):
+        super().__init__()
+        self.where, self.value, self.at = where, value, at
+
+    def training_step(self, batch, batch_idx):
+        x, t = batch
+        y, _ = self.moe(x)
+        loss = torch.nn.functional.cross_entropy(self.head(x + y), t) + 0.01 * moe_losses(self)[0]
+        if batch_idx != self.at:
+            return loss
+        rec = self.moe.last_routing
+        if self.where == "router":  # the logged record only: the loss and the gradients stay finite
+            logits = rec.router_logits.detach().clone()
+            logits[3, 0] = self.value
+            self.moe.last_routing = rec.replace(router_logits=logits)
+        elif self.where == "aux":
+            self.moe.last_routing = rec.replace(aux_loss=torch.tensor(self.value))
+        elif self.where == "loss":  # a constant: gradients stay finite
+            loss = loss + self.value
+        elif self.where == "grad":
+            self._hook = self.head.weight.register_hook(lambda g: g + self.value)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if getattr(self, "_hook", None) is not None:  # parameter hooks persist: this batch only
+            self._hook.remove()
+            self._hook = None
+
+
+EXPECTED = {"router": "non-finite router output in MoE layer moe0 (moe)",
+            "aux": "non-finite aux loss in MoE layer moe0 (moe)",
+            "loss": "non-finite loss ({value})",
+            "grad": "non-finite gradient in parameter head.weight"}
+
+
+def _clean_data():
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(40, 4, generator=g), torch.randint(0, 2, (40,), generator=g)),
+                      batch_size=8)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["router", "aux", "loss", "grad"])
+def test_each_fault_branch_stops_before_the_step_naming_it(tmp_path, where, value):
+    torch.manual_seed(0)
+    keep, model = Keep(), Faulty(where, value)
+    with pytest.raises(NumericalFaultError) as e:
+        _trainer(tmp_path, [NumericalFaultCallback("stop"), keep]).fit(model, _clean_data())
+    msg = str(e.value)
+    assert msg.startswith("numerical fault at optimizer step 2 (epoch 0): " + EXPECTED[where].format(value=value)), msg
+    # the faulty step was not applied: the weights are those after step 2
+    assert all(torch.equal(a, b) for a, b in zip(keep.params[2], model.parameters()))
+
+
+@pytest.mark.parametrize("where", ["router", "aux", "loss", "grad"])
+def test_each_fault_branch_can_skip_the_batch(tmp_path, where):
+    torch.manual_seed(0)
+    keep, num, model = Keep(), NumericalFaultCallback("skip"), Faulty(where, float("nan"))
+    _trainer(tmp_path, [num, keep]).fit(model, _clean_data())
+    assert num.skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(keep.params[2], keep.params[3]))  # the bad batch: no update
+    assert any(not torch.equal(a, b) for a, b in zip(keep.params[3], keep.params[4]))
