@@ -1,7 +1,10 @@
 """One typed, validated configuration object for an MoE layer.
 
 Every knob of a layer lives here once; ``MoEConfig.from_dict`` rejects unknown keys and values
-outside their allowed range with a message naming the key, the value and what is allowed.
+outside their allowed range with a message naming the key, the value and what is allowed. Router,
+backend, activation and aux-loss names are checked against the registries of :mod:`rmoe.registry`
+(in registration order), and the router/aux-loss/backend compatibility against the traits their
+entries carry.
 """
 
 from __future__ import annotations
@@ -11,13 +14,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-ROUTERS = ("topk", "cosine", "topany")
-BACKENDS = ("torch", "megablocks")
-AUX_LOSSES = ("switch", "load_importance", "load_importance_tutel", "dynmoe", "gshard_binary", "none")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+from . import registry
+
 FUSION_AGGS = ("sum", "mean")
 DROPOUT_POSITIONS = ("pre_act", "post_act")
-DEFAULT_AUX = {"topk": "switch", "cosine": "switch", "topany": "dynmoe"}
 
 
 class ConfigError(ValueError):
@@ -69,10 +69,10 @@ class MoEConfig:
     ``num_experts`` experts are active at start; ``max_experts`` slots exist (only top-any grows
     into them, other routers use ``max_experts == num_experts``). ``capacity_factor == 0`` is
     dropless; ``batch_prioritized_routing`` fills a finite capacity in descending order of each
-    token's top-1 probability (tutel's BPR) instead of token order. ``aux_loss`` defaults per router:
-    topk/cosine -> switch, topany -> dynmoe. ``expert_dropout`` is dropout inside every expert, on
-    the hidden units before (``pre_act``, DynMoE's GLUE experts) or after (``post_act``, GMoE's
-    vision experts) the activation.
+    token's top-1 probability (tutel's BPR) instead of token order. ``aux_loss`` defaults per router
+    (its ``default_aux_loss``: topk/cosine -> switch, topany -> dynmoe). ``expert_dropout`` is
+    dropout inside every expert, on the hidden units before (``pre_act``, DynMoE's GLUE experts) or
+    after (``post_act``, GMoE's vision experts) the activation.
     """
 
     router: str = "topk"
@@ -96,10 +96,13 @@ class MoEConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.router not in ROUTERS:
-            _fail("router", self.router, "|".join(ROUTERS))
-        if self.backend not in BACKENDS:
-            _fail("backend", self.backend, "|".join(BACKENDS))
+        routers, backends = registry.ROUTERS, registry.BACKENDS
+        if self.router not in routers:
+            _fail("router", self.router, "|".join(routers.names()))
+        router = routers[self.router]
+        if self.backend not in backends:
+            _fail("backend", self.backend, "|".join(backends.names()))
+        backend = backends[self.backend]
         if not (isinstance(self.num_experts, int) and self.num_experts >= 1):
             _fail("num_experts", self.num_experts, "an integer >= 1")
         max_e = self.num_experts if self.max_experts is None else self.max_experts
@@ -107,42 +110,42 @@ class MoEConfig:
             _fail("max_experts", self.max_experts, "an integer >= 1 or null")
         if self.num_experts > max_e:
             _fail("num_experts", self.num_experts, f"<= max_experts ({max_e})")
-        if self.router != "topany" and max_e != self.num_experts:
+        if not router.adaptive_pool and max_e != self.num_experts:
+            adaptive = "|".join(n for n in routers.names() if routers[n].adaptive_pool) or "no router"
             _fail("max_experts", self.max_experts,
                   f"equal to num_experts ({self.num_experts}) for router {self.router!r}; "
-                  "only topany has an adaptive pool")
+                  f"only {adaptive} has an adaptive pool")
         object.__setattr__(self, "max_experts", max_e)
         if not (isinstance(self.top_k, int) and self.top_k >= 1):
             _fail("top_k", self.top_k, "an integer >= 1")
-        if self.router != "topany" and self.top_k > self.num_experts:
+        if router.uses_top_k and self.top_k > self.num_experts:
             _fail("top_k", self.top_k, f"<= num_experts ({self.num_experts})")
         cf = self.capacity_factor
         if not (isinstance(cf, (int, float)) and math.isfinite(cf) and cf >= 0):
             _fail("capacity_factor", cf, "a number >= 0 (0 = dropless)")
-        if cf > 0 and self.router == "topany":
-            _fail("capacity_factor", cf, "0 for router 'topany' (it is dropless)")
-        if cf > 0 and self.backend == "megablocks":
-            _fail("capacity_factor", cf, "0 for backend 'megablocks' (dropless)")
+        if cf > 0 and router.dropless:
+            _fail("capacity_factor", cf, f"0 for router {self.router!r} (it is dropless)")
+        if cf > 0 and not backend.supports_capacity:
+            _fail("capacity_factor", cf, f"0 for backend {self.backend!r} (dropless)")
         if not isinstance(self.batch_prioritized_routing, bool):
             _fail("batch_prioritized_routing", self.batch_prioritized_routing, "true|false")
-        if self.batch_prioritized_routing and self.router == "topany":
-            _fail("batch_prioritized_routing", True, "false for router 'topany' (it is dropless)")
+        if self.batch_prioritized_routing and router.dropless:
+            _fail("batch_prioritized_routing", True, f"false for router {self.router!r} (it is dropless)")
         gn = self.gate_noise
         if not (isinstance(gn, (int, float)) and math.isfinite(gn) and gn >= 0):
             _fail("gate_noise", gn, "a number >= 0")
-        aux = self.aux_loss if self.aux_loss is not None else DEFAULT_AUX[self.router]
-        if aux not in AUX_LOSSES:
-            _fail("aux_loss", self.aux_loss, "|".join(AUX_LOSSES) + " or null (router default)")
-        if aux in ("load_importance", "load_importance_tutel") and gn <= 0:
+        aux_losses = registry.AUX_LOSSES
+        aux = self.aux_loss if self.aux_loss is not None else router.default_aux_loss
+        if aux not in aux_losses:
+            _fail("aux_loss", self.aux_loss, "|".join(aux_losses.names()) + " or null (router default)")
+        if aux_losses[aux].needs_noise and gn <= 0:
             _fail("gate_noise", gn, f"> 0 when aux_loss={aux!r} (it needs noise)")
-        if aux in ("dynmoe", "gshard_binary") and self.router != "topany":
-            _fail("aux_loss", aux, "switch|load_importance|load_importance_tutel|none for router "
-                  + repr(self.router))
-        if aux in ("switch", "load_importance", "load_importance_tutel") and self.router == "topany":
-            _fail("aux_loss", aux, "dynmoe|gshard_binary|none for router 'topany'")
+        if not aux_losses[aux].fits(router.family):
+            _fail("aux_loss", aux, "|".join(n for n in aux_losses.names() if aux_losses[n].fits(router.family))
+                  + f" for router {self.router!r}")
         object.__setattr__(self, "aux_loss", aux)
-        if self.activation not in ACTIVATIONS:
-            _fail("activation", self.activation, "|".join(ACTIVATIONS))
+        if self.activation not in registry.ACTIVATIONS:
+            _fail("activation", self.activation, "|".join(registry.ACTIVATIONS.names()))
         if not (isinstance(self.cosine_proj_dim, int) and self.cosine_proj_dim >= 1):
             _fail("cosine_proj_dim", self.cosine_proj_dim, "an integer >= 1")
         if not (self.cosine_init_temperature > 0):

@@ -19,20 +19,35 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .registry import ACTIVATIONS, BACKENDS
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
-ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
+@dataclass(frozen=True)
+class Activation:
+    """An expert activation ``fn(h)``; ``backward(grad, h) = d fn(h)/dh * grad`` when a fused kernel
+    exists (otherwise the sorted path recomputes ``fn`` under autograd)."""
+
+    fn: Callable[[Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor], Tensor] | None = None
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS.register("gelu", Activation(F.gelu, torch.ops.aten.gelu_backward))
+ACTIVATIONS.register("gelu_tanh", Activation(
+    _gelu_tanh, lambda grad, h: torch.ops.aten.gelu_backward(grad, h, approximate="tanh")))
+ACTIVATIONS.register("relu", Activation(F.relu, lambda grad, h: torch.ops.aten.threshold_backward(grad, h, 0)))
+ACTIVATIONS.register("silu", Activation(F.silu, torch.ops.aten.silu_backward))
 
 
 DROPOUT_POSITIONS = ("pre_act", "post_act")
@@ -58,7 +73,7 @@ class Experts(nn.Module):
             raise ValueError(f"invalid dropout_position={dropout_position!r}; allowed: "
                              + "|".join(DROPOUT_POSITIONS))
         self.dropout, self.dropout_position = float(dropout), dropout_position
-        self.act = ACTIVATION_FNS[activation]
+        self.act = ACTIVATIONS[activation].fn
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.b1 = nn.Parameter(torch.zeros(num_experts, d_ff)) if bias else None
@@ -164,15 +179,10 @@ def _chunks(counts: list[int], rows: int) -> list[tuple[int, int, int]]:
 
 
 def _act_backward(name: str, act: Callable[[Tensor], Tensor], grad: Tensor, h: Tensor) -> Tensor:
-    """``d act(h) / dh * grad`` with the ATen backward kernels of the known activations."""
-    if name == "gelu":
-        return torch.ops.aten.gelu_backward(grad, h)
-    if name == "gelu_tanh":
-        return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
-    if name == "relu":
-        return torch.ops.aten.threshold_backward(grad, h, 0)
-    if name == "silu":
-        return torch.ops.aten.silu_backward(grad, h)
+    """``d act(h) / dh * grad``: the registered activation's backward kernel when it has one."""
+    entry = ACTIVATIONS.get(name)
+    if entry is not None and entry.backward is not None:
+        return entry.backward(grad, h)
     with torch.enable_grad():  # any other activation: autograd on a recomputed block
         hh = h.detach().requires_grad_(True)
         return torch.autograd.grad(act(hh), hh, grad)[0]
@@ -313,6 +323,7 @@ class TorchDroplessBackend(nn.Module):
     (token, slot) layout instead (for tests; only while dropout is active).
     """
 
+    supports_capacity = True  # runs whatever the router kept (dropped slots are −1)
     IMPLS = ("blocked", "grouped_mm", "autograd")
 
     def __init__(self, impl: str = "blocked", block_rows: int = 4096, save_act: bool = False):
@@ -397,6 +408,8 @@ class MegaBlocksBackend(nn.Module):
     module-level load-balancing lists are not used.
     """
 
+    supports_capacity = False  # dropless: MegaBlocks has no finite expert capacity
+
     def __init__(self) -> None:
         super().__init__()
         self._mods = None
@@ -436,4 +449,5 @@ class MegaBlocksBackend(nn.Module):
         return torch.zeros_like(x).index_add(0, token_ids, y)
 
 
-BACKENDS: dict[str, type[nn.Module]] = {"torch": TorchDroplessBackend, "megablocks": MegaBlocksBackend}
+BACKENDS.register("torch", TorchDroplessBackend)
+BACKENDS.register("megablocks", MegaBlocksBackend)

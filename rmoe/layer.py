@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .experts import BACKENDS, Experts
+from .experts import Experts
 from .fusion import StatefulFusion
+from .registry import BACKENDS
 from .routing import RoutingRecord, build_router
 
 
@@ -28,9 +29,10 @@ class MoELayer(nn.Module):
         self.fusion = StatefulFusion(cfg.max_experts, cfg.fusion) if cfg.fusion is not None else None
         self.experts = Experts(cfg.max_experts, d_model, d_ff, cfg.activation, cfg.bias,
                                cfg.expert_dropout, cfg.expert_dropout_position)
-        if cfg.backend == "megablocks":
-            BACKENDS["megablocks"].check_available()
-        self.backend = BACKENDS[cfg.backend]()
+        backend = BACKENDS[cfg.backend]
+        if hasattr(backend, "check_available"):  # e.g. megablocks: CUDA and the GPU extra
+            backend.check_available()
+        self.backend = backend()
         self.last_routing: RoutingRecord | None = None
 
     @property

@@ -1,13 +1,21 @@
-"""Auxiliary MoE losses as pure functions of tensors (SPEC §2).
+"""Auxiliary MoE losses as pure functions of tensors (SPEC §2), and their registry.
 
-All inputs are over real tokens only (padding removed beforehand).
+All inputs are over real tokens only (padding removed beforehand). A router computes its aux loss
+as ``AUX_LOSSES[cfg.aux_loss](inputs)`` with ``inputs`` an :class:`AuxInputs`; each registered
+:class:`AuxLoss` names the router families it fits (``softmax``: topk/cosine, ``topany``), which
+:class:`rmoe.config.MoEConfig` checks. Adding an aux loss is one :func:`register_aux_loss`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .registry import AUX_LOSSES
 
 _EPS = 1e-10
 
@@ -111,3 +119,90 @@ def gshard_binary_loss(gates: Tensor, first_selected: Tensor, active: Tensor) ->
     chosen = first_selected[first_selected >= 0]
     f = torch.bincount(chosen, minlength=e).to(gates.dtype) / n
     return int(active.sum()) * torch.sum(gates.mean(0) * f)
+
+
+# --- registry -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AuxInputs:
+    """What a router hands its aux loss (fp32, ``N`` real tokens, ``E`` expert slots).
+
+    logits: ``[N, E]`` clean router logits. noisy_logits: ``[N, E]`` the logits the choice was made
+    on (== logits without gate noise). probs: ``[N, E]`` softmax probabilities (softmax family) or
+    masked sigmoid scores (top-any). gates: ``[N, E]`` the top-any binary activations ``z``
+    (straight-through; softmax family: ``probs``). first_choice: ``[N]`` each token's first choice
+    before capacity (softmax family) or first selected slot, −1 for none (top-any). active: ``[E]``
+    bool pool. top_k, noise_std (``gate_noise / E``). gate_weight: ``[d, E]`` gate embeddings
+    (top-any), else None.
+    """
+
+    logits: Tensor
+    noisy_logits: Tensor
+    probs: Tensor
+    gates: Tensor
+    first_choice: Tensor
+    active: Tensor
+    top_k: int = 1
+    noise_std: float = 0.0
+    gate_weight: Tensor | None = None
+
+
+AuxFn = Callable[[AuxInputs], Tensor]
+
+
+@dataclass(frozen=True)
+class AuxLoss:
+    """A registered aux loss: ``fn(inputs) -> scalar``; ``families``: the router families it fits
+    (None: every router); ``needs_noise``: it needs ``gate_noise > 0``."""
+
+    name: str
+    fn: AuxFn
+    families: tuple[str, ...] | None = None
+    needs_noise: bool = False
+
+    def __call__(self, inputs: AuxInputs) -> Tensor:
+        return self.fn(inputs)
+
+    def fits(self, family: str) -> bool:
+        return self.families is None or family in self.families
+
+
+def register_aux_loss(name: str, families: Sequence[str] | None = None, needs_noise: bool = False,
+                      replace: bool = False) -> Callable[[AuxFn], AuxFn]:
+    """Decorator: register ``fn(inputs: AuxInputs) -> Tensor`` as aux loss ``name``."""
+
+    def add(fn: AuxFn) -> AuxFn:
+        AUX_LOSSES.register(name, AuxLoss(name, fn, tuple(families) if families is not None else None,
+                                          needs_noise), replace=replace)
+        return fn
+
+    return add
+
+
+@register_aux_loss("switch", families=("softmax",))
+def _switch(a: AuxInputs) -> Tensor:
+    return switch_balance_loss(a.probs, a.first_choice)
+
+
+@register_aux_loss("load_importance", families=("softmax",), needs_noise=True)
+def _load_importance_textbook(a: AuxInputs) -> Tensor:
+    return load_importance_loss(a.logits, a.noisy_logits, a.top_k, a.noise_std)
+
+
+@register_aux_loss("load_importance_tutel", families=("softmax",), needs_noise=True)
+def _load_importance_tutel(a: AuxInputs) -> Tensor:
+    return load_importance_loss_tutel(a.logits, a.noisy_logits, a.top_k, a.noise_std)
+
+
+@register_aux_loss("dynmoe", families=("topany",))
+def _dynmoe(a: AuxInputs) -> Tensor:
+    return dynmoe_diverse_simple_loss(a.gate_weight, a.active)
+
+
+@register_aux_loss("gshard_binary", families=("topany",))
+def _gshard_binary(a: AuxInputs) -> Tensor:
+    return gshard_binary_loss(a.gates, a.first_choice, a.active)
+
+
+@register_aux_loss("none")
+def _no_aux(a: AuxInputs) -> Tensor:
+    return a.logits.sum() * 0.0

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from . import losses
 from .config import MoEConfig
+from .losses import AuxInputs
+from .registry import AUX_LOSSES, ROUTERS
 
 
 @dataclass(frozen=True)
@@ -89,13 +91,30 @@ def apply_capacity(indices: Tensor, num_experts: int, capacity: int,
 
 
 class Router(nn.Module):
-    """Base class: ``forward(x [N, d]) -> RoutingRecord``."""
+    """Base class: ``forward(x [N, d]) -> RoutingRecord``. A new router is a subclass registered
+    with ``@ROUTERS.register(name)``; its class attributes tell config validation what fits it:
+
+    * ``family``: which aux losses fit (an aux loss lists the families it supports);
+    * ``default_aux_loss``: the aux loss when ``aux_loss`` is null;
+    * ``adaptive_pool``: ``max_experts`` may exceed ``num_experts`` (slots switched on later);
+    * ``dropless``: no finite capacity and no batch-prioritized routing;
+    * ``uses_top_k``: ``top_k`` is read (and must be <= ``num_experts``).
+
+    The aux loss is looked up once, by name, in :data:`rmoe.registry.AUX_LOSSES`.
+    """
+
+    family: str = ""
+    default_aux_loss: str = "none"
+    adaptive_pool: bool = False
+    dropless: bool = False
+    uses_top_k: bool = True
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
         self.d_model = d_model
         self.cfg = cfg
         self.num_experts = cfg.max_experts
+        self.aux_loss_fn = AUX_LOSSES[cfg.aux_loss]
 
     @property
     def active_mask(self) -> Tensor:
@@ -110,6 +129,9 @@ class Router(nn.Module):
 
 class SoftmaxTopKRouter(Router):
     """Top-k over ``softmax(logits + noise)`` with optional capacity; subclasses define logits."""
+
+    family = "softmax"
+    default_aux_loss = "switch"
 
     def forward(self, x: Tensor) -> RoutingRecord:
         with _no_autocast(x):
@@ -133,14 +155,10 @@ class SoftmaxTopKRouter(Router):
             priority = top_p[:, 0].detach() if cfg.batch_prioritized_routing else None
             idx, dropped = apply_capacity(top_i, e, capacity, priority)
         weights = torch.where(idx >= 0, gate, torch.zeros_like(gate))
-        if cfg.aux_loss == "switch":
-            aux = losses.switch_balance_loss(probs, top_i[:, 0])
-        elif cfg.aux_loss == "load_importance":
-            aux = losses.load_importance_loss(clean, noisy, k, cfg.gate_noise / e)
-        elif cfg.aux_loss == "load_importance_tutel":
-            aux = losses.load_importance_loss_tutel(clean, noisy, k, cfg.gate_noise / e)
-        else:
-            aux = clean.sum() * 0.0
+        active = torch.ones(e, dtype=torch.bool, device=x.device)
+        aux = self.aux_loss_fn(AuxInputs(logits=clean, noisy_logits=noisy, probs=probs, gates=probs,
+                                         first_choice=top_i[:, 0], active=active, top_k=k,
+                                         noise_std=cfg.gate_noise / e))
         return RoutingRecord(
             expert_indices=idx,
             expert_weights=weights,
@@ -148,7 +166,7 @@ class SoftmaxTopKRouter(Router):
             router_probs=probs,
             router_logits=clean,
             tokens_per_expert=tokens_per_expert(idx, e),
-            active_mask=torch.ones(e, dtype=torch.bool, device=x.device),
+            active_mask=active,
             aux_loss=aux,
             z_loss=losses.router_z_loss(clean),
             num_dropped=dropped,
@@ -156,6 +174,7 @@ class SoftmaxTopKRouter(Router):
         )
 
 
+@ROUTERS.register("topk")
 class TopKRouter(SoftmaxTopKRouter):
     """Switch / GShard: ``logits = W x`` (no bias)."""
 
@@ -168,6 +187,7 @@ class TopKRouter(SoftmaxTopKRouter):
         return F.linear(x, self.weight.float())
 
 
+@ROUTERS.register("cosine")
 class CosineRouter(SoftmaxTopKRouter):
     """GMoE: ``logits = normalize(P x) · normalize_cols(W) * exp(min(tau, log 100))``."""
 
@@ -199,6 +219,7 @@ def ste_sign(v: Tensor) -> Tensor:
     return _StraightThroughSign.apply(v)
 
 
+@ROUTERS.register("topany")
 class TopAnyRouter(Router):
     """DynMoE top-any gating with trainable thresholds and an adaptive expert pool.
 
@@ -207,6 +228,12 @@ class TopAnyRouter(Router):
     the differentiable ``k_t = Σ_e z_te`` (DynMoE divides by it without detaching), applied only
     when some token has more than one expert; otherwise the gates are ``z``.
     """
+
+    family = "topany"
+    default_aux_loss = "dynmoe"
+    adaptive_pool = True
+    dropless = True
+    uses_top_k = False
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
@@ -262,12 +289,9 @@ class TopAnyRouter(Router):
         valid = torch.gather(z.detach(), 1, idx) > 0
         idx = torch.where(valid, idx, torch.full_like(idx, -1))
         gate = torch.gather(gates_dense, 1, idx.clamp_min(0)) * valid
-        if self.cfg.aux_loss == "dynmoe":
-            aux = losses.dynmoe_diverse_simple_loss(self.weight.float(), mask)
-        elif self.cfg.aux_loss == "gshard_binary":
-            aux = losses.gshard_binary_loss(z, idx[:, 0], mask)
-        else:
-            aux = logits.sum() * 0.0
+        aux = self.aux_loss_fn(AuxInputs(logits=logits, noisy_logits=logits, probs=s, gates=z,
+                                         first_choice=idx[:, 0], active=mask, top_k=kmax,
+                                         gate_weight=self.weight.float()))
         return RoutingRecord(
             expert_indices=idx,
             expert_weights=gate,
@@ -330,9 +354,6 @@ class TopAnyRouter(Router):
                 added.append(j)
         self.reset_recording()
         return {"removed": removed, "added": added}
-
-
-ROUTERS: dict[str, type[Router]] = {"topk": TopKRouter, "cosine": CosineRouter, "topany": TopAnyRouter}
 
 
 def build_router(d_model: int, cfg: MoEConfig) -> Router:
