@@ -40,17 +40,17 @@ sweep-smoke: $(STAMP)
 # The reproduction study (issue #10; README "Reproducing the study"): job folders in logs/reproduce,
 # records in docs/results, report in docs/RESULTS.md. Reruns skip finished jobs.
 reproduce-small: $(STAMP)
-	$(PY) -m tasks.reproduce small $(ARGS)
+	$(PY) -m tasks.study.driver small $(ARGS)
 
 reproduce-glue: $(STAMP)
-	$(PY) -m tasks.reproduce glue $(ARGS)
+	$(PY) -m tasks.study.driver glue $(ARGS)
 
 reproduce-domainbed: $(STAMP)
-	$(PY) -m tasks.reproduce domainbed $(ARGS)
+	$(PY) -m tasks.study.driver domainbed $(ARGS)
 
 # docs/RESULTS.md (+ docs/plots) from docs/results alone, offline
 reproduce-report: $(STAMP)
-	$(PY) -m tasks.reproduce report
+	$(PY) -m tasks.study.driver report
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rmoe tasks callbacks tests

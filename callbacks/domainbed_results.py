@@ -31,6 +31,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from callbacks.records import RESULTS_FILE, read_jsonl
+
 
 def _plain(obj: Any) -> Any:
     """JSON-safe copy (OmegaConf containers, tuples, numpy scalars -> plain Python)."""
@@ -55,7 +57,7 @@ class DomainBedResultsCallback(Callback):
     interpolation); ``output_dir``: the run folder (default: ``trainer.default_root_dir``)."""
 
     def __init__(self, args: Mapping[str, Any] | None = None, hparams: Mapping[str, Any] | None = None,
-                 output_dir: str | None = None, filename: str = "results.jsonl"):
+                 output_dir: str | None = None, filename: str = RESULTS_FILE):
         self.args = _plain(dict(args or {}))
         self.hparams = _plain(dict(hparams or {}))
         if self.args.get("hparams_seed") is None:
@@ -74,31 +76,9 @@ class DomainBedResultsCallback(Callback):
 
     @staticmethod
     def read(path: str) -> list[dict]:
-        """The records of ``path``; a half-written last line is dropped with a warning."""
-        if not os.path.exists(path):
-            return []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().split("\n")
-        while lines and not lines[-1].strip():
-            lines.pop()
-        out = []
-        for i, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError(f"a JSON {type(rec).__name__}, not an object")
-            except ValueError as e:
-                if i == len(lines):
-                    import warnings
-
-                    warnings.warn(f"{path}:{i}: dropped a half-written last line ({len(line)} characters; a run "
-                                  f"killed while appending it): {e}", stacklevel=2)
-                    continue
-                raise ValueError(f"{path}:{i}: malformed record ({e}); allowed: one JSON object per line") from e
-            out.append(rec)
-        return out
+        """The records of ``path``; a half-written last line is dropped with a warning
+        (:func:`callbacks.records.read_jsonl`, the one ``results.jsonl`` reader)."""
+        return read_jsonl(path)
 
     # --- hooks ---------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

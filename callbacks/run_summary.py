@@ -30,7 +30,9 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-SCHEMA = 1
+from callbacks.records import SUMMARY_FILE, SUMMARY_SCHEMA, summary_record, write_json_atomic
+
+SCHEMA = SUMMARY_SCHEMA
 
 
 def _float(v: Any) -> float | None:
@@ -119,26 +121,24 @@ class RunSummaryCallback(Callback):
                           "probe": {n: [list(p) for p in v] for n, v in h.get("probe", {}).items()}}
         task = getattr(pl_module, "task", None)
         elapsed = self._elapsed + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
-        return _plain({
-            "schema": SCHEMA, "done": True,
-            "benchmark": task_name.split("/", 1)[0] if task_name else None,
-            "task_name": task_name or None,
-            "task": info.get("task"), "method": info.get("method"),
-            "variant": info.get("variant") or info.get("method"),
-            "seed": info.get("seed"), "lr": info.get("lr"),
-            "headline": getattr(task, "headline", None) if task is not None else info.get("headline"),
-            "test_envs": info.get("test_envs"), "trial_seed": info.get("trial_seed"),
-            "epochs": self.epochs, "stability": stability, "series": series,
-            "global_step": int(trainer.global_step),
-            "wall_time_s": round(elapsed, 3), "overrides": hydra_overrides(), "commit": git_commit(),
-        })
+        return _plain(summary_record(
+            schema=SCHEMA, done=True,
+            benchmark=task_name.split("/", 1)[0] if task_name else None,
+            task_name=task_name or None,
+            task=info.get("task"), method=info.get("method"),
+            variant=info.get("variant") or info.get("method"),
+            seed=info.get("seed"), lr=info.get("lr"),
+            headline=getattr(task, "headline", None) if task is not None else info.get("headline"),
+            test_envs=info.get("test_envs"), trial_seed=info.get("trial_seed"),
+            epochs=self.epochs, stability=stability, series=series,
+            global_step=int(trainer.global_step),
+            wall_time_s=round(elapsed, 3), overrides=hydra_overrides(), commit=git_commit(),
+        ))
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        from tasks.jobs import write_json_atomic
-
-        write_json_atomic(self.path or os.path.join(trainer.default_root_dir, "summary.json"),
+        write_json_atomic(self.path or os.path.join(trainer.default_root_dir, SUMMARY_FILE),
                           self.summary(trainer, pl_module))
 
     # --- resume: keep the per-epoch records and the time already spent ------------------------

@@ -14,18 +14,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+
+from callbacks.records import DONE_FILE, read_done, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-DONE = "done"
+DONE = DONE_FILE
+__all__ = ["DONE", "PARTIAL_OUTPUTS", "clear_partial", "is_done", "is_rank_zero", "mark_done", "read_done",
+           "write_json_atomic"]
 # what a previous, unfinished attempt may have left in a job folder (.hydra/ and the log stay)
 PARTIAL_OUTPUTS = ("results.jsonl", "summary.json", "summary.json.tmp", "metrics.csv", "hparams.yaml",
                    "checkpoints", "plots", "wandb")
@@ -35,15 +37,6 @@ def is_done(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / DONE).is_file()
 
 
-def read_done(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``done`` record (``{}`` if it is empty or not JSON -- DomainBed writes an empty file)."""
-    try:
-        text = (Path(run_dir) / DONE).read_text()
-        return json.loads(text) if text.strip() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def mark_done(run_dir: str | os.PathLike, metrics: Mapping[str, float], commit: str | None = None) -> Path:
     """Write ``<run_dir>/done`` atomically (temp file + rename)."""
     run_dir = Path(run_dir)
@@ -51,17 +44,6 @@ def mark_done(run_dir: str | os.PathLike, metrics: Mapping[str, float], commit: 
     record = {"finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
               "metrics": {k: float(v) for k, v in sorted(metrics.items())}}
     return write_json_atomic(run_dir / DONE, record)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """``obj`` as indented, key-sorted JSON: written to ``<path>.tmp``, then renamed over ``path``
-    (a reader never sees a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def clear_partial(run_dir: str | os.PathLike) -> list[str]:

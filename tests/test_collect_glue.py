@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from tasks.collect import collect, main
-from tasks.glue.collect import best_lr, cells, heldout_epoch, select_best_dev, select_heldout
-from tasks.results import mean_se, noise_verdict, paired_difference
+from tasks.results.glue import best_lr, cells, heldout_epoch, select_best_dev, select_heldout
+from tasks.results.stats import mean_se, noise_verdict, paired_difference
 
 
 def run(task, variant, seed, lr, devs, heldouts=None):
@@ -96,8 +96,9 @@ def test_collect_glue_table_by_hand(tmp_path, capsys):
     assert "| Method | CoLA (mcc) | MRPC (f1) |" in out
     assert "| MoE (top-k) | 51.0 ± 1.0 (n=2) (lr 2e-05) |  |" in out
     assert "| DynMoE | 55.0 (n=1) |  |" in out
-    assert "| RMoE | 62.0 ± 1.2 | 82.0 ± 1.2 |" in out  # the incomplete seed 3 (.99) is not in the mean
-    assert "RMoE & 62.0 $\\pm$ 1.2 & 82.0 $\\pm$ 1.2 \\\\" in out
+    # every cell shows its number of seeds; the incomplete seed 3 (.99) is not in the mean
+    assert "| RMoE | 62.0 ± 1.2 (n=3) | 82.0 ± 1.2 (n=3) |" in out
+    assert "RMoE & 62.0 $\\pm$ 1.2 (n=3) & 82.0 $\\pm$ 1.2 (n=3) \\\\" in out
     assert "GLUE dev, held-out selection" not in out  # no held-out scores: no such table
     assert "ignored (no done file)" in capsys.readouterr().err
     assert (tmp_path / "results.md").exists() and (tmp_path / "results.tex").exists()
@@ -114,7 +115,7 @@ def test_collect_marks_planned_cells_from_meta_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| DynMoE | 55.0 (1/3) | — (0/3) |" in out
     assert "| MoE (top-k) | 51.0 ± 1.0 (2/3) (lr 2e-05) | — (0/3) |" in out
-    assert "| RMoE | 62.0 ± 1.2 | 82.0 ± 1.2 |" in out
+    assert "| RMoE | 62.0 ± 1.2 (3/3) | 82.0 ± 1.2 (3/3) |" in out
     assert "Ignored incomplete runs (no `done` file): 1" in out
 
 
@@ -124,5 +125,5 @@ def test_heldout_table_when_runs_have_heldout_scores(tmp_path):
     write(str(tmp_path), "1", run("cola", "rmoe", 1, 5e-5, [.50, .55, .60], [.7, .8, .8]))
     out = collect(str(tmp_path), fmt="markdown", save=False)
     best, held = out.split("### GLUE dev, held-out selection")
-    assert "| RMoE | 60.0 ± 0.0 |" in best
-    assert "| RMoE | 50.0 ± 5.0 |" in held
+    assert "| RMoE | 60.0 ± 0.0 (n=2) |" in best
+    assert "| RMoE | 50.0 ± 5.0 (n=2) |" in held

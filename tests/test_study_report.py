@@ -25,7 +25,7 @@ import sys
 
 import pytest
 
-from tasks.study_report import generate, load_study
+from tasks.study.report import generate, load_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2)

@@ -142,7 +142,7 @@ class DomainBedModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """Print the run's per-domain table (from the results callback's ``results.jsonl``)."""
         from callbacks.domainbed_results import DomainBedResultsCallback
-        from tasks.collect import render_markdown
+        from tasks.results.table import render_markdown
 
         from .reporting import run_table
 

@@ -7,25 +7,22 @@ headline score after each epoch (``val/score``) and its best (``val/score_best``
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 
-import yaml
+from callbacks.records import METRICS_FILE
+from tasks.results.records import metric_column, read_config, read_metrics
 
 
 def summarise(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
+    """The run's identity (``.hydra/config.yaml``) and per-epoch columns (``metrics.csv``), read by
+    :mod:`tasks.results.records`."""
+    rows = read_metrics(run_dir)
 
     def col(key: str) -> list[float]:
-        return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+        return metric_column(rows, key)
 
-    cfg_path = os.path.join(run_dir, ".hydra", "config.yaml")
-    cfg = {}
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            cfg = yaml.safe_load(f) or {}
+    cfg = read_config(run_dir)
     return {"run": run_dir, "task": cfg.get("task_name", "?"), "moe": (cfg.get("moe") or {}).get("name", "?"),
             "backbone": (cfg.get("backbone") or {}).get("name", "?"),
             "epoch_s": col("time/train_epoch_s"), "val_s": col("time/val_s"), "score": col("val/score")}
@@ -39,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'task':<10} {'backbone':<10} {'moe':<9} {'train s/epoch':<22} {'val s':<8} "
           f"{'val/score per epoch':<28} best")
     for run in runs:
-        if not os.path.isfile(os.path.join(run, "metrics.csv")):
+        if not os.path.isfile(os.path.join(run, METRICS_FILE)):
             print(f"{run}: no metrics.csv (yet)")
             continue
         s = summarise(run)

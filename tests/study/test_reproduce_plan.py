@@ -5,7 +5,8 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tasks import jobs, reproduce
+from tasks import jobs
+from tasks.study import driver as reproduce
 from tasks.train import CONF_DIR
 
 SWEEPS = CONF_DIR.replace("/conf", "/sweeps")

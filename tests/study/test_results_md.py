@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.study_report import main as study_report
+from tasks.study.report import main as study_report
 
 ROOT = Path(__file__).resolve().parents[2]
 

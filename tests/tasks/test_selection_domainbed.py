@@ -18,7 +18,7 @@ leave-one-domain-out: runs [0, 1] and [0, 2] give env1_in / env2_in per step:
 
 import pytest
 
-from tasks.domainbed.selection import (
+from tasks.results.selection import (
     IIDAccuracySelectionMethod,
     LeaveOneOutSelectionMethod,
     OracleSelectionMethod,

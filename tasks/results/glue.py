@@ -1,4 +1,4 @@
-"""GLUE result tables from run summaries (``summary.json`` of complete runs), for ``tasks.collect``.
+"""GLUE result tables from run summaries (``summary.json`` of complete runs): collect and the study.
 
 Per run, a *selection* turns the per-epoch validation record ``epochs[i] = {"dev": {"score"}, "heldout":
 {"score"}}`` into ``(selection value, reported dev score)``:
@@ -8,30 +8,28 @@ Per run, a *selection* turns the per-epoch validation record ``epochs[i] = {"dev
   earliest epoch) selects, the dev score at that epoch is reported; runs without held-out scores
   are left out.
 
-A cell (task, variant) holds, per learning rate, one reported score per seed; the learning rate
+A cell (task, row) -- row = the method and the overrides that set its runs apart
+(:mod:`tasks.results.grouping`) -- holds, per learning rate, one reported score per seed; the learning rate
 with the highest mean *selection value* over seeds is kept (ties -> the smallest lr) and the cell
-prints ``100 * mean ± 100 * SE`` over its seeds, ``SE = std(ddof=1) / sqrt(n)`` (a single seed:
-the mean only), plus ``(lr x)`` when several learning rates were run.
+prints ``100 * mean ± 100 * SE`` over its seeds (:func:`tasks.results.stats.mean_se`: sample std / √n;
+a single seed: the mean only), the number of seeds ``(n=k)`` (or ``(k/planned)``), plus ``(lr x)``
+when several learning rates were run.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tasks.domainbed.reporting import Table
-from tasks.results import (
-    fmt_lr,
-    fmt_score,
-    glue_task_label,
-    mean_se,
-    sort_glue_tasks,
-    sort_variants,
-    variant_label,
-)
+from .grouping import configurations, drop_duplicates, row_name
+from .labels import glue_task_label, sort_glue_tasks, sort_variants, variant_label
+from .records import RunRecord, read_metas
+from .stats import mean_se
+from .table import Table, fmt_lr, fmt_score
+
+log = logging.getLogger("tasks.results")
 
 Run = dict[str, Any]
 Selected = tuple[float, float]  # (selection value, reported dev score)
@@ -42,7 +40,19 @@ def is_glue_summary(r: Mapping[str, Any]) -> bool:
 
 
 def run_variant(run: Mapping[str, Any]) -> str:
-    return str(run.get("variant") or run.get("method"))
+    """The run's table row: ``_row`` (set by :func:`glue_summaries`), else its variant (method)."""
+    return str(run.get("_row") or run.get("variant") or run.get("method"))
+
+
+def glue_summaries(runs: Sequence[RunRecord]) -> list[Run]:
+    """The ``summary.json`` of the GLUE runs, each with ``run_dir`` and ``_row`` (method + the
+    overrides that vary within its (task, method) cell); duplicates (same task, row, lr and seed)
+    are logged and left out (:func:`tasks.results.grouping.drop_duplicates`)."""
+    runs = [r for r in runs if r.summary is not None and is_glue_summary(r.summary)]
+    configs = configurations(runs, lambda r: (r.task, r.variant))
+    kept, _ = drop_duplicates(runs, lambda r: (r.task, row_name(r.variant, configs[r.rel]), r.get("lr"),
+                                               r.get("seed")))
+    return [dict(r.summary, run_dir=r.path, _row=row_name(r.variant, configs[r.rel])) for r in kept]
 
 
 def _score(block: Any) -> float | None:
@@ -89,10 +99,16 @@ SELECTIONS: dict[str, tuple[str, Callable[[Run], Selected | None]]] = {
 
 
 def runs_by_key(runs: list[Run]) -> dict[tuple[str, str, Any, Any], Run]:
-    """``{(task, variant, lr, seed): run}``; of several runs with one key the last by folder wins."""
-    out = {}
+    """``{(task, row, lr, seed): run}``; of several runs with one key the first by folder is kept,
+    with a warning naming both (:func:`glue_summaries` has already left such duplicates out)."""
+    out: dict[tuple[str, str, Any, Any], Run] = {}
     for r in sorted(runs, key=lambda r: str(r.get("run_dir", ""))):
-        out[(str(r["task"]), run_variant(r), r.get("lr"), r.get("seed"))] = r
+        key = (str(r["task"]), run_variant(r), r.get("lr"), r.get("seed"))
+        if key in out:
+            log.warning("two runs with the key %s: kept %s, left out %s", key, out[key].get("run_dir"),
+                        r.get("run_dir"))
+            continue
+        out[key] = r
     return out
 
 
@@ -135,8 +151,10 @@ def cells(runs: list[Run], selection: str = "best_dev") -> dict[tuple[str, str],
     return out
 
 
-def cell_text(cell: Cell | None, planned: int | None, latex: bool = False, n_max: int | None = None) -> str:
-    """``"66.7 ± 0.4"``, ``"66.7 ± 0.4 (2/3)"`` (2 of 3 planned seeds), ``"— (0/3)"``, ``"(lr 3e-05)"``."""
+def cell_text(cell: Cell | None, planned: int | None, latex: bool = False, n_max: int | None = None,
+              always_n: bool = False) -> str:
+    """``"66.7 ± 0.4"``, ``"66.7 ± 0.4 (2/3)"`` (2 of 3 planned seeds), ``"— (0/3)"``, ``"(lr 3e-05)"``;
+    ``always_n``: every cell shows its seed count, ``(n=3)`` or ``(3/3)``."""
     if cell is None or not cell["scores"]:
         if planned:
             return ("--" if latex else "—") + f" (0/{planned})"
@@ -144,9 +162,9 @@ def cell_text(cell: Cell | None, planned: int | None, latex: bool = False, n_max
     m, se, n = mean_se(cell["scores"].values())
     text = fmt_score(m, se, latex)
     if planned is not None:
-        if n < planned:
+        if n < planned or always_n:
             text += f" ({n}/{planned})"
-    elif n_max is not None and n < n_max:
+    elif always_n or (n_max is not None and n < n_max):
         text += f" (n={n})"
     if cell["n_lrs"] > 1:
         text += f" (lr {fmt_lr(cell['lr'])})"
@@ -163,8 +181,10 @@ def headline_names(runs: list[Run]) -> dict[str, str]:
 
 
 def glue_table(runs: list[Run], selection: str = "best_dev", latex: bool = False,
-               planned: Mapping[tuple[str, str], int] | None = None, title: str | None = None) -> Table:
-    """Rows = variants, columns = tasks. ``planned``: ``{(task, variant): number of planned seeds}``
+               planned: Mapping[tuple[str, str], int] | None = None, title: str | None = None,
+               always_n: bool = False) -> Table:
+    """Rows = variants (rows, see :func:`run_variant`), columns = tasks; ``always_n``: see :func:`cell_text`.
+    ``planned``: ``{(task, variant): number of planned seeds}``
     (then missing and partial cells show ``(n/planned)``); without it partial cells show ``(n=k)``
     where k is below the largest seed count of the table."""
     cs = cells(runs, selection)
@@ -180,7 +200,7 @@ def glue_table(runs: list[Run], selection: str = "best_dev", latex: bool = False
         row = [variant_label(v)]
         for t in tasks:
             p = None if planned is None else planned.get((t, v), 0)
-            row.append(cell_text(cs.get((t, v)), p, latex, n_max))
+            row.append(cell_text(cs.get((t, v)), p, latex, n_max, always_n))
         rows.append(row)
     desc = SELECTIONS[selection][0]
     notes = [f"GLUE dev score x100, {desc}; mean ± SE over seeds (SE = sample std / √n; one seed: the mean)."]
@@ -188,6 +208,8 @@ def glue_table(runs: list[Run], selection: str = "best_dev", latex: bool = False
         notes.append("(lr x): the learning rate with the best mean selection score over seeds, of those run.")
     if planned is not None:
         notes.append("(k/n): k of the n planned seeds finished; — (0/n): planned, none finished; blank: not planned.")
+    elif always_n:
+        notes.append("(n=k): the number of seeds in the cell.")
     elif any(len(c["scores"]) < n_max for c in cs.values()):
         notes.append(f"(n=k): only k seeds (other cells have up to {n_max}).")
     if selection == "heldout":
@@ -206,20 +228,6 @@ def glue_planned(meta: Mapping[str, Any] | None) -> dict[tuple[str, str], int] |
     return {k: len(v) for k, v in seeds.items()}
 
 
-def find_glue_meta(input_dir: str) -> dict[str, Any] | None:
-    """The GLUE ``meta.json`` (``"benchmark": "glue"``) in ``input_dir`` or one folder below, if any."""
-    candidates = [os.path.join(input_dir, "meta.json")]
-    if os.path.isdir(input_dir):
-        candidates += [os.path.join(input_dir, d, "meta.json") for d in sorted(os.listdir(input_dir))]
-    for path in candidates:
-        if os.path.isfile(path):
-            with open(path) as f:
-                meta = json.load(f)
-            if isinstance(meta, dict) and meta.get("benchmark") == "glue":
-                return meta
-    return None
-
-
 class GlueReader:
     """``tasks.collect`` reader: GLUE ``summary.json`` records (``benchmark == "glue"``). When the
     input folder (or a folder below it) holds the GLUE ``meta.json`` of ``make reproduce-*``, its
@@ -231,14 +239,15 @@ class GlueReader:
         self.planned: dict[tuple[str, str], int] | None = None
 
     def configure(self, input_dir: str) -> None:
-        self.planned = glue_planned(find_glue_meta(input_dir))
+        self.planned = glue_planned(read_metas(input_dir).get("glue"))
 
-    def claims(self, record: Mapping[str, Any]) -> bool:
-        return is_glue_summary(record)
+    def prepare(self, runs: list[RunRecord]) -> list[Run]:
+        return glue_summaries(runs)
 
     def tables(self, records: list[Run], latex: bool) -> list[tuple[str, list[Table]]]:
         out = [("GLUE dev, best dev epoch (paper protocol)",
-                [glue_table(records, "best_dev", latex, planned=self.planned)])]
+                [glue_table(records, "best_dev", latex, planned=self.planned, always_n=True)])]
         if any(select_heldout(r) is not None for r in records):
-            out.append(("GLUE dev, held-out selection", [glue_table(records, "heldout", latex, planned=self.planned)]))
+            out.append(("GLUE dev, held-out selection",
+                        [glue_table(records, "heldout", latex, planned=self.planned, always_n=True)]))
         return out

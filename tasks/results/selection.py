@@ -19,55 +19,13 @@ split into *runs* by ``args.hparams_seed``. A method picks, per run, a ``{val_ac
 from __future__ import annotations
 
 import itertools
-import json
-import os
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from tasks.jobs import DONE
-
 Record = dict[str, Any]
-
-
-#: A run folder is complete when it holds this file, written after the run's last record
-#: (DomainBed's convention; ``rmoe-train`` writes it, see :mod:`tasks.jobs`); folders without it are
-#: still running, crashed or were interrupted.
-DONE_FILE = DONE
-
-
-def find_run_dirs(input_dir: str, filename: str = "results.jsonl") -> tuple[list[str], list[str]]:
-    """``(complete, incomplete)``: the folders below ``input_dir`` (any depth) holding ``filename``,
-    split by whether they also hold :data:`DONE_FILE`; each list sorted by path."""
-    complete, incomplete = [], []
-    for dirpath, _, files in os.walk(input_dir, followlinks=True):
-        if filename in files:
-            (complete if DONE_FILE in files else incomplete).append(dirpath)
-    return sorted(complete), sorted(incomplete)
-
-
-def load_records(input_dir: str, require_done: bool = True, ignored: list[str] | None = None) -> list[Record]:
-    """Every line of every ``results.jsonl`` below ``input_dir`` (any depth), in path order.
-
-    With ``require_done`` (default) only complete run folders (holding a ``done`` file) are read; the
-    folders left out are appended to ``ignored`` when a list is given."""
-    complete, incomplete = find_run_dirs(input_dir)
-    if require_done:
-        if ignored is not None:
-            ignored.extend(incomplete)
-        dirs = complete
-    else:
-        dirs = sorted(complete + incomplete)
-    records = []
-    for d in dirs:
-        with open(os.path.join(d, "results.jsonl")) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    records.append(json.loads(line))
-    return records
 
 
 def n_envs(record: Record) -> int:
