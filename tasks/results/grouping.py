@@ -11,7 +11,8 @@ and absent in others counts as differing -- is part of the run's *configuration*
 
 So a β × λ_min × seed grid gives one row per (β, λ_min), each averaged over its seeds, and a
 README one-liner ablation without ``variant=`` (``moe.fusion=null``) gets its own row too. The row
-name is ``"<variant> [key=value, ...]"`` (keys sorted; ``key=(default)`` where the run did not set it).
+name is ``"<variant> [key=value, ...]"`` over the varying keys the run set (sorted); a run that set
+none of them keeps the plain ``"<variant>"`` row.
 Runs with the same *full* key (cell, configuration, selection and replication values) are
 duplicates: :func:`drop_duplicates` keeps the first folder (by path) and logs a warning naming all.
 """
@@ -32,7 +33,7 @@ BOOKKEEPING_KEYS = frozenset({"ckpt_path", "init_from", "skip_if_done", "tags", 
                               "data.glue_dir", "data.num_workers", "trainer.devices", "trainer.accelerator",
                               "trainer.enable_progress_bar"})
 BOOKKEEPING_PREFIXES = ("paths.", "hydra.", "logger.", "wandb.")
-DEFAULT = "(default)"
+_UNSET = object()
 
 Config = tuple[tuple[str, str], ...]
 
@@ -44,7 +45,8 @@ def is_swept_key(key: str) -> bool:
 
 
 def configurations(runs: Sequence[RunRecord], cell: Callable[[RunRecord], Hashable]) -> dict[str, Config]:
-    """``{run.rel: configuration}``: per run, the ``(key, value)`` of the overrides that vary within its cell."""
+    """``{run.rel: configuration}``: per run, the ``(key, value)`` of the overrides it set that vary
+    within its cell (a key set by some runs of the cell and not by others varies)."""
     by_cell: dict[Hashable, list[RunRecord]] = defaultdict(list)
     for r in runs:
         by_cell[cell(r)].append(r)
@@ -52,9 +54,9 @@ def configurations(runs: Sequence[RunRecord], cell: Callable[[RunRecord], Hashab
     for members in by_cell.values():
         dicts = [{k: v for k, v in r.override_dict.items() if is_swept_key(k)} for r in members]
         keys = sorted({k for d in dicts for k in d})
-        varying = [k for k in keys if len({d.get(k, DEFAULT) for d in dicts}) > 1]
+        varying = [k for k in keys if len({d.get(k, _UNSET) for d in dicts}) > 1]
         for r, d in zip(members, dicts):
-            out[r.rel] = tuple((k, d.get(k, DEFAULT)) for k in varying)
+            out[r.rel] = tuple((k, d[k]) for k in varying if k in d)
     return out
 
 

@@ -42,6 +42,18 @@ def _split_row(name: str) -> tuple[str, str]:
     return base, (sep + rest if sep else "")
 
 
+def _override_key(rest: str) -> tuple:
+    """Sort key of ``" [a=1e-3, b=0.9]"``: per override its key, then numbers by value, others as text."""
+    out = []
+    for item in rest.strip(" []").split(", ") if rest else []:
+        k, _, v = item.partition("=")
+        try:
+            out.append((k, 0, float(v), v))
+        except ValueError:
+            out.append((k, 1, 0.0, v))
+    return tuple(out)
+
+
 def variant_label(v: str) -> str:
     """``"rmoe"`` -> ``"RMoE"``; ``"rmoe [moe.fusion.beta=0.9]"`` -> ``"RMoE [moe.fusion.beta=0.9]"``."""
     base, rest = _split_row(v)
@@ -54,7 +66,7 @@ def sort_variants(names: Iterable[str]) -> list[str]:
     def key(n: str) -> tuple:
         base, rest = _split_row(n)
         known = base in VARIANT_ORDER
-        return (0 if known else 1, VARIANT_ORDER.index(base) if known else 0, base, rest)
+        return (0 if known else 1, VARIANT_ORDER.index(base) if known else 0, base, _override_key(rest))
 
     return sorted(set(names), key=key)
 
