@@ -209,3 +209,21 @@ def test_domainbed_sigkill_mid_stream_then_resume_matches_uninterrupted_run(tmp_
     (steps_a, ra), (steps_b, rb) = records(full), records(resumed)
     assert steps_a == steps_b == [0, 10, 20, 23]  # in order, no step twice
     assert all(ra[s] == rb[s] for s in rb)
+
+
+@pytest.mark.slow
+def test_glue_resume_with_a_half_filled_pool_recording_window_matches(tmp_path):
+    """Killed while DynMoE's pool window (batches n//2 .. 3n//4 of an epoch) is half recorded: the
+    checkpoint holds the open window and its partial counts, and the resumed run adapts the pool
+    exactly as the uninterrupted run."""
+    full = tmp_path / "full"
+    run_train(full, GLUE)
+    saved, resumed = kill_then_resume(tmp_path, GLUE, kill_step=4)  # last.ckpt: the step-3 save (batch 2)
+    assert saved["global_step"] == 3 and saved["epoch"] == 0
+    sd = saved["state_dict"]
+    recording = [k for k in sd if k.endswith("router.recording")]
+    assert recording and all(bool(sd[k]) for k in recording)  # the window is open ...
+    assert all(float(sd[k.replace("recording", "routed_count")].sum()) > 0 for k in recording)  # ... half filled
+    final = assert_same_final_state(full, resumed)
+    assert final["global_step"] == 15
+    assert_same_history(full, resumed)
