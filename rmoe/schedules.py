@@ -1,12 +1,14 @@
 """Curriculum schedules for the load-balancing weight λ (RMoE mechanism 1, SPEC §3).
 
-Every schedule is a pure function of ``(step, total_steps)`` returning ``(lambda, phase_name)``.
+The pure functions :func:`constant`, :func:`linear_ramp`, :func:`exp_decay` and :func:`phased` give
+λ for ``(step, total_steps)``; :func:`build_schedule` validates a ``curriculum`` mapping and returns
+a small frozen :class:`Schedule` object that knows its phase names and computes ``(λ, phase_name)``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +116,73 @@ def phased(step: int, total_steps: int, phases: Sequence[Phase], units: str = "f
     return last.end_value, last.name
 
 
-Schedule = Callable[[int, int], "tuple[float, str]"]
+class Schedule:
+    """A λ schedule: ``schedule(τ, T) -> (λ, phase_name)``; ``phase_names`` lists its phases in
+    order (``phase_index`` of a name is its position there)."""
+
+    phase_names: tuple[str, ...] = ()
+
+    def value(self, step: int, total_steps: int) -> tuple[float, str]:
+        raise NotImplementedError
+
+    def __call__(self, step: int, total_steps: int) -> tuple[float, str]:
+        return self.value(step, total_steps)
+
+    def phase_index(self, phase: str) -> int:
+        """Position of ``phase`` in :attr:`phase_names` (−1 for a name the schedule does not have)."""
+        return self.phase_names.index(phase) if phase in self.phase_names else -1
+
+
+@dataclass(frozen=True)
+class Constant(Schedule):
+    """``λ = λ0``; one phase, ``constant``."""
+
+    lambda0: float
+    phase_names = ("constant",)
+
+    def value(self, step: int, total_steps: int) -> tuple[float, str]:
+        return constant(step, total_steps, self.lambda0), "constant"
+
+
+@dataclass(frozen=True)
+class LinearRamp(Schedule):
+    """``λ = λ_min + (λ_max − λ_min) * min(τ/T, 1)``; one phase, ``ramp``."""
+
+    lambda_min: float
+    lambda_max: float
+    phase_names = ("ramp",)
+
+    def value(self, step: int, total_steps: int) -> tuple[float, str]:
+        return linear_ramp(step, total_steps, self.lambda_min, self.lambda_max), "ramp"
+
+
+@dataclass(frozen=True)
+class ExpDecay(Schedule):
+    """``λ = max(λ_min, λ_max * β^(τ+1))``; one phase, ``decay``."""
+
+    lambda_min: float
+    lambda_max: float
+    beta: float
+    phase_names = ("decay",)
+
+    def value(self, step: int, total_steps: int) -> tuple[float, str]:
+        return exp_decay(step, total_steps, self.lambda_min, self.lambda_max, self.beta), "decay"
+
+
+@dataclass(frozen=True)
+class Phased(Schedule):
+    """Piecewise-linear λ over named :class:`Phase` s (see :func:`phased`); ``units``:
+    ``fraction`` (phase ends are fractions of T) or ``steps``."""
+
+    phases: tuple[Phase, ...]
+    units: str = "fraction"
+
+    @property
+    def phase_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(p.name for p in self.phases)
+
+    def value(self, step: int, total_steps: int) -> tuple[float, str]:
+        return phased(step, total_steps, self.phases, self.units)
 
 
 PARAMS = ("lambda0", "lambda_min", "lambda_max", "beta", "phases", "units")
@@ -123,7 +191,7 @@ MODE_PARAMS = {"constant": ("lambda0",), "linear_ramp": ("lambda_min", "lambda_m
 
 
 def build_schedule(mode: str, **params: Any) -> Schedule:
-    """Validate parameters and return ``f(step, total_steps) -> (lambda, phase)``.
+    """Validate parameters and return the mode's :class:`Schedule` object.
 
     constant: ``lambda0``; linear_ramp: ``lambda_min, lambda_max``; exp_decay:
     ``lambda_min, lambda_max, beta`` (0 < β <= 1); phased: ``phases, units``. Parameters of the
@@ -137,30 +205,19 @@ def build_schedule(mode: str, **params: Any) -> Schedule:
                           f"allowed: mode, {', '.join(PARAMS)}")
     if mode not in MODE_PARAMS:
         raise ConfigError(f"invalid curriculum: mode={mode!r}; allowed: {'|'.join(SCHEDULES)}")
-
-    def need(*names: str) -> dict:
-        missing = [n for n in names if n not in params and n != "units"]
-        if missing:
-            raise ConfigError(f"invalid curriculum: {missing[0]} missing for mode {mode!r}")
-        return params
+    missing = [n for n in MODE_PARAMS[mode] if n not in params and n != "units"]
+    if missing:
+        raise ConfigError(f"invalid curriculum: {missing[0]} missing for mode {mode!r}")
 
     if mode == "constant":
-        lam0 = _check_lambda("lambda0", need("lambda0")["lambda0"])
-        return lambda step, total: (constant(step, total, lam0), "constant")
+        return Constant(_check_lambda("lambda0", params["lambda0"]))
     if mode == "linear_ramp":
-        p = need("lambda_min", "lambda_max")
-        lo, hi = _check_order(p)
-        return lambda step, total: (linear_ramp(step, total, lo, hi), "ramp")
+        return LinearRamp(*_check_order(params))
     if mode == "exp_decay":
-        p = need("lambda_min", "lambda_max", "beta")
-        lo, hi = _check_order(p)
-        beta = p["beta"]
+        lo, hi = _check_order(params)
+        beta = params["beta"]
         if not isinstance(beta, (int, float)) or not (0 < beta <= 1):
             raise ConfigError(f"invalid curriculum: beta={beta!r}; allowed: a number in (0, 1]")
-        return lambda step, total: (exp_decay(step, total, lo, hi, float(beta)), "decay")
-    if mode == "phased":
-        p = need("phases", "units")
-        units = p.get("units", "fraction")
-        phases = parse_phases(p["phases"], units)
-        return lambda step, total: phased(step, total, phases, units)
-    raise ConfigError(f"invalid curriculum: mode={mode!r}; allowed: {'|'.join(SCHEDULES)}")
+        return ExpDecay(lo, hi, float(beta))
+    units = params.get("units", "fraction")
+    return Phased(tuple(parse_phases(params["phases"], units)), units)

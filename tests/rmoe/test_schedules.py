@@ -1,11 +1,12 @@
 """Curriculum schedules (SPEC §3)."""
 
+import dataclasses
 import math
 
 import pytest
 
 from rmoe import ConfigError, build_schedule
-from rmoe.schedules import exp_decay, linear_ramp
+from rmoe.schedules import Constant, ExpDecay, LinearRamp, Phase, Phased, exp_decay, linear_ramp
 
 
 def test_constant():
@@ -98,3 +99,33 @@ def test_other_modes_parameters_are_carried_but_not_read():
     assert build_schedule("constant", **params)(7, 10)[0] == 0.5
     assert build_schedule("linear_ramp", **params)(5, 10)[0] == pytest.approx(1e-3 + 0.5 * 9e-3)
     assert build_schedule("exp_decay", **params)(0, 10)[0] == pytest.approx(9e-3)
+
+
+def test_schedule_objects_know_their_phases():
+    assert build_schedule("constant", lambda0=0.5) == Constant(0.5)
+    assert Constant(0.5).phase_names == ("constant",) and Constant(0.5)(3, 10) == (0.5, "constant")
+    ramp = build_schedule("linear_ramp", lambda_min=0.0, lambda_max=2.0)
+    assert ramp == LinearRamp(0.0, 2.0) and ramp.phase_names == ("ramp",)
+    assert ramp.value(1, 4) == (0.5, "ramp")  # 0 + 2 * 1/4
+    decay = build_schedule("exp_decay", lambda_min=0.0, lambda_max=1.0, beta=0.5)
+    assert decay == ExpDecay(0.0, 1.0, 0.5) and decay.phase_names == ("decay",)
+    assert decay.value(1, 4) == (0.25, "decay")  # 1 * 0.5^2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ramp.lambda_max = 3.0
+
+
+def test_phased_object_names_and_values_by_hand():
+    f = build_schedule("phased", units="steps", phases=[
+        {"name": "off", "end": 2, "value": 0.0},
+        {"name": "up", "end": 6, "start_value": 0.0, "end_value": 0.4},
+        {"name": "down", "end": 8, "start_value": 0.4, "end_value": 0.2},
+    ])
+    assert isinstance(f, Phased) and f.units == "steps"
+    assert f.phase_names == ("off", "up", "down")
+    assert f.phases == (Phase("off", 2.0, 0.0, 0.0), Phase("up", 6.0, 0.0, 0.4), Phase("down", 8.0, 0.4, 0.2))
+    assert [f.phase_index(n) for n in ("off", "up", "down", "other")] == [0, 1, 2, -1]
+    # step 1: off; 4: up, (4-2)/4 of 0 -> 0.4 = 0.2; 7: down, 0.4 - 0.5 * 0.2 = 0.3; 9: after the end, hold 0.2
+    got = [f(t, 1000) for t in (1, 4, 7, 9)]
+    want = [(0.0, "off"), (0.2, "up"), (0.3, "down"), (0.2, "down")]
+    assert [p for _, p in got] == [p for _, p in want]
+    assert [v for v, _ in got] == pytest.approx([v for v, _ in want])
