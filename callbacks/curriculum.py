@@ -1,10 +1,15 @@
 """Curriculum callback: sets the load-balancing weight λ every optimizer step (SPEC §3).
 
 Before each training batch, ``λ, phase = schedule(τ, T)`` with ``τ = trainer.global_step`` (the
-optimizer steps taken so far) and ``T = trainer.estimated_stepping_batches``; the callback writes
-``pl_module.<attr>`` (``lambda_aux``) and logs ``curriculum/lambda`` and ``curriculum/phase`` (the
-index of the phase in the schedule's phase list; 0 for the one-phase modes). Its state (last λ,
-phase, step) is saved in checkpoints and put back on the module when training resumes.
+optimizer steps taken so far) and ``T = trainer.estimated_stepping_batches``; the callback hands λ
+to the module through ``pl_module.set_lambda(λ)`` and logs ``curriculum/lambda`` and
+``curriculum/phase`` (the index of the phase in ``schedule.phase_names``; 0 for the one-phase
+modes).
+
+λ is saved once, in this callback's state (last λ, phase, step). On resume the state is put back
+on the module (``set_lambda``) when the checkpoint is loaded and again at the start of training;
+resuming from a checkpoint that holds no curriculum state fails at the start of training rather
+than training on with λ = 0.
 """
 
 from __future__ import annotations
@@ -15,35 +20,39 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from rmoe import build_schedule
-from rmoe.schedules import parse_phases
+from rmoe.schedules import SCHEDULES, Schedule, build_schedule
 
-ONE_PHASE_NAMES = {"constant": "constant", "linear_ramp": "ramp", "exp_decay": "decay"}
+
+def _set_lambda(pl_module: L.LightningModule, value: float) -> None:
+    setter = getattr(pl_module, "set_lambda", None)
+    if not callable(setter):
+        raise TypeError(f"{type(pl_module).__name__} has no set_lambda(value) method; the curriculum callback "
+                        "needs one (tasks.moe_module.MoEModule provides it)")
+    setter(float(value))
 
 
 class CurriculumCallback(Callback):
     """``schedule``: ``{mode, **params}`` — the ``curriculum`` config group (validated here, so a bad
     schedule fails when the callback is built, before training)."""
 
-    def __init__(self, schedule: Mapping[str, Any], attr: str = "lambda_aux"):
+    def __init__(self, schedule: Mapping[str, Any]):
         params = dict(schedule)
         if "mode" not in params:
-            raise ValueError(f"curriculum config {dict(schedule)!r} has no 'mode'; allowed: "
-                             "constant|linear_ramp|exp_decay|phased")
+            raise ValueError(f"curriculum config {dict(schedule)!r} has no 'mode'; allowed: {'|'.join(SCHEDULES)}")
         self.mode = params.pop("mode")
         params.pop("name", None)
-        self.schedule = build_schedule(self.mode, **params)
-        if self.mode == "phased":
-            self.phase_names = [p.name for p in parse_phases(params["phases"], params.get("units", "fraction"))]
-        else:
-            self.phase_names = [ONE_PHASE_NAMES.get(self.mode, self.mode)]
-        self.attr = attr
+        self.schedule: Schedule = build_schedule(self.mode, **params)
         self.lam: float | None = None
         self.phase: str | None = None
         self.step: int | None = None
+        self._restored = False
+
+    @property
+    def phase_names(self) -> tuple[str, ...]:
+        return self.schedule.phase_names
 
     def phase_index(self, phase: str) -> int:
-        return self.phase_names.index(phase) if phase in self.phase_names else -1
+        return self.schedule.phase_index(phase)
 
     def value(self, step: int, total_steps: int) -> tuple[float, str]:
         lam, phase = self.schedule(int(step), int(total_steps))
@@ -54,11 +63,23 @@ class CurriculumCallback(Callback):
         total = int(total) if total != float("inf") else 0
         self.lam, self.phase = self.value(trainer.global_step, total)
         self.step = int(trainer.global_step)
-        setattr(pl_module, self.attr, self.lam)
+        _set_lambda(pl_module, self.lam)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # λ back on the module as soon as the checkpoint is read (also when fit has nothing left to run)
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if state and state.get("lambda") is not None:
+            _set_lambda(pl_module, state["lambda"])
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is not None and not self._restored:
+            raise ValueError(
+                f"ckpt_path={str(trainer.ckpt_path)!r} holds no {self.state_key} state (λ, phase, step): it was "
+                "written without the curriculum callback, so the module's λ would silently stay 0 until the first "
+                "step and the phase/step state would be lost. Allowed: a checkpoint written with "
+                "callbacks.curriculum, or +init_from=<ckpt> to start a new run from its weights")
         if self.lam is not None:  # restored from a checkpoint: put λ back before the first step
-            setattr(pl_module, self.attr, self.lam)
+            _set_lambda(pl_module, self.lam)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -73,3 +94,4 @@ class CurriculumCallback(Callback):
         self.lam = state_dict.get("lambda")
         self.phase = state_dict.get("phase")
         self.step = state_dict.get("step")
+        self._restored = True

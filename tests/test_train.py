@@ -113,6 +113,7 @@ def test_resume_restores_lambda_fusion_and_expert_mask(tmp_path):
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     cb_state = [v for k, v in saved["callbacks"].items() if "CurriculumCallback" in k][0]
     assert cb_state["lambda"] == pytest.approx(lam_last) and cb_state["step"] == 7
+    assert "lambda_aux" not in saved  # λ is saved once, in the curriculum callback's state
 
     # restore into a freshly built model and callback (fit ends at once: max_epochs reached)
     run2 = tmp_path / "run2"

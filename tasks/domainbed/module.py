@@ -1,9 +1,10 @@
 """DomainBed LightningModule: a ViT with MoE blocks trained ERM-style over the training domains.
 
 Step: ``x, y`` = the concatenated batches of all training domains;
-``loss = CE(f(x), y) + lambda_aux * block_weight * Σ_layers aux + z_loss_weight * Σ_layers z``
-(SPEC §2; ``lambda_aux`` is set every optimizer step by ``callbacks.curriculum``; vision uses
-``block_weight = 0.01``). Optimiser: Adam (SPEC §5), constant learning rate.
+``loss = CE(f(x), y) + λ · block_weight · Σ_layers aux + z_loss_weight · Σ_layers z``
+(SPEC §2, :class:`tasks.moe_module.MoEModule`; λ is set every optimizer step by
+``callbacks.curriculum`` through ``set_lambda``; vision uses ``block_weight = 0.01``). Optimiser:
+Adam (SPEC §5), constant learning rate.
 
 Evaluation over the datamodule's ``[env_i in..., env_i out...]`` loaders: accuracy per loader,
 logged as ``val/env{i}_{in,out}_acc``; ``val/score`` = mean ``out`` accuracy of the training
@@ -16,29 +17,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rmoe import moe_losses
+from tasks.moe_module import MoEModule
 
 from .model import build_moe_vit
 
 
-class DomainBedModule(L.LightningModule):
+class DomainBedModule(MoEModule):
     def __init__(self, backbone: Mapping[str, Any], input_shape: Sequence[int], num_classes: int,
                  moe: Mapping[str, Any] | None = None, backend: str = "torch", algorithm: str = "RMoE",
                  lr: float = 3e-5, weight_decay: float = 0.0, adam_betas: Sequence[float] = (0.9, 0.999),
                  block_weight: float = 0.01, z_loss_weight: float = 0.0, num_threads: int | None = None):
-        super().__init__()
+        super().__init__(lr=lr, weight_decay=weight_decay, block_weight=block_weight, z_loss_weight=z_loss_weight)
         self.save_hyperparameters()
-        for key, value in (("module.lr", lr), ("module.weight_decay", weight_decay),
-                           ("module.block_weight", block_weight), ("module.z_loss_weight", z_loss_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                    key == "module.lr" and value <= 0):
-                allowed = "> 0" if key == "module.lr" else ">= 0"
-                raise ValueError(f"invalid {key}={value!r}; allowed: a number {allowed}")
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"invalid module.num_classes={num_classes!r}; allowed: an integer >= 2")
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
@@ -46,10 +40,6 @@ class DomainBedModule(L.LightningModule):
         self.num_threads = num_threads
         self.model, self.moe_layers = build_moe_vit(backbone, moe, input_shape, num_classes, backend)
         self.algorithm = algorithm
-        self.lambda_aux = 0.0
-        self.block_weight = float(block_weight)
-        self.z_loss_weight = float(z_loss_weight)
-        self.register_buffer("best_score", torch.tensor(float("-inf")))
         self.last_eval: dict[str, float] = {}
         self._correct: dict[int, Tensor] = {}
         self._total: dict[int, Tensor] = {}
@@ -83,9 +73,7 @@ class DomainBedModule(L.LightningModule):
         y = torch.cat([b[1] for b in batch])
         logits = self.model(x)
         task_loss = F.cross_entropy(logits, y)
-        aux, z = moe_losses(self.model)
-        aux, z = aux.to(task_loss.device), z.to(task_loss.device)
-        loss = task_loss + self.lambda_aux * self.block_weight * aux + self.z_loss_weight * z
+        loss, aux, z = self.moe_loss(task_loss, self.model)
         acc = (logits.argmax(-1) == y).float().mean()
         self.log_dict({"train/loss": loss.detach(), "train/task_loss": task_loss.detach(),
                        "train/aux_loss": aux.detach(), "train/z_loss": z.detach(), "train/acc": acc},
@@ -133,10 +121,8 @@ class DomainBedModule(L.LightningModule):
         self.last_eval = accs
         if self.trainer.sanity_checking:
             return
-        if score > float(self.best_score):
-            self.best_score.fill_(score)
         logged = {f"val/{k}": v for k, v in accs.items()}
-        logged.update({"val/score": score, "val/score_best": float(self.best_score)})
+        logged.update({"val/score": score, "val/score_best": self.update_best_score(score)})
         self.log_dict(logged, on_step=False, on_epoch=True, batch_size=1)
 
     def on_fit_end(self) -> None:
@@ -154,10 +140,3 @@ class DomainBedModule(L.LightningModule):
             envs = getattr(self.trainer.datamodule, "environments", None) or [
                 str(i) for i in range(sum(k.endswith("_out_acc") for k in records[0]))]
             print("\n" + render_markdown(run_table(records, envs)) + f"\nrecords: {cbs[0].path}\n", flush=True)
-
-    # --- resume -------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lambda_aux"] = float(self.lambda_aux)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.lambda_aux = float(checkpoint.get("lambda_aux", self.lambda_aux))

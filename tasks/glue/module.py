@@ -1,12 +1,12 @@
 """GLUE LightningModule: a Hugging Face encoder with MoE FFNs, a classification/regression head.
 
-Loss: ``task_loss + lambda_aux * block_weight * Σ_layers aux + z_loss_weight * Σ_layers z`` where
-``task_loss`` is cross-entropy (MSE for STS-B) and ``lambda_aux`` is set every step by the
-curriculum callback. Optimiser: AdamW, linear decay to 0 over the planned steps, optional warm-up
-(SPEC §5: weight decay 0, no warm-up). Logged: ``train/{loss,task_loss,aux_loss,z_loss}``,
-``val/loss``, ``val/<metric>``, ``val/score`` (headline, see :mod:`tasks.glue.metrics`) and
-``val/score_best`` (its running max, a buffer so it survives resume); for MNLI the mismatched
-split is logged under ``val_mismatched/``.
+Loss (:class:`tasks.moe_module.MoEModule`): ``task_loss + λ · block_weight · Σ_layers aux +
+z_loss_weight · Σ_layers z`` where ``task_loss`` is cross-entropy (MSE for STS-B) and λ is set every
+step by the curriculum callback (``set_lambda``). Optimiser: AdamW, linear decay to 0 over the
+planned steps, optional warm-up (SPEC §5: weight decay 0, no warm-up). Logged:
+``train/{loss,task_loss,aux_loss,z_loss}``, ``val/loss``, ``val/<metric>``, ``val/score``
+(headline, see :mod:`tasks.glue.metrics`) and ``val/score_best`` (its running max, a buffer so it
+survives resume); for MNLI the mismatched split is logged under ``val_mismatched/``.
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rmoe import moe_losses, moefy_bert
+from rmoe import moefy_bert
 from tasks.common import build_hf_encoder, linear_decay, split_moe_config
+from tasks.moe_module import MoEModule
 
 from .metrics import build_metrics, predictions, with_headline
 from .tasks import get_task
 
 
-class GLUEModule(L.LightningModule):
+class GLUEModule(MoEModule):
     """``backbone``: ``{pretrained, config, ...}`` (see ``conf/backbone``); ``moe``: the ``moe``
     config group (``layers``, ``init`` and the :class:`rmoe.MoEConfig` fields); ``backend``:
     ``torch|megablocks``."""
@@ -37,14 +37,9 @@ class GLUEModule(L.LightningModule):
                  lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
                  adam_eps: float = 1e-8, block_weight: float = 1.0, z_loss_weight: float = 0.0,
                  classifier_dropout: float | None = None):
-        super().__init__()
+        super().__init__(lr=lr, weight_decay=weight_decay, block_weight=block_weight, z_loss_weight=z_loss_weight)
         self.save_hyperparameters()
         self.task = get_task(task)
-        checks = {"module.lr": (lr, "> 0"), "module.weight_decay": (weight_decay, ">= 0"),
-                  "module.block_weight": (block_weight, ">= 0"), "module.z_loss_weight": (z_loss_weight, ">= 0")}
-        for key, (value, allowed) in checks.items():
-            if not isinstance(value, (int, float)) or value < 0 or (allowed == "> 0" and value <= 0):
-                raise ValueError(f"invalid {key}={value!r}; allowed: a number {allowed}")
         if not (0.0 <= warmup_ratio < 1.0):
             raise ValueError(f"invalid module.warmup_ratio={warmup_ratio!r}; allowed: a number in [0, 1)")
         self.encoder = build_hf_encoder(backbone.get("pretrained"), backbone.get("config"))
@@ -54,9 +49,6 @@ class GLUEModule(L.LightningModule):
         hidden = self.encoder.config.hidden_size
         drop = classifier_dropout if classifier_dropout is not None else self.encoder.config.hidden_dropout_prob
         self.head = nn.Sequential(nn.Dropout(drop), nn.Linear(hidden, self.task.num_labels))
-        self.lambda_aux = 0.0
-        self.block_weight = float(block_weight)
-        self.register_buffer("best_score", torch.tensor(float("-inf")))
         self.val_names = [s for s, _ in self.task.val_splits] + (["heldout"] if heldout_samples else [])
         self.val_metrics = nn.ModuleList([build_metrics(self.task) for _ in self.val_names])
         self._val_loss = [[0.0, 0] for _ in self.val_names]
@@ -96,10 +88,7 @@ class GLUEModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch)
         task_loss = self.task_loss(logits, batch["labels"])
-        aux, z = moe_losses(self.encoder)
-        loss = task_loss + self.lambda_aux * self.block_weight * aux
-        if self.hparams.z_loss_weight:
-            loss = loss + self.hparams.z_loss_weight * z
+        loss, aux, z = self.moe_loss(task_loss, self.encoder)
         bs = batch["labels"].shape[0]
         self.log_dict({"train/loss": loss, "train/task_loss": task_loss, "train/aux_loss": aux, "train/z_loss": z},
                       on_step=True, on_epoch=False, batch_size=bs, prog_bar=False)
@@ -143,10 +132,7 @@ class GLUEModule(L.LightningModule):
             logged = {f"{prefix}/{k}": v.float() for k, v in values.items()}
             logged[f"{prefix}/loss"] = torch.tensor(total / n)
             if idx == 0:
-                if not self.trainer.sanity_checking:
-                    self.best_score.fill_(max(float(self.best_score), float(values["score"])))
-                best = self.best_score if torch.isfinite(self.best_score) else values["score"]
-                logged["val/score_best"] = best.float().clone()
+                logged["val/score_best"] = torch.tensor(self.update_best_score(float(values["score"])))
             self.log_dict(logged, sync_dist=True)
         if not self.trainer.sanity_checking:
             self._val_secs = getattr(self, "_val_secs", 0.0) + time.perf_counter() - self._val_t0
@@ -159,9 +145,3 @@ class GLUEModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         sched = linear_decay(opt, total, int(hp.warmup_ratio * total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lambda_aux"] = float(self.lambda_aux)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.lambda_aux = float(checkpoint.get("lambda_aux", self.lambda_aux))

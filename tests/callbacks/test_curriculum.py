@@ -13,11 +13,16 @@ from rmoe.config import ConfigError
 
 
 class Tiny(L.LightningModule):
+    """The callback's contract: ``set_lambda(value)``; records the λ each training step saw."""
+
     def __init__(self):
         super().__init__()
         self.lin = torch.nn.Linear(2, 1)
         self.lambda_aux = -1.0
         self.seen = []
+
+    def set_lambda(self, value):
+        self.lambda_aux = value
 
     def training_step(self, batch, batch_idx):
         self.seen.append(self.lambda_aux)
@@ -119,3 +124,35 @@ def test_state_dict_roundtrip_and_resume(tmp_path):
 def test_bad_schedule_fails_at_construction(schedule, match):
     with pytest.raises((ConfigError, ValueError), match=match.replace("|", r"\|")):
         CurriculumCallback(schedule)
+
+
+def test_schedule_object_gives_the_phase_names():
+    phases = [{"name": "warm", "end": 0.5, "value": 0.0}, {"name": "hold", "end": 1.0, "value": 1.0}]
+    cb = CurriculumCallback({"mode": "phased", "phases": phases, "name": "phased"})
+    assert cb.phase_names == ("warm", "hold") and cb.phase_index("hold") == 1 and cb.phase_index("x") == -1
+    assert CurriculumCallback({"mode": "exp_decay", "lambda_min": 0, "lambda_max": 1, "beta": 0.5}).phase_names == (
+        "decay",)
+
+
+def test_module_without_set_lambda_is_named(tmp_path):
+    class NoSetter(Tiny):
+        set_lambda = None
+
+    cb = CurriculumCallback({"mode": "constant", "lambda0": 0.1})
+    with pytest.raises(TypeError, match="NoSetter has no set_lambda"):
+        fit(cb, tmp_path, n=2, module=NoSetter())
+
+
+def test_resume_without_curriculum_state_fails_naming_the_checkpoint(tmp_path):
+    # a checkpoint written by a run without the curriculum callback holds no λ
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Tiny(), loader(2))
+    ckpt = tmp_path / "no_curriculum.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert "CurriculumCallback" not in torch.load(ckpt, weights_only=False)["callbacks"]
+    module = Tiny()
+    with pytest.raises(ValueError, match=r"no_curriculum\.ckpt.*holds no CurriculumCallback state"):
+        fit(CurriculumCallback({"mode": "constant", "lambda0": 0.1}), tmp_path / "b", max_epochs=2, n=2,
+            ckpt_path=ckpt, module=module)
+    assert module.seen == []  # failed before the first resumed step

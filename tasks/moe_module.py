@@ -1,0 +1,82 @@
+"""The LightningModule base of every MoE task (GLUE, DomainBed): loss formula, λ, best score.
+
+Loss: ``loss = task_loss + λ · block_weight · Σ_layers aux + z_loss_weight · Σ_layers z``, with
+``Σ aux`` and ``Σ z`` the sums over the MoE layers' last forward (:func:`rmoe.moe_losses`); the
+z term is left out when ``z_loss_weight == 0``.
+
+λ is set before every optimizer step by ``callbacks.curriculum`` through :meth:`MoEModule.set_lambda`
+(0 until then) and read back as ``lambda_aux``. It is not saved here: the curriculum callback owns
+the schedule and saves λ once, in its state, and puts it back through ``set_lambda`` on resume.
+
+``best_score`` (a buffer, so it survives resume) is the running maximum of ``val/score`` outside
+the sanity check; :meth:`MoEModule.update_best_score` returns the value logged as
+``val/score_best``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from rmoe import moe_losses
+
+
+def check_hparams(lr: Any, weight_decay: Any, block_weight: Any, z_loss_weight: Any) -> None:
+    """``lr > 0``; ``weight_decay``, ``block_weight``, ``z_loss_weight >= 0`` (finite numbers)."""
+    for key, value, allowed in (("module.lr", lr, "> 0"), ("module.weight_decay", weight_decay, ">= 0"),
+                                ("module.block_weight", block_weight, ">= 0"),
+                                ("module.z_loss_weight", z_loss_weight, ">= 0")):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+                or (allowed == "> 0" and value <= 0)):
+            raise ValueError(f"invalid {key}={value!r}; allowed: a number {allowed}")
+
+
+class MoEModule(L.LightningModule):
+    """Base of the task modules: subclasses call ``super().__init__(lr=..., weight_decay=...,
+    block_weight=..., z_loss_weight=...)`` first, compute their task loss and call
+    :meth:`moe_loss`; their validation calls :meth:`update_best_score`."""
+
+    def __init__(self, lr: float, weight_decay: float, block_weight: float, z_loss_weight: float):
+        super().__init__()
+        check_hparams(lr, weight_decay, block_weight, z_loss_weight)
+        self.block_weight = float(block_weight)
+        self.z_loss_weight = float(z_loss_weight)
+        self._lambda = 0.0
+        self.register_buffer("best_score", torch.tensor(float("-inf")))
+
+    # --- λ ---------------------------------------------------------------------------------------
+    def set_lambda(self, value: float) -> None:
+        """Set the load-balancing weight λ used by the next :meth:`moe_loss` (a finite number >= 0)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"invalid λ={value!r}; allowed: a finite number >= 0")
+        self._lambda = float(value)
+
+    @property
+    def lambda_aux(self) -> float:
+        """The current λ (read-only: set it with :meth:`set_lambda`)."""
+        return self._lambda
+
+    # --- loss ------------------------------------------------------------------------------------
+    def moe_loss(self, task_loss: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loss, Σ aux, Σ z)`` for ``task_loss`` and the MoE layers of ``model`` (module docstring)."""
+        aux, z = moe_losses(model)
+        aux, z = aux.to(task_loss.device), z.to(task_loss.device)
+        loss = task_loss + self._lambda * self.block_weight * aux
+        if self.z_loss_weight:
+            loss = loss + self.z_loss_weight * z
+        return loss, aux, z
+
+    # --- best score ------------------------------------------------------------------------------
+    def update_best_score(self, score: float) -> float:
+        """``best_score = max(best_score, score)`` outside the sanity check (a NaN score never
+        counts); returns the value to log as ``val/score_best``: ``best_score``, or ``score`` while
+        there is no best yet (the sanity check before the first evaluation)."""
+        trainer = self._trainer
+        if not (trainer is not None and trainer.sanity_checking) and score > float(self.best_score):
+            self.best_score.fill_(score)
+        best = float(self.best_score)
+        return best if math.isfinite(best) else float(score)
