@@ -4,7 +4,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RMOE_DATA_DIR ?= $(abspath ../shared/data)
-export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
 .PHONY: install test test-slow test-gpu train lint bench sweep-smoke reproduce-small reproduce-glue reproduce-domainbed reproduce-report clean
@@ -37,7 +36,7 @@ bench: $(STAMP)
 sweep-smoke: $(STAMP)
 	$(VENV)/bin/rmoe-train -cd sweeps -cn smoke $(ARGS)
 
-# The reproduction study (issue #10; README "Reproducing the study"): job folders in logs/reproduce,
+# The reproduction study (README "Reproducing the study"): job folders in logs/reproduce,
 # records in docs/results, report in docs/RESULTS.md. Reruns skip finished jobs.
 reproduce-small: $(STAMP)
 	$(PY) -m tasks.study.driver small $(ARGS)

@@ -1,4 +1,4 @@
-"""Performance benchmarks of the MoE layer (issue 7). Run with ``make bench`` (``ARGS=--quick`` for a
+"""Performance benchmarks of the MoE layer. Run with ``make bench`` (``ARGS=--quick`` for a
 short run). Not a test: it prints numbers measured side by side in one process.
 
 Every comparison runs its variants interleaved (rotating the order every repeat) after a warm-up,

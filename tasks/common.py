@@ -1,6 +1,7 @@
 """Shared helpers of the task packages: model paths, encoders, optimiser schedule, config resolvers.
 
-Config resolvers (registered on import of this module, which ``tasks.train`` imports):
+Config resolvers (registered by :func:`register_resolvers`, which ``tasks.train`` calls before composing or
+resolving a config; tests call it from ``conftest.py``):
 
 * ``${rmoe_data:<sub>}`` -> ``$RMOE_DATA_DIR/<sub>``, or null when ``RMOE_DATA_DIR`` is unset.
 * ``${rmoe_join:<list>}`` -> the items joined by ``-`` (``[0, 2]`` -> ``0-2``; job folder names).
@@ -55,8 +56,6 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("rmoe_seed_hash"):
         OmegaConf.register_new_resolver("rmoe_seed_hash", _domainbed_seed)
 
-
-register_resolvers()
 
 
 def resolve_model_path(name: str) -> str:

@@ -4,14 +4,14 @@ Contract between the config groups and :func:`train` (any task family — GLUE, 
 by providing these keys; all are instantiated with ``hydra.utils.instantiate(..., _convert_="all")``,
 so targets receive plain dicts/lists):
 
-* ``datamodule``: ``_target_`` of a ``LightningDataModule`` and its arguments. ``train`` calls
-  ``prepare_data()`` and ``setup("fit")`` before building the trainer, so bad data (missing file,
-  malformed row, unknown task) fails before any training step; ``setup`` must be idempotent.
-* ``module``: ``_target_`` of a ``LightningModule``. The task config passes it what it needs by
-  interpolation, conventionally ``backbone: ${backbone}``, ``moe: ${moe}`` (the ``moe`` group:
-  ``layers``, ``init`` + :class:`rmoe.MoEConfig` fields) and ``backend: ${backend.name}``. The module
-  exposes a float attribute ``lambda_aux`` (set every step by ``callbacks.curriculum``, which reads
-  the ``curriculum`` group) and logs ``cfg.optimized_metric`` (``val/score_best``).
+* ``data`` (the ``data`` group, ``conf/data/<benchmark>.yaml``): ``_target_`` of a
+  ``LightningDataModule`` and its arguments. ``train`` calls ``prepare_data()`` and ``setup("fit")``
+  before building the trainer, so bad data (missing file, malformed row, unknown task) fails before
+  any training step; ``setup`` must be idempotent.
+* ``module`` (the ``module`` group, ``conf/module/<benchmark>.yaml``): ``_target_`` of a
+  ``LightningModule``; it reads the other groups by interpolation (``backbone: ${backbone}``,
+  ``moe: ${moe}``, ``backend: ${backend.name}``), receives λ from ``callbacks.curriculum`` and logs
+  ``cfg.optimized_metric`` (``val/score_best``).
 * ``callbacks`` / ``logger``: mappings of name -> ``{_target_: ...}`` (entries without ``_target_``,
   or null, are skipped); ``trainer``: ``_target_: lightning.pytorch.Trainer`` and its arguments.
 * ``task_name`` names the log folder ``logs/<task_name>/{runs,multiruns}/...``; ``seed`` seeds
@@ -39,7 +39,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import tasks.common  # noqa: F401  (registers the config resolvers)
+from tasks.common import register_resolvers
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     from tasks.checks import check_config
 
+    register_resolvers()
     check_config(cfg)
     try:
         if cfg.get("seed") is not None:
             L.seed_everything(int(cfg.seed), workers=True)
-        log.info("Instantiating datamodule <%s>", cfg.datamodule._target_)
-        datamodule = hydra.utils.instantiate(cfg.datamodule, _convert_="all")
+        log.info("Instantiating datamodule <%s>", cfg.data._target_)
+        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
         log.info("Instantiating module <%s>", cfg.module._target_)
         model = hydra.utils.instantiate(cfg.module, _convert_="all")
         callbacks = instantiate_group(cfg.get("callbacks"), "callback")
@@ -171,7 +172,6 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     Rank 0 locks the run folder (:mod:`tasks.run_folder`) and, on success, writes ``<run>/done``
     (:mod:`tasks.jobs`); ``skip_if_done=true`` skips a job whose folder already has it and clears an
     unfinished one first. Each attempt is listed in ``<run>/attempts.jsonl``."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tasks import jobs
     from tasks.checks import check_config
     from tasks.run_folder import acquire_lock, append_attempt, release_lock
@@ -221,6 +221,7 @@ def main() -> None:
     from tasks import jobs
     from tasks.run_folder import RunFolderError, acquire_lock, plan_from_argv, release_lock
 
+    register_resolvers()
     argv, run_dir = plan_from_argv(sys.argv[1:])
     sys.argv[1:] = argv
     held = run_dir if run_dir and "${" not in run_dir and jobs.is_rank_zero() else None

@@ -3,9 +3,11 @@ import os
 import pytest
 import torch
 
+from tasks.common import register_resolvers
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+register_resolvers()  # ${rmoe_data:...}, ${rmoe_seed_hash:...}: tests compose configs without rmoe-train
 
 
 @pytest.fixture(autouse=True)

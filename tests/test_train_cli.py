@@ -12,7 +12,7 @@ EXE = shutil.which("rmoe-train", path=os.path.dirname(sys.executable)) or shutil
 
 
 def run(args, cwd, timeout=600):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     return subprocess.run([EXE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -69,26 +70,35 @@ class DomainBedDataModule(L.LightningDataModule):
     ``test_envs``: held-out environment indices (checked here, at construction)."""
 
     def __init__(self, dataset: str, root: str | None, test_envs: Sequence[int], holdout_fraction: float = 0.2,
-                 trial_seed: int = 0, data_seed: int = 0, seed: int = 0, batch_size: int = 32,
-                 eval_batch_size: int = 128, num_workers: int = 0, augment: bool = True, augment_eval: bool = True,
-                 check_images: bool = True, download: bool = False, max_images: int | None = None):
+                 trial_seed: int = 0, hparams_seed: int = 0, data_seed: int = 0, seed: int = 0, batch_size: int = 32,
+                 eval_batch_size: int = 128, num_workers: int = 0, augment: bool | None = None,
+                 augment_eval: bool | None = None, check_images: bool | None = None, download: bool | None = None,
+                 max_images: int | None = None):
         super().__init__()
         cls = get_dataset_class(dataset)
         self.dataset_name = dataset
         self.environments = list(cls.ENVIRONMENTS)
         self.test_envs = check_test_envs(dataset, cls.ENVIRONMENTS, list(test_envs))
         if not 0.0 < holdout_fraction < 1.0:
-            raise ValueError(f"invalid datamodule.holdout_fraction={holdout_fraction!r}; allowed: a number in (0, 1)")
+            raise ValueError(f"invalid data.holdout_fraction={holdout_fraction!r}; allowed: a number in (0, 1)")
         for key, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if not isinstance(v, int) or v < 1:
-                raise ValueError(f"invalid datamodule.{key}={v!r}; allowed: an integer >= 1")
+                raise ValueError(f"invalid data.{key}={v!r}; allowed: an integer >= 1")
         self.root, self.holdout_fraction = root, float(holdout_fraction)
-        self.trial_seed, self.data_seed, self.seed = int(trial_seed), int(data_seed), int(seed)
+        self.trial_seed, self.hparams_seed = int(trial_seed), int(hparams_seed)
+        self.data_seed, self.seed = int(data_seed), int(seed)
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, int(num_workers)
-        self.dataset_kwargs = dict(augment=augment, augment_eval=augment_eval, check_images=check_images,
-                                   download=download)
-        if max_images is not None:  # MNIST-based datasets: a seeded subsample of the images (CPU studies)
-            self.dataset_kwargs["max_images"] = max_images
+        # dataset options: null = the dataset's default; a value the dataset has no option for is an error
+        options = dict(augment=augment, augment_eval=augment_eval, check_images=check_images, download=download,
+                       max_images=max_images)
+        accepted = set(inspect.signature(cls.__init__).parameters)
+        unused = sorted(k for k, v in options.items() if v is not None and k not in accepted)
+        if unused:
+            k = unused[0]
+            allowed = sorted(k2 for k2 in options if k2 in accepted)
+            raise ValueError(f"invalid data.{k}={options[k]!r}: dataset {dataset} has no such option; allowed: null"
+                             f" (the options of {dataset} are {', '.join(allowed) or 'none'})")
+        self.dataset_kwargs = {k: v for k, v in options.items() if v is not None}
         self.data: MultipleDomainDataset | None = None
         self.train_envs = [i for i in range(len(self.environments)) if i not in self.test_envs]
         n = len(self.environments)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -85,9 +86,6 @@ class ImageFolderEnvironment(Dataset):
             raise DomainBedDataError(f"image {path} cannot be read: {type(e).__name__}: {e}") from e
         return self.transform(img), y
 
-    def with_transform(self, transform: Callable) -> ImageFolderEnvironment:
-        return ImageFolderEnvironment(self.samples, self.classes, transform)
-
 
 class MultipleDomainDataset:
     """A list of environments. Subclasses set ``ENVIRONMENTS`` and fill ``self.datasets``.
@@ -96,8 +94,6 @@ class MultipleDomainDataset:
     augmentation for image datasets); ``self.datasets[i]`` as seen by evaluation.
     """
 
-    N_STEPS = 5001
-    CHECKPOINT_FREQ = 100
     ENVIRONMENTS: Sequence[str] = ()
     INPUT_SHAPE: tuple[int, ...] = ()
 
@@ -264,8 +260,7 @@ class RotatedMNIST(_RotatedEnvironments):
 
     INPUT_SHAPE = (1, 28, 28)
 
-    def __init__(self, root: str | None, seed: int = 0, download: bool = False, max_images: int | None = None,
-                 **_: Any):
+    def __init__(self, root: str | None, seed: int = 0, download: bool = False, max_images: int | None = None):
         super().__init__()
         images, labels = load_mnist(root, download)
         self._build(images, labels, seed, 10, max_images)
@@ -276,9 +271,8 @@ class RotatedDigits(_RotatedEnvironments):
     scaled to 0..255 and rounded), no download: 6 domains of ~300 digits rotated 0..75 degrees."""
 
     INPUT_SHAPE = (1, 8, 8)
-    CHECKPOINT_FREQ = 50
 
-    def __init__(self, root: str | None = None, seed: int = 0, max_images: int | None = None, **_: Any):
+    def __init__(self, root: str | None = None, seed: int = 0, max_images: int | None = None):
         super().__init__()
         from sklearn.datasets import load_digits
 
@@ -297,8 +291,7 @@ class ColoredMNIST(MultipleDomainDataset):
     LABEL_NOISE = 0.25
     INPUT_SHAPE = (2, 28, 28)
 
-    def __init__(self, root: str | None, seed: int = 0, download: bool = False, max_images: int | None = None,
-                 **_: Any):
+    def __init__(self, root: str | None, seed: int = 0, download: bool = False, max_images: int | None = None):
         super().__init__()
         images, labels = load_mnist(root, download)
         gen = torch.Generator().manual_seed(int(seed))
@@ -403,13 +396,12 @@ class MultipleEnvironmentImageFolder(MultipleDomainDataset):
     transform, as DomainBed's environment datasets carry one transform for both uses.
     """
 
-    CHECKPOINT_FREQ = 300
     DIRS: Sequence[str] = ()
     DOMAINS: Sequence[str] = ()
     INPUT_SHAPE = (3, 224, 224)
 
     def __init__(self, root: str | None, test_envs: Sequence[int] = (), augment: bool = True,
-                 augment_eval: bool = True, check_images: bool = True, **_: Any):
+                 augment_eval: bool = True, check_images: bool = True):
         super().__init__()
         name = type(self).__name__
         if root is None:
@@ -493,8 +485,6 @@ class TerraIncognita(MultipleEnvironmentImageFolder):
 
 
 class DomainNet(MultipleEnvironmentImageFolder):
-    N_STEPS = 15001
-    CHECKPOINT_FREQ = 1000
     ENVIRONMENTS = ("clip", "info", "paint", "quick", "real", "sketch")
     DIRS = ("DomainNet", "domain_net")
     DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
@@ -512,9 +502,13 @@ def get_dataset_class(name: str) -> type[MultipleDomainDataset]:
     return DATASETS[name]
 
 
-def build_dataset(name: str, root: str | None, test_envs: Sequence[int], seed: int = 0, **kwargs: Any
+def build_dataset(name: str, root: str | None, test_envs: Sequence[int], seed: int = 0, **options: Any
                   ) -> MultipleDomainDataset:
-    """Build dataset ``name``; ``test_envs`` is validated against its environments first."""
+    """Build dataset ``name``; ``test_envs`` is validated against its environments first. ``test_envs``
+    and ``seed`` go to the datasets that use them (image folders augment their training domains; the
+    MNIST-based ones shuffle with ``seed``); ``options`` must all be options of the dataset."""
     cls = get_dataset_class(name)
     test_envs = check_test_envs(name, cls.ENVIRONMENTS, test_envs)
-    return cls(root=root, test_envs=test_envs, seed=seed, **kwargs)
+    accepted = inspect.signature(cls.__init__).parameters
+    common = {k: v for k, v in (("test_envs", test_envs), ("seed", seed)) if k in accepted}
+    return cls(root=root, **common, **options)

@@ -130,6 +130,9 @@ class GLUEDataModule(L.LightningDataModule):
 
         from tasks.common import resolve_model_path
 
+        # the fast tokenizer's thread pool does not survive the fork of dataloader workers or of
+        # multirun jobs; this is the one place the project sets it (a user's own value wins)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_path))
         raw = self._raw_splits()
         train_rows, held_rows = self.heldout_split(len(raw["train"]))

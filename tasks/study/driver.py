@@ -1,4 +1,4 @@
-"""The reproduction study (issue #10): ``python -m tasks.reproduce {glue,domainbed,small,report}``
+"""The reproduction study: ``python -m tasks.reproduce {glue,domainbed,small,report}``
 (= ``python -m tasks.study.driver``).
 
 ``make reproduce-glue`` / ``make reproduce-domainbed`` / ``make reproduce-small`` (both) run, for
@@ -138,7 +138,6 @@ def launch(mr: Multirun, log_dir: Path, n_jobs: int, extra: list[str]) -> int:
     # one intra-op thread per job (n_jobs jobs share the cores); set before torch is imported in the workers
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(k, "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.info("launching %d jobs: %s", len(mr.jobs), " ".join(cmd))
     return subprocess.call(cmd, cwd=str(ROOT), env=env)
 

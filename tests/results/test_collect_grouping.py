@@ -1,4 +1,4 @@
-"""``tasks.collect`` keys rows by method identity plus every swept override (issue #15), on real run
+"""``tasks.collect`` keys rows by method identity plus every swept override, on real run
 folders written in tmp_path (``summary.json`` / ``results.jsonl``, ``done``, ``.hydra/*.yaml``).
 
 GLUE grid (``sweeps/glue_paper.yaml``-like, one lr): RTE RMoE × β {0.9, 0.99} × λ_min {1e-3, 1e-4} ×

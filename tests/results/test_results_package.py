@@ -1,4 +1,4 @@
-"""The layering and the shared schema of ``tasks/results`` (issue #15)."""
+"""The layering and the shared schema of ``tasks/results``."""
 
 import ast
 import os

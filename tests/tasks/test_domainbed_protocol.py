@@ -16,7 +16,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
-import tasks.common  # noqa: F401  (config resolvers)
 from callbacks.domainbed_schedule import domainbed_should_evaluate
 from tasks.domainbed.datasets import rotate_uint8
 from tasks.train import CONF_DIR, train
@@ -77,22 +76,26 @@ def _compose(overrides):
 def test_domainbed_run_seed_is_the_sweep_seed_hash_unless_given():
     exp = ["experiment=domainbed/rotated_mnist_rmoe"]
     cfg = _compose(exp)
-    assert (cfg.data.dataset, cfg.module.algorithm, list(cfg.data.test_envs), cfg.data.hparams_seed,
-            cfg.data.trial_seed) == ("RotatedMNIST", "RMoE", [0], 0, 0)
-    assert cfg.seed == 2147290515
-    # the results records carry the same hparams_seed and seed
+    # the algorithm name is the run's method identity, `variant` (= moe.name unless an ablation names itself)
+    assert (cfg.data.dataset, cfg.variant, cfg.module.algorithm, list(cfg.data.test_envs), cfg.data.hparams_seed,
+            cfg.data.trial_seed) == ("RotatedMNIST", "rmoe", "rmoe", [0], 0, 0)
+    # md5(str(('RotatedMNIST', 'rmoe', [0], 0, 0))) mod 2**31, computed with hashlib outside the code under test
+    assert cfg.seed == 830889366
+    # the results records carry the same algorithm, hparams_seed and seed; the datamodule trains with it
     args = cfg.callbacks.domainbed_results.args
-    assert (args.hparams_seed, args.seed, cfg.datamodule.seed) == (0, 2147290515, 2147290515)
+    assert (args.algorithm, args.hparams_seed, args.seed, cfg.data.seed) == ("rmoe", 0, 830889366, 830889366)
 
     t1 = _compose(exp + ["data.trial_seed=1"])
-    assert t1.seed == _reference_seed_hash("RotatedMNIST", "RMoE", [0], 0, 1) != cfg.seed
+    assert t1.seed == _reference_seed_hash("RotatedMNIST", "rmoe", [0], 0, 1) != cfg.seed
+    ablation = _compose(exp + ["variant=rmoe_nofusion", "moe.fusion=null"])
+    assert ablation.seed == _reference_seed_hash("RotatedMNIST", "rmoe_nofusion", [0], 0, 0)
     other = _compose(["task=domainbed/pacs", "data.test_envs=[2]", "data.hparams_seed=3"])
     alg = other.module.algorithm
     assert isinstance(alg, str) and other.seed == _reference_seed_hash("PACS", alg, [2], 3, 0)
     assert other.callbacks.domainbed_results.args.hparams_seed == 3
 
     fixed = _compose(exp + ["data.trial_seed=1", "seed=5"])
-    assert fixed.seed == 5 and fixed.callbacks.domainbed_results.args.seed == 5 and fixed.datamodule.seed == 5
+    assert fixed.seed == 5 and fixed.callbacks.domainbed_results.args.seed == 5 and fixed.data.seed == 5
 
 
 # --- evaluation schedule ---------------------------------------------------------------------------

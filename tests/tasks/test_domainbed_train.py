@@ -8,7 +8,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-import tasks.common  # noqa: F401  (config resolvers)
 from tasks.domainbed.datasets import DomainBedDataError
 from tasks.train import CONF_DIR, train
 
@@ -59,7 +58,7 @@ def test_train_resume_and_records(tmp_path):
         assert 0.0 <= r[f"env{i}_in_acc"] <= 1.0 and 0.0 <= r[f"env{i}_out_acc"] <= 1.0
     a = r["args"]
     assert (a["dataset"], a["algorithm"], a["test_envs"], a["trial_seed"], a["steps"], a["checkpoint_freq"]) == (
-        "RotatedDigits", "RMoE", [0], 0, 9, 3)
+        "RotatedDigits", "rmoe", [0], 0, 9, 3)  # algorithm = the method identity (variant)
     assert r["hparams"]["lr"] == 1e-3 and r["hparams"]["moe"]["router"] == "topany"
     # epoch = step / DomainBed's steps_per_epoch = min_e len(in_e) / batch (240 / 4 = 60 -> 8 / 60)
     assert r["epoch"] == pytest.approx(8 / (min(objs["datamodule"].describe()["in_sizes"]) / 4))
