@@ -31,7 +31,7 @@ train: $(STAMP)
 	$(VENV)/bin/rmoe-train $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m tasks.bench $(ARGS)
+	$(PY) -m bench $(ARGS)
 
 sweep-smoke: $(STAMP)
 	$(VENV)/bin/rmoe-train -cd sweeps -cn smoke $(ARGS)
@@ -52,7 +52,7 @@ reproduce-report: $(STAMP)
 	$(PY) -m tasks.study.driver report
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check rmoe tasks callbacks tests
+	$(VENV)/bin/ruff check rmoe tasks callbacks bench tests
 
 clean:
 	rm -rf $(VENV) logs outputs multirun

@@ -27,7 +27,7 @@ def _set_lambda(pl_module: L.LightningModule, value: float) -> None:
     setter = getattr(pl_module, "set_lambda", None)
     if not callable(setter):
         raise TypeError(f"{type(pl_module).__name__} has no set_lambda(value) method; the curriculum callback "
-                        "needs one (tasks.moe_module.MoEModule provides it)")
+                        "needs one (tasks.run.moe_module.MoEModule provides it)")
     setter(float(value))
 
 

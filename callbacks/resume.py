@@ -4,7 +4,7 @@
   every checkpoint and puts them back when the resumed training starts (``on_train_start``: after
   Lightning has restored the loops and created the train loader iterator, before the first batch),
   so dropout, routing noise and anything else drawing from the global generators continue the
-  interrupted run's streams. ``tasks.resume.prepare_fit`` adds it to every ``train()`` run. Under
+  interrupted run's streams. ``tasks.run.resume.prepare_fit`` adds it to every ``train()`` run. Under
   DDP the checkpoint holds rank 0's states and every rank restores them (the ranks are seeded alike).
 * :class:`LastCheckpoint` is the ``last_checkpoint`` entry of ``conf/callbacks/default.yaml``: a
   ``ModelCheckpoint`` (``monitor=None``, one file) written after every validation, as the stock
@@ -14,7 +14,7 @@
   taken between the batch and its validation would resume without that validation (Lightning does
   not rerun it).
 * :class:`RunIdentityCallback` writes the run's identity (task, dataset, test_envs, method/variant,
-  backbone) into every checkpoint under ``"rmoe_run_identity"``; ``tasks.resume`` refuses to resume
+  backbone) into every checkpoint under ``"rmoe_run_identity"``; ``tasks.run.resume`` refuses to resume
   a checkpoint of another identity.
 """
 

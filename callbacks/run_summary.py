@@ -16,7 +16,7 @@ Written on rank 0 at the end of ``fit`` (schema 1)::
 validation; ``stability``: the last logged value of every ``routing/<layer>/<key>`` metric;
 ``series``: the routing-stability callback's history (what its plots show). The ``done`` flag of a
 run *folder* is the separate file ``<run>/done`` written by ``rmoe-train`` after everything
-succeeded (see :mod:`tasks.jobs`).
+succeeded (see :mod:`tasks.run.jobs`).
 """
 
 from __future__ import annotations

@@ -198,7 +198,7 @@ class _SortedExpertsFn(torch.autograd.Function):
     next ones): no per-expert full-size gradients, no unbind/stack, no concatenation. Saved for
     backward: ``xs`` and the pre-activation ``h`` only; ``act(h)`` is recomputed block by block
     (``save_act=True`` keeps it instead). That puts the layer's activation memory below the dense
-    floor's, for about 2% of time (one elementwise pass; measured by ``tasks/bench.py``).
+    floor's, for about 2% of time (one elementwise pass; measured by ``bench/__main__.py``).
 
     Expert dropout: ``keep [m, d_ff]`` (bool, or ``None`` for none) and ``scale = 1 / (1 - p)``.
     ``post=False`` (pre_act): ``a = act(z)``, ``z = h * keep * scale`` — the dropped ``z`` is what
@@ -316,7 +316,7 @@ class TorchDroplessBackend(nn.Module):
       and ``d_ff`` multiples of 4; otherwise falls back to ``"blocked"``), autograd backward;
     * ``"autograd"``: the plain sort-based path (per-group matmuls on ``unbind`` views).
 
-    All three compute the same function; ``tasks/bench.py`` times them side by side. Expert
+    All three compute the same function; ``bench/__main__.py`` times them side by side. Expert
     dropout (see :class:`Experts`) draws one keep-mask ``[m, d_ff]`` for the ``m`` expert-sorted
     rows right after the sort, so the three impls drop the same units for the same RNG state;
     ``forward(..., dropout_mask=keep)`` takes an explicit bool keep-mask ``[N, K, d_ff]`` in

@@ -21,9 +21,9 @@ so targets receive plain dicts/lists):
 * ``paths.output_dir`` is the run folder (Hydra's output dir; set it yourself when composing a
   config outside ``@hydra.main``, e.g. in tests).
 
-Before anything is built, :func:`tasks.checks.check_config` rejects configs that would train nothing
+Before anything is built, :func:`tasks.run.checks.check_config` rejects configs that would train nothing
 or fail deep inside a step. On resume the CSV logger keeps the ``metrics.csv`` rows logged before
-the checkpoint and appends (:func:`tasks.run_folder.keep_csv_history`).
+the checkpoint and appends (:func:`tasks.run.run_folder.keep_csv_history`).
 
 Returns ``(metrics, objects)``: ``metrics`` are the trainer's final ``callback_metrics`` as floats;
 ``objects`` holds ``cfg, datamodule, model, callbacks, logger, trainer``.
@@ -39,11 +39,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.common import register_resolvers
+from tasks.run.common import register_resolvers
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# the configs ship inside the package (a wheel install runs rmoe-train); conf/ at the top of a checkout
+# is a link to this folder
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
@@ -66,7 +68,7 @@ def finish_wandb() -> None:
 
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        from tasks.wandb_utils import offline_run_dir, print_sync_command
+        from tasks.run.wandb_utils import offline_run_dir, print_sync_command
 
         run_dir = offline_run_dir(wandb.run)
         wandb.finish()
@@ -77,7 +79,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Instantiate datamodule, module, callbacks, loggers and trainer from ``cfg``; fit (and test)."""
     import lightning as L
 
-    from tasks.checks import check_config
+    from tasks.run.checks import check_config
 
     register_resolvers()
     check_config(cfg)
@@ -89,7 +91,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("Instantiating module <%s>", cfg.module._target_)
         model = hydra.utils.instantiate(cfg.module, _convert_="all")
         callbacks = instantiate_group(cfg.get("callbacks"), "callback")
-        from tasks.wandb_utils import auto_offline
+        from tasks.run.wandb_utils import auto_offline
 
         auto_offline(cfg)  # W&B offline when there is no API key or the host is unreachable
         loggers = instantiate_group(cfg.get("logger"), "logger")
@@ -98,7 +100,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                                           _convert_="all")
         objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks,
                    "logger": loggers, "trainer": trainer}
-        from tasks.resume import init_from_checkpoint, prepare_fit, run_identity
+        from tasks.run.resume import init_from_checkpoint, prepare_fit, run_identity
 
         ckpt_path = cfg.get("ckpt_path")
         # RNG states and the run identity in checkpoints; ckpt_path fits the model and is this run's
@@ -109,8 +111,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                                  "one of them (ckpt_path continues a run, init_from starts a new one from its weights)")
             init_from_checkpoint(cfg.init_from, model)
         if loggers and resume_step is not None:
-            from tasks.jobs import is_rank_zero
-            from tasks.run_folder import keep_csv_history
+            from tasks.run.jobs import is_rank_zero
+            from tasks.run.run_folder import keep_csv_history
 
             if is_rank_zero():
                 keep_csv_history(loggers, resume_step)  # Lightning's CSV logger would delete metrics.csv
@@ -135,9 +137,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def _start_job(cfg: DictConfig, out_dir: str) -> bool:
     """Rank 0, run folder locked: refuse a run that would mix records; on a continuation remove
     ``done``; remove orphan temporary checkpoints. Returns False when ``skip_if_done`` skips the job."""
-    from tasks import jobs
-    from tasks.checkpoint_io import remove_orphan_temporaries
-    from tasks.run_folder import check_records_before_start
+    from tasks.run import jobs
+    from tasks.run.checkpoint_io import remove_orphan_temporaries
+    from tasks.run.run_folder import check_records_before_start
 
     ckpt_path = cfg.get("ckpt_path")
     if cfg.get("skip_if_done"):
@@ -169,12 +171,12 @@ def _attempt(cfg: DictConfig, event: str, **extra: Any) -> dict[str, Any]:
 def _hydra_main(cfg: DictConfig) -> float | None:
     """One job of ``rmoe-train``: train one configuration; returns ``cfg.optimized_metric`` for sweepers.
 
-    Rank 0 locks the run folder (:mod:`tasks.run_folder`) and, on success, writes ``<run>/done``
-    (:mod:`tasks.jobs`); ``skip_if_done=true`` skips a job whose folder already has it and clears an
+    Rank 0 locks the run folder (:mod:`tasks.run.run_folder`) and, on success, writes ``<run>/done``
+    (:mod:`tasks.run.jobs`); ``skip_if_done=true`` skips a job whose folder already has it and clears an
     unfinished one first. Each attempt is listed in ``<run>/attempts.jsonl``."""
-    from tasks import jobs
-    from tasks.checks import check_config
-    from tasks.run_folder import acquire_lock, append_attempt, release_lock
+    from tasks.run import jobs
+    from tasks.run.checks import check_config
+    from tasks.run.run_folder import acquire_lock, append_attempt, release_lock
 
     check_config(cfg)  # before the run folder is touched
     out_dir = cfg.get("paths", {}).get("output_dir")
@@ -218,8 +220,8 @@ def main() -> None:
     before Hydra writes ``.hydra/`` into it, so a second run into a busy folder changes nothing."""
     import sys
 
-    from tasks import jobs
-    from tasks.run_folder import RunFolderError, acquire_lock, plan_from_argv, release_lock
+    from tasks.run import jobs
+    from tasks.run.run_folder import RunFolderError, acquire_lock, plan_from_argv, release_lock
 
     register_resolvers()
     argv, run_dir = plan_from_argv(sys.argv[1:])

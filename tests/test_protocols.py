@@ -16,10 +16,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from rmoe import ConfigError, MoEConfig, build_schedule
-from tasks.common import split_moe_config
+from tasks.run.common import split_moe_config
 from tasks.train import CONF_DIR
 
-SWEEPS = str(Path(CONF_DIR).parent / "sweeps")
+SWEEPS = str(Path(CONF_DIR).parents[1] / "sweeps")
 METHODS = ("dense", "moe_topk", "gmoe", "dynmoe", "rmoe")
 
 # SPEC §3-5. lam: (mode, {params read by that mode}); pool: (num_experts, max_experts)

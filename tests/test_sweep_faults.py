@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tasks import jobs
+from tasks.run import jobs
 
 EXE = shutil.which("rmoe-train", path=os.path.dirname(sys.executable)) or shutil.which("rmoe-train")
 pytestmark = pytest.mark.skipif(EXE is None, reason="the rmoe-train console script is not installed")

@@ -1,6 +1,6 @@
 """W&B with the real ``wandb`` package in offline mode (no network here).
 
-* Mode detection (``tasks.wandb_utils``): no API key, a key but an unreachable host, a netrc entry and a
+* Mode detection (``tasks.run.wandb_utils``): no API key, a key but an unreachable host, a netrc entry and a
   reachable host (a real local TCP server), a proxy answering ``CONNECT``, explicit choices respected.
 * One tiny real ``train(cfg)`` (GLUE CoLA, tiny_bert, RMoE, 4 steps, ``logger=csv_wandb``) with
   ``WANDB_MODE`` unset, no API key and an unreachable host: it goes offline by itself, prints the
@@ -194,7 +194,7 @@ def wandb_cfg(tmp_path, logger="wandb", *overrides):
 def test_no_api_key_goes_offline_with_one_warning_line(tmp_path, no_auth_env, caplog):
     cfg = wandb_cfg(tmp_path)
     assert cfg.logger.wandb.mode is None
-    with caplog.at_level(logging.WARNING, logger="tasks.wandb_utils"):
+    with caplog.at_level(logging.WARNING, logger="tasks.run.wandb_utils"):
         reason = wandb_utils.auto_offline(cfg)
     assert reason is not None and "no W&B API key" in reason
     assert cfg.logger.wandb.mode == "offline"
@@ -274,7 +274,7 @@ def offline_run(tmp_path_factory):
     out, logs = io.StringIO(), []
     handler = logging.Handler()
     handler.emit = lambda record: logs.append(record.getMessage())
-    wlog = logging.getLogger("tasks.wandb_utils")
+    wlog = logging.getLogger("tasks.run.wandb_utils")
     with pytest.MonkeyPatch.context() as mp:
         for var in AUTH_VARS:
             mp.delenv(var, raising=False)

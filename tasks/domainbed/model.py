@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from rmoe import MoELayer, moefy_vit
-from tasks.common import split_moe_config
+from tasks.run.common import split_moe_config
 
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "fc_norm.weight", "fc_norm.bias")
 

@@ -2,7 +2,7 @@
 
 Step: ``x, y`` = the concatenated batches of all training domains;
 ``loss = CE(f(x), y) + λ · block_weight · Σ_layers aux + z_loss_weight · Σ_layers z``
-(SPEC §2, :class:`tasks.moe_module.MoEModule`; λ is set every optimizer step by
+(SPEC §2, :class:`tasks.run.moe_module.MoEModule`; λ is set every optimizer step by
 ``callbacks.curriculum`` through ``set_lambda``; vision uses ``block_weight = 0.01``). Optimiser:
 Adam (SPEC §5), constant learning rate.
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.moe_module import MoEModule
+from tasks.run.moe_module import MoEModule
 
 from .model import build_moe_vit
 

@@ -128,7 +128,7 @@ class GLUEDataModule(L.LightningDataModule):
             return
         from transformers import AutoTokenizer
 
-        from tasks.common import resolve_model_path
+        from tasks.run.common import resolve_model_path
 
         # the fast tokenizer's thread pool does not survive the fork of dataloader workers or of
         # multirun jobs; this is the one place the project sets it (a user's own value wins)
@@ -156,8 +156,8 @@ class GLUEDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # epoch e: randperm under seed + e, dealt to the data-parallel ranks; resumable mid-epoch
-        # (the loader's position is checkpointed: tasks/samplers.py)
-        from tasks.samplers import resumable_train_loader
+        # (the loader's position is checkpointed: tasks/run/samplers.py)
+        from tasks.run.samplers import resumable_train_loader
 
         return resumable_train_loader(self.train_set, self.batch_size, self.seed, trainer=self.trainer,
                                       collate_fn=self.collate, num_workers=self.num_workers)

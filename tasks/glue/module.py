@@ -1,6 +1,6 @@
 """GLUE LightningModule: a Hugging Face encoder with MoE FFNs, a classification/regression head.
 
-Loss (:class:`tasks.moe_module.MoEModule`): ``task_loss + λ · block_weight · Σ_layers aux +
+Loss (:class:`tasks.run.moe_module.MoEModule`): ``task_loss + λ · block_weight · Σ_layers aux +
 z_loss_weight · Σ_layers z`` where ``task_loss`` is cross-entropy (MSE for STS-B) and λ is set every
 step by the curriculum callback (``set_lambda``). Optimiser: AdamW, linear decay to 0 over the
 planned steps, optional warm-up (SPEC §5: weight decay 0, no warm-up). Logged:
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmoe import moefy_bert
-from tasks.common import build_hf_encoder, linear_decay, split_moe_config
-from tasks.moe_module import MoEModule
+from tasks.run.common import build_hf_encoder, linear_decay, split_moe_config
+from tasks.run.moe_module import MoEModule
 
 from .metrics import build_metrics, predictions, with_headline
 from .tasks import get_task

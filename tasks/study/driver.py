@@ -7,7 +7,7 @@ each benchmark:
 1. the Hydra multiruns of ``sweeps/reproduce_<bench>.yaml`` (joblib, 2 jobs in parallel, one
    thread each) -- unless every planned job folder already has its ``done`` file. Job folders are
    named by their parameters under ``<log_dir>/<bench>/`` and the sweeps set ``skip_if_done=true``,
-   so a rerun skips finished jobs and redoes killed ones (:mod:`tasks.jobs`);
+   so a rerun skips finished jobs and redoes killed ones (:mod:`tasks.run.jobs`);
 2. the export of each finished job's small records (``summary.json``, ``results.jsonl``, ``done``,
    ``.hydra/overrides.yaml``; no checkpoints) to ``docs/results/<bench>/<job>/``, and of
    ``docs/results/<bench>/meta.json`` (command, wall time of each invocation that trained something,
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from callbacks.records import DONE_FILE, OVERRIDES_FILE, RESULTS_FILE, SUMMARY_FILE
-from tasks import jobs
+from tasks.run import jobs
 
 log = logging.getLogger("tasks.study.driver")
 

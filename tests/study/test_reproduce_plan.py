@@ -1,15 +1,16 @@
 """tasks.reproduce: the planned grid, job folder names == the folders Hydra makes, export and meta."""
 
 import json
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tasks import jobs
+from tasks.run import jobs
 from tasks.study import driver as reproduce
 from tasks.train import CONF_DIR
 
-SWEEPS = CONF_DIR.replace("/conf", "/sweeps")
+SWEEPS = str(Path(CONF_DIR).parents[1] / "sweeps")
 
 
 def test_plan_sizes_match_the_issue():

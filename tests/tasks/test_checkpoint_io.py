@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from tasks.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, remove_orphan_temporaries
+from tasks.run.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, remove_orphan_temporaries
 
 WRITER = r"""
 import sys, torch
-from tasks.checkpoint_io import AtomicCheckpointIO
+from tasks.run.checkpoint_io import AtomicCheckpointIO
 io = AtomicCheckpointIO()
 big = {"w": torch.ones(8_000_000), "tag": "new"}   # 32 MB: the save takes a while
 print("saving", flush=True)

@@ -1,4 +1,4 @@
-"""Every accepted config trains something real: tasks/checks.py rejects, before anything is built,
+"""Every accepted config trains something real: tasks/run/checks.py rejects, before anything is built,
 configs that would train nothing or fail deep inside a step -- naming the key, the value and what is
 allowed. Real Hydra compose of conf/train.yaml, then train(cfg)."""
 
@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from tasks.checks import ConfigError, check_config
+from tasks.run.checks import ConfigError, check_config
 from tasks.train import CONF_DIR, train
 
 GLUE = ["task=glue/cola", "backbone=tiny_bert", "debug=fast"]

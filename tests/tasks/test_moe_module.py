@@ -13,7 +13,7 @@ from callbacks.curriculum import CurriculumCallback
 from rmoe import build_moe_layer
 from tasks.domainbed.module import DomainBedModule
 from tasks.glue.module import GLUEModule
-from tasks.moe_module import MoEModule
+from tasks.run.moe_module import MoEModule
 
 
 class TinyMoE(MoEModule):

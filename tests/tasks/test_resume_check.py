@@ -1,5 +1,5 @@
 """Resuming from a checkpoint that cannot be resumed fails before training, naming the file and why
-(tasks/resume.py, called by train()); and last.ckpt's save schedule (callbacks/resume.LastCheckpoint)."""
+(tasks/run/resume.py, called by train()); and last.ckpt's save schedule (callbacks/resume.LastCheckpoint)."""
 
 import os
 import re
@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from tasks.resume import CheckpointMismatchError
+from tasks.run.resume import CheckpointMismatchError
 from tasks.train import CONF_DIR, train
 
 HELPERS = os.path.dirname(os.path.abspath(__file__))
@@ -149,7 +149,7 @@ def test_checkpoint_with_moe_at_other_layers_names_the_missing_and_unexpected_la
 def test_checkpoint_of_another_task_is_refused_naming_the_difference(tmp_path, rmoe_ckpt):
     """A CoLA checkpoint resumed into an RTE run of the same architecture would put CoLA's state (and
     its dev scores) into RTE's records: refused before training, nothing recorded."""
-    from tasks.resume import CheckpointIdentityError
+    from tasks.run.resume import CheckpointIdentityError
 
     out = tmp_path / "rte"
     msg = fails_before_training(out, CheckpointIdentityError, "was written by another run",
@@ -167,7 +167,7 @@ def test_checkpoint_of_another_task_is_refused_naming_the_difference(tmp_path, r
 
 def test_init_from_starts_a_new_run_from_another_tasks_weights(tmp_path, rmoe_ckpt):
     from tasks.glue.module import GLUEModule  # noqa: F401  (instantiated by the config)
-    from tasks.resume import init_from_checkpoint
+    from tasks.run.resume import init_from_checkpoint
 
     rte = [o if o != "task=glue/cola" else "task=glue/rte" for o in RMOE]
     cfg = make_cfg(tmp_path / "init", *rte)

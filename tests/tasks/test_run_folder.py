@@ -1,4 +1,4 @@
-"""Run folders (tasks/run_folder.py, rmoe-train's main): one process owns a folder, a continuation
+"""Run folders (tasks/run/run_folder.py, rmoe-train's main): one process owns a folder, a continuation
 happens in place and keeps the history, and nothing a collector counts is left by a run that did not
 finish. Real ``python -m tasks.train`` processes on tiny BERT + CoLA; real lock files and CSV files."""
 
@@ -14,8 +14,8 @@ import time
 import pytest
 import yaml
 
-from tasks import jobs
-from tasks.run_folder import (
+from tasks.run import jobs
+from tasks.run.run_folder import (
     LOCK,
     RunFolderBusyError,
     acquire_lock,
@@ -72,7 +72,7 @@ def copy_run(src, dst):
 
 
 def counted(folder):
-    """Run folders the collectors count below ``folder``: those with a done file (tasks.jobs.DONE)."""
+    """Run folders the collectors count below ``folder``: those with a done file (tasks.run.jobs.DONE)."""
     return sorted(str(p.parent) for p in folder.rglob(jobs.DONE) if jobs.is_done(p.parent))
 
 
@@ -114,7 +114,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, cap
     pid = int(dead.stdout)  # that process has exited
     (tmp_path / LOCK).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "start": None,
                                              "since": "2026-01-01T00:00:00Z"}))
-    with caplog.at_level(logging.WARNING, logger="tasks.run_folder"):
+    with caplog.at_level(logging.WARNING, logger="tasks.run.run_folder"):
         acquire_lock(tmp_path)
     assert f"taking over the stale lock of pid {pid}" in caplog.text
     assert lock_holder(tmp_path)["pid"] == os.getpid()

@@ -1,11 +1,11 @@
-"""The resumable training sampler/loader (tasks/samplers.py), against independently computed orders."""
+"""The resumable training sampler/loader (tasks/run/samplers.py), against independently computed orders."""
 
 import warnings
 
 import torch
 from torch.utils.data import DistributedSampler
 
-from tasks.samplers import ResumableDataLoader, ResumableSampler, resumable_train_loader
+from tasks.run.samplers import ResumableDataLoader, ResumableSampler, resumable_train_loader
 
 N, BS, SEED = 23, 4, 7
 DATA = list(range(100, 100 + N))  # item i is 100 + i

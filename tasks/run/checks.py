@@ -90,7 +90,7 @@ def check_trainer(cfg: Any) -> None:
 def _hf_config(pretrained: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    from tasks.common import resolve_model_path
+    from tasks.run.common import resolve_model_path
 
     return AutoConfig.from_pretrained(resolve_model_path(pretrained)).to_dict()
 

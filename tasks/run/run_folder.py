@@ -18,7 +18,7 @@
   :func:`keep_csv_history` keeps the rows logged before the checkpoint's step (the rest are logged
   again by the resumed run) and makes the logger append to them; header changes are rewritten
   atomically. Orphan ``.tmp-*.ckpt`` files of a save killed mid-way are removed at start
-  (:func:`tasks.checkpoint_io.remove_orphan_temporaries`).
+  (:func:`tasks.run.checkpoint_io.remove_orphan_temporaries`).
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def check_records_before_start(run_dir: str | os.PathLike, ckpt_path: str | None
                 "its weights")
         return
     if skip_if_done:
-        return  # tasks.jobs clears an unfinished folder / skips a finished one
+        return  # tasks.run.jobs clears an unfinished folder / skips a finished one
     found = records_in(run_dir)
     if found:
         raise RunFolderError(

@@ -496,7 +496,7 @@ def bench_memory(configs: list[tuple[int, int, int]]) -> None:
     for e, k, n in configs:
         rows = {}
         for v in ("floor", "rmoe", "rmoe impl=autograd"):
-            cmd = [sys.executable, "-m", "tasks.bench", "--mem-child", v, str(e), str(k), str(n),
+            cmd = [sys.executable, "-m", "bench", "--mem-child", v, str(e), str(k), str(n),
                    "--threads", str(torch.get_num_threads())]
             out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout
             rows[v] = json.loads(out.strip().splitlines()[-1])
