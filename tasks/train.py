@@ -16,7 +16,7 @@ so targets receive plain dicts/lists):
   or null, are skipped); ``trainer``: ``_target_: lightning.pytorch.Trainer`` and its arguments.
 * ``task_name`` names the log folder ``logs/<task_name>/{runs,multiruns}/...``; ``seed`` seeds
   Python/NumPy/torch (and dataloader workers); ``ckpt_path`` resumes; ``train``/``test`` pick stages.
-* ``init_from`` (optional, ``+init_from=<ckpt>``): start a new run from another checkpoint's weights
+* ``init_from`` (``init_from=<ckpt>``): start a new run from another checkpoint's weights
   only (fine-tuning; no identity check, nothing else taken over).
 * ``paths.output_dir`` is the run folder (Hydra's output dir; set it yourself when composing a
   config outside ``@hydra.main``, e.g. in tests).

@@ -28,7 +28,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from tasks import wandb_utils
+from tasks.run import wandb_utils
 from tasks.train import CONF_DIR, train
 
 wandb = pytest.importorskip("wandb")

@@ -128,9 +128,8 @@ class DomainBedModule(MoEModule):
     def on_fit_end(self) -> None:
         """Print the run's per-domain table (from the results callback's ``results.jsonl``)."""
         from callbacks.domainbed_results import DomainBedResultsCallback
+        from tasks.results.domainbed import run_table
         from tasks.results.table import render_markdown
-
-        from .reporting import run_table
 
         if not self.trainer.is_global_zero:
             return

@@ -13,7 +13,7 @@
   into every checkpoint by :class:`callbacks.resume.RunIdentityCallback`) against this run's and
   refuses another run's checkpoint naming the differences (:class:`CheckpointIdentityError`); a
   checkpoint without an identity (written before it was recorded) is accepted with a warning;
-* ``init_from=<ckpt>`` (``+init_from=`` on the command line) starts a *new* run from another
+* ``init_from=<ckpt>`` starts a *new* run from another
   checkpoint's weights only (fine-tuning, e.g. from another task): shapes must fit, the identity is
   not checked, and nothing else (optimizer, step, λ, loader position) is taken over.
 
@@ -81,7 +81,7 @@ def check_identity(path: str, saved: Mapping[str, Any] | None, expected: Mapping
         raise CheckpointIdentityError(
             f"ckpt_path={path!r} was written by another run ({'; '.join(diff)}); resuming it would mix that "
             "run's state and records into this one; allowed: a checkpoint of this run (same task, dataset, "
-            "test_envs, method/variant and backbone), or +init_from=<ckpt> to fine-tune from its weights as "
+            "test_envs, method/variant and backbone), or init_from=<ckpt> to fine-tune from its weights as "
             "a new run")
 
 

@@ -157,7 +157,7 @@ def test_checkpoint_of_another_task_is_refused_naming_the_difference(tmp_path, r
                                 "trainer.max_epochs=2", f"ckpt_path={rmoe_ckpt}")
     assert f"ckpt_path='{rmoe_ckpt}' was written by another run (task_name: checkpoint 'glue/cola', this run " \
            "'glue/rte'; task: checkpoint 'cola', this run 'rte')" in msg
-    assert "allowed: a checkpoint of this run" in msg and "+init_from=<ckpt>" in msg
+    assert "allowed: a checkpoint of this run" in msg and "init_from=<ckpt>" in msg
     assert not (out / "summary.json").exists() and not (out / "metrics.csv").exists()
     # the identity written into the checkpoint is the CoLA run's
     saved = torch.load(rmoe_ckpt, weights_only=False)["rmoe_run_identity"]
@@ -178,7 +178,7 @@ def test_init_from_starts_a_new_run_from_another_tasks_weights(tmp_path, rmoe_ck
     saved = torch.load(rmoe_ckpt, weights_only=False)["state_dict"]
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     # as a run: trains from step 0 and records RTE
-    _, obj = train(make_cfg(tmp_path / "run", *rte, f"+init_from={rmoe_ckpt}"))
+    _, obj = train(make_cfg(tmp_path / "run", *rte, f"init_from={rmoe_ckpt}"))
     assert obj["trainer"].global_step == 4
     ident = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["rmoe_run_identity"]
     assert ident["task"] == "rte"
