@@ -155,8 +155,8 @@ def test_checkpoint_of_another_task_is_refused_naming_the_difference(tmp_path, r
     msg = fails_before_training(out, CheckpointIdentityError, "was written by another run",
                                 *[o if o != "task=glue/cola" else "task=glue/rte" for o in RMOE],
                                 "trainer.max_epochs=2", f"ckpt_path={rmoe_ckpt}")
-    assert f"ckpt_path='{rmoe_ckpt}' was written by another run (task_name: checkpoint 'glue/cola', this run " \
-           "'glue/rte'; task: checkpoint 'cola', this run 'rte')" in msg
+    assert f"ckpt_path='{rmoe_ckpt}' was written by another run (task_name: checkpoint 'debug/cola', this run " \
+           "'debug/rte'; task: checkpoint 'cola', this run 'rte')" in msg  # debug=fast runs: task_name debug/<task>
     assert "allowed: a checkpoint of this run" in msg and "init_from=<ckpt>" in msg
     assert not (out / "summary.json").exists() and not (out / "metrics.csv").exists()
     # the identity written into the checkpoint is the CoLA run's
