@@ -13,14 +13,24 @@ from .fusion import StatefulFusion, fused_weights, fusion_pi
 from .layer import MoELayer, build_moe_layer
 from .losses import AuxInputs, AuxLoss, register_aux_loss
 from .registry import ACTIVATIONS, AUX_LOSSES, BACKENDS, ROUTERS, Registry
-from .routing import CosineRouter, Router, RoutingRecord, TopAnyRouter, TopKRouter, build_router
+from .routing import (
+    CosineRouter,
+    ExpertChoiceRouter,
+    LossFreeRouter,
+    Router,
+    RoutingRecord,
+    TopAnyRouter,
+    TopKRouter,
+    build_router,
+)
 from .schedules import build_schedule
 from .surgery import find_moe_layers, moe_losses, moefy_bert, moefy_vit
 
 __all__ = [
     "ACTIVATIONS", "AUX_LOSSES", "BACKENDS", "ROUTERS", "Registry", "AuxInputs", "AuxLoss", "register_aux_loss",
     "ConfigError", "FusionConfig", "MoEConfig", "Experts", "MegaBlocksBackend", "TorchDroplessBackend",
-    "StatefulFusion", "fused_weights", "fusion_pi", "MoELayer", "build_moe_layer", "CosineRouter", "Router",
+    "StatefulFusion", "fused_weights", "fusion_pi", "MoELayer", "build_moe_layer", "CosineRouter", "ExpertChoiceRouter",
+    "LossFreeRouter", "Router",
     "RoutingRecord", "TopAnyRouter", "TopKRouter", "build_router", "build_schedule", "find_moe_layers",
     "moe_losses", "moefy_bert", "moefy_vit",
 ]

@@ -18,6 +18,7 @@ from . import registry
 
 FUSION_AGGS = ("sum", "mean")
 DROPOUT_POSITIONS = ("pre_act", "post_act")
+SCORE_FNS = ("softmax", "sigmoid")
 
 
 class ConfigError(ValueError):
@@ -72,7 +73,11 @@ class MoEConfig:
     token's top-1 probability (tutel's BPR) instead of token order. ``aux_loss`` defaults per router
     (its ``default_aux_loss``: topk/cosine -> switch, topany -> dynmoe). ``expert_dropout`` is
     dropout inside every expert, on the hidden units before (``pre_act``, DynMoE's GLUE experts) or
-    after (``post_act``, GMoE's vision experts) the activation.
+    after (``post_act``, GMoE's vision experts) the activation. ``score_fn`` (softmax|sigmoid) and
+    ``bias_update_rate`` (``u`` of ``b_e += u · sign(mean_load − load_e)``) are read by the
+    auxiliary-loss-free router (``lossfree``). ``causal``: the layer sits in a causal (decoder)
+    model, where a token's routing may not depend on later tokens (``expert_choice`` refuses it).
+    A router class can add its own checks (``Router.check_config``).
     """
 
     router: str = "topk"
@@ -93,6 +98,9 @@ class MoEConfig:
     upcycle_noise: float = 0.0
     expert_dropout: float = 0.0
     expert_dropout_position: str = "pre_act"
+    score_fn: str = "softmax"
+    bias_update_rate: float = 1e-3
+    causal: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -157,7 +165,17 @@ class MoEConfig:
             _fail("expert_dropout", p, "a number in [0, 1)")
         if self.expert_dropout_position not in DROPOUT_POSITIONS:
             _fail("expert_dropout_position", self.expert_dropout_position, "|".join(DROPOUT_POSITIONS))
+        if self.score_fn not in SCORE_FNS:
+            _fail("score_fn", self.score_fn, "|".join(SCORE_FNS))
+        u = self.bias_update_rate
+        if not (isinstance(u, (int, float)) and not isinstance(u, bool) and math.isfinite(u) and u >= 0):
+            _fail("bias_update_rate", u, "a finite number >= 0")
+        if not isinstance(self.causal, bool):
+            _fail("causal", self.causal, "true|false")
         object.__setattr__(self, "fusion", FusionConfig.from_any(self.fusion))
+        check = getattr(router, "check_config", None)
+        if check is not None:
+            check(self, _fail)
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> MoEConfig:

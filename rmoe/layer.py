@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -18,7 +19,10 @@ class MoELayer(nn.Module):
     """``y, record = layer(x, mask=None)`` with ``x [..., d_model]`` and ``mask [...]`` (True = real).
 
     Padding tokens (mask False) are not routed: they get a zero output and count nowhere.
-    The last record is kept in ``self.last_routing`` for callbacks and losses.
+    The last record is kept in ``self.last_routing`` for callbacks and losses. Routers whose
+    ``forward`` takes ``seq_ids`` get each real token's sequence index: with ``x [..., L, d]`` the
+    token at flat row ``i`` belongs to sequence ``i // L`` (a ``[N, d]`` input has no sequences:
+    ``seq_ids=None``).
     """
 
     def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig):
@@ -34,6 +38,7 @@ class MoELayer(nn.Module):
             backend.check_available()
         self.backend = backend()
         self.last_routing: RoutingRecord | None = None
+        self._router_takes_seq_ids = "seq_ids" in inspect.signature(self.router.forward).parameters
 
     @property
     def num_experts(self) -> int:
@@ -52,7 +57,15 @@ class MoELayer(nn.Module):
             xr = xf.index_select(0, keep)
         else:
             xr = xf
-        rec = self.router(xr)
+        if self._router_takes_seq_ids:
+            seq_ids = None
+            if x.dim() >= 3 and shape[-2] > 0:
+                seq_ids = torch.div(torch.arange(xf.shape[0], device=x.device), shape[-2], rounding_mode="floor")
+                if keep is not None:
+                    seq_ids = seq_ids.index_select(0, keep)
+            rec = self.router(xr, seq_ids=seq_ids)
+        else:
+            rec = self.router(xr)
         if self.fusion is not None:
             rec = self.fusion(rec)
         yr = self.backend(self.experts, xr, rec.expert_indices, rec.expert_weights)

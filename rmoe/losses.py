@@ -2,8 +2,10 @@
 
 All inputs are over real tokens only (padding removed beforehand). A router computes its aux loss
 as ``AUX_LOSSES[cfg.aux_loss](inputs)`` with ``inputs`` an :class:`AuxInputs`; each registered
-:class:`AuxLoss` names the router families it fits (``softmax``: topk/cosine, ``topany``), which
-:class:`rmoe.config.MoEConfig` checks. Adding an aux loss is one :func:`register_aux_loss`.
+:class:`AuxLoss` names the router families it fits (``softmax``: topk/cosine, ``topany``,
+``lossfree``, ``expert_choice``), which :class:`rmoe.config.MoEConfig` checks. Adding an aux loss is
+one :func:`register_aux_loss`. Every loss is computed by one layer from its own routing; layers are
+summed only afterwards (SPEC §2).
 """
 
 from __future__ import annotations
@@ -33,6 +35,64 @@ def switch_balance_loss(router_probs: Tensor, top1: Tensor, active: Tensor | Non
     f = torch.bincount(top1, minlength=e).to(router_probs.dtype) / n
     p = router_probs.mean(0)
     return num * torch.sum(f * p)
+
+
+def _dist_world() -> int:
+    """The data-parallel world size when a process group is up, else 1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def global_batch_balance_loss(router_probs: Tensor, top1: Tensor, reduce: bool = True) -> Tensor:
+    """Global-batch Switch loss (Qwen): ``E · Σ_e f_e P_e`` with ``f_e`` over the whole data-parallel
+    batch and ``P_e`` over this rank's tokens.
+
+    The first-choice counts and the token count are summed over ranks (``reduce`` and a process group
+    up): ``f_e = C_e / N`` with ``C_e``, ``N`` global constants (no gradient). Rank ``r`` with ``n_r``
+    tokens returns ``E · Σ_e f_e · R · Σ_{t∈r} p_te / N`` (``R`` ranks): the mean of these over ranks is
+    the full-batch loss ``E Σ_e f_e P_e^{global}``, so DDP's gradient *averaging* yields exactly the
+    full-batch gradient, for any ``R`` and unequal token counts. With one process it is
+    :func:`switch_balance_loss`. One optimizer step must be one forward per rank: gradient
+    accumulation over micro-batches would need the later micro-batches' counts (rejected in config).
+    """
+    n, e = router_probs.shape
+    counts = torch.bincount(top1, minlength=e).to(torch.float64)
+    stats = torch.cat([counts, counts.new_tensor([float(n)])])
+    world = 1
+    if reduce and _dist_world() > 1:
+        torch.distributed.all_reduce(stats)
+        world = _dist_world()
+    total = float(stats[e])
+    if total == 0:
+        return router_probs.sum() * 0.0
+    f = (stats[:e] / total).to(router_probs.dtype)
+    return e * torch.sum(f * router_probs.sum(0)) * (world / total)
+
+
+def seq_balance_loss(scores: Tensor, selected: Tensor, seq_ids: Tensor | None, k: int) -> Tensor:
+    """Sequence-level balance loss (DeepSeek-V3): ``mean_s Σ_e f_{s,e} P_{s,e}``.
+
+    ``f_{s,e} = E / (k · T_s) · #{t ∈ s : e ∈ selected_t}``, ``P_{s,e} = mean_{t ∈ s} scores_te`` with
+    ``scores [N, E]`` normalised over experts (softmax probabilities, or sigmoid scores divided by
+    their sum), ``selected [N, K]`` the chosen experts (−1 empty), ``T_s`` the real tokens of
+    sequence ``s`` and ``seq_ids [N]`` each token's sequence (None: one sequence). 1 at balance.
+    """
+    n, e = scores.shape
+    if n == 0:
+        return scores.sum() * 0.0
+    if seq_ids is None:
+        seq = torch.zeros(n, dtype=torch.long, device=scores.device)
+    else:
+        seq = torch.unique(seq_ids, return_inverse=True)[1]
+    s = int(seq.max()) + 1
+    t_s = torch.bincount(seq, minlength=s).to(scores.dtype).unsqueeze(1)
+    valid = selected >= 0
+    rows = seq.unsqueeze(1).expand_as(selected)[valid]
+    counts = torch.bincount(rows * e + selected[valid], minlength=s * e).reshape(s, e).to(scores.dtype)
+    f = counts * (e / k) / t_s
+    p = scores.new_zeros(s, e).index_add(0, seq, scores) / t_s
+    return (f * p).sum(-1).mean()
 
 
 def cv_squared(x: Tensor) -> Tensor:
@@ -132,7 +192,11 @@ class AuxInputs:
     (straight-through; softmax family: ``probs``). first_choice: ``[N]`` each token's first choice
     before capacity (softmax family) or first selected slot, −1 for none (top-any). active: ``[E]``
     bool pool. top_k, noise_std (``gate_noise / E``). gate_weight: ``[d, E]`` gate embeddings
-    (top-any), else None.
+    (top-any), else None. selected: ``[N, K]`` the experts each token chose before capacity (−1
+    empty), when the router has such a choice. seq_ids: ``[N]`` each token's sequence (None: no
+    sequence layout). training: the router is in training mode (losses that reduce over
+    data-parallel ranks do so only then: every rank runs the same training forwards). For the
+    ``lossfree`` router ``probs`` are its scores normalised over experts.
     """
 
     logits: Tensor
@@ -144,6 +208,9 @@ class AuxInputs:
     top_k: int = 1
     noise_std: float = 0.0
     gate_weight: Tensor | None = None
+    selected: Tensor | None = None
+    seq_ids: Tensor | None = None
+    training: bool = False
 
 
 AuxFn = Callable[[AuxInputs], Tensor]
@@ -201,6 +268,17 @@ def _dynmoe(a: AuxInputs) -> Tensor:
 @register_aux_loss("gshard_binary", families=("topany",))
 def _gshard_binary(a: AuxInputs) -> Tensor:
     return gshard_binary_loss(a.gates, a.first_choice, a.active)
+
+
+@register_aux_loss("global_batch", families=("softmax",))
+def _global_batch(a: AuxInputs) -> Tensor:
+    return global_batch_balance_loss(a.probs, a.first_choice, reduce=a.training)
+
+
+@register_aux_loss("seq_balance", families=("softmax", "lossfree"))
+def _seq_balance(a: AuxInputs) -> Tensor:
+    selected = a.selected if a.selected is not None else a.first_choice.unsqueeze(1)
+    return seq_balance_loss(a.probs, selected, a.seq_ids, a.top_k if a.selected is not None else 1)
 
 
 @register_aux_loss("none")

@@ -122,6 +122,24 @@ def fusion_drift(pi_now: Tensor, pi_prev: Tensor) -> float:
     return float((pi_now.double() - pi_prev.double()).abs().sum())
 
 
+def router_saturation(top1_by_step: dict[int, Tensor], reference_step: int | None = None) -> dict[int, float]:
+    """OLMoE's router saturation: for every saved step ``τ``, the share of probe tokens whose top-1
+    expert at ``τ`` equals their top-1 at the reference step (default: the last saved step, the
+    final checkpoint). ``top1_by_step``: step -> ``[N]`` expert ids (−1: no expert, compared as an id)."""
+    if not top1_by_step:
+        return {}
+    ref = max(top1_by_step) if reference_step is None else reference_step
+    final = top1_by_step[ref]
+    out = {}
+    for step in sorted(top1_by_step):
+        t = top1_by_step[step]
+        if t.shape != final.shape:
+            raise ValueError(f"router_saturation: step {step} has {tuple(t.shape)} probe tokens, "
+                             f"the reference step {ref} {tuple(final.shape)}")
+        out[step] = float((t == final).double().mean()) if t.numel() else 1.0
+    return out
+
+
 def entropy(p: Tensor) -> float:
     """Shannon entropy (nats) of a distribution."""
     q = p.double()

@@ -100,6 +100,9 @@ class Router(nn.Module):
     * ``dropless``: no finite capacity and no batch-prioritized routing;
     * ``uses_top_k``: ``top_k`` is read (and must be <= ``num_experts``).
 
+    A router may define ``check_config(cfg, fail)`` (a classmethod) for checks of its own; it calls
+    ``fail(key, value, allowed)``. ``forward`` may take ``seq_ids`` (``[N]``, each real token's
+    sequence; :class:`rmoe.layer.MoELayer` passes it to routers whose ``forward`` has that argument).
     The aux loss is looked up once, by name, in :data:`rmoe.registry.AUX_LOSSES`.
     """
 
@@ -133,11 +136,11 @@ class SoftmaxTopKRouter(Router):
     family = "softmax"
     default_aux_loss = "switch"
 
-    def forward(self, x: Tensor) -> RoutingRecord:
+    def forward(self, x: Tensor, seq_ids: Tensor | None = None) -> RoutingRecord:
         with _no_autocast(x):
-            return self._route(x.float())
+            return self._route(x.float(), seq_ids)
 
-    def _route(self, x: Tensor) -> RoutingRecord:
+    def _route(self, x: Tensor, seq_ids: Tensor | None = None) -> RoutingRecord:
         cfg, e = self.cfg, self.num_experts
         clean = self.logits(x)
         noisy = clean
@@ -158,7 +161,8 @@ class SoftmaxTopKRouter(Router):
         active = torch.ones(e, dtype=torch.bool, device=x.device)
         aux = self.aux_loss_fn(AuxInputs(logits=clean, noisy_logits=noisy, probs=probs, gates=probs,
                                          first_choice=top_i[:, 0], active=active, top_k=k,
-                                         noise_std=cfg.gate_noise / e))
+                                         noise_std=cfg.gate_noise / e, selected=top_i, seq_ids=seq_ids,
+                                         training=self.training))
         return RoutingRecord(
             expert_indices=idx,
             expert_weights=weights,
@@ -354,6 +358,188 @@ class TopAnyRouter(Router):
                 added.append(j)
         self.reset_recording()
         return {"removed": removed, "added": added}
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    """``t`` summed over data-parallel ranks (in place) when a process group is up."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+@ROUTERS.register("lossfree")
+class LossFreeRouter(Router):
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias steers top-k *selection* only.
+
+    ``logits = W x`` (no bias term); scores ``s = softmax(logits)`` or ``sigmoid(logits)``
+    (``score_fn``). Selection: the top-``k`` of ``s + b`` with ``b`` the buffer ``bias``. Gates from
+    the unbiased scores of the selected experts: sigmoid ``s_e / Σ_{j∈S_t} s_j`` (DeepSeek-V3;
+    ``normalize_gate`` and ``k > 1``, else ``s_e``); softmax as the top-k router (renormalised for
+    ``k > 1`` when ``normalize_gate``). ``router_probs``, ``dispatch_scores`` and the aux inputs'
+    ``probs``: the scores normalised over experts.
+
+    Every training forward adds its selections per expert, summed over data-parallel ranks, to the
+    buffer ``load_counts`` — so the counts of all micro-batches of an optimizer step accumulate and
+    every rank holds the same counts at any time (also DDP's buffer broadcast from rank 0 changes
+    nothing, and a checkpoint written mid-accumulation holds the global partial counts).
+    :meth:`update_bias`, called once after each optimizer step (``callbacks.balancing``), applies
+    ``b_e += u · sign(mean_e load − load_e)`` with ``u = bias_update_rate`` and resets the counts.
+    Both buffers are persistent (saved in checkpoints). Dropless; no gate noise.
+    """
+
+    family = "lossfree"
+    default_aux_loss = "none"
+    dropless = True
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig, fail) -> None:
+        if cfg.gate_noise > 0:
+            fail("gate_noise", cfg.gate_noise, "0 for router 'lossfree' (the bias steers selection; no noise)")
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        e = self.num_experts
+        self.weight = nn.Parameter(torch.empty(e, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+        self.register_buffer("bias", torch.zeros(e, dtype=torch.float32))
+        self.register_buffer("load_counts", torch.zeros(e, dtype=torch.long))
+
+    def logits(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.float())
+
+    def forward(self, x: Tensor, seq_ids: Tensor | None = None) -> RoutingRecord:
+        with _no_autocast(x):
+            return self._route(x.float(), seq_ids)
+
+    def _route(self, x: Tensor, seq_ids: Tensor | None) -> RoutingRecord:
+        cfg, e, k = self.cfg, self.num_experts, self.cfg.top_k
+        logits = self.logits(x)
+        tiny = torch.finfo(logits.dtype).tiny
+        if cfg.score_fn == "sigmoid":
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(-1, keepdim=True).clamp_min(tiny)
+        else:
+            scores = probs = torch.softmax(logits, dim=-1)
+        top_i = (scores.detach() + self.bias.float()).topk(k, dim=-1).indices
+        top_s = scores.gather(1, top_i)
+        gate = top_s / top_s.sum(-1, keepdim=True).clamp_min(tiny) if (cfg.normalize_gate and k > 1) else top_s
+        counts = tokens_per_expert(top_i, e)
+        if self.training:
+            self._count(counts)
+        active = torch.ones(e, dtype=torch.bool, device=x.device)
+        aux = self.aux_loss_fn(AuxInputs(logits=logits, noisy_logits=logits, probs=probs, gates=probs,
+                                         first_choice=top_i[:, 0], active=active, top_k=k, selected=top_i,
+                                         seq_ids=seq_ids, training=self.training))
+        return RoutingRecord(
+            expert_indices=top_i,
+            expert_weights=gate,
+            gate_values=gate,
+            router_probs=probs,
+            router_logits=logits,
+            tokens_per_expert=counts,
+            active_mask=active,
+            aux_loss=aux,
+            z_loss=losses.router_z_loss(logits),
+            num_dropped=torch.zeros((), dtype=torch.long, device=x.device),
+            dispatch_scores=probs,
+        )
+
+    @torch.no_grad()
+    def _count(self, counts: Tensor) -> None:
+        self.load_counts += _all_reduce_sum(counts.clone())
+
+    @torch.no_grad()
+    def update_bias(self) -> Tensor:
+        """``b_e += u · sign(mean_e load − load_e)`` from the counts accumulated since the last call
+        (already summed over ranks), then reset them. Returns the load used (``[E]`` long)."""
+        load = self.load_counts.clone()
+        lf = load.double()
+        self.bias += (self.cfg.bias_update_rate * torch.sign(lf.mean() - lf)).to(self.bias.dtype)
+        self.load_counts.zero_()
+        return load
+
+
+@ROUTERS.register("expert_choice")
+class ExpertChoiceRouter(Router):
+    """Expert-choice routing (Zhou et al. 2022), for encoders.
+
+    ``p = softmax(W x)`` over experts; each expert takes the ``c`` tokens with its highest ``p``,
+    ``c = min(N, ⌈N · capacity_factor / E⌉)`` (the capacity factor is the mean number of experts per
+    token), so a token gets 0..E experts. Combine weights: the token's probabilities of the experts
+    that chose it. The record is ``[N, K]`` with ``K`` = the most experts any token got, each token's
+    experts in descending probability, −1 padded. A token's routing depends on the other tokens of
+    the batch, later ones included: not for causal models (``causal=true`` is refused). Every
+    expert gets exactly ``c`` tokens, so there is no balance loss (``aux_loss`` default ``none``).
+    """
+
+    family = "expert_choice"
+    default_aux_loss = "none"
+    uses_top_k = False
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig, fail) -> None:
+        if cfg.causal:
+            fail("causal", cfg.causal, "false for router 'expert_choice' (each expert picks its top tokens from the "
+                 "whole batch, so a token's experts depend on later tokens: not causal)")
+        if cfg.capacity_factor <= 0:
+            fail("capacity_factor", cfg.capacity_factor, "> 0 for router 'expert_choice' (each expert takes "
+                 "ceil(N * capacity_factor / E) tokens)")
+        if cfg.batch_prioritized_routing:
+            fail("batch_prioritized_routing", True, "false for router 'expert_choice' (experts choose tokens)")
+        if cfg.gate_noise > 0:
+            fail("gate_noise", cfg.gate_noise, "0 for router 'expert_choice'")
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.weight = nn.Parameter(torch.empty(self.num_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def capacity(self, n: int) -> int:
+        """Tokens per expert: ``min(n, ceil(n · capacity_factor / E))``."""
+        return min(n, math.ceil(n * self.cfg.capacity_factor / self.num_experts))
+
+    def logits(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.float())
+
+    def forward(self, x: Tensor) -> RoutingRecord:
+        with _no_autocast(x):
+            return self._route(x.float())
+
+    def _route(self, x: Tensor) -> RoutingRecord:
+        n, e = x.shape[0], self.num_experts
+        logits = self.logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        c = self.capacity(n)
+        top_p, top_t = probs.t().topk(c, dim=-1)  # [E, c]: each expert's tokens
+        tok, w = top_t.reshape(-1), top_p.reshape(-1)
+        ex = torch.arange(e, device=x.device).repeat_interleave(c)
+        per_token = torch.bincount(tok, minlength=n)
+        kmax = max(int(per_token.max()) if n else 1, 1)
+        # group the assignments by token, each token's experts in descending probability
+        by_p = torch.sort(w.detach(), descending=True, stable=True).indices
+        order = by_p[torch.sort(tok[by_p], stable=True).indices]
+        tok_s, ex_s, w_s = tok[order], ex[order], w[order]
+        pos = torch.arange(tok_s.numel(), device=x.device) - (per_token.cumsum(0) - per_token)[tok_s]
+        idx = torch.full((n, kmax), -1, dtype=torch.long, device=x.device)
+        idx[tok_s, pos] = ex_s
+        weights = probs.new_zeros(n, kmax).index_put((tok_s, pos), w_s)
+        active = torch.ones(e, dtype=torch.bool, device=x.device)
+        aux = self.aux_loss_fn(AuxInputs(logits=logits, noisy_logits=logits, probs=probs, gates=probs,
+                                         first_choice=idx[:, 0], active=active, top_k=kmax, selected=idx,
+                                         training=self.training))
+        return RoutingRecord(
+            expert_indices=idx,
+            expert_weights=weights,
+            gate_values=weights,
+            router_probs=probs,
+            router_logits=logits,
+            tokens_per_expert=tokens_per_expert(idx, e),
+            active_mask=active,
+            aux_loss=aux,
+            z_loss=losses.router_z_loss(logits),
+            num_dropped=torch.zeros((), dtype=torch.long, device=x.device),
+            dispatch_scores=probs,
+        )
 
 
 def build_router(d_model: int, cfg: MoEConfig) -> Router:

@@ -95,8 +95,9 @@ def moefy_bert(model: nn.Module, layers: Iterable[int], moe_cfg: Mapping[str, An
                init: str = "upcycle") -> list[MoELayer]:
     """Replace the FFN of encoder layers ``layers`` of a HF BERT-family model by MoE layers.
 
-    The activation is taken from ``model.config.hidden_act`` unless ``moe_cfg`` sets one.
-    Returns the new MoE layers in layer order.
+    The activation is taken from ``model.config.hidden_act`` unless ``moe_cfg`` sets one. A model
+    whose config says ``is_decoder`` (causal self-attention) gets ``causal=True``, which routers that
+    look at later tokens (``expert_choice``) refuse. Returns the new MoE layers in layer order.
     """
     enc_layers = _bert_layers(model)
     if not enc_layers:
@@ -108,6 +109,8 @@ def moefy_bert(model: nn.Module, layers: Iterable[int], moe_cfg: Mapping[str, An
         if act not in _HF_ACTS:
             raise ValueError(f"hidden_act={act!r} is not supported by MoE experts; allowed: {sorted(_HF_ACTS)}")
         cfg_dict["activation"] = _HF_ACTS[act]
+    if getattr(getattr(model, "config", None), "is_decoder", False):
+        cfg_dict["causal"] = True
     cfg = MoEConfig.from_dict(cfg_dict)
     token_mask = getattr(model, "_rmoe_token_mask", None)
     if token_mask is None:

@@ -27,22 +27,23 @@ def fail_message(**cfg):
 
 
 def test_builtin_names_in_registration_order():
-    assert ROUTERS.names() == ("topk", "cosine", "topany")
+    assert ROUTERS.names() == ("topk", "cosine", "topany", "lossfree", "expert_choice")
     assert BACKENDS.names() == ("torch", "megablocks")
     assert ACTIVATIONS.names() == ("gelu", "gelu_tanh", "relu", "silu")
     assert AUX_LOSSES.names() == ("switch", "load_importance", "load_importance_tutel", "dynmoe",
-                                  "gshard_binary", "none")
+                                  "gshard_binary", "global_batch", "seq_balance", "none")
 
 
 @pytest.mark.parametrize("cfg, message", [
-    ({"router": "expert_choice"}, "router='expert_choice'; allowed: topk|cosine|topany"),
+    ({"router": "hash"}, "router='hash'; allowed: topk|cosine|topany|lossfree|expert_choice"),
     ({"backend": "cuda"}, "backend='cuda'; allowed: torch|megablocks"),
     ({"activation": "tanh"}, "activation='tanh'; allowed: gelu|gelu_tanh|relu|silu"),
     ({"aux_loss": "seq_level"}, "aux_loss='seq_level'; allowed: switch|load_importance|load_importance_tutel|"
-                                "dynmoe|gshard_binary|none or null (router default)"),
+                                "dynmoe|gshard_binary|global_batch|seq_balance|none or null (router default)"),
     # the aux losses allowed per router family
     ({"router": "topk", "aux_loss": "dynmoe"},
-     "aux_loss='dynmoe'; allowed: switch|load_importance|load_importance_tutel|none for router 'topk'"),
+     "aux_loss='dynmoe'; allowed: switch|load_importance|load_importance_tutel|global_batch|seq_balance|none "
+     "for router 'topk'"),
     ({"router": "topany", "aux_loss": "switch"}, "aux_loss='switch'; allowed: dynmoe|gshard_binary|none for router "
                                                  "'topany'"),
     ({"router": "topk", "aux_loss": "load_importance_tutel", "gate_noise": 0.0},
@@ -56,7 +57,8 @@ def test_builtin_names_in_registration_order():
      "batch_prioritized_routing=True; allowed: false for router 'topany' (it is dropless)"),
     ({"backend": "megablocks", "capacity_factor": 1.0},
      "capacity_factor=1.0; allowed: 0 for backend 'megablocks' (dropless)"),
-    ({"router": ["topk"]}, "router=['topk']; allowed: topk|cosine|topany"),  # unhashable: no name
+    # unhashable: no name
+    ({"router": ["topk"]}, "router=['topk']; allowed: topk|cosine|topany|lossfree|expert_choice"),
 ])
 def test_validation_names_key_value_and_the_registered_names(cfg, message):
     assert fail_message(**cfg) == f"invalid MoE config: {message}"
@@ -77,7 +79,7 @@ def test_registering_a_router_makes_it_valid(cleanup):
     assert cfg.aux_loss == "none" and cfg.max_experts == 3
     # now two routers have an adaptive pool, and the allowed lists name the new router
     assert "only topany|toy has an adaptive pool" in fail_message(router="topk", num_experts=2, max_experts=3)
-    assert "allowed: topk|cosine|topany|toy" in fail_message(router="nope")
+    assert "allowed: topk|cosine|topany|lossfree|expert_choice|toy" in fail_message(router="nope")
     layer = build_moe_layer(4, 8, router="toy", num_experts=2, max_experts=3, top_k=1)
     assert type(layer.router) is ToyRouter
     y, rec = layer(torch.randn(5, 4))
@@ -105,7 +107,8 @@ def test_an_aux_loss_for_every_family_fits_every_router(cleanup):
     assert MoEConfig(router="topany", aux_loss="zero_any").aux_loss == "zero_any"
     assert MoEConfig(router="topk", aux_loss="zero_any").aux_loss == "zero_any"
     assert fail_message(router="topk", aux_loss="dynmoe").endswith(
-        "allowed: switch|load_importance|load_importance_tutel|none|zero_any for router 'topk'")
+        "allowed: switch|load_importance|load_importance_tutel|global_batch|seq_balance|none|zero_any for router "
+        "'topk'")
 
 
 def test_registering_an_activation_makes_it_valid(cleanup):
