@@ -91,6 +91,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("Instantiating module <%s>", cfg.module._target_)
         model = hydra.utils.instantiate(cfg.module, _convert_="all")
         callbacks = instantiate_group(cfg.get("callbacks"), "callback")
+        from tasks.run.console import drop_disabled_progress_bar
+
+        callbacks = drop_disabled_progress_bar(callbacks, bool(cfg.trainer.get("enable_progress_bar", True)))
         from tasks.run.wandb_utils import auto_offline
 
         auto_offline(cfg)  # W&B offline when there is no API key or the host is unreachable
@@ -110,12 +113,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 raise ValueError(f"init_from={cfg.init_from!r} and ckpt_path={ckpt_path!r} are both set; allowed: "
                                  "one of them (ckpt_path continues a run, init_from starts a new one from its weights)")
             init_from_checkpoint(cfg.init_from, model)
-        if loggers and resume_step is not None:
+        if loggers:
             from tasks.run.jobs import is_rank_zero
-            from tasks.run.run_folder import keep_csv_history
+            from tasks.run.run_folder import keep_csv_history, start_csv_history
 
-            if is_rank_zero():
+            if is_rank_zero() and resume_step is not None:
                 keep_csv_history(loggers, resume_step)  # Lightning's CSV logger would delete metrics.csv
+            elif is_rank_zero():
+                start_csv_history(loggers)  # no warning about the run folder's other files
         if loggers:
             hparams = OmegaConf.to_container(cfg, resolve=True)
             for lg in loggers:
@@ -156,6 +161,16 @@ def _start_job(cfg: DictConfig, out_dir: str) -> bool:
     return True
 
 
+def _announce(cfg: DictConfig, out_dir: str) -> None:
+    """Rank 0, at the start of a job: the resolved config as a tree (saved as
+    ``<run>/config_resolved.yaml``) and the run header (method, variant, seed, folder)."""
+    from tasks.run.console import print_config_tree, run_header, save_resolved_config
+
+    print_config_tree(cfg)
+    save_resolved_config(cfg, out_dir)
+    print("\n".join(run_header(cfg, out_dir)), flush=True)
+
+
 def _attempt(cfg: DictConfig, event: str, **extra: Any) -> dict[str, Any]:
     import socket
     import time
@@ -176,8 +191,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     unfinished one first. Each attempt is listed in ``<run>/attempts.jsonl``."""
     from tasks.run import jobs
     from tasks.run.checks import check_config
+    from tasks.run.console import route_lightning_logs
     from tasks.run.run_folder import acquire_lock, append_attempt, release_lock
 
+    route_lightning_logs()  # Hydra's job logging prints Lightning's records: once
     check_config(cfg)  # before the run folder is touched
     out_dir = cfg.get("paths", {}).get("output_dir")
     name = cfg.get("optimized_metric")
@@ -191,6 +208,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
                 log.info("%s is done (skip_if_done=true): not training again", out_dir)
                 return recorded.get(name) if name else None
             append_attempt(out_dir, _attempt(cfg, "start"))
+            _announce(cfg, out_dir)
         try:
             metrics, objects = train(cfg)
         except BaseException as e:

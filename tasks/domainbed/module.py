@@ -75,8 +75,9 @@ class DomainBedModule(MoEModule):
         task_loss = F.cross_entropy(logits, y)
         loss, aux, z = self.moe_loss(task_loss, self.model)
         acc = (logits.argmax(-1) == y).float().mean()
-        self.log_dict({"train/loss": loss.detach(), "train/task_loss": task_loss.detach(),
-                       "train/aux_loss": aux.detach(), "train/z_loss": z.detach(), "train/acc": acc},
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(y), prog_bar=True)
+        self.log_dict({"train/task_loss": task_loss.detach(), "train/aux_loss": aux.detach(),
+                       "train/z_loss": z.detach(), "train/acc": acc},
                       on_step=True, on_epoch=False, batch_size=len(y), prog_bar=False)
         return loss
 
@@ -122,7 +123,8 @@ class DomainBedModule(MoEModule):
         if self.trainer.sanity_checking:
             return
         logged = {f"val/{k}": v for k, v in accs.items()}
-        logged.update({"val/score": score, "val/score_best": self.update_best_score(score)})
+        logged["val/score_best"] = self.update_best_score(score)
+        self.log("val/score", score, on_step=False, on_epoch=True, batch_size=1, prog_bar=True)
         self.log_dict(logged, on_step=False, on_epoch=True, batch_size=1)
 
     def on_fit_end(self) -> None:

@@ -52,6 +52,7 @@ class GLUEModule(MoEModule):
         self.val_names = [s for s, _ in self.task.val_splits] + (["heldout"] if heldout_samples else [])
         self.val_metrics = nn.ModuleList([build_metrics(self.task) for _ in self.val_names])
         self._val_loss = [[0.0, 0] for _ in self.val_names]
+        self._dev_scores: list[dict[str, Any]] = []  # this process's validations (the summary's fallback)
         # from_pretrained returns the encoder in eval mode and Lightning keeps submodule modes:
         # without this, dropout, routing noise, fusion updates and pool recording stay off in training
         self.train()
@@ -90,7 +91,8 @@ class GLUEModule(MoEModule):
         task_loss = self.task_loss(logits, batch["labels"])
         loss, aux, z = self.moe_loss(task_loss, self.encoder)
         bs = batch["labels"].shape[0]
-        self.log_dict({"train/loss": loss, "train/task_loss": task_loss, "train/aux_loss": aux, "train/z_loss": z},
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=bs, prog_bar=True)
+        self.log_dict({"train/task_loss": task_loss, "train/aux_loss": aux, "train/z_loss": z},
                       on_step=True, on_epoch=False, batch_size=bs, prog_bar=False)
         return loss
 
@@ -133,9 +135,29 @@ class GLUEModule(MoEModule):
             logged[f"{prefix}/loss"] = torch.tensor(total / n)
             if idx == 0:
                 logged["val/score_best"] = torch.tensor(self.update_best_score(float(values["score"])))
+                self.log("val/score", logged.pop("val/score"), prog_bar=True, sync_dist=True)
+                if not self.trainer.sanity_checking:
+                    self._dev_scores.append({"epoch": int(self.trainer.current_epoch),
+                                             "step": int(self.trainer.global_step), "score": float(values["score"])})
             self.log_dict(logged, sync_dist=True)
         if not self.trainer.sanity_checking:
             self._val_secs = getattr(self, "_val_secs", 0.0) + time.perf_counter() - self._val_t0
+
+    def on_fit_end(self) -> None:
+        """Rank 0 prints the run's dev scores: the best (and its epoch), the last, the run folder."""
+        from callbacks.run_summary import RunSummaryCallback
+        from tasks.run.console import dev_summary
+
+        if not self.trainer.is_global_zero:
+            return
+        cbs = [c for c in self.trainer.callbacks if isinstance(c, RunSummaryCallback)]
+        # the run summary's records survive a resume; without that callback, this process's validations
+        epochs = ([{"epoch": e["epoch"], "step": e["step"], "score": (e.get("dev") or {}).get("score")}
+                   for e in cbs[0].epochs] if cbs else self._dev_scores)
+        hp = self.hparams
+        title = f"GLUE {self.task.dir_name} / {(hp.moe or {}).get('name', 'dense')} / lr {hp.lr:g}"
+        print("\n" + "\n".join(dev_summary(epochs, self.task.headline, self.trainer.default_root_dir, title))
+              + "\n", flush=True)
 
     # --- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:

@@ -17,7 +17,10 @@
 * **Records.** Lightning's CSV logger deletes an existing ``metrics.csv`` when it starts; on resume
   :func:`keep_csv_history` keeps the rows logged before the checkpoint's step (the rest are logged
   again by the resumed run) and makes the logger append to them; header changes are rewritten
-  atomically. Orphan ``.tmp-*.ckpt`` files of a save killed mid-way are removed at start
+  atomically. A fresh run's CSV logger (:func:`start_csv_history`) starts ``metrics.csv`` without
+  Lightning's warning that the folder "exists and is not empty" (it always is: ``.hydra/``, the lock,
+  ``attempts.jsonl``); it warns only when there is a ``metrics.csv`` to replace. Orphan
+  ``.tmp-*.ckpt`` files of a save killed mid-way are removed at start
   (:func:`tasks.run.checkpoint_io.remove_orphan_temporaries`).
 """
 
@@ -284,6 +287,30 @@ def _appending_writer_class():
             _write_rows_atomic(self.metrics_file_path, fieldnames, rows)
 
     return AppendingExperimentWriter
+
+
+def _fresh_writer_class():
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class FreshExperimentWriter(ExperimentWriter):
+        """Lightning's CSV writer that warns only when a ``metrics.csv`` is there to be replaced (Lightning
+        warns whenever the folder holds any file)."""
+
+        def _check_log_dir_exists(self) -> None:
+            if os.path.isfile(self.metrics_file_path):
+                log.warning("%s exists: this run starts it again (the old rows are deleted)", self.metrics_file_path)
+                os.unlink(self.metrics_file_path)
+
+    return FreshExperimentWriter
+
+
+def start_csv_history(loggers: Sequence[Any]) -> None:
+    """A fresh run: every CSV logger writes a new ``metrics.csv`` (module docstring)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for lg in loggers:
+        if isinstance(lg, CSVLogger) and lg._experiment is None:
+            lg._experiment = _fresh_writer_class()(lg.log_dir)
 
 
 def read_metrics_csv(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
