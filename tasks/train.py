@@ -15,7 +15,9 @@ so targets receive plain dicts/lists):
 * ``callbacks`` / ``logger``: mappings of name -> ``{_target_: ...}`` (entries without ``_target_``,
   or null, are skipped); ``trainer``: ``_target_: lightning.pytorch.Trainer`` and its arguments.
 * ``task_name`` names the log folder ``logs/<task_name>/{runs,multiruns}/...``; ``seed`` seeds
-  Python/NumPy/torch (and dataloader workers); ``ckpt_path`` resumes; ``train``/``test`` pick stages.
+  Python/NumPy/torch (and dataloader workers); ``ckpt_path`` resumes; ``test=true`` evaluates the best
+  checkpoint after fitting, as ``rmoe-eval`` does (:func:`tasks.eval.evaluate`, ``<run>/eval/<ckpt>.json``);
+  ``train=false`` is refused naming ``train``/``ckpt_path`` (evaluating a checkpoint is ``rmoe-eval``'s job).
 * ``init_from`` (``init_from=<ckpt>``): start a new run from another checkpoint's weights
   only (fine-tuning; no identity check, nothing else taken over).
 * ``paths.output_dir`` is the run folder (Hydra's output dir; set it yourself when composing a
@@ -83,6 +85,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     register_resolvers()
     check_config(cfg)
+    check_stages(cfg.get("train", True), cfg.get("ckpt_path"))
     try:
         if cfg.get("seed") is not None:
             L.seed_everything(int(cfg.seed), workers=True)
@@ -107,7 +110,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
         ckpt_path = cfg.get("ckpt_path")
         # RNG states and the run identity in checkpoints; ckpt_path fits the model and is this run's
-        resume_step = prepare_fit(trainer, model, ckpt_path, run_identity(cfg)) if cfg.get("train", True) else None
+        resume_step = prepare_fit(trainer, model, ckpt_path, run_identity(cfg))
+        if cfg.get("test") and not _best_checkpoint_callbacks(trainer):
+            raise ValueError("invalid config: test=true needs a ModelCheckpoint with a monitor "
+                             "(callbacks.model_checkpoint) to evaluate the best checkpoint; allowed: test=false, "
+                             "or that callback")
         if cfg.get("init_from"):
             if ckpt_path:
                 raise ValueError(f"init_from={cfg.init_from!r} and ckpt_path={ckpt_path!r} are both set; allowed: "
@@ -127,16 +134,52 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 lg.log_hyperparams(hparams)
         datamodule.prepare_data()
         datamodule.setup("fit")
-        if cfg.get("train", True):
-            trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test"):
-            ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
-            trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt or None)
-            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+            objects["eval"] = test_best_checkpoint(cfg, trainer)
+            if objects["eval"] is not None:  # labelled GLUE test files: test/* (rmoe-eval's record has the rest)
+                metrics.update({k: v for k, v in objects["eval"]["metrics"].items() if k.startswith("test")})
         return metrics, objects
     finally:
         finish_wandb()
+
+
+def check_stages(train_stage: Any, ckpt_path: Any) -> None:
+    """``rmoe-train`` trains: ``train=false`` is refused, naming the keys (evaluation is ``rmoe-eval``)."""
+    if str(train_stage).lower() not in ("false", "0"):
+        return
+    if ckpt_path in (None, "", "null"):
+        raise ValueError("invalid config: train=false with ckpt_path=null (nothing to train and no checkpoint); "
+                         "allowed: train=true; to evaluate a saved model: rmoe-eval ckpt_path=<run>/checkpoints/"
+                         "<file>.ckpt")
+    raise ValueError(f"invalid config: train=false with ckpt_path={ckpt_path!r} (rmoe-train trains; it does not "
+                     f"evaluate a checkpoint); allowed: train=true (ckpt_path then continues that run); to evaluate "
+                     f"the checkpoint: rmoe-eval ckpt_path={ckpt_path} (metrics in <run>/eval/)")
+
+
+def _best_checkpoint_callbacks(trainer: Any) -> list[Any]:
+    return [c for c in getattr(trainer, "checkpoint_callbacks", []) if getattr(c, "monitor", None)]
+
+
+def test_best_checkpoint(cfg: DictConfig, trainer: Any) -> dict[str, Any] | None:
+    """``test=true``: ``rmoe-eval`` on the best checkpoint of this run (rank 0; ``<run>/eval/<ckpt>.json``)."""
+    from omegaconf import open_dict
+
+    from tasks.eval import evaluate
+
+    if not trainer.is_global_zero:
+        return None
+    best = next((c.best_model_path for c in _best_checkpoint_callbacks(trainer) if c.best_model_path), None)
+    if not best:
+        raise RuntimeError("test=true: no best checkpoint was saved (no validation ran?); nothing to evaluate")
+    ecfg = cfg.copy()
+    with open_dict(ecfg):
+        ecfg.ckpt_path, ecfg.run_config, ecfg.validate, ecfg.predict, ecfg.export = best, None, True, False, None
+        ecfg.eval_dir = str(Path(cfg.paths.output_dir) / "eval")
+    record = evaluate(ecfg)
+    log.info("test=true: evaluated %s -> %s", best, record.get("path"))
+    return record
 
 
 def _start_job(cfg: DictConfig, out_dir: str) -> bool:
@@ -242,6 +285,14 @@ def main() -> None:
     from tasks.run.run_folder import RunFolderError, acquire_lock, plan_from_argv, release_lock
 
     register_resolvers()
+    stage = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1].strip("'\"") for a in sys.argv[1:]
+             if a.lstrip("+").startswith(("train=", "ckpt_path="))}
+    if "-m" not in sys.argv[1:] and "--multirun" not in sys.argv[1:]:
+        try:  # before the run folder is locked or Hydra writes into it
+            check_stages(stage.get("train", True), stage.get("ckpt_path"))
+        except ValueError as e:
+            print(f"rmoe-train: error: {e}", file=sys.stderr)
+            sys.exit(2)
     argv, run_dir = plan_from_argv(sys.argv[1:])
     sys.argv[1:] = argv
     held = run_dir if run_dir and "${" not in run_dir and jobs.is_rank_zero() else None

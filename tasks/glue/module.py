@@ -143,6 +143,11 @@ class GLUEModule(MoEModule):
         if not self.trainer.sanity_checking:
             self._val_secs = getattr(self, "_val_secs", 0.0) + time.perf_counter() - self._val_t0
 
+    # --- prediction (rmoe-eval: GLUE test sets) ------------------------------------------------
+    def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Class index (argmax) of each example, or its score for STS-B (:func:`tasks.glue.metrics.predictions`)."""
+        return predictions(self.task, self(batch))
+
     def on_fit_end(self) -> None:
         """Rank 0 prints the run's dev scores: the best (and its epoch), the last, the run folder."""
         from callbacks.run_summary import RunSummaryCallback
