@@ -137,7 +137,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test"):
-            objects["eval"] = test_best_checkpoint(cfg, trainer)
+            objects["eval"] = evaluate_best_checkpoint(cfg, trainer)
             if objects["eval"] is not None:  # labelled GLUE test files: test/* (rmoe-eval's record has the rest)
                 metrics.update({k: v for k, v in objects["eval"]["metrics"].items() if k.startswith("test")})
         return metrics, objects
@@ -162,7 +162,7 @@ def _best_checkpoint_callbacks(trainer: Any) -> list[Any]:
     return [c for c in getattr(trainer, "checkpoint_callbacks", []) if getattr(c, "monitor", None)]
 
 
-def test_best_checkpoint(cfg: DictConfig, trainer: Any) -> dict[str, Any] | None:
+def evaluate_best_checkpoint(cfg: DictConfig, trainer: Any) -> dict[str, Any] | None:
     """``test=true``: ``rmoe-eval`` on the best checkpoint of this run (rank 0; ``<run>/eval/<ckpt>.json``)."""
     from omegaconf import open_dict
 
