@@ -11,6 +11,10 @@ Keys (``<layer>`` is the MoE layer's index among the model's MoE layers, e.g. ``
 * validation pass: ``routing/<layer>/{val_dead_experts, val_load_cv, domain_js}`` (domain_js when
   there are several validation dataloaders, e.g. DomainBed domains).
 
+Route trace (``route_trace: true``): at every probe the probe tokens' expert indices per layer are
+written to ``<run>/route_trace/step_<step>.npz`` (``route_trace_dir`` to change the folder; format,
+reader and OLMoE's router saturation in :mod:`callbacks.route_trace`).
+
 Token counts are summed over data-parallel ranks before the statistics are computed.
 
 Lightning writes every ``on_step`` value logged from a callback hook again at each later step of the
@@ -68,7 +72,8 @@ def run_probe(pl_module: LightningModule, batch: Any) -> None:
 
 class RoutingStabilityCallback(Callback):
     def __init__(self, log_every_n_steps: int | None = None, probe_every_n_steps: int = 50,
-                 probe_size: int = 64, plots: bool = True, plot_dir: str | None = None):
+                 probe_size: int = 64, plots: bool = True, plot_dir: str | None = None,
+                 route_trace: bool = False, route_trace_dir: str | None = None):
         if probe_every_n_steps < 1:
             raise ValueError(f"probe_every_n_steps={probe_every_n_steps}; allowed: an integer >= 1")
         self.log_every_n_steps = log_every_n_steps
@@ -76,6 +81,8 @@ class RoutingStabilityCallback(Callback):
         self.probe_size = probe_size
         self.plots = plots
         self.plot_dir = plot_dir
+        self.route_trace = bool(route_trace)
+        self.route_trace_dir = route_trace_dir
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -207,12 +214,19 @@ class RoutingStabilityCallback(Callback):
                     self._log(pl_module, f"routing/{name}/{k}", v)
                 self.history["probe"].setdefault(name, []).append((step, out.get("top1_flip_rate"),
                                                                    out.get("jaccard_churn")))
+            if self.route_trace and trainer.is_global_zero:
+                self._write_route_trace(trainer, step, {n: m.last_routing.expert_indices for n, m in layers})
         finally:
             for name, moe in layers:
                 for k, v in moe.named_buffers():
                     v.copy_(saved[name][k])
                 moe.last_routing = last[name]
             pl_module.train(was_training)
+
+    def _write_route_trace(self, trainer: Trainer, step: int, indices: dict[str, Tensor]) -> None:
+        from callbacks.route_trace import write_step
+
+        write_step(self.route_trace_dir or os.path.join(trainer.default_root_dir, "route_trace"), step, indices)
 
     # --- validation --------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,0 +1,128 @@
+"""Helper of ``tests/test_ddp_balancing.py``: the same MoE layers and batches, run either as one rank of a
+2-process gloo group, each layer wrapped in ``torch.nn.parallel.DistributedDataParallel`` (buffers
+broadcast from rank 0 at every forward, gradients averaged), or, through :func:`run` with
+``world_size=1``, as one process over the union of both ranks' rows.
+
+* ``global_batch``: one step, the loss is the layer's aux loss alone; returned: the loss value and the
+  router weight's gradient after DDP's averaging.
+* ``lossfree``: ``STEPS`` optimizer steps of 2 micro-batches each (the first under ``no_sync``, as
+  gradient accumulation does), ``update_bias()`` after each; returned: the accumulated counts before
+  each update and the bias after it.
+
+Rank 0's rows hold more real tokens than rank 1's (padding masks), so equal token counts are not
+what makes the results agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+D, T, B = 8, 5, 3  # d_model, tokens per sequence, sequences per rank and micro-batch
+STEPS, MICRO = 2, 2
+
+
+class Wrap(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, mask):
+        y, rec = self.layer(x, mask)
+        return y, rec.aux_loss
+
+
+def build():
+    import rmoe
+
+    torch.manual_seed(7)
+    gb = rmoe.build_moe_layer(D, 16, router="topk", num_experts=4, top_k=2, aux_loss="global_batch")
+    lf = rmoe.build_moe_layer(D, 16, router="lossfree", num_experts=4, top_k=2, bias_update_rate=0.125)
+    with torch.no_grad():  # a router that prefers expert 0, so the bias has work to do
+        lf.router.weight.add_(torch.randn(4, D) * 0.5)
+        lf.router.weight[0] += 1.0
+    return gb, lf
+
+
+def batch(g: torch.Generator):
+    """Union rows ``[2B, T, D]``; rows ``r*B .. (r+1)*B - 1`` are rank ``r``'s; rank 0's are longer."""
+    x = torch.randn(2 * B, T, D, generator=g) + 0.3
+    lengths = torch.cat([torch.randint(4, T + 1, (B,), generator=g), torch.randint(1, 3, (B,), generator=g)])
+    return x, torch.arange(T)[None, :] < lengths[:, None]
+
+
+def run(rank: int, world_size: int) -> dict:
+    gb, lf = build()
+    g = torch.Generator().manual_seed(11)
+    rows = slice(0, 2 * B) if world_size == 1 else slice(rank * B, (rank + 1) * B)
+    if world_size > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel
+        gb_m = ddp(Wrap(gb), find_unused_parameters=True)
+        lf_m = ddp(Wrap(lf), find_unused_parameters=True)
+    else:
+        gb_m, lf_m = Wrap(gb), Wrap(lf)
+    out = {"tokens": [], "counts": [], "bias": []}
+    gb_m.train()
+    x, mask = batch(g)
+    _, aux = gb_m(x[rows], mask[rows])
+    aux.backward()
+    out["gb_loss"] = float(aux.detach())
+    out["gb_grad"] = gb.router.weight.grad.detach().clone()
+    out["gb_tokens"] = int(mask[rows].sum())
+    lf_m.train()
+    for _ in range(STEPS):
+        for i in range(MICRO):
+            x, mask = batch(g)
+            sync = lf_m.no_sync() if (world_size > 1 and i < MICRO - 1) else contextlib.nullcontext()
+            with sync:
+                y, _ = lf_m(x[rows], mask[rows])
+                y.pow(2).mean().backward()
+            out["tokens"].append(int(mask[rows].sum()))
+        out["counts"].append(lf.router.load_counts.clone())
+        lf.router.update_bias()
+        out["bias"].append(lf.router.bias.clone())
+    return out
+
+
+def _rank(rank: int, init_file: str, path: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=120))
+    try:
+        torch.save(run(rank, 2), path)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str]) -> None:
+    """``<init_file> <out_dir>``: fork the two ranks (each writes ``<out_dir>/rank<r>.pt``)."""
+    import multiprocessing
+
+    import rmoe  # noqa: F401  (imported before the fork)
+
+    init_file, out_dir = argv
+    torch.set_num_threads(1)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank, args=(r, init_file, os.path.join(out_dir, f"rank{r}.pt"))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    codes = [p.exitcode for p in procs]
+    if codes != [0, 0]:
+        sys.exit(f"rank exit codes {codes}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
