@@ -20,7 +20,7 @@ from tasks.run.common import split_moe_config
 from tasks.train import CONF_DIR
 
 SWEEPS = str(Path(CONF_DIR).parents[1] / "sweeps")
-METHODS = ("dense", "moe_topk", "gmoe", "dynmoe", "rmoe")
+METHODS = ("dense", "moe_topk", "gmoe", "dynmoe", "rmoe", "lossfree", "expert_choice")
 
 # SPEC §3-5. lam: (mode, {params read by that mode}); pool: (num_experts, max_experts)
 GLUE_DROPOUT = (0.1, "pre_act")
@@ -37,6 +37,11 @@ EXPECTED = {
                        "pool": (8, 16), "fusion": {"beta": 0.99, "agg": "sum", "update_in_eval": True,
                                                    "mix_alpha": 1.0},
                        "dropout": GLUE_DROPOUT, "bpr": False},
+    # beyond the paper: loss-free balancing and expert choice keep the baselines' constant λ (no aux loss by default)
+    ("glue", "lossfree"): {"lam": ("constant", {"lambda0": 0.01}), "aux": "none", "pool": (8, 8), "fusion": None,
+                           "dropout": GLUE_DROPOUT, "bpr": False},
+    ("glue", "expert_choice"): {"lam": ("constant", {"lambda0": 0.01}), "aux": "none", "pool": (8, 8),
+                                "fusion": None, "dropout": GLUE_DROPOUT, "bpr": False},
     ("domainbed", "dense"): {"lam": ("constant", {"lambda0": 1.0}), "layer": None},
     ("domainbed", "moe_topk"): {"lam": ("constant", {"lambda0": 1.0}), "aux": "switch", "pool": (8, 8),
                                 "fusion": None, "dropout": VISION_DROPOUT, "bpr": False},
@@ -47,6 +52,10 @@ EXPECTED = {
     ("domainbed", "rmoe"): {"lam": ("exp_decay", {"lambda_min": 1e-3, "lambda_max": 1e-2, "beta": 0.9}),
                             "aux": "gshard_binary", "pool": (6, 8), "fusion": None, "dropout": VISION_DROPOUT,
                             "bpr": False},
+    ("domainbed", "lossfree"): {"lam": ("constant", {"lambda0": 1.0}), "aux": "none", "pool": (8, 8),
+                                "fusion": None, "dropout": VISION_DROPOUT, "bpr": False},
+    ("domainbed", "expert_choice"): {"lam": ("constant", {"lambda0": 1.0}), "aux": "none", "pool": (8, 8),
+                                     "fusion": None, "dropout": VISION_DROPOUT, "bpr": False},
 }
 # λ at steps 0, 1, 21, 22 of a 5001-step run, by hand from SPEC §3's formulas
 LAMBDA_AT = {
@@ -90,6 +99,10 @@ def check_cell(cfg, bench: str, method: str, where: str) -> None:
         assert mc.batch_prioritized_routing == exp["bpr"], where
         if method == "gmoe":
             assert (mc.top_k, mc.capacity_factor, mc.gate_noise) == (1, 1.5, 1.0), where
+        if method == "lossfree":
+            assert (mc.top_k, mc.score_fn, mc.bias_update_rate) == (2, "sigmoid", 1e-3), where
+        if method == "expert_choice":
+            assert (mc.capacity_factor, mc.causal) == (2.0, False), where
     stop = cfg.callbacks.get("early_stopping")
     if bench == "glue":  # stop after more than 3 epochs without improvement: patience 4
         assert stop is not None and stop.patience == 4 and stop.monitor == "val/score" and stop.mode == "max", where
