@@ -41,7 +41,9 @@ class CurriculumCallback(Callback):
             raise ValueError(f"curriculum config {dict(schedule)!r} has no 'mode'; allowed: {'|'.join(SCHEDULES)}")
         self.mode = params.pop("mode")
         params.pop("name", None)
+        self.params = params
         self.schedule: Schedule = build_schedule(self.mode, **params)
+        self.total_steps: int | None = None
         self.lam: float | None = None
         self.phase: str | None = None
         self.step: int | None = None
@@ -58,9 +60,23 @@ class CurriculumCallback(Callback):
         lam, phase = self.schedule(int(step), int(total_steps))
         return float(lam), str(phase)
 
-    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    @staticmethod
+    def run_total_steps(trainer: L.Trainer) -> int:
+        """``T`` of the schedule: the run's optimizer steps (0 when unbounded)."""
         total = trainer.estimated_stepping_batches
-        total = int(total) if total != float("inf") else 0
+        return int(total) if total != float("inf") else 0
+
+    def schedule_record(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
+        """The schedule as plain data, for plots and records: ``{mode, **params, total_steps}``
+        (``build_schedule(mode, **params)`` rebuilds it; ``total_steps`` is ``T``, None if unknown)."""
+        total = self.total_steps
+        if total is None and trainer is not None:
+            total = self.run_total_steps(trainer)
+        return {"mode": self.mode, **self.params, "total_steps": total}
+
+    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = self.run_total_steps(trainer)
+        self.total_steps = total
         self.lam, self.phase = self.value(trainer.global_step, total)
         self.step = int(trainer.global_step)
         _set_lambda(pl_module, self.lam)

@@ -9,12 +9,16 @@ Written on rank 0 at the end of ``fit`` (schema 1)::
                  "heldout": {"score": .., ...} | null}, ...],      # one entry per validation
      "stability": {"moe0": {"load_cv": .., "dead_experts": .., "top1_flip_rate": .., ...}},
      "series": {"step": [..], "lambda": [..], "phase": [..], "load": {"moe0": [[..], ..]},
-                "probe": {"moe0": [[step, flip, churn], ..]}, "pi": {"moe0": [[..], ..]}},
+                "probe": {"moe0": [[step, flip, churn], ..]}, "pi": {"moe0": [[..], ..]},
+                "active": {"moe0": [[bool, ..], ..]}, "schedule": {"mode": .., "total_steps": ..},
+                "domain_loads": {"moe0": [[..], ..]}, "domain_rows": [{"name", "split", "test"}],
+                "layers": {"moe0": "<module path>"}},
      "wall_time_s": 123.4, "overrides": ["moe=rmoe", ...], "commit": "abc1234" | null}
 
 ``epochs``: ``val/*`` (dev) and ``val_heldout/*`` (a slice held out from train) after each
 validation; ``stability``: the last logged value of every ``routing/<layer>/<key>`` metric;
-``series``: the routing-stability callback's history (what its plots show). The ``done`` flag of a
+``series``: the routing-stability callback's history (what its plots show; see
+:mod:`callbacks.plots`). The ``done`` flag of a
 run *folder* is the separate file ``<run>/done`` written by ``rmoe-train`` after everything
 succeeded (see :mod:`tasks.run.jobs`).
 """
@@ -115,10 +119,7 @@ class RunSummaryCallback(Callback):
 
         for cb in trainer.callbacks:
             if isinstance(cb, RoutingStabilityCallback):
-                h = cb.history
-                series = {"step": list(h.get("step", [])), "lambda": list(h.get("lambda", [])),
-                          "phase": list(h.get("phase", [])), "load": h.get("load", {}), "pi": h.get("pi", {}),
-                          "probe": {n: [list(p) for p in v] for n, v in h.get("probe", {}).items()}}
+                series = cb.series()  # what its plots draw: python -m tasks.plots <run> redraws them
         task = getattr(pl_module, "task", None)
         elapsed = self._elapsed + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
         return _plain(summary_record(

@@ -15,6 +15,11 @@ Route trace (``route_trace: true``): at every probe the probe tokens' expert ind
 written to ``<run>/route_trace/step_<step>.npz`` (``route_trace_dir`` to change the folder; format,
 reader and OLMoE's router saturation in :mod:`callbacks.route_trace`).
 
+Plots (:mod:`callbacks.plots`, from :meth:`RoutingStabilityCallback.series`, the history that
+``summary.json`` keeps too): written to ``<run>/plots/*.png`` and sent to every image-capable
+logger (W&B ``log_image``, TensorBoard ``add_image``) after every validation, and once more at
+the end of training if steps were taken since; titled with ``info`` (task, method, variant, seed).
+
 Token counts are summed over data-parallel ranks before the statistics are computed.
 
 Lightning writes every ``on_step`` value logged from a callback hook again at each later step of the
@@ -27,6 +32,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -71,8 +78,13 @@ def run_probe(pl_module: LightningModule, batch: Any) -> None:
 
 
 class RoutingStabilityCallback(Callback):
+    """``plots``: draw the routing plots (``plot_dir``, default ``<run>/plots``) after every
+    validation and send them to the image-capable loggers; ``info``: the run identity that titles
+    them (``task``, ``method``, ``variant``, ``seed``)."""
+
     def __init__(self, log_every_n_steps: int | None = None, probe_every_n_steps: int = 50,
                  probe_size: int = 64, plots: bool = True, plot_dir: str | None = None,
+                 info: Mapping[str, Any] | None = None,
                  route_trace: bool = False, route_trace_dir: str | None = None):
         if probe_every_n_steps < 1:
             raise ValueError(f"probe_every_n_steps={probe_every_n_steps}; allowed: an integer >= 1")
@@ -83,6 +95,8 @@ class RoutingStabilityCallback(Callback):
         self.plot_dir = plot_dir
         self.route_trace = bool(route_trace)
         self.route_trace_dir = route_trace_dir
+        self.info = dict(info or {})
+        self._plotted_step: int | None = None
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -91,7 +105,8 @@ class RoutingStabilityCallback(Callback):
         self.prev_sets: dict[str, Tensor] = {}
         self.prev_pi: dict[str, Tensor] = {}
         self.last_fluctuation: dict[str, int] = {}
-        self.history: dict[str, list] = {"step": [], "lambda": [], "phase": [], "load": {}, "pi": {}, "probe": {}}
+        self.history: dict[str, Any] = {"step": [], "lambda": [], "phase": [], "load": {}, "pi": {}, "probe": {},
+                                        "active": {}}
         self._val_counts: dict[str, dict[int, Tensor]] = {}
         # on_step values logged this epoch ({key: value}, epoch) and, after a resume, those to log again
         self._epoch_logged: dict[str, float] = {}
@@ -102,6 +117,30 @@ class RoutingStabilityCallback(Callback):
     @staticmethod
     def _layers(pl_module: LightningModule) -> list[tuple[str, Any]]:
         return [(f"moe{i}", m) for i, (_, m) in enumerate(find_moe_layers(pl_module))]
+
+    @staticmethod
+    def _domain_rows(trainer: Trainer, n: int) -> list[dict[str, Any]]:
+        """What the ``n`` validation sets are: ``{name, split, test}`` from the datamodule's
+        ``eval_names`` (``env<i>_<split>``), ``environments`` and ``test_envs`` when it has them."""
+        dm = getattr(trainer, "datamodule", None)
+        names = list(getattr(dm, "eval_names", None) or [])
+        envs = list(getattr(dm, "environments", None) or [])
+        test = {int(t) for t in getattr(dm, "test_envs", None) or []}
+        rows = []
+        for k in range(n):
+            name = names[k] if k < len(names) else f"set {k}"
+            m = re.fullmatch(r"env(\d+)_(\w+)", name)
+            if m and int(m[1]) < len(envs):
+                rows.append({"name": str(envs[int(m[1])]), "split": m[2], "test": int(m[1]) in test})
+            else:
+                rows.append({"name": name, "split": None, "test": False})
+        return rows
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.history["layers"] = {f"moe{i}": name for i, (name, _) in enumerate(find_moe_layers(pl_module))}
+        curriculum = next((cb for cb in trainer.callbacks if isinstance(cb, CurriculumCallback)), None)
+        if curriculum is not None:  # λ is drawn from the schedule over the whole run
+            self.history["schedule"] = curriculum.schedule_record(trainer)
 
     @staticmethod
     def _reduce_sum(trainer: Trainer, t: Tensor) -> Tensor:
@@ -170,6 +209,8 @@ class RoutingStabilityCallback(Callback):
                 self._log(pl_module, f"routing/{name}/{k}", v, sync_dist=trainer.world_size > 1)
             tot = counts.sum().clamp_min(1)
             self.history["load"].setdefault(name, []).append((counts / tot).cpu().tolist())
+            self.history.setdefault("active", {}).setdefault(name, []).append(
+                rec.active_mask.detach().cpu().bool().tolist())
             if moe.fusion is not None:
                 self.history["pi"].setdefault(name, []).append(moe.fusion.pi.detach().cpu().tolist())
 
@@ -257,25 +298,40 @@ class RoutingStabilityCallback(Callback):
             if loads.shape[0] > 1:
                 vals["domain_js"] = M.mean_pairwise_js(loads[:, active] + 0.0)
                 self.history.setdefault("domain_loads", {})[name] = loads.tolist()
+                self.history["domain_rows"] = self._domain_rows(trainer, loads.shape[0])
             for k, v in vals.items():
                 pl_module.log(f"routing/{name}/{k}", float(v), on_step=False, on_epoch=True, batch_size=1)
-        if self.plots and trainer.is_global_zero:
+        if self.plots and trainer.is_global_zero and trainer.state.fn == "fit":
             self._write_plots(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.plots and trainer.is_global_zero:
-            paths = self._write_plots(trainer)
-            for logger in trainer.loggers:
-                if hasattr(logger, "log_image") and paths:
-                    for key, path in paths.items():
-                        logger.log_image(key=f"plots/{key}", images=[path])
+        # the last validation drew the final history unless steps were taken after it
+        if self.plots and trainer.is_global_zero and self._plotted_step != int(trainer.global_step):
+            self._write_plots(trainer)
 
     # --- plots ---------------------------------------------------------------------------------
+    def series(self) -> dict[str, Any]:
+        """The history as plain JSON data (``summary.json``'s ``series``; what the plots draw)."""
+        h = self.history
+        out = {k: copy.deepcopy(v) for k, v in h.items() if k != "probe"}
+        out["probe"] = {n: [list(p) for p in v] for n, v in h.get("probe", {}).items()}
+        return out
+
     def _write_plots(self, trainer: Trainer) -> dict[str, str]:
-        from callbacks.plots import write_routing_plots
+        """Draw the plots, write the PNGs and send them to the image-capable loggers."""
+        from callbacks.plots import close_figures, draw_routing_plots, render_figures, save_images, send_to_loggers
 
         out_dir = self.plot_dir or os.path.join(trainer.default_root_dir, "plots")
-        return write_routing_plots(self.history, out_dir)
+        figs = draw_routing_plots(self.series(), self.info)
+        try:
+            images = render_figures(figs)
+        finally:
+            close_figures(figs)
+        paths = save_images(images, out_dir)
+        if images:
+            send_to_loggers(trainer.loggers, images, paths, int(trainer.global_step))
+        self._plotted_step = int(trainer.global_step)
+        return paths
 
     # --- resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
