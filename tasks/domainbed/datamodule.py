@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -76,6 +77,12 @@ class DomainBedDataModule(L.LightningDataModule):
                  max_images: int | None = None):
         super().__init__()
         cls = get_dataset_class(dataset)
+        root_param = inspect.signature(cls.__init__).parameters.get("root")
+        if root is None and root_param is not None and root_param.default is inspect.Parameter.empty:
+            raise ValueError(f"invalid data.root=None: dataset {dataset} needs its data folder (the default is "
+                             f"$RMOE_DATA_DIR/..., and RMOE_DATA_DIR={os.environ.get('RMOE_DATA_DIR')!r}); allowed: "
+                             "set RMOE_DATA_DIR to the folder holding mnist/ (and your DomainBed datasets), or pass "
+                             "data.root=<folder>")
         self.dataset_name = dataset
         self.environments = list(cls.ENVIRONMENTS)
         self.test_envs = check_test_envs(dataset, cls.ENVIRONMENTS, list(test_envs))

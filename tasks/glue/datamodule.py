@@ -1,7 +1,8 @@
 """GLUE LightningDataModule on Hugging Face ``datasets``.
 
-Source: a local folder in the original GLUE TSV layout (``glue_dir``), parsed strictly by
-:mod:`tasks.glue.tsv`, or — when ``glue_dir`` is null — the hub dataset ``nyu-mll/glue``.
+Source: a local folder in the original GLUE TSV layout (``glue_dir``, default ``$RMOE_DATA_DIR/glue``),
+parsed strictly by :mod:`tasks.glue.tsv`, or — only when asked with ``glue_dir: hub`` — the hub dataset
+``nyu-mll/glue``. A null ``glue_dir`` (``RMOE_DATA_DIR`` unset) is an error naming both.
 Examples are tokenised once (truncated to ``max_length``, no padding) and padded per batch
 (dynamic padding). The training loader shuffles with a generator seeded from ``seed``.
 Validation: one loader per validation split (MNLI: matched first, then mismatched), then -- when
@@ -22,6 +23,8 @@ from .tasks import GlueDataError, GlueTask, get_task
 from .tsv import read_glue_tsv, task_file
 
 HUB_DATASET = "nyu-mll/glue"
+# data.glue_dir value that asks for the hub dataset (nothing is downloaded unless asked)
+HUB = "hub"
 
 
 def _check_positive(key: str, value: Any, allow_none: bool = False) -> None:
@@ -51,11 +54,17 @@ class GLUEDataModule(L.LightningDataModule):
         _check_positive("data.max_train_samples", max_train_samples, allow_none=True)
         _check_positive("data.max_eval_samples", max_eval_samples, allow_none=True)
         _check_positive("data.heldout_samples", heldout_samples, allow_none=True)
-        self.glue_dir = None if glue_dir in (None, "", "null") else str(glue_dir)
+        if glue_dir in (None, "", "null"):
+            raise GlueDataError(
+                f"data.glue_dir={glue_dir!r}: no GLUE data folder (its default is $RMOE_DATA_DIR/glue, and "
+                f"RMOE_DATA_DIR={os.environ.get('RMOE_DATA_DIR')!r}); allowed: set RMOE_DATA_DIR to the folder "
+                "holding glue/ (and mnist/), pass data.glue_dir=<folder in the GLUE TSV layout>, or "
+                f"data.glue_dir={HUB!r} to download {HUB_DATASET} from the Hugging Face hub")
+        self.glue_dir = None if glue_dir == HUB else str(glue_dir)
         if self.glue_dir is not None:
             if not os.path.isdir(self.glue_dir):
                 raise GlueDataError(f"data.glue_dir={self.glue_dir!r} is not a folder; allowed: a folder in the "
-                                    "GLUE TSV layout (<glue_dir>/<TaskDir>/train.tsv) or null for the hub dataset")
+                                    f"GLUE TSV layout (<glue_dir>/<TaskDir>/train.tsv) or {HUB!r} for the hub dataset")
             for stem in ("train",) + tuple(s for s, _ in self.task.val_splits):
                 task_file(self.glue_dir, self.task, stem)  # fail now on a missing file
         self.tokenizer_path = tokenizer

@@ -29,7 +29,7 @@ def task_file(glue_dir: str, task: GlueTask, stem: str) -> str:
     if not os.path.isfile(path):
         raise GlueDataError(f"GLUE file not found: {path} (task {task.name!r} needs {stem}.tsv in "
                             f"{os.path.join(glue_dir, task.dir_name)}; set data.glue_dir to the folder holding "
-                            f"{task.dir_name}/, or data.glue_dir=null to use the hub dataset nyu-mll/glue)")
+                            f"{task.dir_name}/, or data.glue_dir=hub to use the hub dataset nyu-mll/glue)")
     return path
 
 
