@@ -1,0 +1,22 @@
+"""trainer=ddp's process count follows trainer.accelerator (cpu forces CPU processes, also on a GPU host)."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tasks.run.distributed import ddp_devices
+from tasks.train import CONF_DIR
+
+
+def test_process_count_follows_the_accelerator():
+    assert ddp_devices(3, "cpu") == 3
+    assert ddp_devices(3, "gpu") == -1 and ddp_devices(3, "cuda") == -1
+    assert ddp_devices(3, "auto") == (-1 if torch.cuda.is_available() else 3)
+    with pytest.raises(ValueError, match=r"trainer.accelerator='tpu' for trainer=ddp; allowed: auto\|cpu\|gpu\|cuda"):
+        ddp_devices(2, "tpu")
+
+
+def test_the_composed_trainer_passes_the_accelerator():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["trainer=ddp", "trainer.accelerator=cpu"])
+    assert cfg.trainer.devices.accelerator == "cpu" and cfg.trainer.devices.cpu_processes == 2
