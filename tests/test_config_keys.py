@@ -9,6 +9,7 @@ setting cannot be silently ignored. The datamodules are instantiated for real (c
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 
 import hydra
@@ -30,7 +31,16 @@ def _options(group: str) -> list[str]:
 
 def _compose(overrides: list[str]):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        cfg = compose(config_name="train", overrides=overrides)
+        if cfg.data._target_.endswith("GLUEDataModule"):
+            from tasks.glue.tasks import get_task
+
+            # GLUE tasks whose TSVs are not in the offline data (SST-2, QNLI, MNLI, QQP): the hub source
+            # (the constructor reads nothing then; the local-folder checks have their own tests)
+            root = os.environ.get("RMOE_DATA_DIR")
+            if not root or not (Path(root) / "glue" / get_task(cfg.data.task).dir_name / "train.tsv").is_file():
+                cfg = compose(config_name="train", overrides=[*overrides, "data.glue_dir=hub"])
+        return cfg
 
 
 def _accepted(target) -> set[str] | None:
