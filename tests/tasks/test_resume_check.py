@@ -161,7 +161,7 @@ def test_checkpoint_of_another_task_is_refused_naming_the_difference(tmp_path, r
     assert not (out / "summary.json").exists() and not (out / "metrics.csv").exists()
     # the identity written into the checkpoint is the CoLA run's
     saved = torch.load(rmoe_ckpt, weights_only=False)["rmoe_run_identity"]
-    assert saved == {"task_name": "glue/cola", "task": "cola", "test_envs": None, "method": "rmoe",
+    assert saved == {"task_name": "debug/cola", "task": "cola", "test_envs": None, "method": "rmoe",
                      "variant": "rmoe", "backbone": "tiny_bert"}
 
 
