@@ -20,3 +20,15 @@ def test_the_composed_trainer_passes_the_accelerator():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["trainer=ddp", "trainer.accelerator=cpu"])
     assert cfg.trainer.devices.accelerator == "cpu" and cfg.trainer.devices.cpu_processes == 2
+
+
+def test_ddp_strategy_keeps_each_ranks_buffers():
+    """torch DDP's default broadcast_buffers=True copies rank 0's buffers over the others' before every
+    forward, which would replace each rank's recorded DynMoE pool counts with rank 0's (summed twice by
+    adapt()); rmoe synchronises its routing buffers itself."""
+    import hydra
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["trainer=ddp", "trainer.accelerator=cpu"])
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert strategy._ddp_kwargs == {"find_unused_parameters": True, "broadcast_buffers": False}
