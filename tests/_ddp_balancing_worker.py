@@ -16,7 +16,6 @@ what makes the results agree.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import sys
 
@@ -92,36 +91,14 @@ def run(rank: int, world_size: int) -> dict:
     return out
 
 
-def _rank(rank: int, init_file: str, path: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                                         timeout=datetime.timedelta(seconds=120))
-    try:
-        torch.save(run(rank, 2), path)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def main(argv: list[str]) -> None:
     """``<init_file> <out_dir>``: fork the two ranks (each writes ``<out_dir>/rank<r>.pt``)."""
-    import multiprocessing
+    from _gloo_ranks import fork_two_ranks
 
     import rmoe  # noqa: F401  (imported before the fork)
 
     init_file, out_dir = argv
-    torch.set_num_threads(1)
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank, args=(r, init_file, os.path.join(out_dir, f"rank{r}.pt"))) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    codes = [p.exitcode for p in procs]
-    if codes != [0, 0]:
-        sys.exit(f"rank exit codes {codes}")
+    fork_two_ranks(run, init_file, out_dir)
 
 
 if __name__ == "__main__":
