@@ -1,4 +1,4 @@
-"""Two gloo ranks equal ONE process over the union of both ranks' batches (issue #19).
+"""Two gloo ranks equal ONE process over the union of both ranks' batches.
 
 ``tests/test_ddp_cpu.py`` shows the ranks agree with each other; that would also hold if rmoe averaged
 where it must sum, or did not reduce at all on some path. Here two real processes
