@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -37,6 +40,7 @@ class StatefulFusion(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("m", torch.zeros(num_experts, dtype=torch.float32))
+        self.frozen = False  # set by frozen_fusion(): forwards that must not move m (e.g. a sanity check)
 
     @torch.no_grad()
     def update(self, scores: Tensor) -> None:
@@ -54,7 +58,7 @@ class StatefulFusion(nn.Module):
         return fusion_pi(self.m)
 
     def forward(self, rec: RoutingRecord) -> RoutingRecord:
-        if self.training or self.cfg.update_in_eval:
+        if (self.training or self.cfg.update_in_eval) and not self.frozen:
             self.update(rec.dispatch_scores)
         pi = self.pi
         w_state = fused_weights(pi, rec.expert_indices)
@@ -62,3 +66,19 @@ class StatefulFusion(nn.Module):
         weights = w_state if alpha == 1.0 else alpha * w_state + (1.0 - alpha) * rec.gate_values
         weights = weights * (rec.expert_indices >= 0)
         return rec.replace(expert_weights=weights, fusion_pi=pi.detach().clone())
+
+
+@contextlib.contextmanager
+def frozen_fusion(model: nn.Module) -> Iterator[None]:
+    """Within the block no :class:`StatefulFusion` of ``model`` updates ``m`` (weights still use it):
+    for forwards that are not part of the method, such as a trainer's sanity-check validation, which
+    would otherwise move ``m`` under ``update_in_eval`` (and differently in a resumed run)."""
+    layers = [m for m in model.modules() if isinstance(m, StatefulFusion)]
+    before = [f.frozen for f in layers]
+    for f in layers:
+        f.frozen = True
+    try:
+        yield
+    finally:
+        for f, b in zip(layers, before):
+            f.frozen = b

@@ -19,7 +19,8 @@ def test_tiny_rmoe_memorises_64_sentences(tmp_path, data_dir):
     (glue / "dev.tsv").write_text(lines, encoding="utf-8")
     overrides = ["task=glue/cola", "backbone=tiny_bert", "moe=rmoe", f"data.glue_dir={tmp_path / 'glue'}",
                  "data.batch_size=16", "data.max_length=32", "trainer.max_epochs=40", "module.lr=3e-3",
-                 "trainer.enable_progress_bar=false", "trainer.num_sanity_val_steps=0", "~callbacks.routing_stability"]
+                 "trainer.enable_progress_bar=false", "trainer.num_sanity_val_steps=0", "~callbacks.routing_stability",
+                 "callbacks.early_stopping=null"]  # memorisation, not the GLUE protocol's early stop
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     with open_dict(cfg):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from rmoe import moe_losses
+from rmoe.fusion import frozen_fusion
 
 
 def check_hparams(lr: Any, weight_decay: Any, block_weight: Any, z_loss_weight: Any) -> None:
@@ -69,6 +70,20 @@ class MoEModule(L.LightningModule):
         if self.z_loss_weight:
             loss = loss + self.z_loss_weight * z
         return loss, aux, z
+
+    # --- sanity check ----------------------------------------------------------------------------
+    def on_validation_start(self) -> None:
+        """Lightning's sanity check (before training, and again when a run resumes) is not part of the
+        method: Stateful Fusion with ``update_in_eval`` must not move ``m`` during it."""
+        if self._trainer is not None and self.trainer.sanity_checking:
+            self._sanity_freeze = frozen_fusion(self)
+            self._sanity_freeze.__enter__()
+
+    def on_validation_end(self) -> None:
+        freeze = getattr(self, "_sanity_freeze", None)
+        if freeze is not None:
+            self._sanity_freeze = None
+            freeze.__exit__(None, None, None)
 
     # --- best score ------------------------------------------------------------------------------
     def update_best_score(self, score: float) -> float:

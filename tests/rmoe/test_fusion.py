@@ -107,3 +107,17 @@ def test_mix_alpha_controls_the_task_gradient_reaching_the_router(alpha):
         assert g_w is None or float(g_w.abs().max()) == 0.0
     else:
         assert float(g_thr.abs().max()) > 0 and float(g_w.abs().max()) > 0
+
+
+def test_frozen_fusion_keeps_m_and_restores_the_flag():
+    from rmoe.fusion import frozen_fusion
+
+    layer = build_moe_layer(6, 4, router="topany", num_experts=3, max_experts=4, top_k=1,
+                            fusion={"beta": 0.5, "agg": "sum", "update_in_eval": True}).eval()
+    x = torch.randn(10, 6)
+    with frozen_fusion(layer):
+        _, rec = layer(x)
+    assert layer.fusion.m.abs().sum() == 0 and not layer.fusion.frozen
+    assert torch.allclose(rec.fusion_pi, torch.full((4,), 0.25))  # weights still read m (all zero)
+    layer(x)  # update_in_eval: an eval forward outside the block moves m
+    assert layer.fusion.m.abs().sum() > 0

@@ -137,3 +137,44 @@ def test_lambda_saved_once_in_the_checkpoint_and_put_back_on_load(tmp_path):
                          enable_model_summary=False, accelerator="cpu")
     trainer2.fit(module2, loader(4), ckpt_path=ckpt)
     assert module2.lambda_aux == 0.75 and module2.seen == []
+
+
+def test_sanity_check_does_not_move_fusion_state_under_update_in_eval():
+    """Lightning's sanity-check validation (also run again when a run resumes) is not part of the method:
+    with update_in_eval the fusion state m must be untouched when training starts."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from rmoe import build_moe_layer
+    from tasks.run.moe_module import MoEModule
+
+    class Tiny(MoEModule):
+        def __init__(self):
+            super().__init__(lr=1e-3, weight_decay=0.0, block_weight=1.0, z_loss_weight=0.0)
+            self.moe = build_moe_layer(4, 8, router="topany", num_experts=2, max_experts=3, top_k=1,
+                                       fusion={"beta": 0.5, "agg": "sum", "update_in_eval": True})
+
+        def training_step(self, batch, i):
+            return self.moe(batch[0])[0].pow(2).mean()
+
+        def validation_step(self, batch, i):
+            self.moe(batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    seen = {}
+
+    class AtTrainStart(L.Callback):
+        def on_train_start(self, trainer, module):
+            seen["m"] = module.moe.fusion.m.clone()
+
+    module = Tiny()
+    data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
+    trainer = L.Trainer(max_epochs=1, num_sanity_val_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        callbacks=[AtTrainStart()])
+    trainer.fit(module, data, data)
+    assert seen["m"].abs().sum() == 0  # the sanity check's two batches left m alone
+    assert module.moe.fusion.m.abs().sum() > 0  # training (and the real validation) moved it
+    assert not module.moe.fusion.frozen

@@ -31,7 +31,9 @@ GLUE = ["task=glue/cola", "backbone=tiny_bert", "moe=rmoe", "moe.num_experts=2",
 # RotatedDigits, ViT + RMoE (pool adapted every step), 24 steps of one endless stream, validation on
 # DomainBed's schedule with checkpoint_freq 10 (after updates 1, 11, 21, 24 = DomainBed steps 0, 10, 20, 23);
 # last.ckpt every 4 steps (4, 8, 12, 16, 20) and after each validation
+# Stateful Fusion switched on (the vision protocol has none) so that its state is checked too
 DOMAINBED = ["task=domainbed/rotated_digits", "trainer.max_steps=24", "trainer.val_check_interval=10",
+             "moe.fusion={beta: 0.99, agg: sum, update_in_eval: false, mix_alpha: 1.0}",
              "callbacks.last_checkpoint.every_n_train_steps=4", "callbacks.routing_stability.probe_every_n_steps=3",
              *COMMON]
 
