@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from callbacks.records import DONE_FILE, read_done, write_json_atomic
+from callbacks.records import DONE_FILE, METRICS_FILE, RESULTS_FILE, SUMMARY_FILE, read_done, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ DONE = DONE_FILE
 __all__ = ["DONE", "PARTIAL_OUTPUTS", "clear_partial", "is_done", "is_rank_zero", "mark_done", "read_done",
            "write_json_atomic"]
 # what a previous, unfinished attempt may have left in a job folder (.hydra/ and the log stay)
-PARTIAL_OUTPUTS = ("results.jsonl", "summary.json", "summary.json.tmp", "metrics.csv", "hparams.yaml",
+PARTIAL_OUTPUTS = (RESULTS_FILE, SUMMARY_FILE, f"{SUMMARY_FILE}.tmp", METRICS_FILE, "hparams.yaml",
                    "checkpoints", "plots", "wandb")
 
 

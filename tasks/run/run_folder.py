@@ -36,13 +36,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from callbacks.records import DONE_FILE, METRICS_FILE, RESULTS_FILE, SUMMARY_FILE
+
 log = logging.getLogger(__name__)
 
 LOCK = ".rmoe.lock"
 ATTEMPTS = "attempts.jsonl"
-METRICS = "metrics.csv"
 # files/folders that are records of a run (a fresh run must not mix its own into them)
-RECORDS = ("done", "metrics.csv", "results.jsonl", "summary.json", "checkpoints")
+RECORDS = (DONE_FILE, METRICS_FILE, RESULTS_FILE, SUMMARY_FILE, "checkpoints")
 
 _held: dict[str, int] = {}  # realpath of a lock file -> re-entrance depth (this process)
 
