@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RMOE_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install test test-slow test-gpu train lint bench sweep-smoke reproduce-small reproduce-glue reproduce-domainbed reproduce-report clean
+.PHONY: help install test test-slow test-gpu train lint bench sweep-smoke reproduce-small reproduce-glue reproduce-domainbed reproduce-ceiling reproduce-report clean
 
 help:  ## this list
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -39,7 +39,9 @@ sweep-smoke: $(STAMP)  ## a 2x2 tiny GLUE multirun
 	$(VENV)/bin/rmoe-train -cd sweeps -cn smoke $(ARGS)
 
 # The reproduction study (README "Reproducing the study"): job folders in logs/reproduce,
-# records in docs/results, report in docs/RESULTS.md. Reruns skip finished jobs.
+# records in docs/results, report in docs/RESULTS.md. Only pending jobs run: a job whose record
+# is in docs/results (or logs/reproduce) counts as done. ARGS="--budget-min 60" stops starting
+# multiruns after 60 minutes; ARGS="--dry-run" lists what would run.
 reproduce-small: $(STAMP)  ## the reproduction study: GLUE + DomainBed, then the report
 	$(PY) -m tasks.study.driver small $(ARGS)
 
@@ -48,6 +50,9 @@ reproduce-glue: $(STAMP)  ## the study, GLUE half
 
 reproduce-domainbed: $(STAMP)  ## the study, DomainBed half
 	$(PY) -m tasks.study.driver domainbed $(ARGS)
+
+reproduce-ceiling: $(STAMP)  ## GLUE full-fine-tune ceilings (sweeps/glue_ceiling.yaml; not part of reproduce-small)
+	$(PY) -m tasks.study.driver ceiling $(ARGS)
 
 # docs/RESULTS.md (+ docs/plots) from docs/results alone, offline
 reproduce-report: $(STAMP)  ## docs/RESULTS.md + docs/plots from docs/results alone

@@ -1,4 +1,4 @@
-"""``python -m tasks.reproduce {glue,domainbed,small,report}``: the code is :mod:`tasks.study.driver`."""
+"""``python -m tasks.reproduce {glue,domainbed,small,ceiling,report}``: the code is :mod:`tasks.study.driver`."""
 
 from tasks.study.driver import main
 

@@ -179,14 +179,17 @@ def test_glue_tables_mark_missing_and_partial_cells(study):
 def test_paired_differences_and_verdicts(study):
     _, text = study
     pairs = text[text.index("### GLUE paired differences"):]
-    assert "| RMoE − DynMoE | best dev epoch (paper protocol) | CoLA | +1.50 | 0.50 | 2 | larger than noise |" in pairs
+    # ... | detectable (2 SE) | paper gap (SPEC §5: CoLA 66.69 - 65.17, MRPC 91.55 - 90.64) | verdict
+    assert ("| RMoE − DynMoE | best dev epoch (paper protocol) | CoLA | +1.50 | 0.50 | 2 | 1.00 | +1.52 | "
+            "larger than noise |") in pairs
     # MRPC: rmoe - dynmoe = .01 for every seed -> SE 0 -> larger than noise
-    assert "| RMoE − DynMoE | best dev epoch (paper protocol) | MRPC | +1.00 | 0.00 | 3 | larger than noise |" in pairs
+    assert ("| RMoE − DynMoE | best dev epoch (paper protocol) | MRPC | +1.00 | 0.00 | 3 | 0.00 | +0.91 | "
+            "larger than noise |") in pairs
     db = text[text.index("### DomainBed paired differences"):]
-    assert ("| RMoE − GMoE | training-domain validation set | ColoredMNIST | +10.50 | 0.50 | 2 | "
+    assert ("| RMoE − GMoE | training-domain validation set | ColoredMNIST | +10.50 | 0.50 | 2 | 1.00 | — | "
             "larger than noise |") in db
-    claims = text[text.index("## The paper's claims"):text.index("## Provenance")]
-    assert "RMoE − GMoE = +10.50 ± 0.50 points (n = 2): holds" in claims
+    claims = text[text.index("## The paper's claims"):text.index("## Models that learn")]
+    assert "RMoE − GMoE = +10.50 ± 0.50 points (n = 2) [detectable ≥ 1.00 points, paper: no number]: holds" in claims
     assert claims.count("Verdict: **") == 4
 
 

@@ -29,7 +29,7 @@ log = logging.getLogger("tasks.results")
 
 REPLICATION_KEYS = frozenset({"seed", "trial_seed", "data.trial_seed", "test_envs", "data.test_envs"})
 SELECTION_KEYS = frozenset({"module.lr", "data.hparams_seed"})
-BOOKKEEPING_KEYS = frozenset({"ckpt_path", "init_from", "skip_if_done", "tags", "logger", "data.root",
+BOOKKEEPING_KEYS = frozenset({"ckpt_path", "init_from", "skip_if_done", "tags", "logger", "data.root", "study_version",
                               "data.glue_dir", "data.num_workers", "trainer.devices", "trainer.accelerator",
                               "trainer.enable_progress_bar"})
 BOOKKEEPING_PREFIXES = ("paths.", "hydra.", "logger.", "wandb.")

@@ -12,6 +12,12 @@ key, default ``moe.name``), else its ``method``, else a ``variant=`` override, e
 records' ``args.algorithm``. DomainBed records (:attr:`RunRecord.records`) are returned with
 ``args.algorithm`` set to the variant, so an ablation that shares its ``moe`` gets its own row.
 
+Study version (:attr:`RunRecord.study_version`, :func:`folder_study_version`): the reproduction
+study marks the records of a rerun with the Hydra override ``++study_version=N``
+(``.hydra/overrides.yaml``; a record without it is version 1); ``<bench>/meta.json``'s
+``study_version`` is the study's current version, and records of an older version are superseded
+(:mod:`tasks.study.driver`, :mod:`tasks.study.data`).
+
 Also here: ``meta.json`` of a study (:func:`read_metas`), a run's ``.hydra/config.yaml``
 (:func:`read_config`) and ``metrics.csv`` (:func:`read_metrics`).
 """
@@ -41,6 +47,7 @@ from callbacks.records import (
 )
 
 META_FILE = "meta.json"
+VERSION_KEY = "study_version"
 _NULL = (None, "", "null", "None", "none")
 
 
@@ -123,6 +130,11 @@ class RunRecord:
                 return f"debug={value}"
         return None
 
+    @property
+    def study_version(self) -> int:
+        """The ``study_version=N`` override the run was launched with (1 without one)."""
+        return version_of(self.override_dict)
+
     @cached_property
     def records(self) -> list[dict[str, Any]]:
         """DomainBed records with ``args.algorithm`` = :attr:`variant`."""
@@ -138,6 +150,28 @@ class RunRecord:
         if self.raw_records:
             return self.raw_records[0].get("args", {}).get(key, default)
         return default
+
+
+def version_of(overrides: Mapping[str, str]) -> int:
+    """``int(overrides["study_version"])``; 1 when absent or not an integer."""
+    try:
+        return int(overrides.get(VERSION_KEY, 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def folder_study_version(path: str | os.PathLike) -> int:
+    """The study version of the run folder ``path`` from its ``.hydra/overrides.yaml`` (else the
+    overrides ``summary.json`` recorded); 1 when neither names one. Reads no other file."""
+    path = os.fspath(path)
+    overrides = _read_yaml(os.path.join(path, OVERRIDES_FILE))
+    if overrides is None:
+        sp = os.path.join(path, SUMMARY_FILE)
+        if os.path.isfile(sp):
+            with open(sp) as f:
+                summary = json.load(f)
+            overrides = summary.get("overrides") if isinstance(summary, dict) else None
+    return version_of(parse_overrides(overrides))
 
 
 def read_run(path: str, root: str | None = None) -> RunRecord:

@@ -4,6 +4,16 @@ paired differences, end-of-training routing stability.
 
 Statistics: :mod:`tasks.results.stats` (mean ± SE over seeds, SE = sample std / √n; paired
 differences over seeds).
+
+Which records count (:func:`load_study`): a benchmark's ``meta.json`` names the study's version
+(``study_version``, 1 when absent) and each record its own (the ``study_version=N`` override it was
+launched with, :attr:`tasks.results.records.RunRecord.study_version`; 1 when absent). Records of an
+older version than their benchmark's are *superseded*: listed (``Study.superseded``), left out of
+every table, figure and verdict. Records below ``ceiling/`` are the GLUE full-fine-tune ceilings
+(``Study.ceiling``), kept apart from the GLUE study's runs although their ``benchmark`` is ``glue``.
+
+Also here: the paper's numbers (SPEC §5) behind the claimed gaps (:data:`PAPER`, :func:`paper_gap`),
+the ceilings (:func:`ceiling_rows`) and the floors the models must reach (:func:`floors`).
 """
 
 from __future__ import annotations
@@ -11,14 +21,14 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.results.domainbed import domainbed_records, environment_names, selected_accs
 from tasks.results.glue import cells as glue_cells
 from tasks.results.glue import glue_summaries
-from tasks.results.labels import sort_benchmarks, sort_glue_tasks, variant_label
-from tasks.results.records import RunRecord, read_metas, scan
+from tasks.results.labels import glue_task_label, sort_benchmarks, sort_glue_tasks, variant_label
+from tasks.results.records import VERSION_KEY, RunRecord, read_metas, scan
 from tasks.results.selection import IIDAccuracySelectionMethod, OracleSelectionMethod, Record, SelectionMethod
 from tasks.results.stats import Paired, mean_se, paired_difference
 from tasks.results.table import Table, fmt_score
@@ -29,9 +39,32 @@ DB_METHODS: list[type[SelectionMethod]] = [IIDAccuracySelectionMethod, OracleSel
 STABILITY_KEYS = (("load_cv", "load CV", 3), ("dead_experts", "dead experts", 2),
                   ("active_experts", "active experts", 2), ("top1_flip_rate", "top-1 flip rate", 3),
                   ("jaccard_churn", "Jaccard churn", 3), ("fusion_drift", "fusion drift", 4))
-#: Paired comparisons per benchmark: (method, baseline).
+#: Paired comparisons per benchmark: (method, baseline) -- the paper's claims.
 GLUE_COMPARISONS = (("rmoe", "dynmoe"), ("rmoe", "moe_topk"))
 DB_COMPARISONS = (("rmoe", "dynmoe"), ("rmoe", "gmoe"))
+#: Comparisons shown beside them that no paper claim is about (the auxiliary-loss-free baseline).
+EXTRA_COMPARISONS = (("rmoe", "lossfree"),)
+CEILING = "ceiling"  # docs/results/ceiling/: the GLUE full-fine-tune ceilings
+
+#: The paper's numbers (SPEC §5, x100): GLUE dev (MoE = the top-k baseline) and DomainBed test accuracy
+#: (training-domain validation). The paper has no RotatedMNIST / ColoredMNIST numbers and no ablation
+#: or loss-free numbers.
+PAPER = {
+    "glue": {"moe_topk": {"cola": 64.30, "mrpc": 89.94, "qnli": 92.49, "mnli": 86.61, "rte": 74.07},
+             "dynmoe": {"cola": 65.17, "mrpc": 90.64, "qnli": 92.59, "mnli": 86.37, "rte": 73.41},
+             "rmoe": {"cola": 66.69, "mrpc": 91.55, "qnli": 93.18, "mnli": 88.29, "rte": 75.45}},
+    "domainbed": {"gmoe": {"PACS": 88.1, "VLCS": 80.2, "OfficeHome": 74.2, "DomainNet": 48.7},
+                  "dynmoe": {"PACS": 88.4, "VLCS": 79.4, "OfficeHome": 73.6, "DomainNet": 47.4},
+                  "rmoe": {"PACS": 88.8, "VLCS": 81.5, "OfficeHome": 74.5, "DomainNet": 49.1}},
+}
+
+#: "Models that learn": the study's dense GLUE score must reach this fraction of the ceiling; a task
+#: whose ceiling (full fine-tune) stays below its threshold does not learn at this scale and is left
+#: out of the verdicts; DomainBed's dense model must reach these test accuracies (training-domain
+#: validation): (dataset, test env or "avg", threshold).
+CEILING_FRACTION = 0.9
+LEARN_THRESHOLDS = {"cola": 0.15, "mrpc": 0.78, "rte": 0.55}
+DB_FLOORS = (("RotatedMNIST", "avg", 0.85), ("ColoredMNIST", 0, 0.65), ("ColoredMNIST", 1, 0.65))
 ABLATIONS = (("rmoe", "rmoe_nofusion"), ("rmoe", "rmoe_nocurriculum"))
 #: Stability claim: (key, label, claimed sign of RMoE − baseline).
 STABILITY_CLAIMS = (("top1_flip_rate", "top-1 flip rate on the probe batch", -1),
@@ -39,9 +72,12 @@ STABILITY_CLAIMS = (("top1_flip_rate", "top-1 flip rate on the probe batch", -1)
 
 
 # --- loading ------------------------------------------------------------------------------------
-def plan_key(run: Run) -> tuple:
-    """The planned-run key: GLUE (task, variant, seed); DomainBed (task, variant, test_env, trial_seed)."""
+def plan_key(run: Run, bench: str | None = None) -> tuple:
+    """The planned-run key: GLUE (task, variant, seed); DomainBed (task, variant, test_env,
+    trial_seed); the ceiling (task, lr)."""
     s = run.summary or {}
+    if bench == CEILING:
+        return (run.task, s.get("lr"))
     if run.benchmark == "glue":
         return (run.task, run.variant, s.get("seed"))
     if s:
@@ -62,30 +98,62 @@ def pair_key(run: Run) -> tuple:
 
 @dataclass
 class Study:
+    """``runs``: the complete, current, non-debug runs of the study (not the ceiling); ``ceiling``:
+    those below ``ceiling/``; ``superseded``: records (relative paths) of an older study version;
+    ``versions``: each benchmark's current study version."""
+
     results_dir: str
     runs: list[Run]
     incomplete: list[str]
     meta: dict[str, dict[str, Any]]
     debug: list[str]
+    ceiling: list[Run] = field(default_factory=list)
+    superseded: list[str] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)
 
     def bench_runs(self, bench: str) -> list[Run]:
+        if bench == CEILING:
+            return list(self.ceiling)
         return [r for r in self.runs if r.benchmark == bench]
 
     def benchmarks(self) -> list[str]:
-        return sort_benchmarks(set(self.meta) | {r.benchmark for r in self.runs})
+        """The study's benchmarks (the ceiling is not one)."""
+        return sort_benchmarks((set(self.meta) - {CEILING}) | {r.benchmark for r in self.runs})
+
+    def superseded_in(self, bench: str) -> list[str]:
+        return [d for d in self.superseded if d.split("/")[0] == bench]
+
+
+def record_bench(run: Run) -> str:
+    """The benchmark a record belongs to in docs/results: ``ceiling`` below ``ceiling/``, else its own."""
+    return CEILING if run.rel.split("/")[0] == CEILING else run.benchmark
 
 
 def load_study(results_dir: str) -> Study:
-    """The complete, non-debug runs below ``results_dir`` and the ``<bench>/meta.json`` files."""
+    """The complete, non-debug runs below ``results_dir`` split into the study's current runs, the
+    ceiling runs and superseded records, and the ``<bench>/meta.json`` files."""
     s = scan(results_dir)
-    return Study(results_dir, s.runs, s.incomplete, read_metas(results_dir), s.debug)
+    metas = read_metas(results_dir)
+    versions = {b: int(m.get(VERSION_KEY, 1)) for b, m in metas.items()}
+    runs, ceiling, superseded = [], [], []
+    for r in s.runs:
+        bench = record_bench(r)
+        if r.study_version < versions.get(bench, 1):
+            superseded.append(r.rel)
+        elif bench == CEILING:
+            ceiling.append(r)
+        else:
+            runs.append(r)
+    return Study(results_dir, runs, s.incomplete, metas, s.debug, ceiling, sorted(superseded), versions)
 
 
 # --- planned runs -------------------------------------------------------------------------------
 def expected_keys(meta: Mapping[str, Any] | None, bench: str) -> list[tuple]:
     out = []
     for e in (meta or {}).get("expected") or []:
-        if bench == "glue":
+        if bench == CEILING:
+            out.append((str(e["task"]), e.get("lr")))
+        elif bench == "glue":
             out.append((str(e["task"]), str(e["variant"]), e.get("seed")))
         else:
             out.append((str(e["task"]), str(e["variant"]), e.get("test_env"), e.get("trial_seed")))
@@ -104,7 +172,7 @@ def glue_paired(runs: list[dict], selection: str, a: str, b: str, tasks: Sequenc
     sc = glue_seed_scores(runs, selection)
     all_tasks = sort_glue_tasks({t for t, _ in sc})
     per_task, pa, pb = {}, {}, {}
-    for t in tasks or all_tasks:
+    for t in all_tasks if tasks is None else tasks:
         sa, sb = sc.get((t, a), {}), sc.get((t, b), {})
         per_task[t] = paired_difference(sa, sb)
         pa.update({(t, s): v for s, v in sa.items()})
@@ -219,3 +287,170 @@ def stability_values(runs: list[Run], variant: str, key: str) -> dict[tuple, flo
 def glue_runs(study: Study) -> list[dict[str, Any]]:
     """The GLUE summaries, each with its row (:func:`tasks.results.glue.glue_summaries`)."""
     return glue_summaries(study.bench_runs("glue"))
+
+
+# --- the paper's gaps ---------------------------------------------------------------------------
+def paper_gap(bench: str, a: str, b: str, task: str) -> float | None:
+    """The paper's ``a − b`` on ``task`` in points (x100), None when the paper has no such number."""
+    p = PAPER.get(bench, {})
+    if task in p.get(a, {}) and task in p.get(b, {}):
+        return round(p[a][task] - p[b][task], 2)
+    return None
+
+
+def paper_gap_pooled(bench: str, a: str, b: str, pairs: Mapping[str, int]) -> float | None:
+    """The paper's gap for a comparison pooled over tasks: its per-task gaps weighted as the pooled
+    paired difference weighs them, by the number of pairs per task (``pairs``); None when a pooled
+    task has no paper number or nothing is pooled."""
+    used = {t: n for t, n in pairs.items() if n > 0}
+    gaps = {t: paper_gap(bench, a, b, t) for t in used}
+    if not used or any(g is None for g in gaps.values()):
+        return None
+    return math.fsum(used[t] * (gaps[t] or 0.0) for t in used) / sum(used.values())
+
+
+def paper_gaps_text(bench: str, a: str, b: str) -> str:
+    """``"PACS +0.40, VLCS +2.10, ..."``: every gap the paper reports for ``a − b``."""
+    p = PAPER.get(bench, {})
+    tasks = [t for t in p.get(a, {}) if t in p.get(b, {})]
+    label = glue_task_label if bench == "glue" else str
+    return ", ".join(f"{label(t)} {paper_gap(bench, a, b, t):+.2f}" for t in tasks)
+
+
+# --- ceilings and floors ------------------------------------------------------------------------
+@dataclass
+class CeilingRow:
+    """One (task, lr) of the full fine-tune: dev score after the last epoch and the best over
+    epochs, each the mean over its runs (seeds); ``best_epoch`` (1-based) when there is one run."""
+
+    task: str
+    lr: Any
+    n: int
+    epochs: int
+    last: float
+    best: float
+    best_epoch: int | None
+    headline: str | None
+
+
+def _dev_scores(summary: Mapping[str, Any]) -> list[float]:
+    out = []
+    for e in summary.get("epochs") or []:
+        d = e.get("dev") if isinstance(e, Mapping) else None
+        if isinstance(d, Mapping) and d.get("score") is not None:
+            out.append(float(d["score"]))
+    return out
+
+
+def _lr_key(lr: Any) -> tuple:
+    try:
+        return (0, float(lr), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(lr))
+
+
+def ceiling_rows(runs: Sequence[Run]) -> list[CeilingRow]:
+    by: dict[tuple[str, Any], list[tuple[list[float], str | None]]] = defaultdict(list)
+    for r in sorted(runs, key=lambda r: r.rel):
+        scores = _dev_scores(r.summary or {})
+        if scores:
+            by[(r.task, (r.summary or {}).get("lr"))].append((scores, (r.summary or {}).get("headline")))
+    rows = []
+    for task in sort_glue_tasks({t for t, _ in by}):
+        for lr in sorted((lr for t, lr in by if t == task), key=_lr_key):
+            rs = by[(task, lr)]
+            last = math.fsum(s[-1] for s, _ in rs) / len(rs)
+            best = math.fsum(max(s) for s, _ in rs) / len(rs)
+            best_epoch = rs[0][0].index(max(rs[0][0])) + 1 if len(rs) == 1 else None
+            heads = sorted({h for _, h in rs if h})
+            rows.append(CeilingRow(task, lr, len(rs), max(len(s) for s, _ in rs), last, best, best_epoch,
+                                   "/".join(heads) or None))
+    return rows
+
+
+def ceilings(rows: Sequence[CeilingRow]) -> dict[str, CeilingRow]:
+    """Per task the row of the best lr: the highest last-epoch dev score (ties: the smallest lr)."""
+    out: dict[str, CeilingRow] = {}
+    for r in rows:  # lr ascending within a task
+        if r.task not in out or r.last > out[r.task].last:
+            out[r.task] = r
+    return out
+
+
+def learns(task: str, ceiling: CeilingRow | None) -> bool | None:
+    """False when the task's ceiling is below its threshold (does not learn at this scale); None when
+    there is no ceiling or no threshold."""
+    if ceiling is None or task not in LEARN_THRESHOLDS:
+        return None
+    return ceiling.last >= LEARN_THRESHOLDS[task]
+
+
+@dataclass
+class Floor:
+    """One floor: ``status`` is holds | misses | does not learn | no ceiling | no runs; values x1."""
+
+    bench: str
+    what: str
+    required: float | None
+    measured: float | None
+    se: float | None
+    n: int
+    status: str
+    detail: str
+
+
+def _floor_detail(m: float, req: float) -> tuple[str, str]:
+    if m >= req:
+        return "holds", f"holds ({100 * (m - req):+.1f} points above)"
+    return "misses", f"misses by {100 * (req - m):.1f} points"
+
+
+def glue_floors(runs: list[dict[str, Any]], ceils: Mapping[str, CeilingRow]) -> list[Floor]:
+    """Per task with a ceiling or a dense study cell: the dense model's best-dev-epoch score (mean over
+    seeds) against ``CEILING_FRACTION`` x the ceiling."""
+    cs = glue_cells(runs, "best_dev")
+    out = []
+    for task in sort_glue_tasks(set(ceils) | {t for t, v in cs if v == "dense"}):
+        cell = cs.get((task, "dense"))
+        m, se, n = mean_se(cell["scores"][k] for k in sorted(cell["scores"], key=repr)) if cell else (None, None, 0)
+        what = f"{glue_task_label(task)}: dense ≥ {100 * CEILING_FRACTION:.0f} % of the full-fine-tune ceiling"
+        c = ceils.get(task)
+        if c is None:
+            out.append(Floor("glue", what, None, m, se, n, "no ceiling",
+                             "cannot be checked: no full-fine-tune record (`make reproduce-ceiling`)"))
+            continue
+        if learns(task, c) is False:
+            thr = LEARN_THRESHOLDS[task]
+            out.append(Floor("glue", what, None, m, se, n, "does not learn",
+                             f"does not learn at this scale: the full fine-tune reaches {100 * c.last:.1f} < "
+                             f"{100 * thr:.1f}; left out of the verdicts"))
+            continue
+        req = CEILING_FRACTION * c.last
+        if m is None:
+            out.append(Floor("glue", what, req, None, None, 0, "no runs", "no dense run yet"))
+            continue
+        status, detail = _floor_detail(m, req)
+        if c.last > 0:
+            detail += f"; dense / ceiling = {m / c.last:.2f}"
+        out.append(Floor("glue", what, req, m, se, n, status, detail))
+    return out
+
+
+def db_floors(records: list[Record], envs_of: Mapping[str, Sequence[int]]) -> list[Floor]:
+    """The dense model's test accuracy under training-domain validation against :data:`DB_FLOORS`."""
+    accs = selected_accs(records, IIDAccuracySelectionMethod) if records else {}
+    out = []
+    for dataset, col, thr in DB_FLOORS:
+        if col == "avg":
+            vals = db_trial_means(accs, dataset, "dense", envs_of.get(dataset) or db_columns(dataset, records, []))
+            what = f"{dataset}: dense average test accuracy ≥ {100 * thr:.0f} %"
+        else:
+            vals = {tr: a for (d, v, t, tr), a in accs.items() if (d, v, t) == (dataset, "dense", col)}
+            what = f"{dataset} {db_env_label(dataset, records, int(col))}: dense test accuracy ≥ {100 * thr:.0f} %"
+        m, se, n = mean_se(vals[k] for k in sorted(vals, key=repr))
+        if m is None:
+            out.append(Floor("domainbed", what, thr, None, None, 0, "no runs", "no dense run yet"))
+            continue
+        status, detail = _floor_detail(m, thr)
+        out.append(Floor("domainbed", what, thr, m, se, n, status, detail))
+    return out

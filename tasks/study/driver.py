@@ -1,21 +1,35 @@
-"""The reproduction study: ``python -m tasks.reproduce {glue,domainbed,small,report}``
-(= ``python -m tasks.study.driver``).
+"""The reproduction study: ``python -m tasks.reproduce {glue,domainbed,small,ceiling,report}``
+(= ``python -m tasks.study.driver``; ``make reproduce-<what>``).
 
-``make reproduce-glue`` / ``make reproduce-domainbed`` / ``make reproduce-small`` (both) run, for
-each benchmark:
+``small`` = ``glue`` + ``domainbed`` (the study); ``ceiling`` = the GLUE full-fine-tune ceilings
+(``sweeps/glue_ceiling.yaml``, outside the study's budget); ``report`` = only step 3. For each
+benchmark:
 
-1. the Hydra multiruns of ``sweeps/reproduce_<bench>.yaml`` (joblib, 2 jobs in parallel, one
-   thread each) -- unless every planned job folder already has its ``done`` file. Job folders are
-   named by their parameters under ``<log_dir>/<bench>/`` and the sweeps set ``skip_if_done=true``,
-   so a rerun skips finished jobs and redoes killed ones (:mod:`tasks.run.jobs`);
-2. the export of each finished job's small records (``summary.json``, ``results.jsonl``, ``done``,
-   ``.hydra/overrides.yaml``; no checkpoints) to ``docs/results/<bench>/<job>/``, and of
-   ``docs/results/<bench>/meta.json`` (command, wall time of each invocation that trained something,
-   commit, planned jobs, what is shortened relative to the paper);
-3. ``docs/RESULTS.md`` regenerated from ``docs/results/`` alone (:mod:`tasks.study.report`; the
-   ``report`` sub-command does only this step).
+1. **What is done.** A planned job is done when its exported record
+   ``docs/results/<bench>/<job>/`` (``done`` + ``summary.json``) *or* its job folder
+   ``<log_dir>/<bench>/<job>/`` (``done`` + ``summary.json``) is of the study's current version
+   (:data:`STUDY_VERSION`: the ``study_version=N`` override a record was launched with, see
+   :func:`tasks.results.records.folder_study_version`; none = 1). So committed records are enough to
+   resume on a fresh clone, and records of a superseded study never count as done.
+2. **Only the pending jobs run**, piece by piece in plan order (:func:`glue_plan`: seed-major -- all
+   GLUE cells of seed 0, then 1, 2, 3, 4, then each ablation; :func:`domainbed_plan`: trial-seed-major),
+   so a run stopped part-way leaves complete comparisons. Within a piece the pending jobs are grouped
+   into the fewest Hydra multiruns whose grids hold exactly them (:func:`group`; Hydra's basic
+   sweeper takes a grid, not a list of combinations): ``rmoe-train -m -cd sweeps -cn <sweep>
+   key=a,b ...`` (joblib, ``--jobs`` in parallel, ``cores / jobs`` threads each). Job folders are
+   named by their parameters and the sweeps set ``skip_if_done=true``; a done job folder of an older
+   study version is first moved to ``<log_dir>/superseded/<bench>/``. ``--budget-min N``: no
+   multirun starts after N minutes (counted from the start of the command).
+3. **After each multirun** the small records of every finished job (``summary.json``,
+   ``results.jsonl``, ``.hydra/overrides.yaml``, ``done`` last; no checkpoints) are copied to
+   ``docs/results/<bench>/<job>/`` (replacing a superseded record there) and
+   ``docs/results/<bench>/meta.json`` is updated (command, each invocation's start, end, wall time,
+   commit and jobs run, the planned jobs, ``study_version``, the settings; a superseded study's
+   provenance moves to ``previous``), so a killed invocation keeps what finished.
+4. ``docs/RESULTS.md`` is regenerated from ``docs/results/`` alone (:mod:`tasks.study.report`).
 
-A failing multirun does not stop the others; the command exits non-zero at the end if any job failed.
+A failing multirun does not stop the others; the command exits non-zero at the end if any job
+failed. ``--dry-run`` prints the multiruns that would start and changes nothing.
 """
 
 from __future__ import annotations
@@ -23,32 +37,46 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from callbacks.records import DONE_FILE, OVERRIDES_FILE, RESULTS_FILE, SUMMARY_FILE
+from tasks.results.records import META_FILE, VERSION_KEY, folder_study_version
 from tasks.run import jobs
 
 log = logging.getLogger("tasks.study.driver")
 
 ROOT = Path(__file__).resolve().parents[2]
-SEEDS = (0, 1, 2)
+
+#: The study version of each benchmark's records: bump it when a change makes earlier records void
+#: (they stay in docs/results, are left out of the report and are rerun). Version 2: the study after
+#: the fidelity fixes (see RESULTS.md, "What changed since the superseded study").
+STUDY_VERSION = {"glue": 2, "domainbed": 2, "ceiling": 1}
 
 GLUE_TASKS = ("cola", "mrpc", "rte")
-GLUE_METHODS = ("dense", "moe_topk", "dynmoe", "rmoe")
-GLUE_ABLATIONS = {  # variant -> overrides (on MRPC and RTE)
+GLUE_METHODS = ("dense", "moe_topk", "dynmoe", "rmoe", "lossfree")
+GLUE_SEEDS = (0, 1, 2, 3, 4)
+GLUE_ABLATIONS = {  # variant -> overrides (on every GLUE task)
     "rmoe_nofusion": ["moe=rmoe", "variant=rmoe_nofusion", "moe.fusion=null"],
     "rmoe_nocurriculum": ["moe=rmoe", "variant=rmoe_nocurriculum", "curriculum=constant"],
 }
-GLUE_ABLATION_TASKS = ("mrpc", "rte")
+GLUE_ABLATION_TASKS = GLUE_TASKS
+ABLATION_SEEDS = (0, 1, 2)
 
 DOMAINBED = {"RotatedMNIST": ("rotated_mnist", 6), "ColoredMNIST": ("colored_mnist", 3)}
-DOMAINBED_METHODS = ("dense", "gmoe", "dynmoe", "rmoe")
+DOMAINBED_METHODS = ("dense", "gmoe", "dynmoe", "rmoe", "lossfree")
+TRIAL_SEEDS = (0, 1, 2)
+
+CEILING_TASKS = GLUE_TASKS
+CEILING_LRS = (5e-05, 1e-04, 2e-04)
 
 SHORTENED = {
     "glue": [
@@ -74,136 +102,315 @@ SHORTENED = {
     ],
 }
 
+#: The ceiling's setting (meta.json ``shortened``): sweeps/glue_ceiling.yaml.
+CEILING_SETTING = [
+    "the study's backbone (all-MiniLM-L6-v2), dense, every layer trained, the full training set, 3 epochs, "
+    "max length 128, batch 32, AdamW with linear decay, no warm-up, lr in {5e-5, 1e-4, 2e-4} (one seed each); "
+    "the ceiling of a task = the dev score after the last epoch of its best lr",
+]
+SETTINGS = {**SHORTENED, "ceiling": CEILING_SETTING}
+COMMANDS = {"glue": "make reproduce-glue", "domainbed": "make reproduce-domainbed", "ceiling": "make reproduce-ceiling"}
+DEFAULT_JOBS = {"glue": 2, "domainbed": 2, "ceiling": 1}
+EXPORTED = (SUMMARY_FILE, RESULTS_FILE, OVERRIDES_FILE, DONE_FILE)  # done last: a copy killed mid-way is not done
+
+
+@dataclass(frozen=True)
+class Job:
+    """One planned run: its folder name (= Hydra's ``hydra.sweep.subdir``), the planned cell
+    (meta.json's ``expected`` entry), and how a multirun makes it: sweep config, overrides fixed for
+    its family, ``(key, value)`` of each swept axis, and the piece of the plan it belongs to."""
+
+    name: str
+    cell: tuple[tuple[str, Any], ...]
+    config: str
+    fixed: tuple[str, ...]
+    axes: tuple[tuple[str, str], ...]
+    piece: str
+
+    @property
+    def expected(self) -> dict[str, Any]:
+        return dict(self.cell)
+
+    @property
+    def family(self) -> tuple:
+        return (self.config, self.fixed, tuple(k for k, _ in self.axes))
+
 
 @dataclass
 class Multirun:
-    """One ``rmoe-train -m -cd sweeps -cn <config> <overrides>`` and the job folders it makes."""
+    """One ``rmoe-train -m -cd sweeps -cn <config> <overrides>`` and the planned jobs its grid makes."""
 
     config: str
     overrides: list[str]
-    jobs: list[dict] = field(default_factory=list)  # {"name": folder, **cell}
+    jobs: list[Job] = field(default_factory=list)
+    piece: str = ""
+
+    def command(self) -> str:
+        return f"rmoe-train -m -cd sweeps -cn {self.config} " + " ".join(self.overrides)
 
 
-def glue_plan() -> list[Multirun]:
-    main = Multirun("reproduce_glue", [])
-    for task in GLUE_TASKS:
-        for method in GLUE_METHODS:
-            for seed in SEEDS:
-                main.jobs.append({"name": f"{task}_{method}_s{seed}", "task": task, "variant": method, "seed": seed})
-    runs = [main]
+def _versioned(bench: str, fixed: Sequence[str]) -> tuple[str, ...]:
+    v = STUDY_VERSION[bench]
+    return (*fixed, f"++{VERSION_KEY}={v}") if v > 1 else tuple(fixed)
+
+
+def _cell(**kw: Any) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(kw.items()))
+
+
+def glue_plan() -> list[Job]:
+    """Seed-major: the five methods on every task for seed 0, then 1, ..., 4 (one piece per seed),
+    then each ablation on every task for seeds 0-2 (one piece per ablation)."""
+    out = []
+    for seed in GLUE_SEEDS:
+        for task in GLUE_TASKS:
+            for method in GLUE_METHODS:
+                out.append(Job(f"{task}_{method}_s{seed}", _cell(task=task, variant=method, seed=seed),
+                               "reproduce_glue", _versioned("glue", []),
+                               (("task", f"glue/{task}"), ("moe", method), ("seed", str(seed))), f"seed {seed}"))
     for variant, overrides in GLUE_ABLATIONS.items():
-        mr = Multirun("reproduce_glue", ["task=" + ",".join(f"glue/{t}" for t in GLUE_ABLATION_TASKS), *overrides])
-        for task in GLUE_ABLATION_TASKS:
-            for seed in SEEDS:
-                mr.jobs.append({"name": f"{task}_{variant}_s{seed}", "task": task, "variant": variant, "seed": seed})
-        runs.append(mr)
-    return runs
+        for seed in ABLATION_SEEDS:
+            for task in GLUE_ABLATION_TASKS:
+                out.append(Job(f"{task}_{variant}_s{seed}", _cell(task=task, variant=variant, seed=seed),
+                               "reproduce_glue", _versioned("glue", overrides),
+                               (("task", f"glue/{task}"), ("seed", str(seed))), f"ablation {variant}"))
+    return out
 
 
-def domainbed_plan() -> list[Multirun]:
-    runs = []
-    for dataset, (stem, n_envs) in DOMAINBED.items():
-        exps = ",".join(f"domainbed/{stem}_{m}" for m in DOMAINBED_METHODS)
-        envs = ",".join(f"[{e}]" for e in range(n_envs))
-        mr = Multirun("reproduce_domainbed", [f"experiment={exps}", f"data.test_envs={envs}",
-                                              "data.trial_seed=" + ",".join(map(str, SEEDS))])
-        for method in DOMAINBED_METHODS:
-            for env in range(n_envs):
-                for t in SEEDS:
-                    mr.jobs.append({"name": f"{dataset}_{method}_env{env}_t{t}", "task": dataset, "variant": method,
-                                    "test_env": env, "trial_seed": t})
-        runs.append(mr)
-    return runs
+def domainbed_plan() -> list[Job]:
+    """Trial-seed-major: every method x test domain of RotatedMNIST, then of ColoredMNIST, for trial
+    seed 0 (one piece), then 1, then 2."""
+    out = []
+    for t in TRIAL_SEEDS:
+        for dataset, (stem, n_envs) in DOMAINBED.items():
+            for method in DOMAINBED_METHODS:
+                for env in range(n_envs):
+                    out.append(Job(f"{dataset}_{method}_env{env}_t{t}",
+                                   _cell(task=dataset, variant=method, test_env=env, trial_seed=t),
+                                   "reproduce_domainbed", _versioned("domainbed", []),
+                                   (("experiment", f"domainbed/{stem}_{method}"), ("data.test_envs", f"[{env}]"),
+                                    ("data.trial_seed", str(t))), f"trial seed {t}"))
+    return out
 
 
-PLANS = {"glue": glue_plan, "domainbed": domainbed_plan}
-COMMANDS = {"glue": "make reproduce-glue", "domainbed": "make reproduce-domainbed"}
-EXPORTED = (SUMMARY_FILE, RESULTS_FILE, DONE_FILE, OVERRIDES_FILE)
+def lr_text(lr: float) -> str:
+    """How Hydra renders ``${module.lr}`` in a folder name (``str`` of the float): 5e-05, 0.0001."""
+    return str(float(lr))
 
 
+def ceiling_plan() -> list[Job]:
+    """sweeps/glue_ceiling.yaml's grid: task x lr, folders ``<task>_lr<lr>`` (e.g. ``cola_lr5e-05``)."""
+    return [Job(f"{task}_lr{lr_text(lr)}", _cell(task=task, lr=lr), "glue_ceiling", _versioned("ceiling", []),
+                (("task", f"glue/{task}"), ("module.lr", lr_text(lr))), "ceiling")
+            for task in CEILING_TASKS for lr in CEILING_LRS]
+
+
+PLANS: dict[str, Callable[[], list[Job]]] = {"glue": glue_plan, "domainbed": domainbed_plan, "ceiling": ceiling_plan}
+
+
+# --- grouping pending jobs into multiruns -------------------------------------------------------
+def group(pending_jobs: Sequence[Job]) -> list[Multirun]:
+    """The multiruns that run exactly ``pending_jobs``: per piece (in plan order) and family (same
+    sweep, fixed overrides and axes), each job starts as a one-point grid and two grids that differ
+    in one axis only merge (their union is again a grid) until none do; values keep plan order."""
+    out = []
+    pieces = list(dict.fromkeys(j.piece for j in pending_jobs))
+    for piece in pieces:
+        in_piece = [j for j in pending_jobs if j.piece == piece]
+        for fam in dict.fromkeys(j.family for j in in_piece):
+            fj = [j for j in in_piece if j.family == fam]
+            keys = fam[2]
+            rank = [{v: i for i, v in enumerate(dict.fromkeys(j.axes[a][1] for j in fj))} for a in range(len(keys))]
+            boxes = [tuple(frozenset({v}) for _, v in j.axes) for j in fj]
+            changed = True
+            while changed:
+                changed = False
+                for a in range(len(keys)):
+                    merged: dict[tuple, set] = {}
+                    for b in boxes:
+                        merged.setdefault(b[:a] + b[a + 1:], set()).update(b[a])
+                    if len(merged) < len(boxes):
+                        changed = True
+                    boxes = [rest[:a] + (frozenset(vals),) + rest[a:] for rest, vals in merged.items()]
+            config, fixed, _ = fam
+            for b in boxes:
+                vals = [sorted(b[a], key=rank[a].__getitem__) for a in range(len(keys))]
+                members = [j for j in fj if all(j.axes[a][1] in b[a] for a in range(len(keys)))]
+                assert len(members) == math.prod(len(v) for v in vals), (piece, vals)
+                out.append(Multirun(config, [*fixed, *(f"{k}={','.join(v)}" for k, v in zip(keys, vals))], members,
+                                    piece))
+    return out
+
+
+# --- done detection -----------------------------------------------------------------------------
+def finished(folder: Path, version: int) -> bool:
+    """``folder`` holds a complete record (``done`` + ``summary.json``) of study version ``version``."""
+    return jobs.is_done(folder) and (folder / SUMMARY_FILE).is_file() and folder_study_version(folder) == version
+
+
+def is_done(bench: str, job: Job, log_dir: Path, results_dir: Path) -> bool:
+    v = STUDY_VERSION[bench]
+    return finished(results_dir / bench / job.name, v) or finished(log_dir / bench / job.name, v)
+
+
+def pending(bench: str, plan: Sequence[Job], log_dir: Path, results_dir: Path) -> list[Job]:
+    return [j for j in plan if not is_done(bench, j, log_dir, results_dir)]
+
+
+def set_aside_stale(bench: str, todo: Sequence[Job], log_dir: Path) -> list[Path]:
+    """Move the job folders of ``todo`` that are done but of another study version (``skip_if_done``
+    would skip them) to ``<log_dir>/superseded/<bench>/<job>[.k]``; returns where they went."""
+    moved = []
+    for j in todo:
+        src = log_dir / bench / j.name
+        if not jobs.is_done(src):
+            continue
+        dst = log_dir / "superseded" / bench / j.name
+        k = 0
+        while dst.exists():
+            k += 1
+            dst = dst.with_name(f"{j.name}.{k}")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), str(dst))
+        log.warning("%s: a done job folder of another study version (%d) moved to %s", src,
+                    folder_study_version(dst), dst)
+        moved.append(dst)
+    return moved
+
+
+# --- running ------------------------------------------------------------------------------------
 def git_commit() -> str | None:
     from callbacks.run_summary import git_commit as commit
 
     return commit(str(ROOT))
 
 
-def pending(mr: Multirun, bench_dir: Path) -> list[dict]:
-    return [j for j in mr.jobs if not jobs.is_done(bench_dir / j["name"])]
-
-
-def launch(mr: Multirun, log_dir: Path, n_jobs: int, extra: list[str]) -> int:
+def launch(mr: Multirun, log_dir: Path, n_jobs: int, extra: Sequence[str]) -> int:
     cmd = [sys.executable, "-m", "tasks.train", "-m", "-cd", str(ROOT / "sweeps"), "-cn", mr.config,
            *mr.overrides, f"paths.log_dir={log_dir}", f"hydra.launcher.n_jobs={n_jobs}", *extra]
     env = dict(os.environ)
-    # one intra-op thread per job (n_jobs jobs share the cores); set before torch is imported in the workers
+    # cores / n_jobs intra-op threads per job (the jobs share the cores); set before torch is imported in the workers
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, n_jobs)))
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(k, "1")
-    log.info("launching %d jobs: %s", len(mr.jobs), " ".join(cmd))
+        env.setdefault(k, threads)
+    log.info("launching %d jobs (%s): %s", len(mr.jobs), mr.piece, " ".join(cmd))
     return subprocess.call(cmd, cwd=str(ROOT), env=env)
 
 
-def export(bench: str, plan: list[Multirun], bench_dir: Path, results_dir: Path) -> int:
-    """Copy the small records of every finished job to ``results_dir/<bench>/<job>/``."""
+def export(bench: str, plan: Sequence[Job], log_dir: Path, results_dir: Path) -> int:
+    """Copy the small records of every job finished in ``log_dir`` (current version) to
+    ``results_dir/<bench>/<job>/`` unless a current record is there already (a superseded one is
+    replaced); returns how many were copied."""
+    v = STUDY_VERSION[bench]
     n = 0
-    for mr in plan:
-        for j in mr.jobs:
-            src = bench_dir / j["name"]
-            if not jobs.is_done(src):
-                continue
-            dst = results_dir / bench / j["name"]
-            for rel in EXPORTED:
-                if (src / rel).is_file():
-                    (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src / rel, dst / rel)
-            n += 1
+    for j in plan:
+        src, dst = log_dir / bench / j.name, results_dir / bench / j.name
+        if not finished(src, v) or finished(dst, v):
+            continue
+        if dst.exists():
+            shutil.rmtree(dst)
+        for rel in EXPORTED:
+            if (src / rel).is_file():
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / rel, dst / rel)
+        n += 1
     return n
 
 
-def write_meta(bench: str, plan: list[Multirun], results_dir: Path, invocation: dict | None) -> Path:
-    path = results_dir / bench / "meta.json"
-    meta = json.loads(path.read_text()) if path.is_file() else {}
-    invocations = list(meta.get("invocations", []))
+def write_meta(bench: str, plan: Sequence[Job], results_dir: Path, invocation: dict | None,
+               replace_last: bool = False) -> Path:
+    """Write ``<results_dir>/<bench>/meta.json``; ``invocation`` is appended (``replace_last``: it
+    replaces the last one, the same invocation after a further multirun). A meta.json of another
+    study version is kept under ``previous`` (its invocations, settings and why it was superseded)."""
+    path = results_dir / bench / META_FILE
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    version = STUDY_VERSION[bench]
+    if old and int(old.get(VERSION_KEY, 1)) != version:
+        previous = {k: old[k] for k in ("command", "invocations", "shortened", "superseded") if k in old}
+        previous[VERSION_KEY] = int(old.get(VERSION_KEY, 1))
+        invocations = []
+    else:
+        previous = old.get("previous")
+        invocations = list(old.get("invocations", []))
     if invocation is not None:
-        invocations.append(invocation)
-    expected = [{k: v for k, v in j.items() if k != "name"} for mr in plan for j in mr.jobs]
-    meta = {"benchmark": bench, "command": COMMANDS[bench], "invocations": invocations, "expected": expected,
-            "shortened": SHORTENED[bench]}
+        if replace_last and invocations:
+            invocations[-1] = invocation
+        else:
+            invocations.append(invocation)
+    meta = {"benchmark": bench, "command": COMMANDS[bench], VERSION_KEY: version, "invocations": invocations,
+            "expected": [j.expected for j in plan], "shortened": SETTINGS[bench]}
+    if previous:
+        meta["previous"] = previous
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    text = json.dumps(meta, indent=1, sort_keys=True) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
     return path
 
 
-def run_bench(bench: str, log_dir: Path, results_dir: Path, n_jobs: int, extra: list[str], dry_run: bool) -> int:
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+_clock = time.monotonic  # the budget's clock (tests replace it)
+
+
+@dataclass
+class Options:
+    log_dir: Path
+    results_dir: Path
+    n_jobs: int | None = None
+    extra: Sequence[str] = ()
+    dry_run: bool = False
+    budget_s: float | None = None
+    start: float = field(default_factory=lambda: _clock())
+    stopped: bool = False  # the budget stopped a bench
+
+
+def run_bench(bench: str, o: Options) -> int:
+    """Run the pending jobs of ``bench`` (see the module doc); returns the number of failed multiruns."""
     plan = PLANS[bench]()
-    bench_dir = log_dir / bench
-    waiting = [(mr, len(pending(mr, bench_dir))) for mr in plan]
-    todo = [mr for mr, n in waiting if n]
-    total = sum(len(mr.jobs) for mr in plan)
-    left = sum(n for _, n in waiting)
-    log.info("%s: %d planned jobs, %d done, %d to run", bench, total, total - left, left)
-    failures = 0
-    invocation = None
-    if todo and not dry_run:
-        t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for mr in todo:
-            if launch(mr, log_dir, n_jobs, extra) != 0:
-                failures += 1
-                log.error("%s: a multirun reported failed jobs (see %s/*/train.log); the others went on",
-                          bench, bench_dir)
-        still = sum(len(pending(mr, bench_dir)) for mr in plan)
-        invocation = {"started_utc": started, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "wall_time_s": round(time.perf_counter() - t0, 1), "commit": git_commit(),
-                      "jobs_run": left - still, "jobs_failed_or_unfinished": still}
-        log.info("%s: %d jobs finished in %.1f s; %d unfinished", bench, left - still, invocation["wall_time_s"], still)
-    if dry_run:
-        for mr, n in waiting:
-            if n:
-                log.info("would run: rmoe-train -m -cd sweeps -cn %s %s (%d pending)", mr.config,
-                         " ".join(mr.overrides), n)
+    todo = pending(bench, plan, o.log_dir, o.results_dir)
+    runs = group(todo)
+    n_jobs = o.n_jobs or DEFAULT_JOBS[bench]
+    log.info("%s: %d planned jobs, %d done, %d to run in %d multirun(s)", bench, len(plan), len(plan) - len(todo),
+             len(todo), len(runs))
+    if o.dry_run:
+        for mr in runs:
+            log.info("would run (%s, %d jobs): %s", mr.piece, len(mr.jobs), mr.command())
         return 0
-    n = export(bench, plan, bench_dir, results_dir)
-    write_meta(bench, plan, results_dir, invocation)
-    log.info("%s: exported %d finished jobs to %s", bench, n, results_dir / bench)
+    failures, invocation, t0 = 0, None, 0.0
+    for i, mr in enumerate(runs):
+        if o.budget_s is not None and _clock() - o.start >= o.budget_s:
+            left = sum(len(m.jobs) for m in runs[i:])
+            log.warning("%s: the budget (%.0f min) is spent: %d multirun(s) with %d jobs not started", bench,
+                        o.budget_s / 60, len(runs) - i, left)
+            o.stopped = True
+            if invocation is not None:
+                invocation["stopped_by_budget"] = True
+                invocation["jobs_not_started"] = left
+            break
+        if invocation is None:
+            t0 = _clock()
+            invocation = {"started_utc": _now(), "commit": git_commit()}
+        set_aside_stale(bench, mr.jobs, o.log_dir)
+        if launch(mr, o.log_dir, n_jobs, o.extra) != 0:
+            failures += 1
+            log.error("%s: a multirun reported failed jobs (see %s/*/train.log); the others go on", bench,
+                      o.log_dir / bench)
+        n = export(bench, plan, o.log_dir, o.results_dir)
+        launched = [j for m in runs[:i + 1] for j in m.jobs]
+        still = len(pending(bench, launched, o.log_dir, o.results_dir))
+        invocation.update(finished_utc=_now(), wall_time_s=round(_clock() - t0, 1), jobs_run=len(launched) - still,
+                          jobs_failed_or_unfinished=still)
+        write_meta(bench, plan, o.results_dir, invocation, replace_last=i > 0)
+        log.info("%s: multirun %d/%d done; %d records exported; %d of %d launched jobs finished", bench, i + 1,
+                 len(runs), n, len(launched) - still, len(launched))
+    n = export(bench, plan, o.log_dir, o.results_dir)
+    write_meta(bench, plan, o.results_dir, invocation, replace_last=True)
+    left = len(pending(bench, plan, o.log_dir, o.results_dir))
+    log.info("%s: %d of %d planned jobs done%s", bench, len(plan) - left, len(plan),
+             f" ({n} more records exported)" if n else "")
     return failures
 
 
@@ -215,23 +422,30 @@ def report(results_dir: Path, output: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=("glue", "domainbed", "small", "report"))
+    p.add_argument("what", choices=("glue", "domainbed", "small", "ceiling", "report"),
+                   help="small = glue + domainbed (the study); ceiling = the GLUE full-fine-tune ceilings")
     p.add_argument("--log_dir", default="logs/reproduce", help="job folders (checkpoint-free, ~MBs)")
     p.add_argument("--results_dir", default="docs/results", help="exported records")
     p.add_argument("--output", default="docs/RESULTS.md")
-    p.add_argument("--jobs", type=int, default=2, help="jobs in parallel (one thread each)")
-    p.add_argument("--dry-run", action="store_true", help="print what would run")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="jobs in parallel (default: 2 for glue/domainbed, 1 for ceiling)")
+    p.add_argument("--budget-min", "--budget_min", dest="budget_min", type=float, default=None,
+                   help="start no multirun after this many minutes (what finished is exported)")
+    p.add_argument("--dry-run", action="store_true", help="print the multiruns that would start")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (changes results!)")
     a = p.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
-    log_dir, results_dir = Path(a.log_dir).resolve(), Path(a.results_dir)
+    o = Options(Path(a.log_dir).resolve(), Path(a.results_dir), a.jobs, a.overrides, a.dry_run,
+                None if a.budget_min is None else 60.0 * a.budget_min)
     benches = {"small": ["glue", "domainbed"], "report": []}.get(a.what, [a.what])
     failures = 0
     for bench in benches:
-        failures += run_bench(bench, log_dir, results_dir, a.jobs, a.overrides, a.dry_run)
+        failures += run_bench(bench, o)
     if not a.dry_run:
-        report(results_dir, Path(a.output))
+        report(o.results_dir, Path(a.output))
         log.info("wrote %s", a.output)
+    if o.stopped:
+        log.warning("stopped by --budget-min %g: run the same command again to go on", a.budget_min)
     return 1 if failures else 0
 
 

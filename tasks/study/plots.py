@@ -16,7 +16,7 @@ from .data import Run, Study
 
 VARIANT_STYLES = {"dense": ("tab:gray", ":"), "moe_topk": ("tab:blue", "-"), "gmoe": ("tab:green", "-"),
                   "dynmoe": ("tab:orange", "--"), "rmoe": ("tab:red", "-"), "rmoe_nofusion": ("tab:purple", "-."),
-                  "rmoe_nocurriculum": ("tab:brown", ":")}
+                  "rmoe_nocurriculum": ("tab:brown", ":"), "lossfree": ("tab:cyan", "--")}
 
 
 def _order(bench: str) -> Callable[[Iterable[str]], list[str]]:
