@@ -4,7 +4,8 @@ Source: a local folder in the original GLUE TSV layout (``glue_dir``, default ``
 parsed strictly by :mod:`tasks.glue.tsv`, or — only when asked with ``glue_dir: hub`` — the hub dataset
 ``nyu-mll/glue``. A null ``glue_dir`` (``RMOE_DATA_DIR`` unset) is an error naming both.
 Examples are tokenised once (truncated to ``max_length``, no padding) and padded per batch
-(dynamic padding). The training loader shuffles with a generator seeded from ``seed``.
+(dynamic padding). The training loader shuffles with a generator seeded from ``seed``; with
+``group_by_length`` its batches hold samples of similar length (:mod:`tasks.run.samplers`).
 Validation: one loader per validation split (MNLI: matched first, then mismatched), then -- when
 ``heldout_samples`` is set -- one over a slice held out from train (``val_heldout/*``), so an
 epoch can be selected without looking at dev.
@@ -45,7 +46,8 @@ class GLUEDataModule(L.LightningDataModule):
     def __init__(self, task: str, tokenizer: str, glue_dir: str | None = None, max_length: int = 128,
                  batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
                  max_train_samples: int | None = None, max_eval_samples: int | None = None,
-                 seed: int = 0, heldout_samples: int | None = None, data_seed: int | None = None):
+                 seed: int = 0, heldout_samples: int | None = None, data_seed: int | None = None,
+                 group_by_length: bool = False):
         super().__init__()
         self.task: GlueTask = get_task(task)
         _check_positive("data.max_length", max_length)
@@ -75,6 +77,9 @@ class GLUEDataModule(L.LightningDataModule):
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.seed = seed
         self.heldout_samples = heldout_samples
+        if not isinstance(group_by_length, bool):
+            raise GlueDataError(f"invalid data.group_by_length={group_by_length!r}; allowed: true or false")
+        self.group_by_length = group_by_length
         # rows (held-out slice, subsets) are chosen by data_seed, the training order by seed
         self.data_seed = int(seed if data_seed is None else data_seed)
         self.tokenizer = None
@@ -168,8 +173,9 @@ class GLUEDataModule(L.LightningDataModule):
         # (the loader's position is checkpointed: tasks/run/samplers.py)
         from tasks.run.samplers import resumable_train_loader
 
+        lengths = [len(ids) for ids in self.train_set["input_ids"]] if self.group_by_length else None
         return resumable_train_loader(self.train_set, self.batch_size, self.seed, trainer=self.trainer,
-                                      collate_fn=self.collate, num_workers=self.num_workers)
+                                      collate_fn=self.collate, num_workers=self.num_workers, lengths=lengths)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,

@@ -14,12 +14,19 @@
 
 So a run resumed from a mid-epoch checkpoint sees the rest of the interrupted epoch in the same
 order, then the following epochs exactly as the uninterrupted run would.
+
+Length grouping (``lengths`` + ``batch_size`` + ``group_size``): this rank's permutation is cut into
+consecutive mega-batches of ``group_size * batch_size`` samples; each is sorted by length (longest
+first, stable), cut into batches, and the batches of the whole epoch are shuffled under the epoch's
+seed. Every batch then holds samples of similar length, so dynamic padding adds few pad tokens, while
+the epoch still covers each sample once in a seeded random order of batches (Hugging Face's
+``LengthGroupedSampler`` does the same with mega-batches of 50 batches).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,10 +37,31 @@ class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` (same order: seed + epoch) that can skip the first samples of an epoch."""
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False):
+                 seed: int = 0, drop_last: bool = False, lengths: Sequence[int] | None = None,
+                 batch_size: int = 1, group_size: int = 50):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
         self._skip: tuple[int, int] | None = None  # (epoch, samples of this rank to leave out)
+        if lengths is not None and len(lengths) != len(dataset):
+            raise ValueError(f"lengths: {len(lengths)} values for a dataset of {len(dataset)} samples")
+        if int(batch_size) < 1 or int(group_size) < 1:
+            raise ValueError(f"invalid batch_size={batch_size!r} or group_size={group_size!r}; allowed: integers >= 1")
+        self.lengths = None if lengths is None else [int(n) for n in lengths]
+        self.batch_size, self.group_size = int(batch_size), int(group_size)
+
+    def _grouped(self, indices: list[int]) -> list[int]:
+        """``indices`` regrouped by length (module docstring); the same multiset, batch-aligned."""
+        bs, mega = self.batch_size, self.group_size * self.batch_size
+        batches: list[list[int]] = []
+        for start in range(0, len(indices), mega):
+            chunk = sorted(indices[start:start + mega], key=lambda i: -self.lengths[i])
+            batches += [chunk[j:j + bs] for j in range(0, len(chunk), bs)]
+        # a short batch (only the last mega-batch can leave one) goes last: the loader cuts exactly these batches
+        full = [b for b in batches if len(b) == bs]
+        short = [b for b in batches if len(b) < bs]
+        g = torch.Generator().manual_seed(self.seed + self.epoch + 7919)
+        order = torch.randperm(len(full), generator=g).tolist() if self.shuffle else range(len(full))
+        return [i for k in order for i in full[k]] + [i for b in short for i in b]
 
     def skip(self, epoch: int, samples: int) -> None:
         """The next iteration, if it is for ``epoch``, leaves out its first ``samples`` indices."""
@@ -42,6 +70,8 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         # a generator: the order is computed at the first draw, after Lightning's set_epoch()
         indices = list(super().__iter__())
+        if self.lengths is not None:
+            indices = self._grouped(indices)
         skip = 0
         if self._skip is not None:
             epoch, n = self._skip
@@ -93,12 +123,14 @@ class ResumableDataLoader(DataLoader):
 
 
 def resumable_train_loader(dataset: Dataset, batch_size: int, seed: int, trainer: Any = None,
-                           shuffle: bool = True, drop_last: bool = False, **loader_kwargs: Any) -> ResumableDataLoader:
-    """The training loader: seeded order per epoch, sharded over the trainer's ranks, resumable."""
+                           shuffle: bool = True, drop_last: bool = False, lengths: Sequence[int] | None = None,
+                           **loader_kwargs: Any) -> ResumableDataLoader:
+    """The training loader: seeded order per epoch, sharded over the trainer's ranks, resumable;
+    batches grouped by length when ``lengths`` (one per sample) is given."""
     world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
     rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=int(seed),
-                               drop_last=drop_last)
+                               drop_last=drop_last, lengths=lengths, batch_size=batch_size)
     # the loader's own generator: creating its iterator does not draw from the global torch RNG
     loader_kwargs.setdefault("generator", torch.Generator().manual_seed(int(seed)))
     return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,

@@ -114,3 +114,67 @@ def test_worker_prefetch_is_not_counted_as_seen():
     resumed.load_state_dict(state)
     resumed.sampler.set_epoch(0)
     assert head + batches(resumed) == want
+
+
+# --- length grouping -----------------------------------------------------------------------------
+LENGTHS = [(7 * i) % 11 + 1 for i in range(N)]  # sample i has length LENGTHS[i]
+
+
+def grouped_reference(epoch, group_size, seed=SEED, bs=BS):
+    """From the docstring: mega-batches of group_size * bs of the epoch's permutation, each sorted by
+    length (longest first, ties in permutation order), cut into batches; full batches shuffled under
+    randperm(seed + epoch + 7919), the short one last."""
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    mega, cut = group_size * bs, []
+    for s in range(0, N, mega):
+        chunk = perm[s:s + mega]
+        chunk = [i for _, _, i in sorted((-LENGTHS[i], pos, i) for pos, i in enumerate(chunk))]
+        cut += [chunk[j:j + bs] for j in range(0, len(chunk), bs)]
+    full, short = [b for b in cut if len(b) == bs], [b for b in cut if len(b) < bs]
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed + epoch + 7919)).tolist()
+    return [[100 + i for i in full[k]] for k in order] + [[100 + i for i in b] for b in short]
+
+
+def test_length_grouped_batches_follow_the_reference_and_cover_the_epoch():
+    loader = resumable_train_loader(DATA, BS, SEED, lengths=LENGTHS)
+    loader.sampler.group_size = 2
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        got = batches(loader)
+        assert got == grouped_reference(epoch, 2)
+        assert sorted(flat(got)) == DATA and [len(b) for b in got] == [4, 4, 4, 4, 4, 3]
+        # inside a batch the lengths never increase (each batch is a slice of a sorted mega-batch)
+        for b in got:
+            lens = [LENGTHS[x - 100] for x in b]
+            assert lens == sorted(lens, reverse=True)
+
+
+def test_length_grouping_reduces_padding():
+    lengths = [int(x) for x in torch.randint(1, 60, (640,), generator=torch.Generator().manual_seed(0))]
+    data = list(range(640))
+    plain = resumable_train_loader(data, 32, 0)
+    grouped = resumable_train_loader(data, 32, 0, lengths=lengths)
+    padded = [sum(max(lengths[i] for i in b.tolist()) * len(b) for b in ld) for ld in (plain, grouped)]
+    assert padded[1] < 0.6 * padded[0], padded
+
+
+def test_length_grouped_loader_resumes_mid_epoch():
+    full = resumable_train_loader(DATA, BS, SEED, lengths=LENGTHS)
+    full.sampler.set_epoch(1)
+    want = batches(full)
+    first = resumable_train_loader(DATA, BS, SEED, lengths=LENGTHS)
+    first.sampler.set_epoch(1)
+    it = iter(first)
+    head = [next(it).tolist() for _ in range(3)]
+    state = first.state_dict()
+    second = resumable_train_loader(DATA, BS, SEED, lengths=LENGTHS)
+    second.load_state_dict(state)
+    second.sampler.set_epoch(1)
+    assert head + batches(second) == want
+
+
+def test_length_grouping_rejects_a_length_per_sample_mismatch():
+    import pytest
+
+    with pytest.raises(ValueError, match="3 values for a dataset of 23"):
+        resumable_train_loader(DATA, BS, SEED, lengths=[1, 2, 3])

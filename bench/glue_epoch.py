@@ -1,0 +1,111 @@
+"""Training throughput of the study's GLUE jobs, before and after the performance work: tokens/s.
+
+``python -m bench.glue_epoch [--task cola] [--moe rmoe] [--batches 0] [--threads 1]`` composes the study's
+own job config (``sweeps/reproduce_glue.yaml``, the same files the study reads) once per variant,
+instantiates its data and module, and runs training steps (forward, loss with λ = 0.01, backward, AdamW)
+over the first ``--batches`` batches of epoch 0 (0: the whole epoch) of every variant, interleaved
+batch by batch so that load drift on a shared machine hits each variant alike. It prints, per
+variant, the real (non-pad) tokens, the padded tokens, the training time and real tokens/s, and the
+ratio of each variant's tokens/s to the first. Not a test: numbers measured side by side.
+
+Variants (Hydra overrides on top of the study's config):
+
+* ``random``: batches drawn in a seeded random order (the superseded study's loader);
+* ``by_length``: ``data.group_by_length=true`` (batches of similar length: fewer pad tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "random": ["data.group_by_length=false"],
+    "by_length": ["data.group_by_length=true"],
+}
+
+
+def compose(task: str, moe: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from tasks.run.common import register_resolvers
+
+    register_resolvers()  # the rmoe_* interpolations
+    with initialize_config_dir(config_dir=str(REPO / "sweeps"), version_base=None):
+        return hydra_compose("reproduce_glue", overrides=[f"hydra.searchpath=[file://{REPO / 'tasks' / 'conf'}]",
+                                                          f"task=glue/{task}", f"moe={moe}", "seed=0", *overrides])
+
+
+class Job:
+    """One variant: its loader's epoch-0 batches, its module and optimizer."""
+
+    def __init__(self, cfg) -> None:
+        import hydra
+
+        torch.manual_seed(0)
+        self.dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+        self.dm.setup("fit")
+        self.module = hydra.utils.instantiate(cfg.module, _convert_="all")
+        self.module.set_lambda(0.01)
+        self.module.train()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=float(cfg.module.lr))
+        loader = self.dm.train_dataloader()
+        loader.sampler.set_epoch(0)
+        self.batches = list(loader)
+        self.seconds, self.real, self.padded, self.done = 0.0, 0, 0, 0
+
+    def step(self, i: int) -> None:
+        batch = self.batches[i]
+        t0 = time.perf_counter()
+        logits = self.module(batch)
+        loss, _, _ = self.module.moe_loss(self.module.task_loss(logits, batch["labels"]), self.module.encoder)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.seconds += time.perf_counter() - t0
+        mask = batch["attention_mask"]
+        self.real += int(mask.sum())
+        self.padded += mask.numel()
+        self.done += 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="cola", choices=("cola", "mrpc", "rte"))
+    ap.add_argument("--moe", default="rmoe", help="the moe config (dense, moe_topk, dynmoe, rmoe, lossfree)")
+    ap.add_argument("--batches", type=int, default=0, help="batches of epoch 0 per variant (0: all)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the study's jobs use 1)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, first = reference")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    names = a.variants.split(",")
+    jobs = {n: Job(compose(a.task, a.moe, VARIANTS[n])) for n in names}
+    n = min(len(j.batches) for j in jobs.values())
+    n = n if a.batches <= 0 else min(n, a.batches)
+    for j in jobs.values():  # warm-up step (allocator, lazy init), not counted
+        j.step(0)
+        j.seconds, j.real, j.padded, j.done = 0.0, 0, 0, 0
+    for i in range(n):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            jobs[name].step(i)
+    ref = jobs[names[0]]
+    print(f"GLUE {a.task}, moe={a.moe}, study config sweeps/reproduce_glue.yaml, {n} batches of epoch 0 per variant, "
+          f"{a.threads} thread(s), torch {torch.__version__}")
+    head = f"{'real tok':>9} {'padded tok':>11} {'train s':>8} {'real tok/s':>11}"
+    print(f"  {'variant':<12} {head} {'x ' + names[0]:>10}")
+    for name, j in jobs.items():
+        rate = j.real / j.seconds
+        print(f"  {name:<12} {j.real:>9} {j.padded:>11} {j.seconds:>8.1f} {rate:>11.0f} "
+              f"{rate / (ref.real / ref.seconds):>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
