@@ -7,7 +7,8 @@ Keys (``<layer>`` is the MoE layer's index among the model's MoE layers, e.g. ``
   dead_experts, active_experts, experts_per_token, no_expert_share, dropped_rate, router_entropy,
   router_confidence, aux_loss, z_loss, fusion_entropy}``;
 * fixed probe batch, every ``probe_every_n_steps``: ``routing/<layer>/{top1_flip_rate, jaccard_churn,
-  last_fluctuation_step, fusion_drift}``;
+  last_fluctuation_step, fusion_drift}`` (the top-1 is the expert the router selects first: by the
+  probabilities, or by the biased scores ``s + b`` of the loss-free router);
 * validation pass: ``routing/<layer>/{val_dead_experts, val_load_cv, domain_js}`` (domain_js when
   there are several validation dataloaders, e.g. DomainBed domains).
 
@@ -227,8 +228,10 @@ class RoutingStabilityCallback(Callback):
             run_probe(pl_module, _to_device(self.probe_batch, pl_module.device))
             for name, moe in layers:
                 rec = moe.last_routing
-                probs = rec.router_probs.masked_fill(~rec.active_mask, float("-inf"))
-                top1, sets = probs.argmax(-1), rec.expert_indices
+                # the top-1 the router selects by: the biased s + b for the loss-free router
+                scores = rec.selection_scores if rec.selection_scores is not None else rec.router_probs
+                top1 = scores.masked_fill(~rec.active_mask, float("-inf")).argmax(-1)
+                sets = rec.expert_indices
                 out = {}
                 if name in self.prev_top1 and self.prev_top1[name].shape == top1.shape:
                     flips = self._reduce_sum(trainer, (self.prev_top1[name].to(top1.device) != top1).sum().double())

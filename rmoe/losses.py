@@ -44,21 +44,88 @@ def _dist_world() -> int:
     return 1
 
 
-def global_batch_balance_loss(router_probs: Tensor, top1: Tensor, reduce: bool = True) -> Tensor:
-    """Global-batch Switch loss (Qwen): ``E · Σ_e f_e P_e`` with ``f_e`` over the whole data-parallel
-    batch and ``P_e`` over this rank's tokens.
+@dataclass(frozen=True)
+class GlobalBatchWindow:
+    """``f_e`` of the ``global_batch`` loss for one micro-batch of a gradient-accumulation window, set on
+    the router around that micro-batch's training forward (:mod:`rmoe.accumulation`).
 
-    The first-choice counts and the token count are summed over ranks (``reduce`` and a process group
-    up): ``f_e = C_e / N`` with ``C_e``, ``N`` global constants (no gradient). Rank ``r`` with ``n_r``
-    tokens returns ``E · Σ_e f_e · R · Σ_{t∈r} p_te / N`` (``R`` ranks): the mean of these over ranks is
-    the full-batch loss ``E Σ_e f_e P_e^{global}``, so DDP's gradient *averaging* yields exactly the
-    full-batch gradient, for any ``R`` and unequal token counts. With one process it is
-    :func:`switch_balance_loss`. One optimizer step must be one forward per rank: gradient
-    accumulation over micro-batches would need the later micro-batches' counts (rejected in config).
+    counts: ``[E]`` first-choice counts ``C_e`` over every micro-batch of the window and every rank;
+    total: their tokens ``N``; scale: ``R · M`` (ranks × micro-batches in the window); expected:
+    ``[E + 1]`` this rank's first-choice counts and token count of this micro-batch as the routing
+    pre-pass routed it — the forward checks that it routes exactly these (None: no check).
+    """
+
+    counts: Tensor
+    total: float
+    scale: float
+    expected: Tensor | None = None
+
+
+class GlobalBatchCounter:
+    """Set on a router during the routing pre-pass: each training forward appends its ``[E + 1]``
+    first-choice counts and token count to ``recorded`` and returns a zero loss (no all-reduce)."""
+
+    def __init__(self) -> None:
+        self.recorded: list[Tensor] = []
+
+
+class _WindowRequired:
+    """Sentinel: gradient accumulation is on, so a training forward must have a :class:`GlobalBatchWindow`."""
+
+    def __repr__(self) -> str:
+        return "WINDOW_REQUIRED"
+
+
+WINDOW_REQUIRED = _WindowRequired()
+
+
+def global_batch_balance_loss(router_probs: Tensor, top1: Tensor, reduce: bool = True,
+                              window: GlobalBatchWindow | GlobalBatchCounter | _WindowRequired | None = None
+                              ) -> Tensor:
+    """Global-batch Switch loss (Qwen): ``E · Σ_e f_e P_e`` with ``f_e`` over the whole global batch of
+    the optimizer step and ``P_e`` over this forward's tokens.
+
+    ``window`` None (one forward per rank and step): the first-choice counts and the token count are
+    summed over ranks (``reduce`` and a process group up): ``f_e = C_e / N`` with ``C_e``, ``N`` global
+    constants (no gradient). Rank ``r`` with ``n_r`` tokens returns ``E · Σ_e f_e · R · Σ_{t∈r} p_te / N``
+    (``R`` ranks): the mean of these over ranks is the full-batch loss ``E Σ_e f_e P_e^{global}``, so
+    DDP's gradient *averaging* yields exactly the full-batch gradient, for any ``R`` and unequal token
+    counts. With one process it is :func:`switch_balance_loss`.
+
+    ``window`` a :class:`GlobalBatchWindow` (gradient accumulation over ``M`` micro-batches): ``C_e`` and
+    ``N`` come from the window (all micro-batches, all ranks) and the forward returns
+    ``E · Σ_e f_e · (R·M) · Σ_{t∈(m,r)} p_te / N``. Divided by the accumulation count ``A`` and summed
+    over the micro-batches, then averaged over ranks, this is ``(M/A) · E Σ_e f_e P_e`` of the whole
+    window: the full-batch loss for a full window (``M = A``), and for the epoch's shorter last window
+    the same ``M/A`` factor the trainer's division gives the task loss. The forward's own counts must
+    equal ``window.expected`` (else RuntimeError). A :class:`GlobalBatchCounter` records the counts
+    (routing pre-pass); :data:`WINDOW_REQUIRED` raises (accumulation without a window).
     """
     n, e = router_probs.shape
     counts = torch.bincount(top1, minlength=e).to(torch.float64)
     stats = torch.cat([counts, counts.new_tensor([float(n)])])
+    if isinstance(window, GlobalBatchCounter):
+        window.recorded.append(stats)
+        return router_probs.sum() * 0.0
+    if isinstance(window, _WindowRequired):
+        raise RuntimeError("moe.aux_loss='global_batch' under gradient accumulation: this training forward has "
+                           "no accumulation window (its f_e would count one micro-batch only); the routing "
+                           "pre-pass (rmoe.accumulation, callbacks.balancing.BalancingCallback) sets one around "
+                           "every training micro-batch")
+    if window is not None:
+        if window.expected is not None and not torch.equal(stats, window.expected.to(stats)):
+            raise RuntimeError(
+                "global_batch accumulation window: this training forward routed first-choice counts and tokens "
+                f"{stats.tolist()} but the routing pre-pass of the same micro-batch routed "
+                f"{window.expected.tolist()}; f_e would not be the global batch's. The forward is not reproducible "
+                "between the pre-pass and the training forward: non-deterministic kernels (on CUDA the experts' "
+                "index_add; set trainer.deterministic=true), state changed between micro-batches (Stateful Fusion's "
+                "m moved by a validation inside the window: validate at window ends), or random numbers drawn "
+                "inside the forward from a generator other than torch's CPU and CUDA ones")
+        if window.total == 0:
+            return router_probs.sum() * 0.0
+        f = (window.counts.to(device=router_probs.device, dtype=torch.float64) / window.total).to(router_probs.dtype)
+        return e * torch.sum(f * router_probs.sum(0)) * (window.scale / window.total)
     world = 1
     if reduce and _dist_world() > 1:
         torch.distributed.all_reduce(stats)
@@ -196,7 +263,8 @@ class AuxInputs:
     empty), when the router has such a choice. seq_ids: ``[N]`` each token's sequence (None: no
     sequence layout). training: the router is in training mode (losses that reduce over
     data-parallel ranks do so only then: every rank runs the same training forwards). For the
-    ``lossfree`` router ``probs`` are its scores normalised over experts.
+    ``lossfree`` router ``probs`` are its scores normalised over experts. global_batch_window: the
+    router's ``global_batch_window`` (:func:`global_batch_balance_loss`; read in training only).
     """
 
     logits: Tensor
@@ -211,6 +279,7 @@ class AuxInputs:
     selected: Tensor | None = None
     seq_ids: Tensor | None = None
     training: bool = False
+    global_batch_window: object | None = None
 
 
 AuxFn = Callable[[AuxInputs], Tensor]
@@ -272,7 +341,8 @@ def _gshard_binary(a: AuxInputs) -> Tensor:
 
 @register_aux_loss("global_batch", families=("softmax",))
 def _global_batch(a: AuxInputs) -> Tensor:
-    return global_batch_balance_loss(a.probs, a.first_choice, reduce=a.training)
+    return global_batch_balance_loss(a.probs, a.first_choice, reduce=a.training,
+                                     window=a.global_batch_window if a.training else None)
 
 
 @register_aux_loss("seq_balance", families=("softmax", "lossfree"))

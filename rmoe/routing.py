@@ -34,6 +34,8 @@ class RoutingRecord:
     tokens_per_expert: ``[E]`` long, tokens each expert processes (after dropping).
     active_mask:    ``[E]`` bool, experts in the pool.
     aux_loss, z_loss: scalars. num_dropped: assignments dropped by capacity.
+    selection_scores: ``[N, E]`` the scores the experts were selected by when they are not
+                    ``router_probs`` (``lossfree``: the biased ``s + b``); None otherwise.
     """
 
     expert_indices: Tensor
@@ -48,6 +50,7 @@ class RoutingRecord:
     num_dropped: Tensor
     dispatch_scores: Tensor | None = None
     fusion_pi: Tensor | None = None
+    selection_scores: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -104,6 +107,8 @@ class Router(nn.Module):
     ``fail(key, value, allowed)``. ``forward`` may take ``seq_ids`` (``[N]``, each real token's
     sequence; :class:`rmoe.layer.MoELayer` passes it to routers whose ``forward`` has that argument).
     The aux loss is looked up once, by name, in :data:`rmoe.registry.AUX_LOSSES`.
+    ``global_batch_window`` (not saved) is what the ``global_batch`` loss takes ``f_e`` from under
+    gradient accumulation (:mod:`rmoe.accumulation`); None: from the forward itself.
     """
 
     family: str = ""
@@ -118,6 +123,7 @@ class Router(nn.Module):
         self.cfg = cfg
         self.num_experts = cfg.max_experts
         self.aux_loss_fn = AUX_LOSSES[cfg.aux_loss]
+        self.global_batch_window: object | None = None
 
     @property
     def active_mask(self) -> Tensor:
@@ -162,7 +168,7 @@ class SoftmaxTopKRouter(Router):
         aux = self.aux_loss_fn(AuxInputs(logits=clean, noisy_logits=noisy, probs=probs, gates=probs,
                                          first_choice=top_i[:, 0], active=active, top_k=k,
                                          noise_std=cfg.gate_noise / e, selected=top_i, seq_ids=seq_ids,
-                                         training=self.training))
+                                         training=self.training, global_batch_window=self.global_batch_window))
         return RoutingRecord(
             expert_indices=idx,
             expert_weights=weights,
@@ -420,7 +426,8 @@ class LossFreeRouter(Router):
             probs = scores / scores.sum(-1, keepdim=True).clamp_min(tiny)
         else:
             scores = probs = torch.softmax(logits, dim=-1)
-        top_i = (scores.detach() + self.bias.float()).topk(k, dim=-1).indices
+        selection = scores.detach() + self.bias.float()
+        top_i = selection.topk(k, dim=-1).indices
         top_s = scores.gather(1, top_i)
         gate = top_s / top_s.sum(-1, keepdim=True).clamp_min(tiny) if (cfg.normalize_gate and k > 1) else top_s
         counts = tokens_per_expert(top_i, e)
@@ -442,6 +449,7 @@ class LossFreeRouter(Router):
             z_loss=losses.router_z_loss(logits),
             num_dropped=torch.zeros((), dtype=torch.long, device=x.device),
             dispatch_scores=probs,
+            selection_scores=selection,
         )
 
     @torch.no_grad()

@@ -5,6 +5,9 @@ broadcast from rank 0 at every forward, gradients averaged), or, through :func:`
 
 * ``global_batch``: one step, the loss is the layer's aux loss alone; returned: the loss value and the
   router weight's gradient after DDP's averaging.
+* ``global_batch`` under gradient accumulation: one step of ``MICRO`` micro-batches in one
+  ``rmoe.accumulation`` window (the first under ``no_sync``); one process: a single forward over all rows of
+  all micro-batches; returned: the router weight's gradient and the window's token count.
 * ``lossfree``: ``STEPS`` optimizer steps of 2 micro-batches each (the first under ``no_sync``, as
   gradient accumulation does), ``update_bias()`` after each; returned: the accumulated counts before
   each update and the bias after it.
@@ -76,6 +79,27 @@ def run(rank: int, world_size: int) -> dict:
     out["gb_loss"] = float(aux.detach())
     out["gb_grad"] = gb.router.weight.grad.detach().clone()
     out["gb_tokens"] = int(mask[rows].sum())
+    # global_batch under gradient accumulation: 2 micro-batches per rank in one window (rmoe.accumulation's
+    # pre-pass all-reduces the window's counts); one process: one forward over all rows of both micro-batches
+    gba = build()[0]
+    xs = [batch(g) for _ in range(MICRO)]
+    if world_size > 1:
+        from rmoe.accumulation import open_window
+
+        gba_m = torch.nn.parallel.DistributedDataParallel(Wrap(gba), find_unused_parameters=True).train()
+        window = open_window(gba, [lambda x=x, m=m: gba(x[rows], m[rows]) for x, m in xs])
+        out["gba_window_tokens"] = [float(c[-1]) for c in window.counts]
+        for j, (x, m) in enumerate(xs):
+            sync = gba_m.no_sync() if j < MICRO - 1 else contextlib.nullcontext()
+            with sync, window.micro_batch(j):
+                _, aux = gba_m(x[rows], m[rows])
+                (aux / MICRO).backward()
+    else:
+        gba.train()
+        _, rec = gba(torch.cat([x for x, _ in xs]), torch.cat([m for _, m in xs]))
+        rec.aux_loss.backward()
+        out["gba_window_tokens"] = [float(sum(int(m.sum()) for _, m in xs))]
+    out["gba_grad"] = gba.router.weight.grad.detach().clone()
     lf_m.train()
     for _ in range(STEPS):
         for i in range(MICRO):

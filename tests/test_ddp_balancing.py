@@ -4,6 +4,8 @@ balancing methods (``tests/_ddp_balancing_worker.py``; the ranks hold different 
 * ``global_batch``: the loss values of the two ranks average to the one-process loss of the union, and
   the router gradient after DDP's averaging is the one-process gradient — not off by the data-parallel
   size, and exact with unequal token counts;
+* ``global_batch`` with gradient accumulation (``rmoe.accumulation``'s routing pre-pass): 2 micro-batches on
+  each of 2 ranks give the gradient of one forward over all their rows in one process;
 * ``lossfree``: the counts accumulated over 2 micro-batches (first under ``no_sync``, DDP broadcasting
   rank 0's buffers at every forward) are the union's on both ranks, and so is the bias after each
   ``update_bias()``; the second step's routing depends on the first step's bias.
@@ -52,6 +54,13 @@ def test_two_gloo_ranks_equal_one_process_for_global_batch_and_lossfree(tmp_path
     assert_close(r0["gb_grad"], one["gb_grad"], rtol=1e-5, atol=1e-7)
     assert_close(r1["gb_grad"], one["gb_grad"], rtol=1e-5, atol=1e-7)
     assert float(one["gb_grad"].abs().sum()) > 0
+
+    # global_batch accumulated over 2 micro-batches on 2 ranks: the window counts every token of both, and the
+    # gradient is that of one forward over all of them in one process
+    assert r0["gba_window_tokens"] == r1["gba_window_tokens"] == one["gba_window_tokens"]
+    assert_close(r0["gba_grad"], one["gba_grad"], rtol=1e-5, atol=1e-7)
+    assert_close(r1["gba_grad"], one["gba_grad"], rtol=1e-5, atol=1e-7)
+    assert float(one["gba_grad"].abs().sum()) > 0
 
     # loss-free balancing: the step's counts (both micro-batches, both ranks) and the bias, on every rank
     for step in range(w.STEPS):

@@ -93,6 +93,23 @@ def test_loss_includes_lambda_times_aux(tmp_path):
         assert float(r["train/aux_loss"]) >= 1.0 - 1e-5  # switch balance loss is >= 1
 
 
+@pytest.mark.parametrize("overrides", [
+    pytest.param(["task=glue/cola", "moe=moe_topk", "moe.gate_noise=1.0", "trainer.accumulate_grad_batches=2"],
+                 id="glue"),
+    pytest.param(["task=domainbed/rotated_digits", "backbone=vit_tiny", "moe=gmoe",
+                  "trainer.accumulate_grad_batches=3"], id="domainbed"),
+])
+def test_global_batch_trains_under_gradient_accumulation(tmp_path, overrides):
+    """moe.aux_loss=global_batch with accumulation through train(): every window's routing pre-pass reproduces the
+    real forwards (gate noise, dropout, capacity; the loss raises otherwise) with the task's own loader (GLUE's
+    resumable sampler; DomainBed's endless stream, which Lightning prefetches) and the default callbacks."""
+    cfg = make_cfg(tmp_path, "moe.aux_loss=global_batch", *overrides)
+    metrics, obj = train(cfg)
+    assert obj["trainer"].global_step == 2  # 4 batches: windows of 2 and 2 (GLUE) or of 3 and 1 (DomainBed)
+    assert math.isfinite(metrics["train/aux_loss"])
+    assert all(m.router.global_batch_window is None for _, m in find_moe_layers(obj["model"]))
+
+
 def _state(model):
     sd = model.state_dict()
     return {k: v.clone() for k, v in sd.items() if k.endswith("fusion.m") or k.endswith("router.expert_mask")}

@@ -68,10 +68,14 @@ class DomainBedModule(MoEModule):
         x = torch.cat([b[0] for b in batch]) if isinstance(batch[0], (list, tuple)) else batch[0]
         self.model(x.to(self.device))
 
+    def training_forward(self, batch: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """The forward of :meth:`training_step`: all training domains' images in one batch (also the
+        global-batch routing pre-pass's)."""
+        return self.model(torch.cat([b[0] for b in batch]))
+
     def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
-        x = torch.cat([b[0] for b in batch])
         y = torch.cat([b[1] for b in batch])
-        logits = self.model(x)
+        logits = self.training_forward(batch)
         task_loss = F.cross_entropy(logits, y)
         loss, aux, z = self.moe_loss(task_loss, self.model)
         acc = (logits.argmax(-1) == y).float().mean()

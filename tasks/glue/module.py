@@ -86,8 +86,12 @@ class GLUEModule(MoEModule):
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
         return F.cross_entropy(logits.float(), labels)
 
+    def training_forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The forward of :meth:`training_step` (also the global-batch routing pre-pass's)."""
+        return self(batch)
+
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self(batch)
+        logits = self.training_forward(batch)
         task_loss = self.task_loss(logits, batch["labels"])
         loss, aux, z = self.moe_loss(task_loss, self.encoder)
         bs = batch["labels"].shape[0]

@@ -9,9 +9,9 @@ the key, the value and what is allowed:
   end); ``trainer.limit_train_batches`` not 0;
 * ``moe.layers`` for an MoE method (``moe.router`` not null): a non-empty list of distinct integer
   layer indices within the backbone's depth (when it is known from the config);
-* ``trainer.accumulate_grad_batches``: 1 when ``moe.aux_loss`` is ``global_batch`` (its ``f_e`` counts
-  the whole global batch; under accumulation the later micro-batches' counts are not known when an
-  earlier one runs its backward, see ``rmoe.losses.global_batch_balance_loss``);
+* ``trainer.strategy`` when ``moe.aux_loss`` is ``global_batch`` and ``trainer.accumulate_grad_batches > 1``:
+  auto, single-device or DDP (the routing pre-pass that makes the global-batch loss exact under
+  accumulation runs the module's own forward: ``rmoe.accumulation``, ``callbacks.balancing``);
 * ``data.test_envs`` (DomainBed): a non-empty list of distinct environment indices that leaves at
   least one training environment;
 * ``module.lr`` and every other ``module.*lr``: a finite number > 0; ``module.weight_decay``: a
@@ -145,9 +145,15 @@ def check_moe(cfg: Any) -> None:
               f"{bad} outside the backbone's {depth} layers" if depth else f"{bad} negative")
     acc = _get(cfg, "trainer.accumulate_grad_batches", 1)
     if moe.get("aux_loss") == "global_batch" and _is_int(acc) and acc > 1:
-        _fail("trainer.accumulate_grad_batches", acc, "1 with moe.aux_loss=global_batch (or another moe.aux_loss)",
-              "the global-batch loss needs the expert counts of every micro-batch of a step before the first "
-              "backward; with gradient accumulation they are not known yet")
+        strategy = _get(cfg, "trainer.strategy", None)
+        target = strategy.get("_target_") if isinstance(strategy, Mapping) else strategy
+        short = str(target).rsplit(".", 1)[-1] if target is not None else "auto"
+        if not (short in ("auto", "single_device", "SingleDeviceStrategy", "DDPStrategy") or short.startswith("ddp")):
+            _fail("trainer.strategy", target, "auto, single_device or a DDP strategy (ddp, ddp_spawn, "
+                  "lightning.pytorch.strategies.DDPStrategy) with moe.aux_loss=global_batch and "
+                  f"trainer.accumulate_grad_batches={acc}, or trainer.accumulate_grad_batches=1",
+                  "the routing pre-pass that makes the global-batch loss exact under gradient accumulation runs "
+                  "the module's own forward, unwrapped")
 
 
 def check_test_envs(cfg: Any) -> None:

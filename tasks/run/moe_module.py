@@ -22,7 +22,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from rmoe import moe_losses
+from rmoe import ConfigError, moe_losses
+from rmoe.accumulation import global_batch_layers
 from rmoe.fusion import frozen_fusion
 
 
@@ -70,6 +71,21 @@ class MoEModule(L.LightningModule):
         if self.z_loss_weight:
             loss = loss + self.z_loss_weight * z
         return loss, aux, z
+
+    # --- global_batch under gradient accumulation ---------------------------------------------------
+    def on_fit_start(self) -> None:
+        """``moe.aux_loss=global_batch`` with ``trainer.accumulate_grad_batches > 1`` is exact only with the
+        routing pre-pass of ``callbacks.balancing.BalancingCallback``; without it each micro-batch's
+        ``f_e`` would count that micro-batch alone, so the run is refused."""
+        from callbacks.balancing import BalancingCallback
+
+        acc = max(int(self.trainer.accumulate_grad_batches), 1)
+        if acc > 1 and global_batch_layers(self) and not any(isinstance(c, BalancingCallback)
+                                                             for c in self.trainer.callbacks):
+            raise ConfigError(f"invalid config: trainer.accumulate_grad_batches={acc} with moe.aux_loss='global_batch' "
+                              "and no callbacks.balancing.BalancingCallback (its routing pre-pass gives every "
+                              "micro-batch the global batch's f_e); allowed: the balancing callback "
+                              "(callbacks=default), or trainer.accumulate_grad_batches=1")
 
     # --- sanity check ----------------------------------------------------------------------------
     def on_validation_start(self) -> None:

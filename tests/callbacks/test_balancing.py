@@ -1,7 +1,8 @@
 """callbacks.balancing in real (tiny) Lightning runs: ``update_bias`` once per optimizer step (gradient
-accumulation and the epoch's last partial accumulation included), a no-op without loss-free routers,
-global_batch refused under accumulation, and an exact resume from a checkpoint written mid-accumulation
-(bias and partial counts restored; the resumed run ends with the uninterrupted run's bias)."""
+accumulation and the epoch's last partial accumulation included), a no-op without loss-free routers, the
+config check on global_batch under accumulation, and an exact resume from a checkpoint written
+mid-accumulation (bias and partial counts restored; the resumed run ends with the uninterrupted run's bias).
+global_batch under accumulation itself: tests/callbacks/test_global_batch_accumulation.py."""
 
 import lightning.pytorch as pl
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.balancing import BalancingCallback
-from rmoe import ConfigError, build_moe_layer, moe_losses
+from rmoe import build_moe_layer, moe_losses
 from tasks.run.samplers import resumable_train_loader
 
 U = 0.25
@@ -76,31 +77,34 @@ def test_update_after_every_optimizer_step_including_the_last_partial_accumulati
     assert int(module.moe.router.load_counts.sum()) == 0
 
 
-def test_noop_without_lossfree_router_and_global_batch_refused_under_accumulation(tmp_path):
+def test_noop_without_lossfree_router(tmp_path):
     module, cb = Tiny(router="topk", freeze_router=False), BalancingCallback(log=False)
     _trainer(tmp_path, [cb], acc=2, epochs=1).fit(module, DataLoader(_data(), batch_size=4))
     assert cb.updates == 0
-    gb = Tiny(router="topk", aux_loss="global_batch", freeze_router=False)
-    msg = (r"moe.aux_loss='global_batch' with trainer.accumulate_grad_batches=2 \(the global-batch loss needs every "
-           r"micro-batch's expert counts before the first backward")
-    with pytest.raises(ConfigError, match=msg):
-        _trainer(tmp_path, [BalancingCallback()], acc=2, epochs=1).fit(gb, DataLoader(_data(), batch_size=4))
 
 
-def test_tasks_config_check_refuses_global_batch_with_accumulation():
+def test_tasks_config_check_accepts_global_batch_with_accumulation_and_refuses_other_strategies():
     from hydra import compose, initialize_config_dir
 
     from tasks.run.checks import ConfigError as TaskConfigError
     from tasks.run.checks import check_config
     from tasks.train import CONF_DIR
 
+    base = ["task=glue/rte", "moe=moe_topk", "moe.aux_loss=global_batch"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        ok = compose(config_name="train", overrides=["task=glue/rte", "moe=moe_topk", "moe.aux_loss=global_batch"])
-        bad = compose(config_name="train", overrides=["task=glue/rte", "moe=moe_topk", "moe.aux_loss=global_batch",
-                                                      "trainer.accumulate_grad_batches=4"])
-    check_config(ok)
-    with pytest.raises(TaskConfigError, match=r"trainer.accumulate_grad_batches=4 \(the global-batch loss needs .*"
-                                              r"allowed: 1 with moe.aux_loss=global_batch"):
+        ok = [compose(config_name="train", overrides=base + extra)
+              for extra in ([], ["trainer.accumulate_grad_batches=4"],
+                            ["trainer=ddp", "trainer.accumulate_grad_batches=4"],
+                            ["+trainer.strategy=ddp_spawn", "trainer.accumulate_grad_batches=2"])]
+        bad = compose(config_name="train", overrides=base + ["trainer.accumulate_grad_batches=4",
+                                                             "+trainer.strategy=fsdp"])
+        fsdp_acc1 = compose(config_name="train", overrides=base + ["+trainer.strategy=fsdp"])
+    for cfg in ok + [fsdp_acc1]:
+        check_config(cfg)
+    with pytest.raises(TaskConfigError, match=r"invalid config: trainer.strategy='fsdp' \(the routing pre-pass .*\); "
+                                              r"allowed: auto, single_device or a DDP strategy .* with "
+                                              r"moe.aux_loss=global_batch and trainer.accumulate_grad_batches=4, or "
+                                              r"trainer.accumulate_grad_batches=1"):
         check_config(bad)
 
 

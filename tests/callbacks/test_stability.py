@@ -93,6 +93,44 @@ def test_probe_flip_rate_matches_router_weights_by_hand(tmp_path):
     assert torch.equal(cb.prev_top1["moe0"], top1[4])
 
 
+class BiasSnapshot(pl.Callback):
+    """Keeps the loss-free router's bias after every optimizer step (after the balancing callback's update,
+    before the stability callback's probe)."""
+
+    def __init__(self):
+        self.bias = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.bias[trainer.global_step] = pl_module.moe.router.bias.detach().clone()
+
+
+def test_probe_flip_rate_of_the_lossfree_router_counts_its_biased_selection(tmp_path):
+    """The loss-free router selects by s + b: with its weights frozen only the bias moves, so the top-1 of the
+    unbiased scores never changes while the selected expert does."""
+    from callbacks.balancing import BalancingCallback
+
+    torch.manual_seed(0)
+    module = TinyMoEClassifier(router="lossfree")
+    module.moe = build_moe_layer(8, 16, router="lossfree", num_experts=4, top_k=2, bias_update_rate=0.02)
+    module.moe.router.weight.requires_grad_(False)
+    w = module.moe.router.weight.detach().clone()
+    snap = BiasSnapshot()
+    cb = RoutingStabilityCallback(log_every_n_steps=1, probe_every_n_steps=1, probe_size=16)
+    _fit(tmp_path, module, [BalancingCallback(log=False), snap, cb], steps=4)
+    probe_x = cb.probe_batch[0]
+    scores = torch.softmax(probe_x @ w.t(), -1)
+    top1 = {s: (scores + b).argmax(-1) for s, b in snap.bias.items()}
+    rows = [r for r in _rows(tmp_path) if r.get("routing/moe0/top1_flip_rate")]
+    assert rows, "flip rate never logged"
+    expected = []
+    for r in rows:
+        s = int(r["step"]) + 1  # Lightning writes metrics logged after optimizer step s at row s - 1
+        expected.append(float((top1[s] != top1[s - 1]).double().mean()))
+        assert float(r["routing/moe0/top1_flip_rate"]) == pytest.approx(expected[-1])
+    assert max(expected) > 0  # the selection moved (the unbiased top-1 never does: frozen weights)
+    assert torch.equal(cb.prev_top1["moe0"], top1[4])
+
+
 def test_keys_in_csv_plots_and_state_roundtrip(tmp_path):
     torch.manual_seed(0)
     cb = RoutingStabilityCallback(log_every_n_steps=1, probe_every_n_steps=2, probe_size=16)

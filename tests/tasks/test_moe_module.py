@@ -178,3 +178,29 @@ def test_sanity_check_does_not_move_fusion_state_under_update_in_eval():
     assert seen["m"].abs().sum() == 0  # the sanity check's two batches left m alone
     assert module.moe.fusion.m.abs().sum() > 0  # training (and the real validation) moved it
     assert not module.moe.fusion.frozen
+
+
+def test_global_batch_under_accumulation_needs_the_balancing_callback():
+    """Without callbacks.balancing nothing gives the micro-batches the window's f_e: refused before training;
+    with it, the module's training_forward runs the pre-pass."""
+    from callbacks.balancing import BalancingCallback
+    from rmoe import ConfigError
+
+    class GlobalBatch(TinyMoE):
+        def __init__(self):
+            super().__init__()
+            self.layer = build_moe_layer(4, 8, router="topk", num_experts=2, top_k=1, aux_loss="global_batch")
+
+        def training_forward(self, batch):
+            return self(batch[0])
+
+    def fit(callbacks, acc=2):
+        L.Trainer(max_epochs=1, accumulate_grad_batches=acc, callbacks=callbacks, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  num_sanity_val_steps=0).fit(GlobalBatch(), loader())
+
+    with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches=2 with moe.aux_loss='global_batch' and no "
+                                          r"callbacks.balancing.BalancingCallback .*allowed: the balancing callback"):
+        fit([])
+    fit([], acc=1)
+    fit([BalancingCallback()])
