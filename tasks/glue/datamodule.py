@@ -36,6 +36,15 @@ def _check_positive(key: str, value: Any, allow_none: bool = False) -> None:
                             + (" or null" if allow_none else ""))
 
 
+ROW_STRIDE = 1 << 24  # row ids: split k (0 = train, then the validation splits, held-out last) starts at k * ROW_STRIDE
+
+
+def _with_rows(ds, split: int):
+    """``ds`` with a ``row`` column: an id per example, unique across this data module's splits (the
+    module's frozen-prefix cache is keyed by it)."""
+    return ds.add_column("row", list(range(split * ROW_STRIDE, split * ROW_STRIDE + len(ds))))
+
+
 class GLUEDataModule(L.LightningDataModule):
     """``setup()`` builds ``self.train_set`` and ``self.val_sets`` (a list, headline split first).
 
@@ -151,21 +160,24 @@ class GLUEDataModule(L.LightningDataModule):
         raw = self._raw_splits()
         train_rows, held_rows = self.heldout_split(len(raw["train"]))
         train = raw["train"].select(train_rows) if held_rows else raw["train"]
-        self.train_set = self._tokenize(self._subset(train, self.max_train_samples))
+        self.train_set = _with_rows(self._tokenize(self._subset(train, self.max_train_samples)), 0)
         self.val_names = [s for s, _ in self.task.val_splits]
-        self.val_sets = [self._tokenize(self._subset(raw[s], self.max_eval_samples)) for s in self.val_names]
+        self.val_sets = [_with_rows(self._tokenize(self._subset(raw[s], self.max_eval_samples)), k + 1)
+                         for k, s in enumerate(self.val_names)]
         if held_rows:  # evaluated after the dev split(s), logged as val_heldout/*
-            self.heldout_set = self._tokenize(raw["train"].select(held_rows))
+            self.heldout_set = _with_rows(self._tokenize(raw["train"].select(held_rows)), len(self.val_sets) + 1)
             self.val_names.append("heldout")
             self.val_sets.append(self.heldout_set)
 
     # --- loaders ----------------------------------------------------------------------------
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         labels = [f["labels"] for f in features]
-        batch = self.tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in features],
+        batch = self.tokenizer.pad([{k: v for k, v in f.items() if k not in ("labels", "row")} for f in features],
                                    padding=True, return_tensors="pt")
         dtype = torch.float32 if self.task.is_regression else torch.long
         batch["labels"] = torch.tensor(labels, dtype=dtype)
+        if all("row" in f for f in features):
+            batch["row"] = torch.tensor([f["row"] for f in features], dtype=torch.long)
         return dict(batch)
 
     def train_dataloader(self) -> DataLoader:

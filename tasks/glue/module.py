@@ -7,6 +7,13 @@ planned steps, optional warm-up (SPEC §5: weight decay 0, no warm-up). Logged:
 ``train/{loss,task_loss,aux_loss,z_loss}``, ``val/loss``, ``val/<metric>``, ``val/score``
 (headline, see :mod:`tasks.glue.metrics`) and ``val/score_best`` (its running max, a buffer so it
 survives resume); for MNLI the mismatched split is logged under ``val_mismatched/``.
+
+``freeze_layers = n > 0``: the embeddings and encoder layers ``0..n-1`` are a fixed feature extractor
+(no gradient, not in the optimizer, always in eval mode: no dropout), and the forward runs them, then
+layers ``n..`` itself. ``cache_frozen``: during ``fit``, the output of that frozen prefix is kept per
+example (the data module's ``row`` ids) and reused in later epochs and validations instead of being
+recomputed; the result is the same up to float rounding (pad positions are never attended to, and
+the MoE layers skip them through the attention mask), the cost of the frozen layers is paid once.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ class GLUEModule(MoEModule):
                  backend: str = "torch", heldout_samples: int | None = None, freeze_layers: int = 0,
                  lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
                  adam_eps: float = 1e-8, block_weight: float = 1.0, z_loss_weight: float = 0.0,
-                 classifier_dropout: float | None = None):
+                 classifier_dropout: float | None = None, cache_frozen: bool = False):
         super().__init__(lr=lr, weight_decay=weight_decay, block_weight=block_weight, z_loss_weight=z_loss_weight)
         self.save_hyperparameters()
         self.task = get_task(task)
@@ -46,6 +53,12 @@ class GLUEModule(MoEModule):
         layers, init, layer_cfg = split_moe_config(moe, backend)
         self.moe_layers = moefy_bert(self.encoder, layers, layer_cfg, init=init) if layer_cfg is not None else []
         self._freeze(int(freeze_layers), layers or [])
+        if not isinstance(cache_frozen, bool) or (cache_frozen and not self._n_frozen):
+            raise ValueError(f"invalid module.cache_frozen={cache_frozen!r} with "
+                             f"module.freeze_layers={freeze_layers!r}; allowed: false, or true with freeze_layers >= 1 "
+                             "(there is no frozen prefix to cache)")
+        self.cache_frozen = cache_frozen
+        self._frozen_cache: dict[int, Tensor] = {}  # row id -> frozen-prefix output [length, hidden]
         hidden = self.encoder.config.hidden_size
         drop = classifier_dropout if classifier_dropout is not None else self.encoder.config.hidden_dropout_prob
         self.head = nn.Sequential(nn.Dropout(drop), nn.Linear(hidden, self.task.num_labels))
@@ -60,6 +73,7 @@ class GLUEModule(MoEModule):
     def _freeze(self, n: int, moe_layers: list[int]) -> None:
         """Freeze the embeddings and encoder layers ``0..n-1`` (no gradients, not in the optimizer)."""
         blocks = self.encoder.encoder.layer
+        self._n_frozen = 0
         if isinstance(n, bool) or not 0 <= n <= len(blocks):
             raise ValueError(f"invalid module.freeze_layers={n!r}; allowed: an integer in [0, {len(blocks)}]")
         if n == 0:
@@ -71,15 +85,69 @@ class GLUEModule(MoEModule):
         for mod in [self.encoder.embeddings, *blocks[:n]]:
             for p in mod.parameters():
                 p.requires_grad_(False)
+        self._n_frozen = n
+
+    def train(self, mode: bool = True) -> GLUEModule:
+        """The frozen prefix stays in eval mode (a fixed feature extractor: no dropout)."""
+        super().train(mode)
+        if getattr(self, "_n_frozen", 0):
+            for mod in [self.encoder.embeddings, *self.encoder.encoder.layer[:self._n_frozen]]:
+                mod.eval()
+        return self
 
     # --- forward / losses -------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        if self._n_frozen:
+            return self.head(self._forward_after_frozen(batch))
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         out = self.encoder(**inputs)
         pooled = getattr(out, "pooler_output", None)
         if pooled is None:
             pooled = out.last_hidden_state[:, 0]
         return self.head(pooled)
+
+    def _forward_after_frozen(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The pooled output: the frozen prefix (or its cached output), then layers ``n..``."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        enc, n = self.encoder, self._n_frozen
+        attention_mask = batch["attention_mask"]
+        hidden = self._frozen_prefix(batch)
+        mask = create_bidirectional_mask(config=enc.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        token_mask = getattr(enc, "_rmoe_token_mask", None)  # the MoE layers route the real tokens only
+        if token_mask is not None:
+            token_mask.mask = attention_mask.bool()
+        for layer in enc.encoder.layer[n:]:
+            hidden = layer(hidden, mask)
+        return enc.pooler(hidden) if getattr(enc, "pooler", None) is not None else hidden[:, 0]
+
+    def _frozen_prefix(self, batch: Mapping[str, Tensor]) -> Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        enc, n = self.encoder, self._n_frozen
+        ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        rows = batch.get("row") if self.cache_frozen and self._trainer is not None \
+            and self.trainer.state.fn == "fit" else None
+        lengths = attention_mask.sum(1).tolist()
+        cache = self._frozen_cache
+        if rows is not None and all(int(r) in cache for r in rows.tolist()):
+            hidden = ids.new_zeros((*ids.shape, enc.config.hidden_size), dtype=torch.float32)
+            for i, (r, length) in enumerate(zip(rows.tolist(), lengths)):
+                cached = cache[int(r)]
+                if cached.shape[0] != length:
+                    raise RuntimeError(f"frozen-prefix cache: row {int(r)} has {cached.shape[0]} tokens cached and "
+                                       f"{length} in this batch (the data module's row ids must be unique per example)")
+                hidden[i, :length] = cached
+            return hidden
+        with torch.no_grad():
+            hidden = enc.embeddings(input_ids=ids, token_type_ids=batch.get("token_type_ids"))
+            mask = create_bidirectional_mask(config=enc.config, inputs_embeds=hidden, attention_mask=attention_mask)
+            for layer in enc.encoder.layer[:n]:
+                hidden = layer(hidden, mask)
+        if rows is not None:
+            for i, (r, length) in enumerate(zip(rows.tolist(), lengths)):
+                cache.setdefault(int(r), hidden[i, :length].clone())
+        return hidden
 
     def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         if self.task.is_regression:
@@ -157,6 +225,7 @@ class GLUEModule(MoEModule):
         from callbacks.run_summary import RunSummaryCallback
         from tasks.run.console import dev_summary
 
+        self._frozen_cache.clear()
         if not self.trainer.is_global_zero:
             return
         cbs = [c for c in self.trainer.callbacks if isinstance(c, RunSummaryCallback)]
