@@ -3,7 +3,8 @@
 ``python -m bench.glue_epoch [--task cola] [--moe rmoe] [--batches 0] [--threads 1]`` composes the study's
 own job config (``sweeps/reproduce_glue.yaml``, the same files the study reads) once per variant,
 instantiates its data and module, and runs training steps (forward, loss with λ = 0.01, backward, AdamW)
-over the first ``--batches`` batches of epoch 0 (0: the whole epoch) of every variant, interleaved
+over the first ``--batches`` batches (0: all) of its first ``--epochs`` epochs (default: the study's
+``trainer.max_epochs``) of every variant, interleaved
 batch by batch so that load drift on a shared machine hits each variant alike. It prints, per
 variant, the real (non-pad) tokens, the padded tokens, the training time and real tokens/s, and the
 ratio of each variant's tokens/s to the first. Not a test: numbers measured side by side.
@@ -11,7 +12,9 @@ ratio of each variant's tokens/s to the first. Not a test: numbers measured side
 Variants (Hydra overrides on top of the study's config):
 
 * ``random``: batches drawn in a seeded random order (the superseded study's loader);
-* ``by_length``: ``data.group_by_length=true`` (batches of similar length: fewer pad tokens).
+* ``by_length``: ``data.group_by_length=true`` (batches of similar length: fewer pad tokens);
+* ``by_length+cache``: also ``module.cache_frozen=true`` (the frozen layers' output computed once per
+  example and reused from the second epoch on; the module runs under a trainer in its fitting state).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
-    "random": ["data.group_by_length=false"],
-    "by_length": ["data.group_by_length=true"],
+    "random": ["data.group_by_length=false", "module.cache_frozen=false"],
+    "by_length": ["data.group_by_length=true", "module.cache_frozen=false"],
+    "by_length+cache": ["data.group_by_length=true", "module.cache_frozen=true"],
 }
 
 
@@ -45,20 +49,28 @@ def compose(task: str, moe: str, overrides: list[str]):
 class Job:
     """One variant: its loader's epoch-0 batches, its module and optimizer."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, epochs: int) -> None:
         import hydra
+        import lightning as L
+        from lightning.pytorch.trainer.states import TrainerFn
 
         torch.manual_seed(0)
         self.dm = hydra.utils.instantiate(cfg.data, _convert_="all")
         self.dm.setup("fit")
         self.module = hydra.utils.instantiate(cfg.module, _convert_="all")
         self.module.set_lambda(0.01)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.state.fn = TrainerFn.FITTING  # the frozen-prefix cache works while fitting only
+        self.module.trainer = trainer
         self.module.train()
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=float(cfg.module.lr))
         loader = self.dm.train_dataloader()
-        loader.sampler.set_epoch(0)
-        self.batches = list(loader)
+        self.batches = []
+        for epoch in range(epochs):
+            loader.sampler.set_epoch(epoch)
+            self.batches += list(loader)
         self.seconds, self.real, self.padded, self.done = 0.0, 0, 0, 0
 
     def step(self, i: int) -> None:
@@ -80,25 +92,29 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="cola", choices=("cola", "mrpc", "rte"))
     ap.add_argument("--moe", default="rmoe", help="the moe config (dense, moe_topk, dynmoe, rmoe, lossfree)")
-    ap.add_argument("--batches", type=int, default=0, help="batches of epoch 0 per variant (0: all)")
+    ap.add_argument("--batches", type=int, default=0, help="batches per variant (0: all of --epochs)")
+    ap.add_argument("--epochs", type=int, default=0, help="epochs (0: the study's trainer.max_epochs)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the study's jobs use 1)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, first = reference")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     names = a.variants.split(",")
-    jobs = {n: Job(compose(a.task, a.moe, VARIANTS[n])) for n in names}
+    cfgs = {n: compose(a.task, a.moe, VARIANTS[n]) for n in names}
+    epochs = a.epochs or int(cfgs[names[0]].trainer.max_epochs)
+    jobs = {n: Job(cfg, epochs) for n, cfg in cfgs.items()}
     n = min(len(j.batches) for j in jobs.values())
     n = n if a.batches <= 0 else min(n, a.batches)
-    for j in jobs.values():  # warm-up step (allocator, lazy init), not counted
+    for j in jobs.values():  # warm-up step (allocator, lazy init), not counted; the cache forgets it
         j.step(0)
         j.seconds, j.real, j.padded, j.done = 0.0, 0, 0, 0
+        j.module._frozen_cache.clear()
     for i in range(n):
         for name in names[i % len(names):] + names[:i % len(names)]:
             jobs[name].step(i)
     ref = jobs[names[0]]
-    print(f"GLUE {a.task}, moe={a.moe}, study config sweeps/reproduce_glue.yaml, {n} batches of epoch 0 per variant, "
-          f"{a.threads} thread(s), torch {torch.__version__}")
+    print(f"GLUE {a.task}, moe={a.moe}, study config sweeps/reproduce_glue.yaml, {n} batches of {epochs} epoch(s) "
+          f"per variant, {a.threads} thread(s), torch {torch.__version__}")
     head = f"{'real tok':>9} {'padded tok':>11} {'train s':>8} {'real tok/s':>11}"
     print(f"  {'variant':<12} {head} {'x ' + names[0]:>10}")
     for name, j in jobs.items():

@@ -132,8 +132,11 @@ class DomainBedDataModule(L.LightningDataModule):
         return min(len(s) / self.batch_size for s in self.in_splits)
 
     def _start_step(self) -> int:
+        """The batches drawn before this fit started: one per micro-batch of every optimizer step."""
         trainer = getattr(self, "trainer", None)
-        return int(trainer.global_step) if trainer is not None else 0
+        if trainer is None:
+            return 0
+        return int(trainer.global_step) * int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -304,3 +304,16 @@ def test_test_envs_outside_the_domains_fail_at_construction(test_envs):
 def test_unknown_dataset_is_named():
     with pytest.raises(DomainBedDataError, match="'Nope'.*RotatedMNIST"):
         DomainBedDataModule("Nope", None, [0])
+
+
+def test_the_stream_resumes_after_every_micro_batch_drawn_before(monkeypatch):
+    """A resumed fit restarts the stream at global_step x accumulate_grad_batches: with accumulation
+    every optimizer step drew that many batches."""
+    from types import SimpleNamespace
+
+    dm = DomainBedDataModule("RotatedDigits", None, test_envs=[0], batch_size=5, seed=7)
+    dm.setup()
+    for step, acc, start in ((0, 1, 0), (3, 1, 3), (3, 2, 6), (5, 4, 20)):
+        dm.trainer = SimpleNamespace(global_step=step, accumulate_grad_batches=acc, global_rank=0)
+        assert dm._start_step() == start
+        assert dm.train_dataloader().dataset.start_step == start
