@@ -94,13 +94,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--moe", default="rmoe", help="the moe config (dense, moe_topk, dynmoe, rmoe, lossfree)")
     ap.add_argument("--batches", type=int, default=0, help="batches per variant (0: all of --epochs)")
     ap.add_argument("--epochs", type=int, default=0, help="epochs (0: the study's trainer.max_epochs)")
+    ap.add_argument("--rows", type=int, default=0, help="training rows (0: the study's; fewer = a shorter run)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the study's jobs use 1)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, first = reference")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     names = a.variants.split(",")
-    cfgs = {n: compose(a.task, a.moe, VARIANTS[n]) for n in names}
+    rows = [f"data.max_train_samples={a.rows}"] if a.rows else []
+    cfgs = {n: compose(a.task, a.moe, VARIANTS[n] + rows) for n in names}
     epochs = a.epochs or int(cfgs[names[0]].trainer.max_epochs)
     jobs = {n: Job(cfg, epochs) for n, cfg in cfgs.items()}
     n = min(len(j.batches) for j in jobs.values())
@@ -113,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in names[i % len(names):] + names[:i % len(names)]:
             jobs[name].step(i)
     ref = jobs[names[0]]
-    print(f"GLUE {a.task}, moe={a.moe}, study config sweeps/reproduce_glue.yaml, {n} batches of {epochs} epoch(s) "
-          f"per variant, {a.threads} thread(s), torch {torch.__version__}")
+    print(f"GLUE {a.task}, moe={a.moe}, study config sweeps/reproduce_glue.yaml{' ' + rows[0] if rows else ''}, "
+          f"{n} batches of {epochs} epoch(s) per variant, {a.threads} thread(s), torch {torch.__version__}")
     head = f"{'real tok':>9} {'padded tok':>11} {'train s':>8} {'real tok/s':>11}"
     print(f"  {'variant':<12} {head} {'x ' + names[0]:>10}")
     for name, j in jobs.items():

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.run.moe_module import MoEModule
+from tasks.run.moe_module import MoEModule, fused_if_supported
 
 from .model import build_moe_vit
 
@@ -87,8 +87,9 @@ class DomainBedModule(MoEModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        return torch.optim.Adam(self.parameters(), lr=float(hp.lr), weight_decay=float(hp.weight_decay),
-                                betas=tuple(float(b) for b in hp.adam_betas))
+        params = list(self.parameters())
+        return torch.optim.Adam(params, lr=float(hp.lr), weight_decay=float(hp.weight_decay),
+                                betas=tuple(float(b) for b in hp.adam_betas), **fused_if_supported(params))
 
     # --- evaluation ---------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

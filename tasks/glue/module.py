@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from rmoe import moefy_bert
 from tasks.run.common import build_hf_encoder, linear_decay, split_moe_config
-from tasks.run.moe_module import MoEModule
+from tasks.run.moe_module import MoEModule, fused_if_supported
 
 from .metrics import build_metrics, predictions, with_headline
 from .tasks import get_task
@@ -241,7 +241,8 @@ class GLUEModule(MoEModule):
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         trainable = [p for p in self.parameters() if p.requires_grad]  # module.freeze_layers leaves some out
-        opt = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.adam_eps)
+        opt = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.adam_eps,
+                                **fused_if_supported(trainable))
         total = int(self.trainer.estimated_stepping_batches)
         sched = linear_decay(opt, total, int(hp.warmup_ratio * total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
