@@ -84,8 +84,8 @@ SHORTENED = {
         "layer 2 (of 6) instead of layer 10 (of 24), experts upcycled from its FFN",
         "embeddings and encoder layers 0-1 frozen (not trained, no dropout; their output computed once per example "
         "and reused: module.cache_frozen)",
-        "training rows: CoLA all 8,551 less 128 held out for epoch selection; MRPC and RTE 800 (a fixed data_seed=0 "
-        "subset of the rows not held out) instead of the full training sets",
+        "training rows: CoLA 3,000, MRPC and RTE 500 (a fixed data_seed=0 subset of the rows not held out; 128 more "
+        "held out for epoch selection) instead of the full training sets",
         "2 epochs instead of 10; max sequence length 64 instead of 128; batches grouped by length; lr 1e-4 (one "
         "value) instead of the grid {2e-5, 3e-5, 5e-5}",
         "5 seeds (0-4) per method, 3 (0-2) per ablation; dev sets complete",
@@ -95,7 +95,7 @@ SHORTENED = {
         "a ViT trained from scratch (4 blocks, width 64, 4 heads, MLP 2x, 7x7 patches = 16 tokens) instead of "
         "DeiT-S/16; MoE at blocks 2 and 3 instead of 8 and 10",
         "10,000 of the 70,000 MNIST digits (a fixed seeded subsample, dealt to the domains as DomainBed does)",
-        "300 steps instead of 5,001, evaluation after updates 1, 150 and 300 instead of every 300; "
+        "200 steps instead of 5,001, evaluation after updates 1, 100 and 200 instead of every 300; "
         "batch 32 per domain; "
         "Adam lr 2e-3 (DomainBed's small-image default is 1e-3; doubled for the short run)",
         "each method per conf/protocol/domainbed/<method>.yaml (RMoE as in the paper's released vision runs: "
