@@ -331,6 +331,13 @@ class CeilingRow:
     best: float
     best_epoch: int | None
     headline: str | None
+    wall_s: float | None = None  # mean wall time of its runs (summary ``wall_time_s``)
+
+
+def mean_wall_s(summaries: Sequence[Mapping[str, Any] | None]) -> float | None:
+    """The mean ``wall_time_s`` of the summaries that have one; None when none has."""
+    vals = [float(s["wall_time_s"]) for s in summaries if s and s.get("wall_time_s") is not None]
+    return math.fsum(vals) / len(vals) if vals else None
 
 
 def _dev_scores(summary: Mapping[str, Any]) -> list[float]:
@@ -351,10 +358,13 @@ def _lr_key(lr: Any) -> tuple:
 
 def ceiling_rows(runs: Sequence[Run]) -> list[CeilingRow]:
     by: dict[tuple[str, Any], list[tuple[list[float], str | None]]] = defaultdict(list)
+    summ: dict[tuple[str, Any], list[Mapping[str, Any]]] = defaultdict(list)
     for r in sorted(runs, key=lambda r: r.rel):
         scores = _dev_scores(r.summary or {})
         if scores:
-            by[(r.task, (r.summary or {}).get("lr"))].append((scores, (r.summary or {}).get("headline")))
+            key = (r.task, (r.summary or {}).get("lr"))
+            by[key].append((scores, (r.summary or {}).get("headline")))
+            summ[key].append(r.summary or {})
     rows = []
     for task in sort_glue_tasks({t for t, _ in by}):
         for lr in sorted((lr for t, lr in by if t == task), key=_lr_key):
@@ -364,7 +374,7 @@ def ceiling_rows(runs: Sequence[Run]) -> list[CeilingRow]:
             best_epoch = rs[0][0].index(max(rs[0][0])) + 1 if len(rs) == 1 else None
             heads = sorted({h for _, h in rs if h})
             rows.append(CeilingRow(task, lr, len(rs), max(len(s) for s, _ in rs), last, best, best_epoch,
-                                   "/".join(heads) or None))
+                                   "/".join(heads) or None, mean_wall_s(summ[(task, lr)])))
     return rows
 
 
@@ -397,6 +407,7 @@ class Floor:
     n: int
     status: str
     detail: str
+    key: str = ""  # the GLUE task or DomainBed dataset
 
 
 def _floor_detail(m: float, req: float) -> tuple[str, str]:
@@ -417,22 +428,22 @@ def glue_floors(runs: list[dict[str, Any]], ceils: Mapping[str, CeilingRow]) -> 
         c = ceils.get(task)
         if c is None:
             out.append(Floor("glue", what, None, m, se, n, "no ceiling",
-                             "cannot be checked: no full-fine-tune record (`make reproduce-ceiling`)"))
+                             "cannot be checked: no full-fine-tune record (`make reproduce-ceiling`)", task))
             continue
         if learns(task, c) is False:
             thr = LEARN_THRESHOLDS[task]
             out.append(Floor("glue", what, None, m, se, n, "does not learn",
                              f"does not learn at this scale: the full fine-tune reaches {100 * c.last:.1f} < "
-                             f"{100 * thr:.1f}; left out of the verdicts"))
+                             f"{100 * thr:.1f}; left out of the verdicts", task))
             continue
         req = CEILING_FRACTION * c.last
         if m is None:
-            out.append(Floor("glue", what, req, None, None, 0, "no runs", "no dense run yet"))
+            out.append(Floor("glue", what, req, None, None, 0, "no runs", "no dense run yet", task))
             continue
         status, detail = _floor_detail(m, req)
         if c.last > 0:
             detail += f"; dense / ceiling = {m / c.last:.2f}"
-        out.append(Floor("glue", what, req, m, se, n, status, detail))
+        out.append(Floor("glue", what, req, m, se, n, status, detail, task))
     return out
 
 
@@ -449,8 +460,8 @@ def db_floors(records: list[Record], envs_of: Mapping[str, Sequence[int]]) -> li
             what = f"{dataset} {db_env_label(dataset, records, int(col))}: dense test accuracy ≥ {100 * thr:.0f} %"
         m, se, n = mean_se(vals[k] for k in sorted(vals, key=repr))
         if m is None:
-            out.append(Floor("domainbed", what, thr, None, None, 0, "no runs", "no dense run yet"))
+            out.append(Floor("domainbed", what, thr, None, None, 0, "no runs", "no dense run yet", dataset))
             continue
         status, detail = _floor_detail(m, thr)
-        out.append(Floor("domainbed", what, thr, m, se, n, status, detail))
+        out.append(Floor("domainbed", what, thr, m, se, n, status, detail, dataset))
     return out

@@ -79,6 +79,7 @@ from .data import (
     glue_runs,
     learns,
     load_study,
+    mean_wall_s,
     paper_gap,
     paper_gap_pooled,
     plan_key,
@@ -92,6 +93,7 @@ from .text import (
     H_CHANGED,
     H_DB_PAIRED,
     H_FIGS,
+    H_FLOOR_COST,
     H_FLOOR_TABLE,
     H_FLOORS,
     H_GLUE_BEST,
@@ -306,7 +308,71 @@ class Report:
                   f"{link(H_GLUE_BEST)} cell. DomainBed: dense = the training-domain-validation table's cell "
                   "(Avg: mean over the test domains per trial seed, then over trial seeds). A floor holds when the "
                   "mean reaches it.", ""]
-        return lines
+        return lines + self.floor_cost_lines()
+
+    #: DomainBed's protocol: steps per run (``N_STEPS`` of its train.py) and its ERM's numbers
+    DB_PROTOCOL_STEPS = 5001
+    DB_ERM = {"RotatedMNIST": "97.9 average", "ColoredMNIST": "71.7 / 72.9 on +90 % / +80 %"}
+
+    def _planned(self, bench: str, key: str) -> int:
+        return sum(1 for k in expected_keys(self.s.meta.get(bench), bench) if k[0] == key)
+
+    def floor_cost_lines(self) -> list[str]:
+        """For each missed floor, what reaching it would cost here, from the records' wall times."""
+        misses = [f for f in self.floors if f.status == "misses"]
+        if not misses:
+            return []
+        from tasks.study.driver import DEFAULT_JOBS  # the study's jobs in parallel
+
+        lines = [f"### {H_FLOOR_COST}", "",
+                 "Job times are the records' `wall_time_s` (one job, one thread, beside another job), so the "
+                 "costs below are estimates for this machine, not measurements of the longer runs.", ""]
+        by_key: dict[tuple[str, str], list] = {}
+        for f in misses:
+            by_key.setdefault((f.bench, f.key), []).append(f)
+        for (_, key), fs in by_key.items():
+            f = fs[0]
+            label = glue_task_label(key) if f.bench == "glue" else key
+            what = "; ".join(" ".join(filter(None, (g.what.split(":")[0].removeprefix(label).strip(),
+                                                     g.detail.split(";")[0]))) for g in fs)
+            head = f"- **{label}** ({what}): "
+            if f.bench == "glue":
+                c = self.ceilings.get(key)
+                dense = mean_wall_s([r.summary for r in self.s.bench_runs("glue")
+                                     if r.task == key and r.variant == "dense"])
+                n = self._planned("glue", key) or sum(1 for r in self.s.bench_runs("glue") if r.task == key)
+                if c is None or c.wall_s is None:
+                    lines.append(head + "the ceiling's records hold no wall time.")
+                    continue
+                total, par = n * c.wall_s, DEFAULT_JOBS["glue"]
+                lines.append(head + "the ceiling's setting (every layer trained, the full training set, 3 epochs, "
+                             f"length 128, lr {fmt_lr(c.lr)}) reaches the ceiling by definition. One such job took "
+                             f"{fmt_duration(c.wall_s)} against {fmt_duration(dense)} for the study's dense job, so "
+                             f"the task's {n} planned study jobs at that setting would take about "
+                             f"{fmt_duration(total)} of job time, {fmt_duration(total / par)} with "
+                             f"{par} jobs in parallel (more for the MoE methods, whose steps cost "
+                             "more than dense ones), against the study's budget of 180 minutes for everything.")
+            else:
+                runs = [r for r in self.s.bench_runs("domainbed")
+                        if (r.summary or {}).get("task") == key and r.variant == "dense"
+                        and (r.summary or {}).get("wall_time_s") and (r.summary or {}).get("global_step")]
+                if not runs:
+                    lines.append(head + "the dense records hold no wall time.")
+                    continue
+                rate = math.fsum(float(r.summary["wall_time_s"]) / int(r.summary["global_step"])
+                                 for r in runs) / len(runs)
+                steps = sorted({int(r.summary["global_step"]) for r in runs})
+                n = self._planned("domainbed", key) or sum(1 for r in self.s.bench_runs("domainbed")
+                                                            if (r.summary or {}).get("task") == key)
+                per, par = self.DB_PROTOCOL_STEPS * rate, DEFAULT_JOBS["domainbed"]
+                lines.append(head + f"DomainBed's protocol trains {self.DB_PROTOCOL_STEPS:,} steps on all 70,000 "
+                             f"digits (its ERM, with its MNIST ConvNet: {self.DB_ERM.get(key, '—')}); the study's "
+                             f"dense job trained {'/'.join(map(str, steps))} steps at {rate:.2f} s per step "
+                             f"(evaluations included). {self.DB_PROTOCOL_STEPS:,} steps at that rate would take "
+                             f"{fmt_duration(per)} per job, {fmt_duration(n * per / par)} for the "
+                             f"dataset's {n} planned jobs with {par} in parallel. Whether this small "
+                             "ViT then reaches the floor was not measured.")
+        return lines + [""]
 
     def glue_task_order(self, t: str) -> int:
         return GLUE_TASK_ORDER.index(t) if t in GLUE_TASK_ORDER else len(GLUE_TASK_ORDER)

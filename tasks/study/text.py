@@ -20,6 +20,7 @@ H_FIGS = "Figures"
 H_FLOORS = "Models that learn: full-fine-tune ceilings and floors"
 H_CEIL = "GLUE full fine-tune (the ceilings)"
 H_FLOOR_TABLE = "Floors"
+H_FLOOR_COST = "What a missed floor would take"
 H_CHANGED = "What changed since the superseded study, and why"
 H_CLAIMS = "The paper's claims at this scale"
 

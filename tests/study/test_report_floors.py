@@ -76,7 +76,7 @@ def make_tree(root):
         for seed, s in zip(SEEDS, scores):
             expected.append({"task": task, "variant": variant, "seed": seed})
             write(os.path.join(root, "glue", f"{task}_{variant}_s{seed}"),
-                  glue(task, variant, seed, (s - .1, s, s - .05)))
+                  dict(glue(task, variant, seed, (s - .1, s, s - .05)), wall_time_s=20.0 + 10 * seed))
     # a superseded record (no study_version): far off, must not show anywhere
     write(os.path.join(root, "glue", "cola_dense_s3"), glue("cola", "dense", 3, (.9, .99, .9)), version=1)
     with open(os.path.join(root, "glue", "meta.json"), "w") as f:
@@ -87,7 +87,8 @@ def make_tree(root):
                    "previous": {"study_version": 1, "superseded": "the old reason", "shortened": ["old setting"],
                                 "invocations": [{"wall_time_s": 1000.0, "commit": "old1", "jobs_run": 48}]}}, f)
     for (task, lr), dev in CEILINGS.items():
-        write(os.path.join(root, "ceiling", f"{task}_lr{lr}"), glue(task, "dense", 0, dev, lr=lr), version=1)
+        write(os.path.join(root, "ceiling", f"{task}_lr{lr}"),
+              dict(glue(task, "dense", 0, dev, lr=lr), wall_time_s=600.0), version=1)
     with open(os.path.join(root, "ceiling", "meta.json"), "w") as f:
         json.dump({"benchmark": "ceiling", "command": "make reproduce-ceiling", "study_version": 1,
                    "expected": [{"task": t, "lr": lr} for t, lr in CEILINGS], "invocations": [],
@@ -106,7 +107,8 @@ def make_tree(root):
                 write(os.path.join(root, "domainbed", f"ColoredMNIST_{variant}_env{t}_t{trial}"),
                       {"schema": 1, "done": True, "benchmark": "domainbed", "task": "ColoredMNIST", "variant": variant,
                        "method": variant, "seed": 0, "test_envs": [t], "trial_seed": trial,
-                       "stability": stability(variant), "task_name": "domainbed/colored_mnist"}, records=[rec])
+                       "stability": stability(variant), "task_name": "domainbed/colored_mnist",
+                       "wall_time_s": 40.0 + 20 * trial, "global_step": 100}, records=[rec])
     with open(os.path.join(root, "domainbed", "meta.json"), "w") as f:
         json.dump({"benchmark": "domainbed", "command": "make reproduce-domainbed", "study_version": 2,
                    "invocations": [], "expected": [], "shortened": ["x"]}, f)
@@ -162,6 +164,25 @@ def test_floors_hold_or_miss_by_how_much(report):
             "holds (+5.0 points above) |") in floors
     assert ("| DomainBed | ColoredMNIST +80%: dense test accuracy ≥ 65 % | 65.0 | 60.0 ± 0.0 (n=2) | "
             "misses by 5.0 points |") in floors
+
+
+def test_what_a_missed_floor_would_take(report):
+    """From the records' wall times. CoLA: the ceiling's job 600 s, the study's dense jobs 20/30/40 s
+    (mean 30 s), 15 planned CoLA jobs (5 variants x 3 seeds) x 600 s = 9000 s, over 2 parallel jobs
+    4500 s. ColoredMNIST dense: 40 s and 60 s for 100 steps -> (0.4 + 0.6) / 2 = 0.5 s per step;
+    5,001 steps -> 2500.5 s per job; no planned list, so its 30 records (5 variants x 3 envs x 2
+    trials) -> 30 x 2500.5 / 2 = 37507.5 s. The floors that hold (RTE, ColoredMNIST +90 %) get no line."""
+    _, text = report
+    cost = section(text, "### What a missed floor would take", "## What changed")
+    assert ("- **CoLA** (misses by 0.2 points): the ceiling's setting (every layer trained, the full training set, "
+            "3 epochs, length 128, lr 0.0001) reaches the ceiling by definition. One such job took 10 min 00 s "
+            "against 0 min 30 s for the study's dense job, so the task's 15 planned study jobs at that setting would "
+            "take about 2 h 30 min 00 s of job time, 1 h 15 min 00 s with 2 jobs in parallel") in cost
+    assert "- **ColoredMNIST** (+80% misses by 5.0 points): DomainBed's protocol trains 5,001 steps" in cost
+    assert "200 steps" not in cost and "trained 100 steps at 0.50 s per step" in cost
+    assert ("would take 41 min 40 s per job, 10 h 25 min 08 s for the dataset's 30 planned jobs with 2 in "
+            "parallel") in cost
+    assert "RTE" not in cost and "+90%" not in cost and cost.count("- **") == 2
 
 
 def test_detectable_difference_beside_the_paper_gap(report):
