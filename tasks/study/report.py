@@ -268,7 +268,7 @@ class Report:
                  + ", ".join(f"{glue_task_label(t)} {100 * v:.1f}" for t, v in LEARN_THRESHOLDS.items())
                  + " does not learn at this scale and is left out of the verdicts. DomainBed: the dense model's "
                  "test accuracy under training-domain validation reaches the floors below (DomainBed's ERM: "
-                 "97.9 RotatedMNIST average; 71.7 / 72.9 ColoredMNIST +90 % / +80 %).", "",
+                 + "; ".join(f"{d} {v}" for d, v in self.DB_ERM.items()) + ").", "",
                  f"### {H_CEIL}", ""]
         if not self.ceiling_rows:
             lines += ["No full-fine-tune record yet (`make reproduce-ceiling` writes `docs/results/ceiling/`).", ""]
