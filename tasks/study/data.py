@@ -357,14 +357,12 @@ def _lr_key(lr: Any) -> tuple:
 
 
 def ceiling_rows(runs: Sequence[Run]) -> list[CeilingRow]:
-    by: dict[tuple[str, Any], list[tuple[list[float], str | None]]] = defaultdict(list)
-    summ: dict[tuple[str, Any], list[Mapping[str, Any]]] = defaultdict(list)
+    by: dict[tuple[str, Any], list[tuple[list[float], Mapping[str, Any]]]] = defaultdict(list)
     for r in sorted(runs, key=lambda r: r.rel):
-        scores = _dev_scores(r.summary or {})
+        summary = r.summary or {}
+        scores = _dev_scores(summary)
         if scores:
-            key = (r.task, (r.summary or {}).get("lr"))
-            by[key].append((scores, (r.summary or {}).get("headline")))
-            summ[key].append(r.summary or {})
+            by[(r.task, summary.get("lr"))].append((scores, summary))
     rows = []
     for task in sort_glue_tasks({t for t, _ in by}):
         for lr in sorted((lr for t, lr in by if t == task), key=_lr_key):
@@ -372,9 +370,9 @@ def ceiling_rows(runs: Sequence[Run]) -> list[CeilingRow]:
             last = math.fsum(s[-1] for s, _ in rs) / len(rs)
             best = math.fsum(max(s) for s, _ in rs) / len(rs)
             best_epoch = rs[0][0].index(max(rs[0][0])) + 1 if len(rs) == 1 else None
-            heads = sorted({h for _, h in rs if h})
+            heads = sorted({sm["headline"] for _, sm in rs if sm.get("headline")})
             rows.append(CeilingRow(task, lr, len(rs), max(len(s) for s, _ in rs), last, best, best_epoch,
-                                   "/".join(heads) or None, mean_wall_s(summ[(task, lr)])))
+                                   "/".join(heads) or None, mean_wall_s([sm for _, sm in rs])))
     return rows
 
 
@@ -408,6 +406,7 @@ class Floor:
     status: str
     detail: str
     key: str = ""  # the GLUE task or DomainBed dataset
+    part: str = ""  # the DomainBed column of a per-domain floor ("+90%"); "" for an average or a GLUE task
 
 
 def _floor_detail(m: float, req: float) -> tuple[str, str]:
@@ -454,14 +453,15 @@ def db_floors(records: list[Record], envs_of: Mapping[str, Sequence[int]]) -> li
     for dataset, col, thr in DB_FLOORS:
         if col == "avg":
             vals = db_trial_means(accs, dataset, "dense", envs_of.get(dataset) or db_columns(dataset, records, []))
-            what = f"{dataset}: dense average test accuracy ≥ {100 * thr:.0f} %"
+            part, what = "", f"{dataset}: dense average test accuracy ≥ {100 * thr:.0f} %"
         else:
             vals = {tr: a for (d, v, t, tr), a in accs.items() if (d, v, t) == (dataset, "dense", col)}
-            what = f"{dataset} {db_env_label(dataset, records, int(col))}: dense test accuracy ≥ {100 * thr:.0f} %"
+            part = db_env_label(dataset, records, int(col))
+            what = f"{dataset} {part}: dense test accuracy ≥ {100 * thr:.0f} %"
         m, se, n = mean_se(vals[k] for k in sorted(vals, key=repr))
         if m is None:
-            out.append(Floor("domainbed", what, thr, None, None, 0, "no runs", "no dense run yet", dataset))
+            out.append(Floor("domainbed", what, thr, None, None, 0, "no runs", "no dense run yet", dataset, part))
             continue
         status, detail = _floor_detail(m, thr)
-        out.append(Floor("domainbed", what, thr, m, se, n, status, detail, dataset))
+        out.append(Floor("domainbed", what, thr, m, se, n, status, detail, dataset, part))
     return out

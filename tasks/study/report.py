@@ -333,8 +333,7 @@ class Report:
         for (_, key), fs in by_key.items():
             f = fs[0]
             label = glue_task_label(key) if f.bench == "glue" else key
-            what = "; ".join(" ".join(filter(None, (g.what.split(":")[0].removeprefix(label).strip(),
-                                                     g.detail.split(";")[0]))) for g in fs)
+            what = "; ".join(" ".join(filter(None, (g.part, g.detail.split(";")[0]))) for g in fs)
             head = f"- **{label}** ({what}): "
             if f.bench == "glue":
                 c = self.ceilings.get(key)
