@@ -8,7 +8,9 @@ ratios are robust to the load drifting on a shared machine). Sections:
 1. MoE layer forward+backward versus (a) the floor — ``k`` dense FFNs of width ``d_ff`` on the same
    ``N`` tokens —, (b) Hugging Face ``MixtralSparseMoeBlock`` (its expert loop with index_add), and
    (c) a GShard/Tutel-style one-hot dispatch (einsum over ``[N, E, C]``), at E=8,k=2,N=4096 and
-   E=64,k=8,N=16384, plus the backend implementations side by side.
+   E=64,k=8,N=16384, plus the backend implementations side by side: the default (``impl="auto"``,
+   which runs grouped_mm or blocked by size, :func:`rmoe.experts.choose_impl`; the row names its
+   pick) and each implementation. ``python -m bench.impl_grid`` times them over a grid of sizes.
 2. The cost of regulation: top-any router + Stateful Fusion versus the plain top-k layer at an equal
    number of expert assignments (thresholds set so the batch makes exactly k·N assignments).
 3. The stability callback's work per training step (``callbacks/stability.py``).
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmoe import build_moe_layer
-from rmoe.experts import TorchDroplessBackend
+from rmoe.experts import TorchDroplessBackend, choose_impl
 
 D_MODEL, D_FF = 384, 1536
 REPO = Path(__file__).resolve().parents[1]
@@ -171,6 +173,11 @@ class GShardDispatchMoE(nn.Module):
 
 
 # --- section 1 ---------------------------------------------------------------------------------
+def _default_label(e: int, k: int, n: int) -> str:
+    """The default backend's row: ``impl="auto"`` and what it runs for ``k·N`` fp32 assignments."""
+    return f"rmoe default, auto: {choose_impl(k * n, e, D_MODEL, D_FF)}"
+
+
 def bench_layer(e: int, k: int, n: int, reps: int, hf: tuple[tuple[str, int], ...] = ()) -> dict:
     torch.manual_seed(0)
     x0, g = torch.randn(n, D_MODEL), torch.randn(n, D_MODEL)
@@ -179,7 +186,8 @@ def bench_layer(e: int, k: int, n: int, reps: int, hf: tuple[tuple[str, int], ..
     with torch.no_grad():
         moe.experts.b1.normal_(std=0.02)
         moe.experts.b2.normal_(std=0.02)
-    backends = {"rmoe torch (blocked, default)": TorchDroplessBackend(),
+    backends = {_default_label(e, k, n): TorchDroplessBackend(),
+                "rmoe torch impl=blocked": TorchDroplessBackend(impl="blocked"),
                 "rmoe torch impl=grouped_mm": TorchDroplessBackend(impl="grouped_mm"),
                 "rmoe torch impl=autograd (plain)": TorchDroplessBackend(impl="autograd")}
     fns: dict[str, Callable[[], None]] = {}
@@ -548,7 +556,7 @@ def bench_memory(configs: list[tuple[int, int, int]]) -> None:
           "(saved_tensors_hooks, parameters and the input excluded)")
     for e, k, n in configs:
         rows = {}
-        for v in ("floor", "rmoe", "rmoe impl=autograd"):
+        for v in ("floor", "rmoe", "rmoe impl=blocked", "rmoe impl=grouped_mm", "rmoe impl=autograd"):
             cmd = [sys.executable, "-m", "bench", "--mem-child", v, str(e), str(k), str(n),
                    "--threads", str(torch.get_num_threads())]
             out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout
@@ -556,8 +564,8 @@ def bench_memory(configs: list[tuple[int, int, int]]) -> None:
         print(f"  E={e} k={k} N={n}:")
         fl = rows["floor"]
         for v, r in rows.items():
-            label = {"floor": "(a) floor: k dense FFNs", "rmoe": "rmoe torch (blocked, default)",
-                     "rmoe impl=autograd": "rmoe torch impl=autograd (plain)"}[v]
+            label = {"floor": "(a) floor: k dense FFNs", "rmoe": _default_label(e, k, n),
+                     "rmoe impl=autograd": "rmoe torch impl=autograd (plain)"}.get(v, f"rmoe torch {v[5:]}")
             print(f"    {label:<34} peak {r['peak_bytes'] / 2**20:8.1f} MiB ({r['peak_bytes'] / fl['peak_bytes']:.2f}x)"
                   f"   saved activations {r['saved_bytes'] / 2**20:8.1f} MiB "
                   f"({r['saved_bytes'] / fl['saved_bytes']:.2f}x)")

@@ -161,8 +161,9 @@ def sort_by_expert(indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor, T
 
 
 def _grouped_mm_ok(experts: Experts, x: Tensor) -> bool:
-    """``grouped_mm`` runs fp32 on CPU and needs every row stride to be a multiple of 16 bytes."""
-    return (_HAS_GROUPED_MM and x.device.type == "cpu"
+    """``grouped_mm`` runs fp32 on CPU and needs every row stride to be a multiple of 16 bytes
+    (eager only: under ``torch.compile`` its fake-tensor kernel takes bf16/fp16 only)."""
+    return (_HAS_GROUPED_MM and x.device.type == "cpu" and not torch.compiler.is_compiling()
             and all(t.dtype == torch.float32 for t in (x, experts.w1, experts.w2))
             and experts.d_model % 4 == 0 and experts.d_ff % 4 == 0)
 
@@ -188,17 +189,69 @@ def _act_backward(name: str, act: Callable[[Tensor], Tensor], grad: Tensor, h: T
         return torch.autograd.grad(act(hh), hh, grad)[0]
 
 
-class _SortedExpertsFn(torch.autograd.Function):
-    """The expert FFNs on tokens already sorted by expert, with a hand-written backward.
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
-    Each expert group is processed in row blocks of at most ``rows`` rows: ``addmm -> act ->
-    addmm`` forward, ``mm -> act' -> mm`` plus the weight-gradient matmuls backward, so the
-    per-block temporaries (activation, its gradient) stay small. Weight gradients are written
-    straight into ``[E, ...]`` buffers (``mm(out=)`` for a group's first block, ``addmm_`` for the
-    next ones): no per-expert full-size gradients, no unbind/stack, no concatenation. Saved for
-    backward: ``xs`` and the pre-activation ``h`` only; ``act(h)`` is recomputed block by block
-    (``save_act=True`` keeps it instead). That puts the layer's activation memory below the dense
-    floor's, for about 2% of time (one elementwise pass; measured by ``bench/__main__.py``).
+
+class _Workspace:
+    """Large CPU buffers of the blocked path kept from one step to the next.
+
+    A CPU tensor of more than a few MB comes from a fresh ``mmap`` each time (glibc), so every
+    step page-faults (and has the kernel zero) its weight gradients ``[E, d, d_ff]`` — ``E/k``
+    times the floor's — and its activation buffers: about 10% of the layer's time at E=64, k=8.
+    :meth:`empty` hands out the storage it kept for ``role`` again when nothing else holds it any
+    more (its use count is 1: the gradient was set to ``None``, the saved activations were freed
+    by backward), otherwise a new tensor whose storage it then keeps. So no buffer is ever shared
+    with a live tensor, and peak memory is unchanged; between steps it keeps what the last step
+    allocated (one set of weight gradients and activations per layer) until
+    :meth:`TorchDroplessBackend.release_buffers`. CPU only (other devices have caching
+    allocators), not under ``torch.compile``; ``deepcopy``/pickle give an empty workspace.
+    """
+
+    MIN_BYTES = 1 << 20  # smaller buffers come from malloc's heap anyway
+
+    def __init__(self) -> None:
+        self.storages: dict[tuple[str, torch.dtype], torch.UntypedStorage] = {}
+
+    def __reduce__(self):
+        return (_Workspace, ())
+
+    def empty(self, role: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised contiguous tensor of ``shape`` (``like``'s dtype and device)."""
+        nbytes = math.prod(shape) * like.element_size()
+        if (like.device.type != "cpu" or nbytes < self.MIN_BYTES or _storage_use_count is None
+                or torch.compiler.is_compiling()):
+            return like.new_empty(shape)
+        key = (role, like.dtype)
+        st = self.storages.get(key)
+        if st is not None and st.nbytes() >= nbytes and _storage_use_count(st._cdata) == 1:
+            return like.new_empty(0).set_(st, 0, shape)
+        t = like.new_empty(shape)
+        self.storages[key] = t.untyped_storage()
+        return t
+
+
+def _empty(ws: _Workspace | None, role: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    return ws.empty(role, shape, like) if ws is not None else like.new_empty(shape)
+
+
+class _SortedExpertsFn(torch.autograd.Function):
+    """Dispatch, expert FFNs and combine of the expert-sorted slots in one autograd node, with a
+    hand-written backward: ``out[t] = sum_i wslot[i] * FFN_e(i)(x[t])`` over the sorted slots
+    ``i`` of token ``t = token_ids[i]``, ``e(i)`` its expert.
+
+    Each expert group is processed in row blocks of at most ``rows`` rows: gather the block's
+    tokens, ``addmm -> act -> addmm``, scale by the combine weights and ``index_add_`` into the
+    output; backward gathers the output gradient the same way, ``mm -> act' -> mm`` plus the
+    weight-gradient matmuls, and ``index_add_``\\ s the input gradient. So every per-slot
+    temporary (gathered rows, activation, scaled rows and their gradients) is one block, small
+    and cache-resident; nothing of ``[m, d]`` is allocated besides the saved expert outputs.
+    Weight gradients are written straight into ``[E, ...]`` buffers (``mm(out=)`` for a group's
+    first block, ``addmm_`` for the next ones): no per-expert full-size gradients, no
+    unbind/stack, no concatenation. Saved for backward: the input ``x`` (an input anyway),
+    the pre-activation ``h [m, d_ff]`` and, when ``wslot`` needs a gradient, the unweighted
+    expert outputs ``y [m, d]``; the gathered rows are gathered again and ``act(h)`` is
+    recomputed block by block (``save_act=True`` keeps it instead). Large buffers come from the
+    backend's :class:`_Workspace` (``ws``) when given.
 
     Expert dropout: ``keep [m, d_ff]`` (bool, or ``None`` for none) and ``scale = 1 / (1 - p)``.
     ``post=False`` (pre_act): ``a = act(z)``, ``z = h * keep * scale`` — the dropped ``z`` is what
@@ -209,155 +262,249 @@ class _SortedExpertsFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xs, w1, b1, w2, b2, counts, act_name, act, rows, save_act,  # noqa: D401
-                keep=None, scale=1.0, post=False):
-        blocks = _chunks(counts, rows)
-        m = xs.shape[0]
-        h = xs.new_empty(m, w1.shape[2])
+    def forward(ctx, x, wslot, w1, b1, w2, b2, token_ids, counts, act_name, act, rows,  # noqa: D401
+                save_act, keep=None, scale=1.0, post=False, ws=None):
+        blocks = _chunks(counts, rows)  # consecutive: together they cover the m sorted rows
+        sizes = [t - s for _, s, t in blocks]
+        m = token_ids.shape[0]
+        h = _empty(ws, "h", (m, w1.shape[2]), x)
+        need_y = ctx.needs_input_grad[1]  # d out / d wslot[i] = <g[t], y[i]>
+        y = _empty(ws, "y", (m, w2.shape[2]), x) if need_y else None
         a_all = torch.empty_like(h) if save_act else None
-        y = xs.new_empty(m, w2.shape[2])
-        for e, s, t in blocks:
-            hb = h[s:t]
-            if b1 is not None:
-                torch.addmm(b1[e], xs[s:t], w1[e], out=hb)
+        out = torch.zeros_like(x)
+        w1s, w2s = w1.unbind(0), w2.unbind(0)
+        b1s = b1.unbind(0) if b1 is not None else None
+        b2s = b2.unbind(0) if b2 is not None else None
+        toks, hs, wcol = token_ids.split(sizes), h.split(sizes), wslot.unsqueeze(1).split(sizes)
+        ys = y.split(sizes) if y is not None else None
+        keeps = keep.split(sizes) if keep is not None else None
+        a_s = a_all.split(sizes) if a_all is not None else None
+        for i, (e, _, _) in enumerate(blocks):
+            xb, hb = x.index_select(0, toks[i]), hs[i]
+            if b1s is not None:
+                torch.addmm(b1s[e], xb, w1s[e], out=hb)
             else:
-                torch.mm(xs[s:t], w1[e], out=hb)
-            if keep is not None and not post:
-                hb.mul_(keep[s:t]).mul_(scale)  # h := z = drop(h), in place
+                torch.mm(xb, w1s[e], out=hb)
+            if keeps is not None and not post:
+                hb.mul_(keeps[i]).mul_(scale)  # h := z = drop(h), in place
             ab = act(hb)
-            if keep is not None and post:  # act() returns a new tensor: drop it in place
-                ab.mul_(keep[s:t]).mul_(scale)
-            if a_all is not None:
-                a_all[s:t] = ab
-            if b2 is not None:
-                torch.addmm(b2[e], ab, w2[e], out=y[s:t])
+            if keeps is not None and post:  # act() returns a new tensor: drop it in place
+                ab.mul_(keeps[i]).mul_(scale)
+            if a_s is not None:
+                a_s[i].copy_(ab)
+            if ys is not None:
+                yb = ys[i]
+                if b2s is not None:
+                    torch.addmm(b2s[e], ab, w2s[e], out=yb)
+                else:
+                    torch.mm(ab, w2s[e], out=yb)
+                out.index_add_(0, toks[i], yb * wcol[i])
             else:
-                torch.mm(ab, w2[e], out=y[s:t])
-        ctx.save_for_backward(xs, h, w1, w2, a_all, keep)
-        ctx.blocks, ctx.act_name, ctx.act = blocks, act_name, act
+                yb = torch.addmm(b2s[e], ab, w2s[e]) if b2s is not None else ab.mm(w2s[e])
+                out.index_add_(0, toks[i], yb.mul_(wcol[i]))
+        ctx.save_for_backward(x, wslot, token_ids, h, y, w1, w2, a_all, keep)
+        ctx.blocks, ctx.sizes, ctx.act_name, ctx.act = blocks, sizes, act_name, act
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        ctx.scale, ctx.post = scale, post
-        return y
+        ctx.scale, ctx.post, ctx.ws = scale, post, ws
+        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gy):
-        xs, h, w1, w2, a_all, keep = ctx.saved_tensors
+    def backward(ctx, gout):
+        x, wslot, token_ids, h, y, w1, w2, a_all, keep = ctx.saved_tensors
         post = keep is not None and ctx.post
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        gy = gy.contiguous()
-        blocks = ctx.blocks
+        need_x, need_ws, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:6]
+        gout = gout.contiguous()
+        blocks, sizes, ws, scale = ctx.blocks, ctx.sizes, ctx.ws, ctx.scale
         hit = {e for e, _, _ in blocks}
         empty = [e for e in range(w1.shape[0]) if e not in hit]
 
-        def buf(shape):  # written block by block; experts without tokens get zeros
-            t = gy.new_empty(shape)
+        def buf(role, shape):  # written block by block; experts without tokens get zeros
+            t = _empty(ws, role, shape, gout)
             if empty:
                 t[empty] = 0
             return t
-        gw1 = buf(w1.shape) if need_w1 else None
-        gw2 = buf(w2.shape) if need_w2 else None
-        gb1 = buf((w1.shape[0], w1.shape[2])) if (need_b1 and ctx.has_b1) else None
-        gb2 = buf((w2.shape[0], w2.shape[2])) if (need_b2 and ctx.has_b2) else None
-        gxs = torch.empty_like(xs) if need_x else None
+        gw1 = buf("gw1", w1.shape) if need_w1 else None
+        gw2 = buf("gw2", w2.shape) if need_w2 else None
+        gb1 = buf("gb1", (w1.shape[0], w1.shape[2])) if (need_b1 and ctx.has_b1) else None
+        gb2 = buf("gb2", (w2.shape[0], w2.shape[2])) if (need_b2 and ctx.has_b2) else None
+        gx = torch.zeros_like(x) if need_x else None
+        gws = torch.empty_like(wslot) if need_ws else None
+        w1s, w2s = w1.unbind(0), w2.unbind(0)
+        gw1s = gw1.unbind(0) if gw1 is not None else None
+        gw2s = gw2.unbind(0) if gw2 is not None else None
+        gb1s = gb1.unbind(0) if gb1 is not None else None
+        gb2s = gb2.unbind(0) if gb2 is not None else None
+        toks, hs, wcol = token_ids.split(sizes), h.split(sizes), wslot.unsqueeze(1).split(sizes)
+        ys = y.split(sizes) if gws is not None else None
+        gwss = gws.split(sizes) if gws is not None else None
+        keeps = keep.split(sizes) if keep is not None else None
+        a_s = a_all.split(sizes) if a_all is not None else None
+        need_gh = gw1 is not None or gb1 is not None or gx is not None
         prev = -1
-        for e, s, t in blocks:
+        for i, (e, _, _) in enumerate(blocks):
             first, prev = e != prev, e
-            gyb, hb = gy[s:t], h[s:t]
-            if gw2 is not None:
-                if a_all is not None:
-                    ab = a_all[s:t]
+            tok, hb = toks[i], hs[i]
+            gyb = gout.index_select(0, tok)
+            if gwss is not None:
+                torch.sum(gyb * ys[i], 1, out=gwss[i])
+            gyb.mul_(wcol[i])  # the gradient of the unweighted expert output
+            if gw2s is not None:
+                if a_s is not None:
+                    ab = a_s[i]
                 else:
                     ab = ctx.act(hb)
                     if post:  # the dropped activations were multiplied into w2
-                        ab = ab.mul_(keep[s:t]).mul_(ctx.scale)
+                        ab = ab.mul_(keeps[i]).mul_(scale)
                 if first:
-                    torch.mm(ab.t(), gyb, out=gw2[e])
+                    torch.mm(ab.t(), gyb, out=gw2s[e])
                 else:
-                    gw2[e].addmm_(ab.t(), gyb)
-            if gb2 is not None:
+                    gw2s[e].addmm_(ab.t(), gyb)
+            if gb2s is not None:
                 if first:
-                    torch.sum(gyb, 0, out=gb2[e])
+                    torch.sum(gyb, 0, out=gb2s[e])
                 else:
-                    gb2[e] += gyb.sum(0)
-            ga = gyb.mm(w2[e].t())
+                    gb2s[e].add_(gyb.sum(0))
+            if not need_gh:
+                continue
+            ga = gyb.mm(w2s[e].t())
             if post:  # d drop(a) / da, before act'
-                ga.mul_(keep[s:t]).mul_(ctx.scale)
+                ga.mul_(keeps[i]).mul_(scale)
             gh = _act_backward(ctx.act_name, ctx.act, ga, hb)
-            if keep is not None and not post:  # d drop(h) / dh, after act'
-                gh.mul_(keep[s:t]).mul_(ctx.scale)
-            if gw1 is not None:
+            if keeps is not None and not post:  # d drop(h) / dh, after act'
+                gh.mul_(keeps[i]).mul_(scale)
+            if gw1s is not None:
+                xb = x.index_select(0, tok)
                 if first:
-                    torch.mm(xs[s:t].t(), gh, out=gw1[e])
+                    torch.mm(xb.t(), gh, out=gw1s[e])
                 else:
-                    gw1[e].addmm_(xs[s:t].t(), gh)
-            if gb1 is not None:
+                    gw1s[e].addmm_(xb.t(), gh)
+            if gb1s is not None:
                 if first:
-                    torch.sum(gh, 0, out=gb1[e])
+                    torch.sum(gh, 0, out=gb1s[e])
                 else:
-                    gb1[e] += gh.sum(0)
-            if gxs is not None:
-                torch.mm(gh, w1[e].t(), out=gxs[s:t])
-        return gxs, gw1, gb1, gw2, gb2, None, None, None, None, None, None, None, None
+                    gb1s[e].add_(gh.sum(0))
+            if gx is not None:
+                gx.index_add_(0, tok, gh.mm(w1s[e].t()))
+        return (gx, gws, gw1, gb1, gw2, gb2) + (None,) * 10
+
+
+# impl="auto" runs grouped_mm only while both of its large per-step buffers are at most this big
+# (bytes): one weight gradient [E, d, d_ff] (32 MiB is glibc's largest dynamic mmap threshold: a
+# larger block is a fresh mmap, page faults included, every step; blocked keeps it in its
+# workspace) and one activation [assignments, d_ff] (past about 16 MiB blocked's cache-sized
+# blocks win)
+AUTO_GROUPED_MM_MAX_WEIGHT_BYTES = 32 << 20
+AUTO_GROUPED_MM_MAX_ACT_BYTES = 16 << 20
+
+
+def choose_impl(slots: int, num_experts: int, d_model: int, d_ff: int, itemsize: int = 4,
+                grouped_mm_ok: bool = True) -> str:
+    """The implementation ``impl="auto"`` runs for ``slots`` (token, expert) assignments.
+
+    ``"grouped_mm"`` when it can run (``grouped_mm_ok``), the weight gradient ``E·d·d_ff``
+    is under :data:`AUTO_GROUPED_MM_MAX_WEIGHT_BYTES` and the activation ``slots·d_ff`` at most
+    :data:`AUTO_GROUPED_MM_MAX_ACT_BYTES` (``itemsize`` bytes an element); ``"blocked"``
+    otherwise. At d=384, d_ff=1536, fp32 that is grouped_mm for ``E <= 14`` and ``slots <= 2730``.
+
+    Measured with ``python -m bench.impl_grid --clock cpu`` (1 thread, 2-core CPU; the runs are
+    in ``docs/bench/impl_grid_threads1.txt``): at E=8, up to 2,048 assignments, grouped_mm was
+    ahead of blocked in most cells (by the medians and by the ratio of the minima, the steadier
+    estimate on this noisy machine), never by more than 10%; from 4,096 assignments up blocked
+    was 7-33% faster, except k=1, N=4,096 (a tie); at E=64
+    blocked was faster at every size (N=512..4,096, k=1, 2, 8). Neither reaches 1.05x the floor
+    at E=8, k=2, N=1,024: the layer's matmuls alone (256 rows an expert) already take 1.07-1.10x
+    the floor's matmuls (1,024 rows a weight) there (the ``matmuls`` column). grouped_mm saves
+    more for backward (gathered input, pre-activation and activation; blocked only the
+    pre-activation and the expert outputs): at E=8, k=2, N=1,024 peak memory 1.43x the floor's
+    against 0.90x (bench section 5). The plain ``"autograd"`` path was never the fastest and is not chosen.
+    """
+    small_weights = num_experts * d_model * d_ff * itemsize < AUTO_GROUPED_MM_MAX_WEIGHT_BYTES
+    small_acts = slots * d_ff * itemsize <= AUTO_GROUPED_MM_MAX_ACT_BYTES
+    return "grouped_mm" if grouped_mm_ok and small_weights and small_acts else "blocked"
 
 
 class TorchDroplessBackend(nn.Module):
     """Dropless experts in plain PyTorch: tokens are sorted by expert (one stable sort, no N×E
-    tensor), gathered once, run through their expert, scaled by their combine weight and
-    scatter-added back (``index_add``). No per-token Python.
+    tensor), run through their expert, scaled by their combine weight and scatter-added back
+    (``index_add``). No per-token Python.
 
     ``impl``:
 
-    * ``"blocked"`` (default): the expert FFN is one autograd node (:class:`_SortedExpertsFn`)
-      that walks each expert group in blocks of at most ``block_rows`` rows, writes weight
-      gradients straight into ``[E, ...]`` buffers and saves only the gathered input and the
-      pre-activation for backward (smaller blocks were not faster on the 2-core CPU measured);
-    * ``"grouped_mm"``: ``torch.nn.functional.grouped_mm`` for both matmuls (fp32, ``d_model``
-      and ``d_ff`` multiples of 4; otherwise falls back to ``"blocked"``), autograd backward;
+    * ``"auto"`` (default): :func:`choose_impl` picks ``"grouped_mm"`` or ``"blocked"`` on every
+      call from the number of assignments, ``E``, ``d_model``, ``d_ff`` and the dtype (the last
+      pick is in ``last_impl``);
+    * ``"blocked"``: gather, expert FFNs and combine are one autograd node
+      (:class:`_SortedExpertsFn`) that walks each expert group in blocks of at most
+      ``block_rows`` rows, keeps every per-row temporary block-sized, writes weight gradients
+      straight into ``[E, ...]`` buffers and saves only the pre-activation (and the unweighted
+      expert outputs, for the combine weights' gradient) for backward. With ``reuse_buffers``
+      (default) its large buffers — weight gradients, saved activations — come from a
+      per-backend workspace that hands the same memory out again once the previous step is
+      done with it (:class:`_Workspace`; CPU only; :meth:`release_buffers` frees it);
+    * ``"grouped_mm"``: ``torch.nn.functional.grouped_mm`` for both matmuls (fp32 CPU,
+      ``d_model`` and ``d_ff`` multiples of 4; otherwise falls back to ``"blocked"``), autograd
+      backward (saves the gathered input, the pre-activation and the activation: more memory
+      than blocked);
     * ``"autograd"``: the plain sort-based path (per-group matmuls on ``unbind`` views).
 
-    All three compute the same function; ``bench/__main__.py`` times them side by side. Expert
-    dropout (see :class:`Experts`) draws one keep-mask ``[m, d_ff]`` for the ``m`` expert-sorted
-    rows right after the sort, so the three impls drop the same units for the same RNG state;
-    ``forward(..., dropout_mask=keep)`` takes an explicit bool keep-mask ``[N, K, d_ff]`` in
-    (token, slot) layout instead (for tests; only while dropout is active).
+    All compute the same function; ``bench/__main__.py`` (section 1) and ``bench/impl_grid.py``
+    time them side by side. Expert dropout (see :class:`Experts`) draws one keep-mask
+    ``[m, d_ff]`` for the ``m`` expert-sorted rows right after the sort, so every impl drops the
+    same units for the same RNG state; ``forward(..., dropout_mask=keep)`` takes an explicit
+    bool keep-mask ``[N, K, d_ff]`` in (token, slot) layout instead (for tests; only while
+    dropout is active).
     """
 
     supports_capacity = True  # runs whatever the router kept (dropped slots are −1)
-    IMPLS = ("blocked", "grouped_mm", "autograd")
+    IMPLS = ("auto", "blocked", "grouped_mm", "autograd")
 
-    def __init__(self, impl: str = "blocked", block_rows: int = 4096, save_act: bool = False):
+    def __init__(self, impl: str = "auto", block_rows: int = 4096, save_act: bool = False,
+                 reuse_buffers: bool = True):
         super().__init__()
         if impl not in self.IMPLS:
             raise ValueError(f"invalid impl={impl!r}; allowed: {'|'.join(self.IMPLS)}")
         if not (isinstance(block_rows, int) and block_rows >= 1):
             raise ValueError(f"invalid block_rows={block_rows!r}; allowed: an integer >= 1")
         self.impl, self.block_rows, self.save_act = impl, block_rows, save_act
+        self.reuse_buffers = bool(reuse_buffers)
+        self._ws = _Workspace()
+        self.last_impl: str | None = None
+
+    def release_buffers(self) -> None:
+        """Drop the blocked path's kept buffers (memory in use elsewhere stays where it is)."""
+        self._ws = _Workspace()
+
+    def resolve_impl(self, experts: Experts, x: Tensor, slots: int) -> str:
+        """The implementation that runs ``slots`` assignments of ``x`` on ``experts``."""
+        ok = _grouped_mm_ok(experts, x)
+        if self.impl == "auto":
+            return choose_impl(slots, experts.num_experts, experts.d_model, experts.d_ff, x.element_size(), ok)
+        return "blocked" if self.impl == "grouped_mm" and not ok else self.impl
 
     def forward(self, experts: Experts, x: Tensor, indices: Tensor, weights: Tensor,
                 dropout_mask: Tensor | None = None) -> Tensor:
         """``out[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])`` over non-empty slots,
         each expert with its dropout (keep-mask of slot ``(t, j)``) when active."""
         if self.impl == "autograd":
+            self.last_impl = "autograd"
             return self._forward_autograd(experts, x, indices, weights, dropout_mask)
         slot_ids, token_ids, counts = sort_by_expert(indices, experts.num_experts)
+        impl = self.last_impl = self.resolve_impl(experts, x, slot_ids.numel())
         if slot_ids.numel() == 0:
             return torch.zeros_like(x)
         keep = _gathered_keep(experts, dropout_mask, slot_ids, indices, x.device)
-        xs = x.index_select(0, token_ids)
-        if self.impl == "grouped_mm" and _grouped_mm_ok(experts, x):
-            ys = self._grouped_mm_ffn(experts, xs, counts, keep)
-        elif keep is None:
-            ys = _SortedExpertsFn.apply(xs, experts.w1, experts.b1, experts.w2, experts.b2, counts.tolist(),
-                                        experts.activation, experts.act, self.block_rows,
-                                        self.save_act)
+        wslot = weights.reshape(-1).index_select(0, slot_ids).to(x.dtype)
+        if impl == "grouped_mm":
+            ys = self._grouped_mm_ffn(experts, x.index_select(0, token_ids), counts, keep)
+            return torch.zeros_like(x).index_add(0, token_ids, ys * wslot.unsqueeze(-1))
+        if keep is None:
+            drop = (None, 1.0, False)
         else:
-            ys = _SortedExpertsFn.apply(xs, experts.w1, experts.b1, experts.w2, experts.b2, counts.tolist(),
-                                        experts.activation, experts.act, self.block_rows,
-                                        self.save_act, keep, 1.0 / (1.0 - experts.dropout),
-                                        experts.dropout_position == "post_act")
-        ys = ys * weights.reshape(-1).index_select(0, slot_ids).to(ys.dtype).unsqueeze(-1)
-        return torch.zeros_like(x).index_add(0, token_ids, ys)
+            drop = (keep, 1.0 / (1.0 - experts.dropout), experts.dropout_position == "post_act")
+        return _SortedExpertsFn.apply(x, wslot, experts.w1, experts.b1, experts.w2, experts.b2, token_ids,
+                                      counts.tolist(), experts.activation, experts.act, self.block_rows,
+                                      self.save_act, *drop, self._ws if self.reuse_buffers else None)
 
     @staticmethod
     def _grouped_mm_ffn(experts: Experts, xs: Tensor, counts: Tensor, keep: Tensor | None = None) -> Tensor:

@@ -1,7 +1,8 @@
 """Every code path of the torch dropless backend equals a naive per-token loop (forward and all
-gradients, 1e-5): the blocked autograd Function (several block sizes, act saved or recomputed),
-the grouped_mm path, the plain autograd path; empty experts, all tokens on one expert, empty
-slots (−1), a token with no expert, no assignment at all, every activation, no bias, fp32/fp64."""
+gradients, 1e-5): the blocked autograd Function (several block sizes, act saved or recomputed,
+with and without its buffer workspace — here on at every size), the grouped_mm path, the plain
+autograd path, impl="auto"; empty experts, all tokens on one expert, empty slots (−1), a token
+with no expert, no assignment at all, every activation, no bias, fp32/fp64."""
 
 from __future__ import annotations
 
@@ -9,9 +10,15 @@ import pytest
 import torch
 
 from rmoe import build_moe_layer
+from rmoe import experts as experts_mod
 from rmoe.experts import Experts, TorchDroplessBackend
 
 ATOL = RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _workspace_at_any_size(monkeypatch):
+    monkeypatch.setattr(experts_mod._Workspace, "MIN_BYTES", 0)
 
 IMPLS = [
     pytest.param({"impl": "blocked"}, id="blocked"),
@@ -20,6 +27,8 @@ IMPLS = [
     pytest.param({"impl": "blocked", "save_act": True}, id="blocked-save-act"),
     pytest.param({"impl": "grouped_mm"}, id="grouped_mm"),
     pytest.param({"impl": "autograd"}, id="autograd"),
+    pytest.param({"impl": "auto"}, id="auto"),
+    pytest.param({"impl": "blocked", "reuse_buffers": False}, id="blocked-no-reuse"),
 ]
 
 

@@ -24,6 +24,8 @@ IMPLS = [
     pytest.param({"impl": "blocked", "save_act": True}, id="blocked-save-act"),
     pytest.param({"impl": "grouped_mm"}, id="grouped_mm"),
     pytest.param({"impl": "autograd"}, id="autograd"),
+    pytest.param({"impl": "auto"}, id="auto"),
+    pytest.param({"impl": "blocked", "reuse_buffers": False}, id="blocked-no-reuse"),
 ]
 POSITIONS = ["pre_act", "post_act"]
 ACTS = {
