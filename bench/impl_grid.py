@@ -14,8 +14,9 @@ A variant is ``impl`` or ``impl+option=value+...`` with the backend's options, e
 ``blocked+block_rows=1024`` or ``blocked+reuse_buffers=0``, or ``matmuls``: the layer's matmuls
 alone (per expert group of this routing: the two forward and four backward products, into
 preallocated buffers, no activation, no routing, no gather or scatter) against the floor's matmuls
-alone (the same six per dense FFN), timed as a pair of their own. Its ratio is the bound that no
-implementation running the expert FFNs on these matmul kernels goes below at that size.
+alone (the same six per dense FFN), timed as a pair of their own. Its ratio is the part of the
+layer's excess over the floor that lies in the matmul kernels themselves (fewer rows a call), which
+no implementation running the expert FFNs on these kernels removes.
 """
 
 from __future__ import annotations

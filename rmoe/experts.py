@@ -392,10 +392,10 @@ class _SortedExpertsFn(torch.autograd.Function):
 # impl="auto" runs grouped_mm only while both of its large per-step buffers are at most this big
 # (bytes): one weight gradient [E, d, d_ff] (32 MiB is glibc's largest dynamic mmap threshold: a
 # larger block is a fresh mmap, page faults included, every step; blocked keeps it in its
-# workspace) and one activation [assignments, d_ff] (past about 16 MiB blocked's cache-sized
-# blocks win)
+# workspace) and one activation [assignments, d_ff] (8 MiB: between the largest size where
+# grouped_mm was ahead, 6 MiB, and the smallest where it was not, 12 MiB; see choose_impl)
 AUTO_GROUPED_MM_MAX_WEIGHT_BYTES = 32 << 20
-AUTO_GROUPED_MM_MAX_ACT_BYTES = 16 << 20
+AUTO_GROUPED_MM_MAX_ACT_BYTES = 8 << 20
 
 
 def choose_impl(slots: int, num_experts: int, d_model: int, d_ff: int, itemsize: int = 4,
@@ -405,19 +405,20 @@ def choose_impl(slots: int, num_experts: int, d_model: int, d_ff: int, itemsize:
     ``"grouped_mm"`` when it can run (``grouped_mm_ok``), the weight gradient ``E·d·d_ff``
     is under :data:`AUTO_GROUPED_MM_MAX_WEIGHT_BYTES` and the activation ``slots·d_ff`` at most
     :data:`AUTO_GROUPED_MM_MAX_ACT_BYTES` (``itemsize`` bytes an element); ``"blocked"``
-    otherwise. At d=384, d_ff=1536, fp32 that is grouped_mm for ``E <= 14`` and ``slots <= 2730``.
+    otherwise. At d=384, d_ff=1536, fp32 that is grouped_mm for ``E <= 14`` and ``slots <= 1365``.
 
-    Measured with ``python -m bench.impl_grid --clock cpu`` (1 thread, 2-core CPU; the runs are
-    in ``docs/bench/impl_grid_threads1.txt``): at E=8, up to 2,048 assignments, grouped_mm was
-    ahead of blocked in most cells (by the medians and by the ratio of the minima, the steadier
-    estimate on this noisy machine), never by more than 10%; from 4,096 assignments up blocked
-    was 7-33% faster, except k=1, N=4,096 (a tie); at E=64
-    blocked was faster at every size (N=512..4,096, k=1, 2, 8). Neither reaches 1.05x the floor
-    at E=8, k=2, N=1,024: the layer's matmuls alone (256 rows an expert) already take 1.07-1.10x
-    the floor's matmuls (1,024 rows a weight) there (the ``matmuls`` column). grouped_mm saves
-    more for backward (gathered input, pre-activation and activation; blocked only the
-    pre-activation and the expert outputs): at E=8, k=2, N=1,024 peak memory 1.43x the floor's
-    against 0.90x (bench section 5). The plain ``"autograd"`` path was never the fastest and is not chosen.
+    Measured with ``python -m bench.impl_grid --clock cpu`` (1 thread, 2-core CPU; five runs in
+    ``docs/bench/impl_grid_threads1.txt``), comparing the two implementations' median ratios to
+    the floor cell by cell. At E=8 and 1,024 assignments (k=1, N=1,024 and k=2, N=512) grouped_mm
+    was ahead in 5 of 6 comparisons, by up to 10%; at 2,048 (k=1, N=2,048 and k=2, N=1,024) in 3 of
+    6, a tie, and a tie goes to blocked, whose peak memory is 0.63x grouped_mm's (at E=8, k=2,
+    N=1,024: 0.90x the floor's against 1.43x, bench section 5: grouped_mm saves the gathered
+    input, the pre-activation and the activation for backward, blocked the pre-activation and
+    the expert outputs); from 4,096 up blocked was 6-33% faster (a tie at k=1, N=4,096). At E=64
+    blocked was faster at every size (N=512..4,096, k=1, 2, 8). The plain ``"autograd"`` path is
+    not chosen. Neither reaches 1.05x the floor at E=8, k=2, N=1,024 (blocked 1.12-1.15x): the layer's
+    matmuls alone (256 rows an expert) take 1.07-1.10x the floor's matmuls (1,024 rows a weight)
+    there (the ``matmuls`` column).
     """
     small_weights = num_experts * d_model * d_ff * itemsize < AUTO_GROUPED_MM_MAX_WEIGHT_BYTES
     small_acts = slots * d_ff * itemsize <= AUTO_GROUPED_MM_MAX_ACT_BYTES
