@@ -411,13 +411,15 @@ def choose_impl(slots: int, num_experts: int, d_model: int, d_ff: int, itemsize:
     ``docs/bench/impl_grid_threads1.txt``), comparing the two implementations' median ratios to
     the floor cell by cell. At E=8 and 1,024 assignments (k=1, N=1,024 and k=2, N=512) grouped_mm
     was ahead in 5 of 6 comparisons, by up to 10%; at 2,048 (k=1, N=2,048 and k=2, N=1,024) in 3 of
-    6, a tie, and a tie goes to blocked, whose peak memory is 0.63x grouped_mm's (at E=8, k=2,
-    N=1,024: 0.90x the floor's against 1.43x, bench section 5: grouped_mm saves the gathered
-    input, the pre-activation and the activation for backward, blocked the pre-activation and
-    the expert outputs); from 4,096 up blocked was 6-33% faster (a tie at k=1, N=4,096). At E=64
-    blocked was faster at every size (N=512..4,096, k=1, 2, 8). The plain ``"autograd"`` path is
-    not chosen. Neither reaches 1.05x the floor at E=8, k=2, N=1,024 (blocked 1.12-1.15x): the layer's
-    matmuls alone (256 rows an expert) take 1.07-1.10x the floor's matmuls (1,024 rows a weight)
+    6, a tie, and a tie goes to blocked, which saves less for backward (the pre-activation and the
+    expert outputs; grouped_mm the gathered input, the pre-activation and the activation): at E=8,
+    k=2, N=1,024 0.63x the floor's saved activations against 1.38x (bench section 5), a saving
+    that adds up over a model's MoE layers (one layer's peak is the same, 1.41x against 1.43x:
+    the weight gradients, E/k = 4x the floor's, dominate it); from 4,096 up blocked was 6-33%
+    faster (a tie at k=1, N=4,096). At E=64 blocked was faster at every size (N=512..4,096, k=1,
+    2, 8). The plain ``"autograd"`` path is not chosen. Neither reaches 1.05x the floor at E=8,
+    k=2, N=1,024 (blocked 1.12-1.15x in those runs): the layer's matmuls alone (256 rows an
+    expert) take 1.07-1.10x the floor's matmuls (1,024 rows a weight)
     there (the ``matmuls`` column).
     """
     small_weights = num_experts * d_model * d_ff * itemsize < AUTO_GROUPED_MM_MAX_WEIGHT_BYTES
