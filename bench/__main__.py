@@ -178,35 +178,41 @@ def _default_label(e: int, k: int, n: int) -> str:
     return f"rmoe default, auto: {choose_impl(k * n, e, D_MODEL, D_FF)}"
 
 
+class LayerPair:
+    """Section 1's set-up (also ``bench.impl_grid``'s): the floor and a top-k MoE layer on the same
+    ``N`` random tokens, with a forward+backward closure for the floor and for any backend."""
+
+    def __init__(self, e: int, k: int, n: int) -> None:
+        torch.manual_seed(0)
+        self.x0, self.g = torch.randn(n, D_MODEL), torch.randn(n, D_MODEL)
+        self.floor = DenseFloor(k)
+        self.moe = build_moe_layer(D_MODEL, D_FF, router="topk", num_experts=e, top_k=k)
+        with torch.no_grad():
+            self.moe.experts.b1.normal_(std=0.02)
+            self.moe.experts.b2.normal_(std=0.02)
+
+    def run_floor(self) -> None:
+        _zero(self.floor)
+        self.floor(self.x0.clone().requires_grad_()).backward(self.g)
+
+    def moe_fn(self, backend: nn.Module) -> Callable[[], None]:
+        def run():
+            _zero(self.moe)
+            self.moe.backend = backend
+            self.moe(self.x0.clone().requires_grad_())[0].backward(self.g)
+        return run
+
+
 def bench_layer(e: int, k: int, n: int, reps: int, hf: tuple[tuple[str, int], ...] = ()) -> dict:
-    torch.manual_seed(0)
-    x0, g = torch.randn(n, D_MODEL), torch.randn(n, D_MODEL)
-    floor = DenseFloor(k)
-    moe = build_moe_layer(D_MODEL, D_FF, router="topk", num_experts=e, top_k=k)
-    with torch.no_grad():
-        moe.experts.b1.normal_(std=0.02)
-        moe.experts.b2.normal_(std=0.02)
+    pair = LayerPair(e, k, n)
+    x0, g, moe = pair.x0, pair.g, pair.moe
     backends = {_default_label(e, k, n): TorchDroplessBackend(),
                 "rmoe torch impl=blocked": TorchDroplessBackend(impl="blocked"),
                 "rmoe torch impl=grouped_mm": TorchDroplessBackend(impl="grouped_mm"),
                 "rmoe torch impl=autograd (plain)": TorchDroplessBackend(impl="autograd")}
-    fns: dict[str, Callable[[], None]] = {}
-
-    def run_floor():
-        _zero(floor)
-        x = x0.clone().requires_grad_()
-        floor(x).backward(g)
-    fns["(a) floor: k dense FFNs"] = run_floor
-
-    def moe_fn(backend):
-        def run():
-            _zero(moe)
-            moe.backend = backend
-            x = x0.clone().requires_grad_()
-            moe(x)[0].backward(g)
-        return run
+    fns: dict[str, Callable[[], None]] = {"(a) floor: k dense FFNs": pair.run_floor}
     for name, b in backends.items():
-        fns[name] = moe_fn(b)
+        fns[name] = pair.moe_fn(b)
     notes = {}
     for impl, inter in hf:
         label = f"(b) HF Mixtral {impl}, I={inter}"

@@ -30,8 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bench.__main__ import D_FF, D_MODEL, DenseFloor, _zero
-from rmoe import build_moe_layer
+from bench.__main__ import D_FF, D_MODEL, DenseFloor, LayerPair
 from rmoe.experts import TorchDroplessBackend, choose_impl
 
 IMPLS = ("auto", "blocked", "grouped_mm", "autograd")
@@ -63,32 +62,13 @@ def measure(fns: dict[str, Callable[[], None]], reps: int, clock: Callable[[], f
 
 def grid_row(e: int, k: int, n: int, reps: int, variants: tuple[str, ...],
              clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    torch.manual_seed(0)
-    x0, g = torch.randn(n, D_MODEL), torch.randn(n, D_MODEL)
-    floor = DenseFloor(k)
-    moe = build_moe_layer(D_MODEL, D_FF, router="topk", num_experts=e, top_k=k)
-    with torch.no_grad():
-        moe.experts.b1.normal_(std=0.02)
-        moe.experts.b2.normal_(std=0.02)
-
-    def run_floor():
-        _zero(floor)
-        x = x0.clone().requires_grad_()
-        floor(x).backward(g)
-    fns = {"floor": run_floor}
-
-    def moe_fn(backend):
-        def run():
-            _zero(moe)
-            moe.backend = backend
-            x = x0.clone().requires_grad_()
-            moe(x)[0].backward(g)
-        return run
+    pair = LayerPair(e, k, n)
+    fns: dict[str, Callable[[], None]] = {"floor": pair.run_floor}
     for spec in variants:
         if spec == "matmuls":
-            fns.update(matmul_fns(moe, floor, x0))
+            fns.update(matmul_fns(pair.moe, pair.floor, pair.x0))
         else:
-            fns[spec] = moe_fn(backend_for(spec))
+            fns[spec] = pair.moe_fn(backend_for(spec))
     return measure(fns, reps, clock)
 
 

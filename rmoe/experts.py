@@ -234,6 +234,14 @@ def _empty(ws: _Workspace | None, role: str, shape: tuple[int, ...], like: Tenso
     return ws.empty(role, shape, like) if ws is not None else like.new_empty(shape)
 
 
+def _unbind(t: Tensor | None) -> tuple[Tensor, ...] | None:
+    return t.unbind(0) if t is not None else None
+
+
+def _split(t: Tensor | None, sizes: list[int]) -> tuple[Tensor, ...] | None:
+    return t.split(sizes) if t is not None else None
+
+
 class _SortedExpertsFn(torch.autograd.Function):
     """Dispatch, expert FFNs and combine of the expert-sorted slots in one autograd node, with a
     hand-written backward: ``out[t] = sum_i wslot[i] * FFN_e(i)(x[t])`` over the sorted slots
@@ -273,12 +281,9 @@ class _SortedExpertsFn(torch.autograd.Function):
         a_all = torch.empty_like(h) if save_act else None
         out = torch.zeros_like(x)
         w1s, w2s = w1.unbind(0), w2.unbind(0)
-        b1s = b1.unbind(0) if b1 is not None else None
-        b2s = b2.unbind(0) if b2 is not None else None
+        b1s, b2s = _unbind(b1), _unbind(b2)
         toks, hs, wcol = token_ids.split(sizes), h.split(sizes), wslot.unsqueeze(1).split(sizes)
-        ys = y.split(sizes) if y is not None else None
-        keeps = keep.split(sizes) if keep is not None else None
-        a_s = a_all.split(sizes) if a_all is not None else None
+        ys, keeps, a_s = _split(y, sizes), _split(keep, sizes), _split(a_all, sizes)
         for i, (e, _, _) in enumerate(blocks):
             xb, hb = x.index_select(0, toks[i]), hs[i]
             if b1s is not None:
@@ -331,15 +336,10 @@ class _SortedExpertsFn(torch.autograd.Function):
         gx = torch.zeros_like(x) if need_x else None
         gws = torch.empty_like(wslot) if need_ws else None
         w1s, w2s = w1.unbind(0), w2.unbind(0)
-        gw1s = gw1.unbind(0) if gw1 is not None else None
-        gw2s = gw2.unbind(0) if gw2 is not None else None
-        gb1s = gb1.unbind(0) if gb1 is not None else None
-        gb2s = gb2.unbind(0) if gb2 is not None else None
+        gw1s, gw2s, gb1s, gb2s = _unbind(gw1), _unbind(gw2), _unbind(gb1), _unbind(gb2)
         toks, hs, wcol = token_ids.split(sizes), h.split(sizes), wslot.unsqueeze(1).split(sizes)
-        ys = y.split(sizes) if gws is not None else None
-        gwss = gws.split(sizes) if gws is not None else None
-        keeps = keep.split(sizes) if keep is not None else None
-        a_s = a_all.split(sizes) if a_all is not None else None
+        ys = _split(y, sizes) if gws is not None else None
+        gwss, keeps, a_s = _split(gws, sizes), _split(keep, sizes), _split(a_all, sizes)
         need_gh = gw1 is not None or gb1 is not None or gx is not None
         prev = -1
         for i, (e, _, _) in enumerate(blocks):
