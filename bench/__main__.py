@@ -51,11 +51,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # --- timing ------------------------------------------------------------------------------------
-def timeit(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1, ref: str | None = None) -> dict:
-    """Run every fn ``warmup`` times, then ``reps`` interleaved rounds (order rotated each round).
-
-    Returns ``{name: (median_seconds, median_ratio_to_ref)}``.
-    """
+def interleaved_times(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Run every fn ``warmup`` times, then ``reps`` interleaved rounds (order rotated each round);
+    ``{name: [seconds of each round]}`` by ``clock``."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -64,10 +63,16 @@ def timeit(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1, ref: 
     for r in range(reps):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    ref = ref or names[0]
+            times[n].append(clock() - t0)
+    return times
+
+
+def timeit(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1, ref: str | None = None) -> dict:
+    """:func:`interleaved_times`, summarised: ``{name: (median_seconds, median_ratio_to_ref)}``."""
+    times = interleaved_times(fns, reps, warmup)
+    ref = ref or next(iter(fns))
     return {n: (statistics.median(v), statistics.median([a / b for a, b in zip(v, times[ref])]))
             for n, v in times.items()}
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bench.__main__ import D_FF, D_MODEL, DenseFloor, LayerPair
+from bench.__main__ import D_FF, D_MODEL, DenseFloor, LayerPair, interleaved_times
 from rmoe.experts import TorchDroplessBackend, choose_impl
 
 IMPLS = ("auto", "blocked", "grouped_mm", "autograd")
@@ -46,20 +46,6 @@ def backend_for(spec: str) -> nn.Module:
     return TorchDroplessBackend(impl=impl, **kw)
 
 
-def measure(fns: dict[str, Callable[[], None]], reps: int, clock: Callable[[], float]) -> dict[str, list[float]]:
-    """One warm-up call each, then ``reps`` interleaved rounds (order rotated every round)."""
-    names = list(fns)
-    for n in names:
-        fns[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(reps):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            t0 = clock()
-            fns[n]()
-            times[n].append(clock() - t0)
-    return times
-
-
 def grid_row(e: int, k: int, n: int, reps: int, variants: tuple[str, ...],
              clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     pair = LayerPair(e, k, n)
@@ -69,7 +55,7 @@ def grid_row(e: int, k: int, n: int, reps: int, variants: tuple[str, ...],
             fns.update(matmul_fns(pair.moe, pair.floor, pair.x0))
         else:
             fns[spec] = pair.moe_fn(backend_for(spec))
-    return measure(fns, reps, clock)
+    return interleaved_times(fns, reps, clock=clock)
 
 
 def matmul_fns(moe: nn.Module, floor: DenseFloor, x0: torch.Tensor) -> dict[str, Callable[[], None]]:
