@@ -160,12 +160,54 @@ def sort_by_expert(indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor, T
     return slot_ids, torch.div(slot_ids, k, rounding_mode="floor"), counts[:num_experts]
 
 
+def compute_dtype(x: Tensor, experts: Experts) -> torch.dtype:
+    """The dtype the experts compute in: the autocast dtype of ``x``'s device when autocast is on
+    there (``bf16-mixed`` / ``16-mixed``), else the expert weights' dtype. Routing is not
+    affected (routers run in fp32 under autocast), nor is any routing state."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return experts.w1.dtype
+
+
+@dataclass(frozen=True)
+class _Params:
+    """The expert parameters in the compute dtype: the parameters themselves when they already
+    have it, else autograd-tracked casts (as autocast casts an ``nn.Linear``'s weight)."""
+
+    w1: Tensor
+    b1: Tensor | None
+    w2: Tensor
+    b2: Tensor | None
+
+    @classmethod
+    def of(cls, experts: Experts, dtype: torch.dtype) -> _Params:
+        def cast(t: Tensor | None) -> Tensor | None:
+            return t if t is None or t.dtype == dtype else t.to(dtype)
+        return cls(cast(experts.w1), cast(experts.b1), cast(experts.w2), cast(experts.b2))
+
+
+def _cuda_grouped_mm_capable(device: torch.device) -> bool:
+    """``grouped_mm``'s CUDA kernel (no host sync) runs bf16 on SM 9.x/10.x; other GPUs from SM 8.0
+    get torch's fallback, a loop over the groups after one copy of the offsets to the host."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def _grouped_mm_ok(experts: Experts, x: Tensor) -> bool:
-    """``grouped_mm`` runs fp32 on CPU and needs every row stride to be a multiple of 16 bytes
-    (eager only: under ``torch.compile`` its fake-tensor kernel takes bf16/fp16 only)."""
-    return (_HAS_GROUPED_MM and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and all(t.dtype == torch.float32 for t in (x, experts.w1, experts.w2))
-            and experts.d_model % 4 == 0 and experts.d_ff % 4 == 0)
+    """Whether ``grouped_mm`` can run ``x`` (already in the compute dtype) on ``experts``: fp32 on
+    CPU, bf16 on CUDA (SM >= 8.0), every row stride a multiple of 16 bytes (``d_model`` and ``d_ff``
+    multiples of ``16 / itemsize``); eager only (under ``torch.compile`` its fake-tensor kernel
+    takes bf16/fp16 only)."""
+    if not _HAS_GROUPED_MM or torch.compiler.is_compiling():
+        return False
+    if x.device.type == "cpu":
+        dtype_ok = x.dtype == torch.float32
+    elif x.device.type == "cuda":
+        dtype_ok = x.dtype == torch.bfloat16 and _cuda_grouped_mm_capable(x.device)
+    else:
+        return False
+    align = 16 // x.element_size()
+    return dtype_ok and experts.d_model % align == 0 and experts.d_ff % align == 0
 
 
 def _chunks(counts: list[int], rows: int) -> list[tuple[int, int, int]]:
@@ -479,19 +521,39 @@ class TorchDroplessBackend(nn.Module):
         self._ws = _Workspace()
 
     def resolve_impl(self, experts: Experts, x: Tensor, slots: int) -> str:
-        """The implementation that runs ``slots`` assignments of ``x`` on ``experts``."""
+        """The implementation that runs ``slots`` assignments of ``x`` (in the compute dtype) on
+        ``experts``: on CUDA ``impl="auto"`` takes ``grouped_mm`` wherever it can run (one kernel,
+        no host sync), elsewhere :func:`choose_impl` decides by size."""
         ok = _grouped_mm_ok(experts, x)
         if self.impl == "auto":
+            if x.device.type == "cuda":
+                return "grouped_mm" if ok else "blocked"
             return choose_impl(slots, experts.num_experts, experts.d_model, experts.d_ff, x.element_size(), ok)
         return "blocked" if self.impl == "grouped_mm" and not ok else self.impl
 
     def forward(self, experts: Experts, x: Tensor, indices: Tensor, weights: Tensor,
                 dropout_mask: Tensor | None = None) -> Tensor:
         """``out[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])`` over non-empty slots,
-        each expert with its dropout (keep-mask of slot ``(t, j)``) when active."""
+        each expert with its dropout (keep-mask of slot ``(t, j)``) when active.
+
+        Mixed precision: the experts compute in :func:`compute_dtype` (the autocast dtype under
+        ``bf16-mixed`` / ``16-mixed``) with autocast off inside, on casts of ``x``, the combine
+        weights and the expert parameters (gradients flow back to the fp32 parameters in their own
+        dtype, as for an ``nn.Linear`` under autocast); the output has ``x``'s dtype."""
+        dtype = compute_dtype(x, experts)
+        params = _Params.of(experts, dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = self._forward(experts, params, x.to(dtype), indices, weights, dropout_mask)
+        return y.to(x.dtype)
+
+    def _forward(self, experts: Experts, p: _Params, x: Tensor, indices: Tensor, weights: Tensor,
+                 dropout_mask: Tensor | None) -> Tensor:
         if self.impl == "autograd":
             self.last_impl = "autograd"
-            return self._forward_autograd(experts, x, indices, weights, dropout_mask)
+            return self._forward_autograd(experts, p, x, indices, weights, dropout_mask)
+        if x.device.type == "cuda" and self.resolve_impl(experts, x, indices.numel()) == "grouped_mm":
+            self.last_impl = "grouped_mm"
+            return self._grouped_mm_padded(experts, p, x, indices, weights, dropout_mask)
         slot_ids, token_ids, counts = sort_by_expert(indices, experts.num_experts)
         impl = self.last_impl = self.resolve_impl(experts, x, slot_ids.numel())
         if slot_ids.numel() == 0:
@@ -499,45 +561,76 @@ class TorchDroplessBackend(nn.Module):
         keep = _gathered_keep(experts, dropout_mask, slot_ids, indices, x.device)
         wslot = weights.reshape(-1).index_select(0, slot_ids).to(x.dtype)
         if impl == "grouped_mm":
-            ys = self._grouped_mm_ffn(experts, x.index_select(0, token_ids), counts, keep)
+            rows = torch.repeat_interleave(torch.arange(experts.num_experts, device=x.device), counts)
+            ys = self._grouped_mm_ffn(experts, p, x.index_select(0, token_ids), counts, rows, keep)
             return torch.zeros_like(x).index_add(0, token_ids, ys * wslot.unsqueeze(-1))
         if keep is None:
             drop = (None, 1.0, False)
         else:
             drop = (keep, 1.0 / (1.0 - experts.dropout), experts.dropout_position == "post_act")
-        return _SortedExpertsFn.apply(x, wslot, experts.w1, experts.b1, experts.w2, experts.b2, token_ids,
+        return _SortedExpertsFn.apply(x, wslot, p.w1, p.b1, p.w2, p.b2, token_ids,
                                       counts.tolist(), experts.activation, experts.act, self.block_rows,
                                       self.save_act, *drop, self._ws if self.reuse_buffers else None)
 
     @staticmethod
-    def _grouped_mm_ffn(experts: Experts, xs: Tensor, counts: Tensor, keep: Tensor | None = None) -> Tensor:
+    def _grouped_mm_ffn(experts: Experts, p: _Params, xs: Tensor, counts: Tensor, rows: Tensor,
+                        keep: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+        """Both matmuls as ``grouped_mm`` over the expert-sorted rows ``xs`` (``counts[e]`` rows
+        for expert ``e``, then any rows past ``sum(counts)``, which grouped_mm leaves unset);
+        ``rows[i]`` is the expert of row ``i`` (for the biases). ``valid [m, 1]`` zeroes the
+        pre-activation of the rows past the groups, so no gradient flows back from them (into
+        ``b1`` or the input); their output rows are the caller's to mask."""
         offs = counts.cumsum(0, dtype=torch.int32)
-        rows = None
-        if experts.b1 is not None or experts.b2 is not None:
-            rows = torch.repeat_interleave(torch.arange(experts.num_experts, device=xs.device), counts)
-        h = F.grouped_mm(xs, experts.w1, offs=offs)
-        if experts.b1 is not None:
-            h = h + experts.b1.index_select(0, rows)
-        y = F.grouped_mm(experts.hidden(h, keep), experts.w2, offs=offs)
-        if experts.b2 is not None:
-            y = y + experts.b2.index_select(0, rows)
+        h = F.grouped_mm(xs, p.w1, offs=offs)
+        if p.b1 is not None:
+            h = h + p.b1.index_select(0, rows)
+        if valid is not None:
+            h = torch.where(valid, h, 0)
+        y = F.grouped_mm(experts.hidden(h, keep), p.w2, offs=offs)
+        if p.b2 is not None:
+            y = y + p.b2.index_select(0, rows)
         return y
 
+    @classmethod
+    def _grouped_mm_padded(cls, experts: Experts, p: _Params, x: Tensor, indices: Tensor, weights: Tensor,
+                           dropout_mask: Tensor | None = None) -> Tensor:
+        """``grouped_mm`` over all ``N*K`` slots without a host sync (the CUDA path): the slots are
+        sorted by expert with the empty ones (−1) last, the group offsets end at the last valid
+        slot, and the rows past it (whatever grouped_mm leaves there) are masked out of the input,
+        the hidden activations and the output — so they reach neither the output nor any
+        gradient. Expert dropout draws one keep-mask row per slot (empty slots included) or
+        takes ``dropout_mask [N, K, d_ff]`` as given."""
+        e, k = experts.num_experts, indices.shape[1]
+        flat = indices.reshape(-1)
+        key = torch.where(flat >= 0, flat, torch.full_like(flat, e))
+        sorted_key, order = torch.sort(key, stable=True)
+        counts = torch.zeros(e + 1, dtype=torch.long, device=x.device).index_add_(0, key, torch.ones_like(key))
+        valid = (sorted_key < e).unsqueeze(1)
+        token_ids = torch.div(order, k, rounding_mode="floor")
+        xs = torch.where(valid, x.index_select(0, token_ids), 0)
+        if dropout_mask is not None:
+            _check_keep(experts, dropout_mask, (*indices.shape, experts.d_ff))
+            keep = dropout_mask.reshape(-1, experts.d_ff).index_select(0, order)
+        else:
+            keep = experts.draw_keep(order.numel(), x.device)
+        ys = cls._grouped_mm_ffn(experts, p, xs, counts[:e], sorted_key.clamp_max(e - 1), keep, valid)
+        wslot = weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(1)
+        return torch.zeros_like(x).index_add(0, token_ids, torch.where(valid, ys * wslot, 0))
+
     @staticmethod
-    def _forward_autograd(experts: Experts, x: Tensor, indices: Tensor, weights: Tensor,
+    def _forward_autograd(experts: Experts, p: _Params, x: Tensor, indices: Tensor, weights: Tensor,
                           dropout_mask: Tensor | None = None) -> Tensor:
         """The plain sort-based path (per-group matmuls on ``unbind`` views, autograd backward)."""
         slot_ids, token_ids, counts = sort_by_expert(indices, experts.num_experts)
         if slot_ids.numel() == 0:
             return torch.zeros_like(x)
         keep = _gathered_keep(experts, dropout_mask, slot_ids, indices, x.device)
-        keeps = torch.split(keep, counts.tolist()) if keep is not None else None
+        sizes = counts.tolist()
+        keeps = torch.split(keep, sizes) if keep is not None else None
         xs = x.index_select(0, token_ids)
-        w1s, w2s = experts.w1.unbind(0), experts.w2.unbind(0)
-        b1s = experts.b1.unbind(0) if experts.b1 is not None else None
-        b2s = experts.b2.unbind(0) if experts.b2 is not None else None
+        w1s, w2s, b1s, b2s = _unbind(p.w1), _unbind(p.w2), _unbind(p.b1), _unbind(p.b2)
         outs = []
-        for e, chunk in enumerate(torch.split(xs, counts.tolist())):
+        for e, chunk in enumerate(torch.split(xs, sizes)):
             if chunk.shape[0] == 0:
                 continue
             h = torch.addmm(b1s[e], chunk, w1s[e]) if b1s is not None else chunk @ w1s[e]
