@@ -104,6 +104,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("Instantiating trainer <%s>", cfg.trainer._target_)
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                           _convert_="all")
+        if trainer.strategy.root_device.type == "cuda":
+            import torch
+
+            torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls (trainer=gpu, README)
         objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks,
                    "logger": loggers, "trainer": trainer}
         from tasks.run.resume import init_from_checkpoint, prepare_fit, run_identity

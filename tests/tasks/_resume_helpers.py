@@ -71,3 +71,15 @@ class SaveSpy(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         SaveSpy.saves.append((int(trainer.global_step), float(pl_module.best_score)))
+
+
+class RaiseAtStep(Callback):
+    """Raise ``RuntimeError("interrupted at step N")`` at the start of the training batch after
+    ``step`` optimizer steps: an in-process stand-in for a crash (the run's last.ckpt stays)."""
+
+    def __init__(self, step: int):
+        self.step = int(step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"interrupted at step {trainer.global_step}")

@@ -164,11 +164,13 @@ def kill_then_resume(tmp_path, args, kill_step, where="train"):
     return saved, run
 
 
-def test_glue_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_glue_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, precision):
+    args = [*GLUE, f"trainer.precision={precision}"]
     full = tmp_path / "full"
-    run_train(full, GLUE)
+    run_train(full, args)
     # killed before step 8 of 15; its last.ckpt is the step-6 save: epoch 1, after 1 of its 5 batches
-    saved, resumed = kill_then_resume(tmp_path, GLUE, kill_step=8)
+    saved, resumed = kill_then_resume(tmp_path, args, kill_step=8)
     assert saved["global_step"] == 6 and saved["epoch"] == 1
     progress = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
     assert progress["processed"] == 1  # mid-epoch
