@@ -1,7 +1,9 @@
 """Stop (or skip) on numerical faults before they reach the weights.
 
 Checked right before every optimizer step: each MoE layer's router logits of the last forward,
-the loss, and every gradient. On a fault:
+the loss, and every gradient — as one fused check on the device (one host sync a step: per-tensor
+``isfinite(...).all()`` flags and one ``_foreach_norm`` over the gradients, reduced to a single
+flag); only when it fails is the slower scan run that names the fault. On a fault:
 
 * ``on_fault="stop"``: raise :class:`NumericalFaultError` naming the step and the layer (or the
   first bad parameter); the optimizer step does not happen, so the last checkpoint on disk is the
@@ -68,7 +70,33 @@ class NumericalFaultCallback(Callback):
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self._loss = loss.detach()
 
+    def all_finite(self, pl_module: LightningModule, loss: torch.Tensor | None = None) -> bool:
+        """True when nothing :meth:`find_fault` checks can be non-finite, in one host sync. A
+        gradient norm that overflows (finite values, huge norm) reads as a possible fault here; the
+        caller then runs :meth:`find_fault`, which checks the values themselves."""
+        flags = []
+        for _, moe in find_moe_layers(pl_module):
+            rec = moe.last_routing
+            if rec is None:
+                continue
+            logits = rec.router_logits.detach()
+            flags += [(torch.isfinite(logits) | torch.isneginf(logits)).all(),
+                      torch.isfinite(rec.router_probs.detach()).all(), torch.isfinite(rec.aux_loss.detach()).all()]
+        if loss is not None:
+            flags.append(torch.isfinite(loss.detach()).all())
+        if self.check_grads:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            if grads:
+                norms = torch._foreach_norm(grads)
+                flags.append(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+        if not flags:
+            return True
+        device = flags[0].device
+        return bool(torch.stack([f.to(device) for f in flags]).all())
+
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if self.all_finite(pl_module, self._loss):
+            return
         fault = self.find_fault(pl_module, self._loss)
         if fault is None:
             return

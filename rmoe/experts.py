@@ -143,21 +143,22 @@ def _gathered_keep(experts: Experts, dropout_mask: Tensor | None, slot_ids: Tens
     return dropout_mask.reshape(-1, experts.d_ff).index_select(0, slot_ids)
 
 
-def sort_by_expert(indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+def sort_by_expert(indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """Order the non-empty (token, slot) assignments by expert.
 
     Returns ``slot_ids`` (flat positions into ``[N*K]``, grouped by expert, token order inside a
-    group), ``token_ids`` (``slot_ids // K``) and ``counts [E]``.
+    group), ``token_ids`` (``slot_ids // K``), ``counts [E]`` and the same counts on the host
+    (one device-to-host copy: the only sync, needed for the data-dependent ``slot_ids`` length).
     """
     k = indices.shape[1]
     flat = indices.reshape(-1)
     # empty slots (−1) sort to the end under key E; one stable sort, no N×E tensor
     key = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))
     order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=num_experts + 1)
-    n_valid = int(flat.numel() - counts[num_experts])
-    slot_ids = order[:n_valid]
-    return slot_ids, torch.div(slot_ids, k, rounding_mode="floor"), counts[:num_experts]
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device).index_add_(0, key, torch.ones_like(key))
+    host = counts.tolist()
+    slot_ids = order[:flat.numel() - host[num_experts]]
+    return slot_ids, torch.div(slot_ids, k, rounding_mode="floor"), counts[:num_experts], host[:num_experts]
 
 
 def compute_dtype(x: Tensor, experts: Experts) -> torch.dtype:
@@ -554,7 +555,7 @@ class TorchDroplessBackend(nn.Module):
         if x.device.type == "cuda" and self.resolve_impl(experts, x, indices.numel()) == "grouped_mm":
             self.last_impl = "grouped_mm"
             return self._grouped_mm_padded(experts, p, x, indices, weights, dropout_mask)
-        slot_ids, token_ids, counts = sort_by_expert(indices, experts.num_experts)
+        slot_ids, token_ids, counts, sizes = sort_by_expert(indices, experts.num_experts)
         impl = self.last_impl = self.resolve_impl(experts, x, slot_ids.numel())
         if slot_ids.numel() == 0:
             return torch.zeros_like(x)
@@ -569,7 +570,7 @@ class TorchDroplessBackend(nn.Module):
         else:
             drop = (keep, 1.0 / (1.0 - experts.dropout), experts.dropout_position == "post_act")
         return _SortedExpertsFn.apply(x, wslot, p.w1, p.b1, p.w2, p.b2, token_ids,
-                                      counts.tolist(), experts.activation, experts.act, self.block_rows,
+                                      sizes, experts.activation, experts.act, self.block_rows,
                                       self.save_act, *drop, self._ws if self.reuse_buffers else None)
 
     @staticmethod
@@ -621,11 +622,10 @@ class TorchDroplessBackend(nn.Module):
     def _forward_autograd(experts: Experts, p: _Params, x: Tensor, indices: Tensor, weights: Tensor,
                           dropout_mask: Tensor | None = None) -> Tensor:
         """The plain sort-based path (per-group matmuls on ``unbind`` views, autograd backward)."""
-        slot_ids, token_ids, counts = sort_by_expert(indices, experts.num_experts)
+        slot_ids, token_ids, _, sizes = sort_by_expert(indices, experts.num_experts)
         if slot_ids.numel() == 0:
             return torch.zeros_like(x)
         keep = _gathered_keep(experts, dropout_mask, slot_ids, indices, x.device)
-        sizes = counts.tolist()
         keeps = torch.split(keep, sizes) if keep is not None else None
         xs = x.index_select(0, token_ids)
         w1s, w2s, b1s, b2s = _unbind(p.w1), _unbind(p.w2), _unbind(p.b1), _unbind(p.b2)
@@ -678,7 +678,7 @@ class MegaBlocksBackend(nn.Module):
         if self._mods is None:
             self._mods = self.check_available()
         _, gg = self._mods
-        slot_ids, token_ids, counts = sort_by_expert(indices, experts.num_experts)
+        slot_ids, token_ids, counts, _ = sort_by_expert(indices, experts.num_experts)
         keep = _gathered_keep(experts, dropout_mask, slot_ids, indices, x.device)
         xs = x.index_select(0, token_ids)
         batch_sizes = counts.cpu()

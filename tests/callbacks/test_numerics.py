@@ -144,3 +144,64 @@ def test_each_fault_branch_can_skip_the_batch(tmp_path, where):
     assert num.skipped == 1
     assert all(torch.equal(a, b) for a, b in zip(keep.params[2], keep.params[3]))  # the bad batch: no update
     assert any(not torch.equal(a, b) for a, b in zip(keep.params[3], keep.params[4]))
+
+
+# --- the fused check: one host sync a step, the slow scan only when it fails -------------------------
+@pytest.mark.parametrize("where", ["router", "aux", "loss", "grad", None])
+def test_fused_check_agrees_with_the_scan(where):
+    """``all_finite`` (one sync) is False exactly when the scan finds a fault, branch by branch."""
+    torch.manual_seed(0)
+    model, num = Tiny(), NumericalFaultCallback("stop")
+    x, t = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    y, _ = model.moe(x)
+    loss = torch.nn.functional.cross_entropy(model.head(x + y), t)
+    loss.backward()
+    rec = model.moe.last_routing
+    if where == "router":
+        logits = rec.router_logits.detach().clone()
+        logits[1, 1] = float("nan")
+        model.moe.last_routing = rec.replace(router_logits=logits)
+    elif where == "aux":
+        model.moe.last_routing = rec.replace(aux_loss=torch.tensor(float("inf")))
+    elif where == "loss":
+        loss = loss + float("nan")
+    elif where == "grad":
+        model.head.weight.grad[0, 0] = float("-inf")
+    assert num.all_finite(model, loss) is (where is None)
+    assert (num.find_fault(model, loss) is None) is (where is None)
+
+
+def test_overflowing_gradient_norm_is_not_a_fault(tmp_path):
+    """Finite gradients whose norm overflows fp32 fail the fused check but not the scan: the step is
+    applied (no stop, no skip)."""
+    torch.manual_seed(0)
+    model, num = Tiny(), NumericalFaultCallback("stop")
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3e38)
+    assert not num.all_finite(model) and num.find_fault(model) is None
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[num])
+    num.on_before_optimizer_step(trainer, model, None)  # returns: nothing raised, nothing skipped
+    assert num.skipped == 0 and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.gpu
+def test_fused_check_syncs_once_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import warnings
+
+    model, num = Tiny().cuda(), NumericalFaultCallback("stop")
+    x, t = torch.randn(8, 4, device="cuda"), torch.randint(0, 2, (8,), device="cuda")
+    y, _ = model.moe(x)
+    loss = torch.nn.functional.cross_entropy(model.head(x + y), t)
+    loss.backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert num.all_finite(model, loss)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1

@@ -162,3 +162,33 @@ def test_sync_free_grouped_mm_path_equals_the_loop(dropout):
     assert torch.all(y[5] == 0)
     for name, a, b in zip(["x", "w", "w1", "b1", "w2", "b2"], grads, grads_ref):
         assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5), name
+
+
+@pytest.mark.gpu
+def test_cuda_auto_takes_grouped_mm_without_a_host_sync():
+    """On CUDA in bf16, ``impl="auto"`` runs grouped_mm; forward and backward sync with the host 0 times."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("needs CUDA SM >= 8.0")
+    import warnings
+
+    torch.manual_seed(0)
+    ex = Experts(8, 64, 128).cuda()
+    be = TorchDroplessBackend()
+    x = torch.randn(256, 64, device="cuda", requires_grad=True)
+    idx = torch.randint(-1, 8, (256, 2), device="cuda")
+    w = torch.rand(256, 2, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        be(ex, x, idx, w)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.autocast("cuda", dtype=torch.bfloat16):
+            warnings.simplefilter("always")
+            y = be(ex, x, idx, w)
+            y.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert be.last_impl == "grouped_mm"
+    assert not [w for w in caught if "synchroniz" in str(w.message)]
+    ref = loop_reference(ex.cpu(), x.detach().cpu(), idx.cpu(), w.detach().cpu())
+    assert torch.allclose(y.detach().float().cpu(), ref, atol=0.05, rtol=0.05)
