@@ -382,7 +382,8 @@ class LossFreeRouter(Router):
     the unbiased scores of the selected experts: sigmoid ``s_e / Σ_{j∈S_t} s_j`` (DeepSeek-V3;
     ``normalize_gate`` and ``k > 1``, else ``s_e``); softmax as the top-k router (renormalised for
     ``k > 1`` when ``normalize_gate``). ``router_probs``, ``dispatch_scores`` and the aux inputs'
-    ``probs``: the scores normalised over experts.
+    ``probs``: the scores normalised over experts; the aux inputs' ``selected`` / ``first_choice``: the
+    top-k of the unbiased scores (SPEC §2, sequence-level loss), not the biased selection.
 
     Every training forward adds its selections per expert, summed over data-parallel ranks, to the
     buffer ``load_counts`` — so the counts of all micro-batches of an optimizer step accumulate and
@@ -434,8 +435,11 @@ class LossFreeRouter(Router):
         if self.training:
             self._count(counts)
         active = torch.ones(e, dtype=torch.bool, device=x.device)
+        # the balance loss counts f over the top-k of the *unbiased* scores (DeepSeek-V3 eq. 18; Megatron-Core
+        # compute_routing_scores_for_aux_loss): the bias steers the dispatch, not what the loss measures
+        aux_i = probs.detach().topk(k, dim=-1).indices
         aux = self.aux_loss_fn(AuxInputs(logits=logits, noisy_logits=logits, probs=probs, gates=probs,
-                                         first_choice=top_i[:, 0], active=active, top_k=k, selected=top_i,
+                                         first_choice=aux_i[:, 0], active=active, top_k=k, selected=aux_i,
                                          seq_ids=seq_ids, training=self.training))
         return RoutingRecord(
             expert_indices=top_i,

@@ -144,20 +144,34 @@ def test_seq_balance_by_hand_from_the_batch_layout_and_mask():
     assert float(rec_flat.aux_loss) == pytest.approx(float((f * probs.mean(0)).sum()), rel=1e-6)
 
 
-def test_seq_balance_with_lossfree_sigmoid_counts_the_biased_top_k():
+def test_seq_balance_with_lossfree_sigmoid_counts_the_unbiased_top_k():
+    """DeepSeek-V3 eq. 18 (Megatron-Core ``compute_routing_scores_for_aux_loss``): f_e counts the top-k of the
+    unbiased scores s, while the dispatch uses the top-k of s + b."""
     layer = build_moe_layer(3, 6, router="lossfree", num_experts=3, top_k=2, score_fn="sigmoid",
                             aux_loss="seq_balance")
     _set_router(layer, torch.eye(3))
-    layer.router.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))  # expert 2 always selected
-    x = torch.tensor([[[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]]])
+    layer.router.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))  # expert 2 always dispatched
+    x = torch.tensor([[[1.0, 0.0, -1.0], [0.0, 2.0, -0.5]]])
     _, rec = layer.eval()(x)
+    assert rec.expert_indices.tolist() == [[2, 0], [2, 1]]  # the biased selection dispatches
     s = [[1 / (1 + math.exp(-v)) for v in row] for row in x[0].tolist()]
     norm = [[v / sum(r) for v in r] for r in s]
-    counts = [1, 1, 2]  # token 0: {2, 0}; token 1: {2, 1}
-    f = [3 / (2 * 2) * c for c in counts]
+    unbiased_top2 = [sorted(range(3), key=lambda e, r=r: -r[e])[:2] for r in s]
+    assert unbiased_top2 == [[0, 1], [1, 0]]  # expert 2 in neither: the loss sees its low scores
+    counts = [sum(e in t for t in unbiased_top2) for e in range(3)]  # [2, 2, 0]
+    f = [3 / (2 * 2) * c for c in counts]  # E / (k T) · count
     p_mean = [(norm[0][e] + norm[1][e]) / 2 for e in range(3)]
-    assert rec.expert_indices.tolist() == [[2, 0], [2, 1]]
     assert float(rec.aux_loss) == pytest.approx(sum(a * b for a, b in zip(f, p_mean)), rel=1e-6)
+    # softmax scores: the same rule
+    soft = build_moe_layer(3, 6, router="lossfree", num_experts=3, top_k=1, score_fn="softmax",
+                           aux_loss="seq_balance")
+    _set_router(soft, torch.eye(3))
+    soft.router.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    _, rec = soft.eval()(x)
+    assert rec.expert_indices.tolist() == [[2], [2]]
+    p = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in x[0].tolist()]
+    f = [3 / 2 * c for c in (1, 1, 0)]  # unbiased top-1: experts 0 and 1
+    assert float(rec.aux_loss) == pytest.approx(sum(f[e] * (p[0][e] + p[1][e]) / 2 for e in range(3)), rel=1e-6)
 
 
 def test_a_router_without_seq_ids_keeps_working(cleanup_router):
