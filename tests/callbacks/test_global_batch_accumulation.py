@@ -49,12 +49,12 @@ class Tiny(pl.LightningModule):
 
 
 def hand_loss(module, x, y):
-    """CE + λ · E Σ_e f_e P_e on one batch, the Switch form written out: f_e = share of tokens whose
-    first choice (largest probability) is e, P_e = mean probability."""
+    """CE + λ · E Σ_e f_e P_e on one batch, the global-batch form written out: f_e = selections of e among the
+    tokens' top-2 (largest probabilities) / (2 · tokens), P_e = mean probability."""
     h = module.inp(x)
     out = module.head(h + module.moe(h)[0])
     p = torch.softmax(h @ module.moe.router.weight.t(), -1)
-    f = torch.bincount(p.argmax(-1), minlength=4).double() / len(x)
+    f = torch.bincount(p.topk(2, -1).indices.reshape(-1), minlength=4).double() / (2 * len(x))
     return F.cross_entropy(out, y) + module.lam * 4 * (f.to(p.dtype) * p.mean(0)).sum()
 
 

@@ -95,12 +95,35 @@ def test_global_batch_loss_by_hand_and_one_process_equals_switch():
     p = [(0.7 + 0.1 + 0.5 + 0.2) / 4, (0.2 + 0.6 + 0.25 + 0.2) / 4, (0.1 + 0.3 + 0.25 + 0.6) / 4]
     want = 3 * (0.5 * p[0] + 0.25 * p[1] + 0.25 * p[2])
     assert float(global_batch_balance_loss(probs, top1)) == pytest.approx(want, rel=1e-6)
-    layer = build_moe_layer(4, 8, router="topk", num_experts=3, top_k=2, aux_loss="global_batch")
-    twin = build_moe_layer(4, 8, router="topk", num_experts=3, top_k=2, aux_loss="switch")
+    layer = build_moe_layer(4, 8, router="topk", num_experts=3, top_k=1, aux_loss="global_batch")
+    twin = build_moe_layer(4, 8, router="topk", num_experts=3, top_k=1, aux_loss="switch")
     twin.load_state_dict(layer.state_dict())
     x = torch.randn(2, 5, 4)
     a, b = layer.train()(x)[1].aux_loss.detach(), twin.train()(x)[1].aux_loss.detach()
     assert float(a) == pytest.approx(float(b), rel=1e-6)
+
+
+def test_global_batch_loss_counts_all_k_selections_divided_by_k():
+    """Megatron-Core switch_load_balancing_loss_func (Qiu et al. 2025): f_e = (selections of e) / (k T), every one
+    of a token's k experts counted; loss E Σ_e f_e P_e."""
+    probs = [[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.25, 0.25, 0.5], [0.4, 0.1, 0.5]]
+    top2 = [sorted(range(3), key=lambda e, r=r: -r[e])[:2] for r in probs]  # [0,1] [1,2] [2,0 or 1] [2,0]
+    top2[2] = [2, 0]
+    counts = [sum(e in t for t in top2) for e in range(3)]
+    assert counts == [3, 2, 3]
+    p_mean = [sum(r[e] for r in probs) / 4 for e in range(3)]
+    want = 3 * sum(counts[e] / (2 * 4) * p_mean[e] for e in range(3))
+    got = global_batch_balance_loss(torch.tensor(probs), torch.tensor(top2), top_k=2)
+    assert float(got) == pytest.approx(want, rel=1e-6)
+    # the layer hands the loss every selection: a top-2 layer's loss from its own probabilities and top-2
+    layer = build_moe_layer(4, 8, router="topk", num_experts=3, top_k=2, aux_loss="global_batch")
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    _, rec = layer.train()(x)
+    p = rec.router_probs.detach().tolist()
+    sel = [sorted(range(3), key=lambda e, r=r: -r[e])[:2] for r in p]
+    c = [sum(e in t for t in sel) for e in range(3)]
+    ref = 3 * sum(c[e] / (2 * 6) * sum(r[e] for r in p) / 6 for e in range(3))
+    assert float(rec.aux_loss) == pytest.approx(ref, rel=1e-6)
 
 
 def test_global_batch_f_over_two_halves_equals_the_batch_of_both():
