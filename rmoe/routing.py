@@ -379,8 +379,8 @@ class LossFreeRouter(Router):
 
     ``logits = W x`` (no bias term); scores ``s = softmax(logits)`` or ``sigmoid(logits)``
     (``score_fn``). Selection: the top-``k`` of ``s + b`` with ``b`` the buffer ``bias``. Gates from
-    the unbiased scores of the selected experts: sigmoid ``s_e / Σ_{j∈S_t} s_j`` (DeepSeek-V3;
-    ``normalize_gate`` and ``k > 1``, else ``s_e``); softmax as the top-k router (renormalised for
+    the unbiased scores of the selected experts: sigmoid ``s_e / Σ_{j∈S_t} s_j`` for any ``k`` (DeepSeek-V3;
+    1 at ``k = 1``) when ``normalize_gate``, else ``s_e``; softmax as the top-k router (renormalised for
     ``k > 1`` when ``normalize_gate``). ``router_probs``, ``dispatch_scores`` and the aux inputs'
     ``probs``: the scores normalised over experts; the aux inputs' ``selected`` / ``first_choice``: the
     top-k of the unbiased scores (SPEC §2, sequence-level loss), not the biased selection.
@@ -430,7 +430,10 @@ class LossFreeRouter(Router):
         selection = scores.detach() + self.bias.float()
         top_i = selection.topk(k, dim=-1).indices
         top_s = scores.gather(1, top_i)
-        gate = top_s / top_s.sum(-1, keepdim=True).clamp_min(tiny) if (cfg.normalize_gate and k > 1) else top_s
+        # sigmoid: the selected scores normalised for any k (DeepSeek-V3 Gate; torchtitan route_norm), 1 at k = 1;
+        # softmax: as the top-k router (renormalised for k > 1)
+        norm = cfg.normalize_gate and (k > 1 or cfg.score_fn == "sigmoid")
+        gate = top_s / top_s.sum(-1, keepdim=True).clamp_min(tiny) if norm else top_s
         counts = tokens_per_expert(top_i, e)
         if self.training:
             self._count(counts)

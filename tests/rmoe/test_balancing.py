@@ -69,11 +69,24 @@ def test_lossfree_selection_uses_the_biased_scores_and_the_gates_do_not(score_fn
     assert rec.router_probs[0].tolist() == pytest.approx([v / sum(s) for v in s], rel=1e-6)
 
 
-def test_lossfree_top1_sigmoid_gate_is_the_raw_score_and_config_checks():
+def test_lossfree_top1_sigmoid_gate_is_normalised_to_one_and_config_checks():
+    """DeepSeek-V3 inference/model.py Gate (sigmoid: weights /= weights.sum, any k) and torchtitan route_norm:
+    the selected sigmoid score over itself, 1 at k = 1; normalize_gate=false keeps the raw score s_e."""
     layer = build_moe_layer(2, 4, router="lossfree", num_experts=2, top_k=1, score_fn="sigmoid")
     _set_router(layer, torch.eye(2))
-    _, rec = layer.eval()(torch.tensor([[0.5, -1.0]]))
-    assert rec.expert_weights[0].tolist() == pytest.approx([1 / (1 + math.exp(-0.5))])
+    x = torch.tensor([[0.5, -1.0], [-2.0, 0.25]])
+    _, rec = layer.eval()(x)
+    assert rec.expert_indices.tolist() == [[0], [1]]
+    assert rec.expert_weights.tolist() == [[1.0], [1.0]]
+    raw = build_moe_layer(2, 4, router="lossfree", num_experts=2, top_k=1, score_fn="sigmoid", normalize_gate=False)
+    _set_router(raw, torch.eye(2))
+    _, rec = raw.eval()(x)
+    assert rec.expert_weights[:, 0].tolist() == pytest.approx([1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(-0.25))])
+    # softmax scores, k = 1: the raw probability, as the top-k router
+    soft = build_moe_layer(2, 4, router="lossfree", num_experts=2, top_k=1, score_fn="softmax")
+    _set_router(soft, torch.eye(2))
+    _, rec = soft.eval()(x)
+    assert rec.expert_weights[0].tolist() == pytest.approx([math.exp(0.5) / (math.exp(0.5) + math.exp(-1.0))])
     assert fail_message(router="lossfree", gate_noise=1.0) == (
         "invalid MoE config: gate_noise=1.0; allowed: 0 for router 'lossfree' (the bias steers selection; no noise)")
     assert fail_message(router="lossfree", capacity_factor=1.0) == (
