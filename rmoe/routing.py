@@ -479,8 +479,10 @@ class ExpertChoiceRouter(Router):
     """Expert-choice routing (Zhou et al. 2022), for encoders.
 
     ``p = softmax(W x)`` over experts; each expert takes the ``c`` tokens with its highest ``p``,
-    ``c = min(N, ⌈N · capacity_factor / E⌉)`` (the capacity factor is the mean number of experts per
-    token), so a token gets 0..E experts. Combine weights: the token's probabilities of the experts
+    ``c = min(N, max(round(capacity_factor · N / E), 4))`` with Python's ``round`` (half to even) and the
+    minimum capacity 4, as flaxformer's ``MoeLayer`` (the capacity factor is about the mean number of
+    experts per token; the ``min(N, ·)`` stands where flaxformer's top-k would fail), so a token gets 0..E
+    experts. The ``N`` real tokens of the rank's batch are one routing group (SPEC §1). Combine weights: the token's probabilities of the experts
     that chose it. The record is ``[N, K]`` with ``K`` = the most experts any token got, each token's
     experts in descending probability, −1 padded. A token's routing depends on the other tokens of
     the batch, later ones included: not for causal models (``causal=true`` is refused). Every
@@ -498,7 +500,7 @@ class ExpertChoiceRouter(Router):
                  "whole batch, so a token's experts depend on later tokens: not causal)")
         if cfg.capacity_factor <= 0:
             fail("capacity_factor", cfg.capacity_factor, "> 0 for router 'expert_choice' (each expert takes "
-                 "ceil(N * capacity_factor / E) tokens)")
+                 "max(round(capacity_factor * N / E), 4) tokens)")
         if cfg.batch_prioritized_routing:
             fail("batch_prioritized_routing", True, "false for router 'expert_choice' (experts choose tokens)")
         if cfg.gate_noise > 0:
@@ -509,9 +511,13 @@ class ExpertChoiceRouter(Router):
         self.weight = nn.Parameter(torch.empty(self.num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
 
+    min_capacity = 4  # flaxformer MoeLayer.min_expert_capacity (its default)
+
     def capacity(self, n: int) -> int:
-        """Tokens per expert: ``min(n, ceil(n · capacity_factor / E))``."""
-        return min(n, math.ceil(n * self.cfg.capacity_factor / self.num_experts))
+        """Tokens per expert: ``min(n, max(round(capacity_factor · n / E), 4))`` (flaxformer
+        ``moe_layers.py``: ``int(round(capacity_factor * tokens_per_group / num_experts))``, then
+        ``max(·, min_expert_capacity)``)."""
+        return min(n, max(int(round(self.cfg.capacity_factor * n / self.num_experts)), self.min_capacity))
 
     def logits(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.float())

@@ -231,29 +231,52 @@ def cleanup_router():
 
 
 # --- expert choice ---------------------------------------------------------------------------------
+def _flaxformer_capacity(n, cf, e):
+    """flaxformer moe_layers.py MoeLayer: int(round(cf * tokens_per_group / num_experts)), at least
+    min_expert_capacity = 4 (Python's round: half to even); our top-c needs c <= n."""
+    return min(n, max(int(round(cf * n / e)), 4))
+
+
+@pytest.mark.parametrize("n, cf, e, want", [
+    (84, 1.0, 8, 10),   # 10.5 rounds half to even: 10 (ceil: 11)
+    (12, 2.0, 8, 4),    # 3, raised to the minimum 4 (ceil: 3)
+    (100, 2.0, 8, 25),
+    (20, 1.0, 8, 4),    # 2.5 -> 2 -> 4
+    (3, 2.0, 8, 3),     # fewer tokens than the minimum: every token
+    (27, 1.0, 2, 14),   # 13.5 -> 14 (half to even)
+])
+def test_expert_choice_capacity_is_flaxformers_rule(n, cf, e, want):
+    layer = build_moe_layer(2, 4, router="expert_choice", num_experts=e, capacity_factor=cf)
+    assert _flaxformer_capacity(n, cf, e) == want
+    assert layer.router.capacity(n) == want
+    _, rec = layer.train()(torch.randn(n, 2))
+    assert rec.tokens_per_expert.tolist() == [want] * e
+
+
 def test_expert_choice_capacity_and_tokens_with_several_or_no_experts():
     layer = build_moe_layer(2, 4, router="expert_choice", num_experts=2, capacity_factor=0.8, bias=False)
     _set_router(layer, torch.eye(2))
-    # logits (a, b): expert 0 prefers large a - b, expert 1 large b - a
-    x = torch.tensor([[3.0, 0.0], [2.0, 0.0], [0.0, 0.0], [0.0, 2.0], [0.0, 3.0]])
-    assert layer.router.capacity(5) == 2  # ceil(5 * 0.8 / 2)
+    # logits (a, b): expert 0 prefers large a - b, expert 1 large b - a; tokens 4, 5 nearly neutral
+    x = torch.tensor([[3.0, 0.0], [2.5, 0.0], [2.0, 0.0], [1.5, 0.0], [0.1, 0.0],
+                      [0.0, 0.1], [0.0, 1.5], [0.0, 2.0], [0.0, 2.5], [0.0, 3.0]])
+    assert layer.router.capacity(10) == _flaxformer_capacity(10, 0.8, 2) == 4
     _, rec = layer.eval()(x)
-    assert rec.tokens_per_expert.tolist() == [2, 2]
-    assert rec.expert_indices.tolist() == [[0], [0], [-1], [1], [1]]  # token 2: no expert
-    layer2 = build_moe_layer(2, 4, router="expert_choice", num_experts=2, capacity_factor=1.0, bias=False)
+    assert rec.tokens_per_expert.tolist() == [4, 4]
+    assert rec.expert_indices.tolist() == [[0], [0], [0], [0], [-1], [-1], [1], [1], [1], [1]]  # 4, 5: no expert
+    layer2 = build_moe_layer(2, 4, router="expert_choice", num_experts=2, capacity_factor=1.2, bias=False)
     _set_router(layer2, torch.eye(2))
     layer2.experts.load_state_dict(layer.experts.state_dict())
-    assert layer2.router.capacity(5) == 3  # ceil(5 / 2)
+    assert layer2.router.capacity(10) == _flaxformer_capacity(10, 1.2, 2) == 6
     y, rec = layer2.eval()(x)
-    assert rec.tokens_per_expert.tolist() == [3, 3]
-    # token 2 (p = 0.5, 0.5) is taken by both experts: K = 2, other tokens padded with −1
-    assert rec.expert_indices.tolist() == [[0, -1], [0, -1], [0, 1], [1, -1], [1, -1]]
-    assert ((rec.expert_indices >= 0).sum(-1)).tolist() == [1, 1, 2, 1, 1]
-    for t, experts in enumerate([[0], [0], [0, 1], [1], [1]]):
+    assert rec.tokens_per_expert.tolist() == [6, 6]
+    # the near-neutral tokens 4, 5 are taken by both experts: K = 2, other tokens padded with −1
+    experts = [[0], [0], [0], [0], [0, 1], [1, 0], [1], [1], [1], [1]]
+    assert rec.expert_indices.tolist() == [t + [-1] * (2 - len(t)) for t in experts]
+    for t, ex in enumerate(experts):
         la, lb = x[t].tolist()
         p = [math.exp(la) / (math.exp(la) + math.exp(lb)), math.exp(lb) / (math.exp(la) + math.exp(lb))]
-        assert rec.expert_weights[t, : len(experts)].tolist() == pytest.approx([p[e] for e in experts], rel=1e-6)
-        want = sum(p[e] * layer2.experts.expert_forward(e, x[t:t + 1])[0] for e in experts)
+        assert rec.expert_weights[t, : len(ex)].tolist() == pytest.approx([p[e] for e in ex], rel=1e-6)
+        want = sum(p[e] * layer2.experts.expert_forward(e, x[t:t + 1])[0] for e in ex)
         assert torch.allclose(y[t], want, atol=1e-6)
 
 
@@ -262,13 +285,13 @@ def test_expert_choice_gets_the_task_gradient_and_rejects_causal_models():
     y, rec = layer.train()(torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool))
     y.sum().backward()
     assert layer.router.weight.grad is not None and float(layer.router.weight.grad.abs().sum()) > 0
-    assert rec.tokens_per_expert.tolist() == [7, 7, 7]  # ceil(10 * 2 / 3)
+    assert rec.tokens_per_expert.tolist() == [7, 7, 7]  # round(10 * 2 / 3) = round(6.67)
     assert fail_message(router="expert_choice", capacity_factor=2.0, causal=True) == (
         "invalid MoE config: causal=True; allowed: false for router 'expert_choice' (each expert picks its top "
         "tokens from the whole batch, so a token's experts depend on later tokens: not causal)")
     assert fail_message(router="expert_choice") == (
         "invalid MoE config: capacity_factor=0.0; allowed: > 0 for router 'expert_choice' (each expert takes "
-        "ceil(N * capacity_factor / E) tokens)")
+        "max(round(capacity_factor * N / E), 4) tokens)")
     # the surgery marks a decoder (causal) BERT, and the expert-choice config is refused there
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
