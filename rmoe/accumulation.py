@@ -62,8 +62,15 @@ RNGState = tuple[Tensor, "Tensor | None"]
 
 
 def global_batch_layers(model: nn.Module) -> list[MoELayer]:
-    """The MoE layers of ``model`` whose aux loss is ``global_batch``, in module order."""
-    return [m for _, m in find_moe_layers(model) if getattr(m.router.aux_loss_fn, "name", None) == "global_batch"]
+    """The MoE layers of ``model`` whose aux loss is ``global_batch`` with ``global_batch_mode=window`` (the
+    routing pre-pass's layers; ``megatron`` needs none), in module order."""
+    return [m for _, m in find_moe_layers(model) if getattr(m.router.aux_loss_fn, "name", None) == "global_batch"
+            and not getattr(m.router, "megatron_global_batch", False)]
+
+
+def megatron_global_batch_layers(model: nn.Module) -> list[MoELayer]:
+    """The MoE layers of ``model`` with ``global_batch_mode=megatron`` (running counts reset after each step)."""
+    return [m for _, m in find_moe_layers(model) if getattr(m.router, "megatron_global_batch", False)]
 
 
 def rng_state(device: torch.device | None = None) -> RNGState:

@@ -61,6 +61,16 @@ class GlobalBatchWindow:
     expected: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class GlobalBatchRunning:
+    """Megatron-Core's ``global_aux_loss`` state (``global_batch_mode=megatron``): the router's buffers
+    ``counts`` ``[E]`` (the global selection counts of the step's micro-batches so far, summed) and ``steps``
+    (how many), which each training forward adds to in place and the router resets after the optimizer step."""
+
+    counts: Tensor
+    steps: Tensor
+
+
 class GlobalBatchCounter:
     """Set on a router during the routing pre-pass: each training forward appends its ``[E + 1]``
     selection counts and token count to ``recorded`` and returns a zero loss (no all-reduce)."""
@@ -80,8 +90,8 @@ WINDOW_REQUIRED = _WindowRequired()
 
 
 def global_batch_balance_loss(router_probs: Tensor, selected: Tensor, reduce: bool = True,
-                              window: GlobalBatchWindow | GlobalBatchCounter | _WindowRequired | None = None,
-                              top_k: int | None = None) -> Tensor:
+                              window: GlobalBatchWindow | GlobalBatchCounter | GlobalBatchRunning | _WindowRequired
+                              | None = None, top_k: int | None = None) -> Tensor:
     """Global-batch Switch loss (Qwen): ``E · Σ_e f_e P_e`` with ``f_e`` over the whole global batch of
     the optimizer step and ``P_e`` over this forward's tokens.
 
@@ -103,6 +113,13 @@ def global_batch_balance_loss(router_probs: Tensor, selected: Tensor, reduce: bo
     the same ``M/A`` factor the trainer's division gives the task loss. The forward's own counts must
     equal ``window.expected`` (else RuntimeError). A :class:`GlobalBatchCounter` records the counts
     (routing pre-pass); :data:`WINDOW_REQUIRED` raises (accumulation without a window).
+
+    ``window`` a :class:`GlobalBatchRunning` (Megatron-Core ``router.py`` ``_apply_global_aux_loss``): this
+    forward's counts and tokens are summed over ranks (``reduce``), the counts added to the running sum, and
+    ``f_e = (Σ_{i≤j} C_{i,e} / j) / (k T_j)`` with ``T_j`` this micro-batch's tokens over all ranks; the rank
+    returns ``E · Σ_e f_e · Σ_{t∈r} p_te / T_j`` — no factor ``R``: the ranks' losses *sum* to the micro-batch's
+    loss, so DDP's gradient mean is ``1/R`` of its gradient (Megatron-Core's ``switch_load_balancing_loss_func``
+    per rank).
     """
     n, e = router_probs.shape
     if selected.dim() == 1:
@@ -114,6 +131,18 @@ def global_batch_balance_loss(router_probs: Tensor, selected: Tensor, reduce: bo
     if isinstance(window, GlobalBatchCounter):
         window.recorded.append(stats)
         return router_probs.sum() * 0.0
+    if isinstance(window, GlobalBatchRunning):
+        if reduce and _dist_world() > 1:
+            torch.distributed.all_reduce(stats)
+        total = float(stats[e])
+        with torch.no_grad():
+            window.counts.add_(stats[:e].to(window.counts))
+            window.steps.add_(1)
+        if total == 0:
+            return router_probs.sum() * 0.0
+        mean = window.counts.to(device=router_probs.device, dtype=torch.float64) / window.steps.to(torch.float64)
+        f = (mean / (k * total)).to(router_probs.dtype)
+        return e * torch.sum(f * router_probs.sum(0)) / total
     if isinstance(window, _WindowRequired):
         raise RuntimeError("moe.aux_loss='global_batch' under gradient accumulation: this training forward has "
                            "no accumulation window (its f_e would count one micro-batch only); the routing "

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import losses
 from .config import MoEConfig
-from .losses import AuxInputs
+from .losses import AuxInputs, GlobalBatchRunning
 from .registry import AUX_LOSSES, ROUTERS
 
 
@@ -142,6 +142,20 @@ class SoftmaxTopKRouter(Router):
     family = "softmax"
     default_aux_loss = "switch"
 
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.megatron_global_batch = cfg.aux_loss == "global_batch" and cfg.global_batch_mode == "megatron"
+        if self.megatron_global_batch:  # Megatron-Core's running counts (SPEC §2), reset after each optimizer step
+            self.register_buffer("global_batch_counts", torch.zeros(cfg.max_experts, dtype=torch.float64))
+            self.register_buffer("global_batch_steps", torch.zeros((), dtype=torch.float64))
+
+    def reset_global_batch_counts(self) -> None:
+        """``global_batch_mode=megatron``: clear the running counts (after every optimizer step, as Megatron-Core's
+        ``reset_global_aux_loss_tracker`` in ``finalize_model_grads``; ``callbacks.balancing`` calls it)."""
+        if self.megatron_global_batch:
+            self.global_batch_counts.zero_()
+            self.global_batch_steps.zero_()
+
     def forward(self, x: Tensor, seq_ids: Tensor | None = None) -> RoutingRecord:
         with _no_autocast(x):
             return self._route(x.float(), seq_ids)
@@ -165,10 +179,13 @@ class SoftmaxTopKRouter(Router):
             idx, dropped = apply_capacity(top_i, e, capacity, priority)
         weights = torch.where(idx >= 0, gate, torch.zeros_like(gate))
         active = torch.ones(e, dtype=torch.bool, device=x.device)
+        window = self.global_batch_window
+        if self.megatron_global_batch and self.training:
+            window = GlobalBatchRunning(self.global_batch_counts, self.global_batch_steps)
         aux = self.aux_loss_fn(AuxInputs(logits=clean, noisy_logits=noisy, probs=probs, gates=probs,
                                          first_choice=top_i[:, 0], active=active, top_k=k,
                                          noise_std=cfg.gate_noise / e, selected=top_i, seq_ids=seq_ids,
-                                         training=self.training, global_batch_window=self.global_batch_window))
+                                         training=self.training, global_batch_window=window))
         return RoutingRecord(
             expert_indices=idx,
             expert_weights=weights,
@@ -482,10 +499,10 @@ class ExpertChoiceRouter(Router):
     ``c = min(N, max(round(capacity_factor · N / E), 4))`` with Python's ``round`` (half to even) and the
     minimum capacity 4, as flaxformer's ``MoeLayer`` (the capacity factor is about the mean number of
     experts per token; the ``min(N, ·)`` stands where flaxformer's top-k would fail), so a token gets 0..E
-    experts. The ``N`` real tokens of the rank's batch are one routing group (SPEC §1). Combine weights: the token's probabilities of the experts
-    that chose it. The record is ``[N, K]`` with ``K`` = the most experts any token got, each token's
-    experts in descending probability, −1 padded. A token's routing depends on the other tokens of
-    the batch, later ones included: not for causal models (``causal=true`` is refused). Every
+    experts. The ``N`` real tokens of the rank's batch are one routing group (SPEC §1). Combine weights: the
+    token's probabilities of the experts that chose it. The record is ``[N, K]`` with ``K`` = the most experts
+    any token got, each token's experts in descending probability, −1 padded. A token's routing depends on the
+    other tokens of the batch, later ones included: not for causal models (``causal=true`` is refused). Every
     expert gets exactly ``c`` tokens, so there is no balance loss (``aux_loss`` default ``none``).
     """
 

@@ -154,6 +154,45 @@ def test_global_batch_f_over_two_halves_equals_the_batch_of_both():
     assert [float(v) for v in f] == [3 / 7, 2 / 7, 1 / 7, 1 / 7]
 
 
+def test_global_batch_megatron_mode_running_mean_by_hand_and_config_check():
+    """global_batch_mode=megatron (Megatron-Core router.py _apply_global_aux_loss): micro-batch j's f uses the mean of
+    the global counts of micro-batches 1..j over k · T_j; loss E Σ_e f_e Σ_t p_te / T_j; reset clears the running
+    state; evaluation forwards use their own counts and leave it alone."""
+    layer = build_moe_layer(3, 6, router="topk", num_experts=3, top_k=2, aux_loss="global_batch",
+                            global_batch_mode="megatron")
+    _set_router(layer, torch.eye(3))
+    x1 = torch.tensor([[2.0, 1.0, 0.0], [1.5, 0.0, 1.0], [0.0, 2.0, 0.5]])
+    x2 = torch.tensor([[0.2, 0.0, 3.0], [0.5, 0.0, 2.0]])
+
+    def probs_and_counts(x):
+        p = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in x.tolist()]
+        top2 = [sorted(range(3), key=lambda e, r=r: -r[e])[:2] for r in p]
+        return p, [sum(e in t for t in top2) for e in range(3)]
+
+    p1, c1 = probs_and_counts(x1)
+    p2, c2 = probs_and_counts(x2)
+    assert (c1, c2) == ([2, 2, 2], [2, 0, 2])
+    layer.train()
+    got1 = float(layer(x1)[1].aux_loss)
+    got2 = float(layer(x2)[1].aux_loss)
+    want1 = 3 * sum(c1[e] / (2 * 3) * sum(r[e] for r in p1) / 3 for e in range(3))
+    mean = [(c1[e] + c2[e]) / 2 for e in range(3)]
+    want2 = 3 * sum(mean[e] / (2 * 2) * sum(r[e] for r in p2) / 2 for e in range(3))
+    assert (got1, got2) == (pytest.approx(want1, rel=1e-6), pytest.approx(want2, rel=1e-6))
+    assert layer.router.global_batch_counts.tolist() == [4.0, 2.0, 4.0] and float(layer.router.global_batch_steps) == 2
+    layer.eval()
+    own = 3 * sum(c2[e] / (2 * 2) * sum(r[e] for r in p2) / 2 for e in range(3))
+    assert float(layer(x2)[1].aux_loss) == pytest.approx(own, rel=1e-6)
+    assert float(layer.router.global_batch_steps) == 2
+    layer.router.reset_global_batch_counts()
+    assert layer.router.global_batch_counts.tolist() == [0.0, 0.0, 0.0] and float(layer.router.global_batch_steps) == 0
+    # window mode (the default) has no running state; the key is checked
+    assert "router.global_batch_counts" not in build_moe_layer(3, 6, router="topk", num_experts=3,
+                                                               aux_loss="global_batch").state_dict()
+    assert fail_message(aux_loss="global_batch", global_batch_mode="running") == (
+        "invalid MoE config: global_batch_mode='running'; allowed: window|megatron")
+
+
 # --- sequence-level balance loss -------------------------------------------------------------------
 def test_seq_balance_by_hand_from_the_batch_layout_and_mask():
     layer = build_moe_layer(3, 6, router="topk", num_experts=3, top_k=1, aux_loss="seq_balance")
