@@ -27,6 +27,10 @@ last). Refused before training (:func:`check_global_batch_accumulation`, a :clas
 naming the keys): a strategy other than single-device or DDP, a module without ``training_forward``, a
 ``training_step`` that takes ``dataloader_iter``.
 
+**Global-batch loss, Megatron-Core's rule** (``moe.global_batch_mode=megatron``, SPEC §2): no pre-pass; each
+router keeps the running counts of the step's micro-batches in buffers, which this callback clears after every
+optimizer step (``reset_global_batch_counts``, as Megatron-Core's ``finalize_model_grads``).
+
 A checkpoint written between two micro-batches of a window (Lightning's and this project's checkpoint
 callbacks write after optimizer steps; this is for explicit saves): with one process and a train
 loader whose position is checkpointed (``state_dict``), the callback's state holds the window's global
@@ -50,7 +54,13 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
 from rmoe import ConfigError, find_moe_layers
-from rmoe.accumulation import AccumulationWindow, global_batch_layers, open_window, resume_window
+from rmoe.accumulation import (
+    AccumulationWindow,
+    global_batch_layers,
+    megatron_global_batch_layers,
+    open_window,
+    resume_window,
+)
 from rmoe.losses import WINDOW_REQUIRED
 
 
@@ -278,7 +288,12 @@ class BalancingCallback(Callback):
             if last:
                 self._window, self._window_at = None, None
         routers = self.layers(pl_module)
-        if not routers or not self.step_ends(trainer, batch_idx):
+        running = megatron_global_batch_layers(pl_module)
+        if not (routers or running) or not self.step_ends(trainer, batch_idx):
+            return
+        for m in running:
+            m.router.reset_global_batch_counts()
+        if not routers:
             return
         logged = {}
         for name, r in routers:

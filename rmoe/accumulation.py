@@ -8,12 +8,12 @@ counts. The routing pre-pass supplies them:
 1. before the first micro-batch of a window, :func:`open_window` runs the training forward of every
    micro-batch of the window under ``torch.no_grad()`` (each forward's activations are freed when it
    returns: the memory of one forward) and records, for every MoE layer whose aux loss is
-   ``global_batch``, each micro-batch's first-choice counts and token count;
+   ``global_batch``, each micro-batch's selection counts (all ``k`` per token) and token count;
 2. it sums them over the window and all-reduces the sums over data-parallel ranks: ``C_e``, ``N``;
 3. around real training forward ``j`` (:meth:`AccumulationWindow.begin` / :meth:`~AccumulationWindow.end`,
    or :meth:`~AccumulationWindow.micro_batch`) each such router holds a
    :class:`rmoe.losses.GlobalBatchWindow` with those counts and its loss is
-   ``E Σ_e (C_e/N) · (R·M/N) · Σ_{t∈(j,r)} p_te``. A trainer that divides each micro-batch's loss by the
+   ``E Σ_e (C_e/(kN)) · (R·M/N) · Σ_{t∈(j,r)} p_te``. A trainer that divides each micro-batch's loss by the
    accumulation count ``A`` and sums the gradients, with DDP averaging them over the ``R`` ranks,
    gets the gradient of ``(M/A) · E Σ_e f_e P_e`` over the whole window: for a full window (``M = A``)
    exactly the gradient of one forward over the global batch.
@@ -62,8 +62,15 @@ RNGState = tuple[Tensor, "Tensor | None"]
 
 
 def global_batch_layers(model: nn.Module) -> list[MoELayer]:
-    """The MoE layers of ``model`` whose aux loss is ``global_batch``, in module order."""
-    return [m for _, m in find_moe_layers(model) if getattr(m.router.aux_loss_fn, "name", None) == "global_batch"]
+    """The MoE layers of ``model`` whose aux loss is ``global_batch`` with ``global_batch_mode=window`` (the
+    routing pre-pass's layers; ``megatron`` needs none), in module order."""
+    return [m for _, m in find_moe_layers(model) if getattr(m.router.aux_loss_fn, "name", None) == "global_batch"
+            and not getattr(m.router, "megatron_global_batch", False)]
+
+
+def megatron_global_batch_layers(model: nn.Module) -> list[MoELayer]:
+    """The MoE layers of ``model`` with ``global_batch_mode=megatron`` (running counts reset after each step)."""
+    return [m for _, m in find_moe_layers(model) if getattr(m.router, "megatron_global_batch", False)]
 
 
 def rng_state(device: torch.device | None = None) -> RNGState:
@@ -98,7 +105,7 @@ def routing_prepass(model: nn.Module, forwards: Sequence[Callable[[], Any]],
     """Run ``forwards`` (each one micro-batch's training forward) without gradients and leave the
     model's state as it was.
 
-    Returns, per ``global_batch`` layer, a ``[M, E + 1]`` float64 tensor: this rank's first-choice
+    Returns, per ``global_batch`` layer, a ``[M, E + 1]`` float64 tensor: this rank's selection
     counts and token count of each micro-batch; and the generator states in force before each forward.
     ``rng_states`` None: the forwards draw one stream from the current state and the generators are
     left at its end; given: forward ``j`` starts from ``rng_states[j]`` and the generators are put back
@@ -144,7 +151,7 @@ def routing_prepass(model: nn.Module, forwards: Sequence[Callable[[], Any]],
 class AccumulationWindow:
     """One accumulation window: the global counts from its pre-pass, applied micro-batch by micro-batch.
 
-    counts: per ``global_batch`` layer ``[E + 1]``: first-choice counts and tokens over all ``size``
+    counts: per ``global_batch`` layer ``[E + 1]``: selection counts and tokens over all ``size``
     micro-batches and all ``world`` ranks. rng: the generator state of micro-batches ``first ..
     size - 1``; local: per layer ``[size - first, E + 1]``, this rank's pre-pass counts of those
     micro-batches (what each real forward must route). ``first > 0``: a window resumed between

@@ -19,6 +19,7 @@ from . import registry
 FUSION_AGGS = ("sum", "mean")
 DROPOUT_POSITIONS = ("pre_act", "post_act")
 SCORE_FNS = ("softmax", "sigmoid")
+GLOBAL_BATCH_MODES = ("window", "megatron")
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,10 @@ class MoEConfig:
     ``bias_update_rate`` (``u`` of ``b_e += u · sign(mean_load − load_e)``) are read by the
     auxiliary-loss-free router (``lossfree``). ``causal``: the layer sits in a causal (decoder)
     model, where a token's routing may not depend on later tokens (``expert_choice`` refuses it).
+    ``global_batch_mode`` (read by the ``global_batch`` loss): ``window`` takes ``f_e`` over the optimizer
+    step's whole global batch (the routing pre-pass under accumulation) and weighs ranks so that DDP's
+    mean is the full-batch gradient; ``megatron`` is Megatron-Core's rule (running mean of the
+    micro-batches' global counts so far, per-rank loss without the rank factor; SPEC §2).
     A router class can add its own checks (``Router.check_config``).
     """
 
@@ -101,6 +106,7 @@ class MoEConfig:
     score_fn: str = "softmax"
     bias_update_rate: float = 1e-3
     causal: bool = False
+    global_batch_mode: str = "window"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -172,6 +178,8 @@ class MoEConfig:
             _fail("bias_update_rate", u, "a finite number >= 0")
         if not isinstance(self.causal, bool):
             _fail("causal", self.causal, "true|false")
+        if self.global_batch_mode not in GLOBAL_BATCH_MODES:
+            _fail("global_batch_mode", self.global_batch_mode, "|".join(GLOBAL_BATCH_MODES))
         object.__setattr__(self, "fusion", FusionConfig.from_any(self.fusion))
         check = getattr(router, "check_config", None)
         if check is not None:

@@ -49,10 +49,10 @@ class GlobalBatchWindow:
     """``f_e`` of the ``global_batch`` loss for one micro-batch of a gradient-accumulation window, set on
     the router around that micro-batch's training forward (:mod:`rmoe.accumulation`).
 
-    counts: ``[E]`` first-choice counts ``C_e`` over every micro-batch of the window and every rank;
-    total: their tokens ``N``; scale: ``R · M`` (ranks × micro-batches in the window); expected:
-    ``[E + 1]`` this rank's first-choice counts and token count of this micro-batch as the routing
-    pre-pass routed it — the forward checks that it routes exactly these (None: no check).
+    counts: ``[E]`` selection counts ``C_e`` (each token's ``k`` experts) over every micro-batch of the
+    window and every rank; total: their tokens ``N``; scale: ``R · M`` (ranks × micro-batches in the
+    window); expected: ``[E + 1]`` this rank's selection counts and token count of this micro-batch as the
+    routing pre-pass routed it — the forward checks that it routes exactly these (None: no check).
     """
 
     counts: Tensor
@@ -61,9 +61,19 @@ class GlobalBatchWindow:
     expected: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class GlobalBatchRunning:
+    """Megatron-Core's ``global_aux_loss`` state (``global_batch_mode=megatron``): the router's buffers
+    ``counts`` ``[E]`` (the global selection counts of the step's micro-batches so far, summed) and ``steps``
+    (how many), which each training forward adds to in place and the router resets after the optimizer step."""
+
+    counts: Tensor
+    steps: Tensor
+
+
 class GlobalBatchCounter:
     """Set on a router during the routing pre-pass: each training forward appends its ``[E + 1]``
-    first-choice counts and token count to ``recorded`` and returns a zero loss (no all-reduce)."""
+    selection counts and token count to ``recorded`` and returns a zero loss (no all-reduce)."""
 
     def __init__(self) -> None:
         self.recorded: list[Tensor] = []
@@ -79,15 +89,18 @@ class _WindowRequired:
 WINDOW_REQUIRED = _WindowRequired()
 
 
-def global_batch_balance_loss(router_probs: Tensor, top1: Tensor, reduce: bool = True,
-                              window: GlobalBatchWindow | GlobalBatchCounter | _WindowRequired | None = None
-                              ) -> Tensor:
+def global_batch_balance_loss(router_probs: Tensor, selected: Tensor, reduce: bool = True,
+                              window: GlobalBatchWindow | GlobalBatchCounter | GlobalBatchRunning | _WindowRequired
+                              | None = None, top_k: int | None = None) -> Tensor:
     """Global-batch Switch loss (Qwen): ``E · Σ_e f_e P_e`` with ``f_e`` over the whole global batch of
     the optimizer step and ``P_e`` over this forward's tokens.
 
-    ``window`` None (one forward per rank and step): the first-choice counts and the token count are
-    summed over ranks (``reduce`` and a process group up): ``f_e = C_e / N`` with ``C_e``, ``N`` global
-    constants (no gradient). Rank ``r`` with ``n_r`` tokens returns ``E · Σ_e f_e · R · Σ_{t∈r} p_te / N``
+    ``selected``: ``[N, K]`` each token's selected experts before capacity (−1 empty; ``[N]``: one each),
+    ``top_k``: ``k`` (None: ``K``). ``C_e`` counts every selection of ``e``, all ``k`` per token, and
+    ``f_e = C_e / (k N)`` (Megatron-Core ``switch_load_balancing_loss_func``, Qiu et al. 2025), so
+    ``Σ_e f_e = 1``. ``window`` None (one forward per rank and step): the counts and the token count are
+    summed over ranks (``reduce`` and a process group up): ``C_e``, ``N`` global constants (no
+    gradient). Rank ``r`` with ``n_r`` tokens returns ``E · Σ_e f_e · R · Σ_{t∈r} p_te / N``
     (``R`` ranks): the mean of these over ranks is the full-batch loss ``E Σ_e f_e P_e^{global}``, so
     DDP's gradient *averaging* yields exactly the full-batch gradient, for any ``R`` and unequal token
     counts. With one process it is :func:`switch_balance_loss`.
@@ -100,13 +113,36 @@ def global_batch_balance_loss(router_probs: Tensor, top1: Tensor, reduce: bool =
     the same ``M/A`` factor the trainer's division gives the task loss. The forward's own counts must
     equal ``window.expected`` (else RuntimeError). A :class:`GlobalBatchCounter` records the counts
     (routing pre-pass); :data:`WINDOW_REQUIRED` raises (accumulation without a window).
+
+    ``window`` a :class:`GlobalBatchRunning` (Megatron-Core ``router.py`` ``_apply_global_aux_loss``): this
+    forward's counts and tokens are summed over ranks (``reduce``), the counts added to the running sum, and
+    ``f_e = (Σ_{i≤j} C_{i,e} / j) / (k T_j)`` with ``T_j`` this micro-batch's tokens over all ranks; the rank
+    returns ``E · Σ_e f_e · Σ_{t∈r} p_te / T_j`` — no factor ``R``: the ranks' losses *sum* to the micro-batch's
+    loss, so DDP's gradient mean is ``1/R`` of its gradient (Megatron-Core's ``switch_load_balancing_loss_func``
+    per rank).
     """
     n, e = router_probs.shape
-    counts = torch.bincount(top1, minlength=e).to(torch.float64)
+    if selected.dim() == 1:
+        selected = selected.unsqueeze(1)
+    k = int(top_k) if top_k is not None else selected.shape[1]
+    flat = selected.reshape(-1)
+    counts = torch.bincount(flat[flat >= 0], minlength=e).to(torch.float64)
     stats = torch.cat([counts, counts.new_tensor([float(n)])])
     if isinstance(window, GlobalBatchCounter):
         window.recorded.append(stats)
         return router_probs.sum() * 0.0
+    if isinstance(window, GlobalBatchRunning):
+        if reduce and _dist_world() > 1:
+            torch.distributed.all_reduce(stats)
+        total = float(stats[e])
+        with torch.no_grad():
+            window.counts.add_(stats[:e].to(window.counts))
+            window.steps.add_(1)
+        if total == 0:
+            return router_probs.sum() * 0.0
+        mean = window.counts.to(device=router_probs.device, dtype=torch.float64) / window.steps.to(torch.float64)
+        f = (mean / (k * total)).to(router_probs.dtype)
+        return e * torch.sum(f * router_probs.sum(0)) / total
     if isinstance(window, _WindowRequired):
         raise RuntimeError("moe.aux_loss='global_batch' under gradient accumulation: this training forward has "
                            "no accumulation window (its f_e would count one micro-batch only); the routing "
@@ -115,7 +151,7 @@ def global_batch_balance_loss(router_probs: Tensor, top1: Tensor, reduce: bool =
     if window is not None:
         if window.expected is not None and not torch.equal(stats, window.expected.to(stats)):
             raise RuntimeError(
-                "global_batch accumulation window: this training forward routed first-choice counts and tokens "
+                "global_batch accumulation window: this training forward routed selection counts and tokens "
                 f"{stats.tolist()} but the routing pre-pass of the same micro-batch routed "
                 f"{window.expected.tolist()}; f_e would not be the global batch's. The forward is not reproducible "
                 "between the pre-pass and the training forward: non-deterministic kernels (on CUDA the experts' "
@@ -124,7 +160,8 @@ def global_batch_balance_loss(router_probs: Tensor, top1: Tensor, reduce: bool =
                 "inside the forward from a generator other than torch's CPU and CUDA ones")
         if window.total == 0:
             return router_probs.sum() * 0.0
-        f = (window.counts.to(device=router_probs.device, dtype=torch.float64) / window.total).to(router_probs.dtype)
+        f = (window.counts.to(device=router_probs.device, dtype=torch.float64) / (k * window.total)
+             ).to(router_probs.dtype)
         return e * torch.sum(f * router_probs.sum(0)) * (window.scale / window.total)
     world = 1
     if reduce and _dist_world() > 1:
@@ -133,7 +170,7 @@ def global_batch_balance_loss(router_probs: Tensor, top1: Tensor, reduce: bool =
     total = float(stats[e])
     if total == 0:
         return router_probs.sum() * 0.0
-    f = (stats[:e] / total).to(router_probs.dtype)
+    f = (stats[:e] / (k * total)).to(router_probs.dtype)
     return e * torch.sum(f * router_probs.sum(0)) * (world / total)
 
 
@@ -341,8 +378,10 @@ def _gshard_binary(a: AuxInputs) -> Tensor:
 
 @register_aux_loss("global_batch", families=("softmax",))
 def _global_batch(a: AuxInputs) -> Tensor:
-    return global_batch_balance_loss(a.probs, a.first_choice, reduce=a.training,
-                                     window=a.global_batch_window if a.training else None)
+    selected = a.selected if a.selected is not None else a.first_choice.unsqueeze(1)
+    return global_batch_balance_loss(a.probs, selected, reduce=a.training,
+                                     window=a.global_batch_window if a.training else None,
+                                     top_k=a.top_k if a.selected is not None else 1)
 
 
 @register_aux_loss("seq_balance", families=("softmax", "lossfree"))

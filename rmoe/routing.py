@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import losses
 from .config import MoEConfig
-from .losses import AuxInputs
+from .losses import AuxInputs, GlobalBatchRunning
 from .registry import AUX_LOSSES, ROUTERS
 
 
@@ -142,6 +142,20 @@ class SoftmaxTopKRouter(Router):
     family = "softmax"
     default_aux_loss = "switch"
 
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.megatron_global_batch = cfg.aux_loss == "global_batch" and cfg.global_batch_mode == "megatron"
+        if self.megatron_global_batch:  # Megatron-Core's running counts (SPEC §2), reset after each optimizer step
+            self.register_buffer("global_batch_counts", torch.zeros(cfg.max_experts, dtype=torch.float64))
+            self.register_buffer("global_batch_steps", torch.zeros((), dtype=torch.float64))
+
+    def reset_global_batch_counts(self) -> None:
+        """``global_batch_mode=megatron``: clear the running counts (after every optimizer step, as Megatron-Core's
+        ``reset_global_aux_loss_tracker`` in ``finalize_model_grads``; ``callbacks.balancing`` calls it)."""
+        if self.megatron_global_batch:
+            self.global_batch_counts.zero_()
+            self.global_batch_steps.zero_()
+
     def forward(self, x: Tensor, seq_ids: Tensor | None = None) -> RoutingRecord:
         with _no_autocast(x):
             return self._route(x.float(), seq_ids)
@@ -165,10 +179,13 @@ class SoftmaxTopKRouter(Router):
             idx, dropped = apply_capacity(top_i, e, capacity, priority)
         weights = torch.where(idx >= 0, gate, torch.zeros_like(gate))
         active = torch.ones(e, dtype=torch.bool, device=x.device)
+        window = self.global_batch_window
+        if self.megatron_global_batch and self.training:
+            window = GlobalBatchRunning(self.global_batch_counts, self.global_batch_steps)
         aux = self.aux_loss_fn(AuxInputs(logits=clean, noisy_logits=noisy, probs=probs, gates=probs,
                                          first_choice=top_i[:, 0], active=active, top_k=k,
                                          noise_std=cfg.gate_noise / e, selected=top_i, seq_ids=seq_ids,
-                                         training=self.training, global_batch_window=self.global_batch_window))
+                                         training=self.training, global_batch_window=window))
         return RoutingRecord(
             expert_indices=idx,
             expert_weights=weights,
@@ -379,10 +396,11 @@ class LossFreeRouter(Router):
 
     ``logits = W x`` (no bias term); scores ``s = softmax(logits)`` or ``sigmoid(logits)``
     (``score_fn``). Selection: the top-``k`` of ``s + b`` with ``b`` the buffer ``bias``. Gates from
-    the unbiased scores of the selected experts: sigmoid ``s_e / Σ_{j∈S_t} s_j`` (DeepSeek-V3;
-    ``normalize_gate`` and ``k > 1``, else ``s_e``); softmax as the top-k router (renormalised for
+    the unbiased scores of the selected experts: sigmoid ``s_e / Σ_{j∈S_t} s_j`` for any ``k`` (DeepSeek-V3;
+    1 at ``k = 1``) when ``normalize_gate``, else ``s_e``; softmax as the top-k router (renormalised for
     ``k > 1`` when ``normalize_gate``). ``router_probs``, ``dispatch_scores`` and the aux inputs'
-    ``probs``: the scores normalised over experts.
+    ``probs``: the scores normalised over experts; the aux inputs' ``selected`` / ``first_choice``: the
+    top-k of the unbiased scores (SPEC §2, sequence-level loss), not the biased selection.
 
     Every training forward adds its selections per expert, summed over data-parallel ranks, to the
     buffer ``load_counts`` — so the counts of all micro-batches of an optimizer step accumulate and
@@ -429,13 +447,19 @@ class LossFreeRouter(Router):
         selection = scores.detach() + self.bias.float()
         top_i = selection.topk(k, dim=-1).indices
         top_s = scores.gather(1, top_i)
-        gate = top_s / top_s.sum(-1, keepdim=True).clamp_min(tiny) if (cfg.normalize_gate and k > 1) else top_s
+        # sigmoid: the selected scores normalised for any k (DeepSeek-V3 Gate; torchtitan route_norm), 1 at k = 1;
+        # softmax: as the top-k router (renormalised for k > 1)
+        norm = cfg.normalize_gate and (k > 1 or cfg.score_fn == "sigmoid")
+        gate = top_s / top_s.sum(-1, keepdim=True).clamp_min(tiny) if norm else top_s
         counts = tokens_per_expert(top_i, e)
         if self.training:
             self._count(counts)
         active = torch.ones(e, dtype=torch.bool, device=x.device)
+        # the balance loss counts f over the top-k of the *unbiased* scores (DeepSeek-V3 eq. 18; Megatron-Core
+        # compute_routing_scores_for_aux_loss): the bias steers the dispatch, not what the loss measures
+        aux_i = probs.detach().topk(k, dim=-1).indices
         aux = self.aux_loss_fn(AuxInputs(logits=logits, noisy_logits=logits, probs=probs, gates=probs,
-                                         first_choice=top_i[:, 0], active=active, top_k=k, selected=top_i,
+                                         first_choice=aux_i[:, 0], active=active, top_k=k, selected=aux_i,
                                          seq_ids=seq_ids, training=self.training))
         return RoutingRecord(
             expert_indices=top_i,
@@ -472,11 +496,13 @@ class ExpertChoiceRouter(Router):
     """Expert-choice routing (Zhou et al. 2022), for encoders.
 
     ``p = softmax(W x)`` over experts; each expert takes the ``c`` tokens with its highest ``p``,
-    ``c = min(N, ⌈N · capacity_factor / E⌉)`` (the capacity factor is the mean number of experts per
-    token), so a token gets 0..E experts. Combine weights: the token's probabilities of the experts
-    that chose it. The record is ``[N, K]`` with ``K`` = the most experts any token got, each token's
-    experts in descending probability, −1 padded. A token's routing depends on the other tokens of
-    the batch, later ones included: not for causal models (``causal=true`` is refused). Every
+    ``c = min(N, max(round(capacity_factor · N / E), 4))`` with Python's ``round`` (half to even) and the
+    minimum capacity 4, as flaxformer's ``MoeLayer`` (the capacity factor is about the mean number of
+    experts per token; the ``min(N, ·)`` stands where flaxformer's top-k would fail), so a token gets 0..E
+    experts. The ``N`` real tokens of the rank's batch are one routing group (SPEC §1). Combine weights: the
+    token's probabilities of the experts that chose it. The record is ``[N, K]`` with ``K`` = the most experts
+    any token got, each token's experts in descending probability, −1 padded. A token's routing depends on the
+    other tokens of the batch, later ones included: not for causal models (``causal=true`` is refused). Every
     expert gets exactly ``c`` tokens, so there is no balance loss (``aux_loss`` default ``none``).
     """
 
@@ -491,7 +517,7 @@ class ExpertChoiceRouter(Router):
                  "whole batch, so a token's experts depend on later tokens: not causal)")
         if cfg.capacity_factor <= 0:
             fail("capacity_factor", cfg.capacity_factor, "> 0 for router 'expert_choice' (each expert takes "
-                 "ceil(N * capacity_factor / E) tokens)")
+                 "max(round(capacity_factor * N / E), 4) tokens)")
         if cfg.batch_prioritized_routing:
             fail("batch_prioritized_routing", True, "false for router 'expert_choice' (experts choose tokens)")
         if cfg.gate_noise > 0:
@@ -502,9 +528,13 @@ class ExpertChoiceRouter(Router):
         self.weight = nn.Parameter(torch.empty(self.num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
 
+    min_capacity = 4  # flaxformer MoeLayer.min_expert_capacity (its default)
+
     def capacity(self, n: int) -> int:
-        """Tokens per expert: ``min(n, ceil(n · capacity_factor / E))``."""
-        return min(n, math.ceil(n * self.cfg.capacity_factor / self.num_experts))
+        """Tokens per expert: ``min(n, max(round(capacity_factor · n / E), 4))`` (flaxformer
+        ``moe_layers.py``: ``int(round(capacity_factor * tokens_per_group / num_experts))``, then
+        ``max(·, min_expert_capacity)``)."""
+        return min(n, max(int(round(self.cfg.capacity_factor * n / self.num_experts)), self.min_capacity))
 
     def logits(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.float())

@@ -5,6 +5,7 @@ broadcast from rank 0 at every forward, gradients averaged), or, through :func:`
 
 * ``global_batch``: one step, the loss is the layer's aux loss alone; returned: the loss value and the
   router weight's gradient after DDP's averaging.
+* ``global_batch`` with ``global_batch_mode=megatron`` on the same rows: the loss and the gradient.
 * ``global_batch`` under gradient accumulation: one step of ``MICRO`` micro-batches in one
   ``rmoe.accumulation`` window (the first under ``no_sync``); one process: a single forward over all rows of
   all micro-batches; returned: the router weight's gradient and the window's token count.
@@ -79,6 +80,18 @@ def run(rank: int, world_size: int) -> dict:
     out["gb_loss"] = float(aux.detach())
     out["gb_grad"] = gb.router.weight.grad.detach().clone()
     out["gb_tokens"] = int(mask[rows].sum())
+    # the same layer with Megatron-Core's rule (global_batch_mode=megatron) on the same rows
+    import rmoe
+
+    gbm = rmoe.build_moe_layer(D, 16, router="topk", num_experts=4, top_k=2, aux_loss="global_batch",
+                               global_batch_mode="megatron")
+    gbm.load_state_dict(build()[0].state_dict(), strict=False)
+    gbm_m = torch.nn.parallel.DistributedDataParallel(Wrap(gbm), find_unused_parameters=True) if world_size > 1 \
+        else Wrap(gbm)
+    _, aux = gbm_m.train()(x[rows], mask[rows])
+    aux.backward()
+    out["gbm_loss"] = float(aux.detach())
+    out["gbm_grad"] = gbm.router.weight.grad.detach().clone()
     # global_batch under gradient accumulation: 2 micro-batches per rank in one window (rmoe.accumulation's
     # pre-pass all-reduces the window's counts); one process: one forward over all rows of both micro-batches
     gba = build()[0]

@@ -55,6 +55,14 @@ def test_two_gloo_ranks_equal_one_process_for_global_batch_and_lossfree(tmp_path
     assert_close(r1["gb_grad"], one["gb_grad"], rtol=1e-5, atol=1e-7)
     assert float(one["gb_grad"].abs().sum()) > 0
 
+    # Megatron-Core's rule: the ranks' losses *sum* to the union's loss, each rank's is 1/R of ours, and DDP's
+    # averaged gradient is 1/R of the union's (one process: the same loss and gradient as ours)
+    assert abs(r0["gbm_loss"] + r1["gbm_loss"] - one["gbm_loss"]) < 1e-6
+    assert abs(one["gbm_loss"] - one["gb_loss"]) < 1e-6
+    assert abs(r0["gb_loss"] - 2 * r0["gbm_loss"]) < 1e-6 and abs(r1["gb_loss"] - 2 * r1["gbm_loss"]) < 1e-6
+    assert_close(r0["gbm_grad"], one["gb_grad"] / 2, rtol=1e-5, atol=1e-7)
+    assert_close(r1["gbm_grad"], one["gb_grad"] / 2, rtol=1e-5, atol=1e-7)
+
     # global_batch accumulated over 2 micro-batches on 2 ranks: the window counts every token of both, and the
     # gradient is that of one forward over all of them in one process
     assert r0["gba_window_tokens"] == r1["gba_window_tokens"] == one["gba_window_tokens"]

@@ -3,9 +3,9 @@
 Per dataset and selection method: one row per method -- the run's variant plus the overrides that
 set its runs apart (:func:`domainbed_records`, :mod:`tasks.results.grouping`), so an ablation
 ``variant=rmoe_nofusion`` gets its own row -- one column per test domain holding
-``100 * mean ± 100 * SE (n=k)`` over the k trial seeds of the selected test accuracy, with the
-platform's one SE convention (:func:`tasks.results.stats.mean_se`: *sample* std / √n; DomainBed's
-``format_mean`` uses the population std, which this platform does not), and ``Avg`` = mean of the
+``100 * mean ± 100 * SE (n=k)`` over the k trial seeds of the selected test accuracy, with DomainBed's
+SE convention (:func:`tasks.results.stats.mean_se_domainbed`: *population* std / √n, as DomainBed's
+``collect_results.format_mean``, so a table sits beside a published DomainBed table), and ``Avg`` = mean of the
 per-domain means ("X" where a domain has no result). An "Averages" table gives, per dataset, mean ±
 SE over trial seeds of the per-trial mean over test domains.
 """
@@ -21,17 +21,17 @@ from .labels import environment_names as _environment_names
 from .labels import sort_datasets, sort_variants, variant_label
 from .records import RunRecord
 from .selection import SELECTION_METHODS, Record, SelectionMethod, group_records, n_envs
-from .stats import mean_se
+from .stats import mean_se_domainbed
 from .table import Table, fmt_score
 
-SE_NOTE = ("100 · mean ± 100 · SE (n=k) over the k trial seeds, SE = sample std (n − 1) / √n "
-           "(DomainBed's own collect_results uses the population std); one trial seed: the mean.")
+SE_NOTE = ("100 · mean ± 100 · SE (n=k) over the k trial seeds, SE = population std (n) / √n as DomainBed's "
+           "collect_results; one trial seed: the mean.")
 
 
 def format_mean(data: Sequence[float], latex: bool) -> tuple[float | None, float | None, str]:
-    """``(100*mean, 100*SE, text)`` with ``SE`` per :func:`tasks.results.stats.mean_se` (sample std /
-    √n; None for one value) and the text ``"62.0 ± 1.4 (n=2)"``; ``"X"`` for no data."""
-    m, se, n = mean_se(data)
+    """``(100*mean, 100*SE, text)`` with ``SE`` per :func:`tasks.results.stats.mean_se_domainbed` (population
+    std / √n, DomainBed's; None for one value) and the text ``"62.0 ± 1.0 (n=2)"``; ``"X"`` for no data."""
+    m, se, n = mean_se_domainbed(data)
     if m is None:
         return None, None, "X"
     return 100 * m, None if se is None else 100 * se, f"{fmt_score(m, se, latex)} (n={n})"

@@ -1,10 +1,12 @@
 """Statistics over seeds: the one standard-error convention of every table and report.
 
-:func:`mean_se` is the only place an SE is computed: ``SE = s / sqrt(n)`` with ``s`` the *sample*
-standard deviation (``ddof = 1``: ``s^2 = sum (x - mean)^2 / (n - 1)``). This is the convention
-``docs/RESULTS.md`` states, used for GLUE and for DomainBed (DomainBed's own ``collect_results``
-divides by ``n`` instead -- the population std -- which gives an SE smaller by ``sqrt((n-1)/n)``;
-this platform does not use it). A single value has no SE (tables show the mean only).
+:func:`mean_se` is the platform's SE: ``SE = s / sqrt(n)`` with ``s`` the *sample* standard deviation
+(``ddof = 1``: ``s^2 = sum (x - mean)^2 / (n - 1)``). This is the convention ``docs/RESULTS.md`` states,
+used for the GLUE tables and the study's paired statistics. A single value has no SE (tables show the
+mean only). :func:`mean_se_domainbed` is DomainBed's own (``collect_results.format_mean``): the
+*population* std (divides by ``n``) / ``sqrt(n)``, smaller by ``sqrt((n-1)/n)``; the DomainBed tables of
+``tasks.collect`` use it, so they sit beside published DomainBed tables (one value: no SE, where DomainBed
+prints ``± 0.0``).
 
 :func:`paired_difference` applies the same to the per-key (e.g. per-seed) differences of two
 methods; :func:`noise_verdict`: ``|mean| > 2 SE`` -> "larger than noise".
@@ -27,6 +29,21 @@ def mean_se(values: Iterable[float]) -> tuple[float | None, float | None, int]:
     if n < 2:
         return m, None, n
     var = math.fsum((x - m) ** 2 for x in xs) / (n - 1)
+    return m, math.sqrt(var) / math.sqrt(n), n
+
+
+def mean_se_domainbed(values: Iterable[float]) -> tuple[float | None, float | None, int]:
+    """``(mean, SE, n)`` as DomainBed's ``domainbed/scripts/collect_results.py`` ``format_mean``:
+    ``np.std(data / sqrt(n))`` = population std (ddof 0) / ``sqrt(n)``; SE None for n < 2 (DomainBed prints 0.0
+    there; the tables show the mean only), both None for n = 0."""
+    xs = [float(v) for v in values]
+    n = len(xs)
+    if n == 0:
+        return None, None, 0
+    m = math.fsum(xs) / n
+    if n < 2:
+        return m, None, n
+    var = math.fsum((x - m) ** 2 for x in xs) / n
     return m, math.sqrt(var) / math.sqrt(n), n
 
 

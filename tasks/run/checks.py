@@ -144,7 +144,8 @@ def check_moe(cfg: Any) -> None:
         _fail("moe.layers", list(layers), allowed,
               f"{bad} outside the backbone's {depth} layers" if depth else f"{bad} negative")
     acc = _get(cfg, "trainer.accumulate_grad_batches", 1)
-    if moe.get("aux_loss") == "global_batch" and _is_int(acc) and acc > 1:
+    if moe.get("aux_loss") == "global_batch" and moe.get("global_batch_mode", "window") == "window" and _is_int(acc) \
+            and acc > 1:
         strategy = _get(cfg, "trainer.strategy", None)
         target = strategy.get("_target_") if isinstance(strategy, Mapping) else strategy
         short = str(target).rsplit(".", 1)[-1] if target is not None else "auto"

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from rmoe import ConfigError, moe_losses
-from rmoe.accumulation import global_batch_layers
+from rmoe.accumulation import global_batch_layers, megatron_global_batch_layers
 from rmoe.fusion import frozen_fusion
 
 
@@ -88,12 +88,17 @@ class MoEModule(L.LightningModule):
         from callbacks.balancing import BalancingCallback
 
         acc = max(int(self.trainer.accumulate_grad_batches), 1)
-        if acc > 1 and global_batch_layers(self) and not any(isinstance(c, BalancingCallback)
-                                                             for c in self.trainer.callbacks):
+        balancing = any(isinstance(c, BalancingCallback) for c in self.trainer.callbacks)
+        if acc > 1 and global_batch_layers(self) and not balancing:
             raise ConfigError(f"invalid config: trainer.accumulate_grad_batches={acc} with moe.aux_loss='global_batch' "
                               "and no callbacks.balancing.BalancingCallback (its routing pre-pass gives every "
                               "micro-batch the global batch's f_e); allowed: the balancing callback "
                               "(callbacks=default), or trainer.accumulate_grad_batches=1")
+        if megatron_global_batch_layers(self) and not balancing:
+            raise ConfigError("invalid config: moe.global_batch_mode='megatron' and no "
+                              "callbacks.balancing.BalancingCallback (it clears the running counts after every "
+                              "optimizer step); allowed: the balancing callback (callbacks=default), or "
+                              "moe.global_batch_mode=window")
 
     # --- sanity check ----------------------------------------------------------------------------
     def on_validation_start(self) -> None:

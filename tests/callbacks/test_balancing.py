@@ -99,7 +99,11 @@ def test_tasks_config_check_accepts_global_batch_with_accumulation_and_refuses_o
         bad = compose(config_name="train", overrides=base + ["trainer.accumulate_grad_batches=4",
                                                              "+trainer.strategy=fsdp"])
         fsdp_acc1 = compose(config_name="train", overrides=base + ["+trainer.strategy=fsdp"])
-    for cfg in ok + [fsdp_acc1]:
+        # Megatron-Core's running rule needs no routing pre-pass, so no strategy check
+        fsdp_megatron = compose(config_name="train", overrides=base + ["trainer.accumulate_grad_batches=4",
+                                                                       "+trainer.strategy=fsdp",
+                                                                       "moe.global_batch_mode=megatron"])
+    for cfg in ok + [fsdp_acc1, fsdp_megatron]:
         check_config(cfg)
     with pytest.raises(TaskConfigError, match=r"invalid config: trainer.strategy='fsdp' \(the routing pre-pass .*\); "
                                               r"allowed: auto, single_device or a DDP strategy .* with "

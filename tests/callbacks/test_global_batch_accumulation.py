@@ -49,12 +49,12 @@ class Tiny(pl.LightningModule):
 
 
 def hand_loss(module, x, y):
-    """CE + λ · E Σ_e f_e P_e on one batch, the Switch form written out: f_e = share of tokens whose
-    first choice (largest probability) is e, P_e = mean probability."""
+    """CE + λ · E Σ_e f_e P_e on one batch, the global-batch form written out: f_e = selections of e among the
+    tokens' top-2 (largest probabilities) / (2 · tokens), P_e = mean probability."""
     h = module.inp(x)
     out = module.head(h + module.moe(h)[0])
     p = torch.softmax(h @ module.moe.router.weight.t(), -1)
-    f = torch.bincount(p.argmax(-1), minlength=4).double() / len(x)
+    f = torch.bincount(p.topk(2, -1).indices.reshape(-1), minlength=4).double() / (2 * len(x))
     return F.cross_entropy(out, y) + module.lam * 4 * (f.to(p.dtype) * p.mean(0)).sum()
 
 
@@ -105,6 +105,49 @@ def test_two_accumulated_halves_have_the_gradient_of_the_full_batch():
     assert _max_diff(full.grads[0], ref, ROUTER_AND_UPSTREAM) < 1e-6
     assert _max_diff(halves.grads[0], ref, ref.keys()) < 1e-6
     assert _max_diff(own.grads[0], ref, ROUTER_AND_UPSTREAM) > 1e-2  # per-micro-batch f_e: another gradient
+
+
+def megatron_hand_loss(module, xs, ys):
+    """Megatron-Core's global_aux_loss over one step's micro-batches, written out (router.py
+    _apply_global_aux_loss): after micro-batch j the running sum of its global top-2 counts, divided by j, is
+    tokens_per_expert; loss_j = E · Σ_e P_sum_e · tpe_e / (k · T_j · T_j) (switch_load_balancing_loss_func);
+    the step's loss is Σ_j (CE_j + λ loss_j) / M (Lightning divides by accumulate_grad_batches)."""
+    total, running = 0.0, torch.zeros(4, dtype=torch.float64)
+    for j, (x, y) in enumerate(zip(xs, ys), start=1):
+        h = module.inp(x)
+        out = module.head(h + module.moe(h)[0])
+        p = torch.softmax(h @ module.moe.router.weight.t(), -1)
+        running = running + torch.bincount(p.detach().topk(2, -1).indices.reshape(-1), minlength=4).double()
+        tpe = (running / j).to(p.dtype)
+        t = len(x)
+        aux = 4 * (p.sum(0) * tpe).sum() / (2 * t * t)
+        total = total + (F.cross_entropy(out, y) + module.lam * aux) / len(xs)
+    return total
+
+
+def test_megatron_mode_running_mean_over_micro_batches_reset_after_each_step():
+    """moe.global_batch_mode=megatron: two optimizer steps of two micro-batches; each step's gradient is the
+    autograd of megatron_hand_loss at the parameters it was taken at (the running counts start afresh every
+    step: the second step's gradient would differ otherwise), and no routing pre-pass runs (no window)."""
+    data, grab, spy = _data(16), Grab(), WindowSpy()
+    module = Tiny(global_batch_mode="megatron")
+    _fit(module, DataLoader(data, batch_size=4), 2, [BalancingCallback(), spy, grab])
+    assert spy.windows == [None] * 4
+    assert len(grab.grads) == 2
+    assert float(module.moe.router.global_batch_steps) == 0.0  # cleared after the last step
+    x, y = data.tensors
+    for i in range(2):
+        at = Tiny(global_batch_mode="megatron")
+        at.load_state_dict(grab.states[i])
+        at.moe.router.reset_global_batch_counts()
+        rows = slice(8 * i, 8 * i + 8)
+        megatron_hand_loss(at, x[rows].split(4), y[rows].split(4)).backward()
+        ref = {n: p.grad for n, p in at.named_parameters() if p.grad is not None}
+        assert _max_diff(grab.grads[i], ref, ref.keys()) < 1e-6
+    # the window rule on the same data: another router gradient (f over the whole step's batch)
+    window = Grab()
+    _fit(Tiny(), DataLoader(data, batch_size=4), 2, [BalancingCallback(), window], max_steps=1)
+    assert _max_diff(window.grads[0], grab.grads[0], ROUTER_AND_UPSTREAM) > 1e-3
 
 
 class WindowSpy(pl.Callback):

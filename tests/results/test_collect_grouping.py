@@ -132,7 +132,8 @@ def db_summary(variant, trial_seed, method="rmoe"):
 
 def test_an_ablation_variant_gets_its_own_domainbed_row(tmp_path):
     # both write algorithm "rmoe" (moe.name) in results.jsonl; the variant tells them apart.
-    # RMoE test domain 0: .80 .84 -> 82.0 ± 2.0 (n=2); w/o fusion: .60 .70 -> 65.0, SE = .070711/√2 = 5.0
+    # DomainBed's ± (population std / √n): RMoE test domain 0: .80 .84 -> 82.0, SE = .02/√2 = 1.4 (n=2);
+    # w/o fusion: .60 .70 -> 65.0, SE = .05/√2 = 3.5
     root = str(tmp_path)
     for t, (full, abl) in enumerate([(.80, .60), (.84, .70)]):
         write_run(os.path.join(root, f"full{t}"), db_summary("rmoe", t), [db_record(0, full, trial_seed=t)],
@@ -142,8 +143,8 @@ def test_an_ablation_variant_gets_its_own_domainbed_row(tmp_path):
                              "data.test_envs=[0]", f"data.trial_seed={t}"])
     out = collect(root, fmt="markdown", save=False)
     train_val = out.split("### Model selection: leave-one-domain-out")[0]
-    assert "| RMoE | 82.0 ± 2.0 (n=2) | X | X | X |" in train_val
-    assert "| RMoE w/o fusion | 65.0 ± 5.0 (n=2) | X | X | X |" in train_val
+    assert "| RMoE | 82.0 ± 1.4 (n=2) | X | X | X |" in train_val
+    assert "| RMoE w/o fusion | 65.0 ± 3.5 (n=2) | X | X | X |" in train_val
     assert "Total records (domainbed): 4" in out
 
 

@@ -91,7 +91,7 @@ def test_prepass_keeps_state_and_the_real_forwards_draw_what_a_plain_run_draws()
     assert model.a.router.global_batch_window is None
     # the pre-pass drew exactly the forwards' random numbers: the generator is where the plain run left it
     assert torch.equal(torch.get_rng_state(), plain_rng)
-    # window counts: every micro-batch's first choices of each layer, 15 tokens
+    # window counts: every micro-batch's selections of each layer, 15 tokens
     assert [float(c[-1]) for c in window.counts] == [15.0, 15.0]
     for j, x in enumerate(xs):
         with window.micro_batch(j):

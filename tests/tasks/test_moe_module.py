@@ -204,3 +204,27 @@ def test_global_batch_under_accumulation_needs_the_balancing_callback():
         fit([])
     fit([], acc=1)
     fit([BalancingCallback()])
+
+
+def test_global_batch_megatron_mode_needs_the_balancing_callback_at_any_accumulation():
+    """moe.global_batch_mode=megatron: the running counts must be cleared after every optimizer step (the
+    balancing callback does it): refused without it, also without accumulation."""
+    from callbacks.balancing import BalancingCallback
+    from rmoe import ConfigError
+
+    class Running(TinyMoE):
+        def __init__(self):
+            super().__init__()
+            self.layer = build_moe_layer(4, 8, router="topk", num_experts=2, top_k=1, aux_loss="global_batch",
+                                         global_batch_mode="megatron")
+
+    def fit(callbacks, acc):
+        L.Trainer(max_epochs=1, accumulate_grad_batches=acc, callbacks=callbacks, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  num_sanity_val_steps=0).fit(Running(), loader())
+
+    for acc in (1, 2):
+        with pytest.raises(ConfigError, match=r"moe.global_batch_mode='megatron' and no "
+                                              r"callbacks.balancing.BalancingCallback"):
+            fit([], acc)
+    fit([BalancingCallback()], 2)  # no training_forward needed: no routing pre-pass
