@@ -22,6 +22,16 @@ from .registry import AUX_LOSSES
 _EPS = 1e-10
 
 
+def expert_counts(indices: Tensor, num_experts: int, dtype: torch.dtype = torch.long) -> Tensor:
+    """``[E]`` how often each expert appears in ``indices`` (any shape; −1 = empty, not counted).
+    Same as ``bincount(indices[indices >= 0], minlength=E)`` without its two host syncs (the
+    boolean filter's size and bincount's own maximum): a scatter-add of 0/1 weights."""
+    flat = indices.reshape(-1)
+    valid = flat >= 0
+    return torch.zeros(num_experts, dtype=dtype, device=flat.device).index_add_(
+        0, torch.where(valid, flat, 0), valid.to(dtype))
+
+
 def switch_balance_loss(router_probs: Tensor, top1: Tensor, active: Tensor | None = None) -> Tensor:
     """Switch/GShard balance loss ``E * sum_e f_e * P_e``.
 
@@ -29,10 +39,10 @@ def switch_balance_loss(router_probs: Tensor, top1: Tensor, active: Tensor | Non
     ``e``. ``E`` counts active experts when ``active`` (bool ``[E]``) is given. Minimum 1.
     """
     n, e = router_probs.shape
-    num = int(active.sum()) if active is not None else e
+    num = active.sum() if active is not None else e
     if n == 0:
         return router_probs.sum() * 0.0
-    f = torch.bincount(top1, minlength=e).to(router_probs.dtype) / n
+    f = expert_counts(top1, e, router_probs.dtype) / n
     p = router_probs.mean(0)
     return num * torch.sum(f * p)
 
@@ -126,7 +136,7 @@ def global_batch_balance_loss(router_probs: Tensor, selected: Tensor, reduce: bo
         selected = selected.unsqueeze(1)
     k = int(top_k) if top_k is not None else selected.shape[1]
     flat = selected.reshape(-1)
-    counts = torch.bincount(flat[flat >= 0], minlength=e).to(torch.float64)
+    counts = expert_counts(flat, e, torch.float64)
     stats = torch.cat([counts, counts.new_tensor([float(n)])])
     if isinstance(window, GlobalBatchCounter):
         window.recorded.append(stats)
@@ -280,9 +290,8 @@ def gshard_binary_loss(gates: Tensor, first_selected: Tensor, active: Tensor) ->
     n, e = gates.shape
     if n == 0:
         return gates.sum() * 0.0
-    chosen = first_selected[first_selected >= 0]
-    f = torch.bincount(chosen, minlength=e).to(gates.dtype) / n
-    return int(active.sum()) * torch.sum(gates.mean(0) * f)
+    f = expert_counts(first_selected, e, gates.dtype) / n
+    return active.sum() * torch.sum(gates.mean(0) * f)
 
 
 # --- registry -------------------------------------------------------------------------------

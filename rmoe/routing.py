@@ -66,8 +66,7 @@ def _no_autocast(x: Tensor):
 
 
 def tokens_per_expert(indices: Tensor, num_experts: int) -> Tensor:
-    flat = indices.reshape(-1)
-    return torch.bincount(flat[flat >= 0], minlength=num_experts)
+    return losses.expert_counts(indices, num_experts)
 
 
 def apply_capacity(indices: Tensor, num_experts: int, capacity: int,

@@ -114,3 +114,16 @@ def test_gshard_binary_through_the_router_counts_first_selected_experts():
     assert rec.expert_indices[:, 0].tolist() == [1, -1]
     # mean z = (0, 1/2, 0); f = (0, 1/2, 0); E_act = 2
     assert rec.aux_loss.item() == pytest.approx(2 * 0.5 * 0.5)
+
+
+def test_expert_counts_is_bincount_of_the_non_empty_entries():
+    """The sync-free count equals a Python count of the entries >= 0, any shape, empty included."""
+    from rmoe.losses import expert_counts
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(-1, 5, (40, 3), generator=g)
+    want = [sum(1 for v in idx.reshape(-1).tolist() if v == e) for e in range(5)]
+    assert expert_counts(idx, 5).tolist() == want
+    assert expert_counts(idx, 5, torch.float64).dtype == torch.float64
+    assert expert_counts(torch.full((4, 2), -1), 3).tolist() == [0, 0, 0]
+    assert expert_counts(torch.zeros(0, 2, dtype=torch.long), 3).tolist() == [0, 0, 0]
