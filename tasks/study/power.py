@@ -8,6 +8,9 @@
   ``n − 1`` degrees of freedom).
 * :func:`holm`: Holm's step-down adjustment of a family's p-values (controls the family-wise error
   rate): sort ascending, ``p_(i) · (m − i + 1)``, running maximum, capped at 1; returned in input order.
+
+The t quantiles and tail probabilities are scipy's (``scipy.stats.t``); scipy is installed with the pinned
+scikit-learn, which requires it.
 """
 
 from __future__ import annotations
