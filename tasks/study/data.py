@@ -13,7 +13,8 @@ every table, figure and verdict. Records below ``ceiling/`` are the GLUE full-fi
 (``Study.ceiling``), kept apart from the GLUE study's runs although their ``benchmark`` is ``glue``.
 
 Also here: the paper's numbers (SPEC §5) behind the claimed gaps (:data:`PAPER`, :func:`paper_gap`),
-the ceilings (:func:`ceiling_rows`) and the floors the models must reach (:func:`floors`).
+the ceilings (:func:`ceiling_rows`), the GLUE gates (:func:`glue_gate`, :func:`constant_baseline`,
+:func:`degenerate`) and the DomainBed floors (:func:`db_floors`).
 """
 
 from __future__ import annotations

@@ -13,19 +13,24 @@ tasks.study.report``; plots go to ``docs/plots/``, ``--plots DIR`` to change) re
   of an older study version than their benchmark's are superseded (counted, left out of everything);
   ``ceiling/`` holds the GLUE full-fine-tune ceilings.
 
+* ``glue_dev_labels.json``: the GLUE dev sets' label counts (:mod:`tasks.study.devlabels`), for the gates;
+
 and writes Markdown with: provenance per benchmark, the paper's claims each with a verdict
-(:mod:`tasks.study.claims`), the ceilings and the floors the dense models must reach (tasks whose
-full fine-tune does not learn are left out of the verdicts), what changed since the superseded
-study, the GLUE table (best dev epoch = paper protocol; dev score at the best held-out epoch), the
-DomainBed tables per dataset (training-domain validation, oracle), paired differences RMoE −
-baseline over seeds with the smallest detectable difference (2 SE) beside the paper's gap, the
-routing-stability table at the end of training and figures from the logged series
-(:mod:`tasks.study.plots`).
+(:mod:`tasks.study.claims`: paired t-tests, Holm over each claim, only tasks / datasets that passed
+their gate), the ceilings, the GLUE gates (:func:`tasks.study.data.glue_gate`: the constant-prediction
+score and its SE, degenerate runs) and the DomainBed floors, what a missed floor would take per method,
+what changed since the superseded study and since version 2 of the report, the GLUE tables (best dev
+epoch = paper protocol; dev score at the best held-out epoch) with the constant-prediction row and
+degenerate runs marked, the DomainBed tables per dataset (training-domain validation, oracle), paired
+differences RMoE − baseline over seeds with the minimum detectable effect at 80 % power
+(:mod:`tasks.study.power`) beside the paper's gap, the routing-stability table at the end of training
+and figures from the logged series (:mod:`tasks.study.plots`).
 
 Deterministic: the same ``docs/results/`` gives the same bytes (everything sorted, no clock, no
 absolute paths; PNGs without a Software/date stamp). Statistics: :mod:`tasks.results.stats` (mean ±
 SE over seeds with ``SE = std(ddof=1) / sqrt(n)``; a paired difference is the mean of the per-seed
-differences with SE = std(differences, ddof=1) / sqrt(n); "larger than noise" = ``|mean| > 2 SE``).
+differences with SE = std(differences, ddof=1) / sqrt(n); the tables' per-row screen "larger than
+noise" = ``|mean| > 2 SE``, uncorrected).
 """
 
 from __future__ import annotations
