@@ -13,7 +13,8 @@ every table, figure and verdict. Records below ``ceiling/`` are the GLUE full-fi
 (``Study.ceiling``), kept apart from the GLUE study's runs although their ``benchmark`` is ``glue``.
 
 Also here: the paper's numbers (SPEC §5) behind the claimed gaps (:data:`PAPER`, :func:`paper_gap`),
-the ceilings (:func:`ceiling_rows`) and the floors the models must reach (:func:`floors`).
+the ceilings (:func:`ceiling_rows`), the GLUE gates (:func:`glue_gate`, :func:`constant_baseline`,
+:func:`degenerate`) and the DomainBed floors (:func:`db_floors`).
 """
 
 from __future__ import annotations
@@ -58,12 +59,8 @@ PAPER = {
                   "rmoe": {"PACS": 88.8, "VLCS": 81.5, "OfficeHome": 74.5, "DomainNet": 49.1}},
 }
 
-#: "Models that learn": the study's dense GLUE score must reach this fraction of the ceiling; a task
-#: whose ceiling (full fine-tune) stays below its threshold does not learn at this scale and is left
-#: out of the verdicts; DomainBed's dense model must reach these test accuracies (training-domain
-#: validation): (dataset, test env or "avg", threshold).
-CEILING_FRACTION = 0.9
-LEARN_THRESHOLDS = {"cola": 0.15, "mrpc": 0.78, "rte": 0.55}
+#: "Models that learn" on DomainBed: the dense model must reach these test accuracies (training-domain
+#: validation): (dataset, test env or "avg", threshold). GLUE's gates: :func:`glue_gate`.
 DB_FLOORS = (("RotatedMNIST", "avg", 0.85), ("ColoredMNIST", 0, 0.65), ("ColoredMNIST", 1, 0.65))
 ABLATIONS = (("rmoe", "rmoe_nofusion"), ("rmoe", "rmoe_nocurriculum"))
 #: Stability claim: (key, label, claimed sign of RMoE − baseline).
@@ -385,14 +382,6 @@ def ceilings(rows: Sequence[CeilingRow]) -> dict[str, CeilingRow]:
     return out
 
 
-def learns(task: str, ceiling: CeilingRow | None) -> bool | None:
-    """False when the task's ceiling is below its threshold (does not learn at this scale); None when
-    there is no ceiling or no threshold."""
-    if ceiling is None or task not in LEARN_THRESHOLDS:
-        return None
-    return ceiling.last >= LEARN_THRESHOLDS[task]
-
-
 @dataclass
 class Floor:
     """One floor: ``status`` is holds | misses | does not learn | no ceiling | no runs; values x1."""
@@ -415,35 +404,19 @@ def _floor_detail(m: float, req: float) -> tuple[str, str]:
     return "misses", f"misses by {100 * (req - m):.1f} points"
 
 
-def glue_floors(runs: list[dict[str, Any]], ceils: Mapping[str, CeilingRow]) -> list[Floor]:
-    """Per task with a ceiling or a dense study cell: the dense model's best-dev-epoch score (mean over
-    seeds) against ``CEILING_FRACTION`` x the ceiling."""
-    cs = glue_cells(runs, "best_dev")
-    out = []
-    for task in sort_glue_tasks(set(ceils) | {t for t, v in cs if v == "dense"}):
-        cell = cs.get((task, "dense"))
-        m, se, n = mean_se(cell["scores"][k] for k in sorted(cell["scores"], key=repr)) if cell else (None, None, 0)
-        what = f"{glue_task_label(task)}: dense ≥ {100 * CEILING_FRACTION:.0f} % of the full-fine-tune ceiling"
-        c = ceils.get(task)
-        if c is None:
-            out.append(Floor("glue", what, None, m, se, n, "no ceiling",
-                             "cannot be checked: no full-fine-tune record (`make reproduce-ceiling`)", task))
-            continue
-        if learns(task, c) is False:
-            thr = LEARN_THRESHOLDS[task]
-            out.append(Floor("glue", what, None, m, se, n, "does not learn",
-                             f"does not learn at this scale: the full fine-tune reaches {100 * c.last:.1f} < "
-                             f"{100 * thr:.1f}; left out of the verdicts", task))
-            continue
-        req = CEILING_FRACTION * c.last
-        if m is None:
-            out.append(Floor("glue", what, req, None, None, 0, "no runs", "no dense run yet", task))
-            continue
-        status, detail = _floor_detail(m, req)
-        if c.last > 0:
-            detail += f"; dense / ceiling = {m / c.last:.2f}"
-        out.append(Floor("glue", what, req, m, se, n, status, detail, task))
-    return out
+def gate_floor(g: Gate) -> Floor:
+    """A GLUE gate as a row of the floors table (``misses`` when the dense model fails it)."""
+    what = (f"{glue_task_label(g.task)}: dense ≥ constant + {GATE_SES:.0f} SE and ≥ "
+            f"{100 * GATE_RECOVERY:.0f} % of the ceiling's gain")
+    status = {"passes": "holds", "fails": "misses"}.get(g.status, g.status)
+    req = None
+    if g.base is not None and g.ceiling is not None and g.status in ("passes", "fails"):
+        req = max(g.bar, g.base.score + GATE_RECOVERY * (g.ceiling - g.base.score))
+    if status == "misses" and req is not None and g.dense is not None:
+        g_detail = f"misses by {100 * (req - g.dense):.1f} points; " + g.detail
+    else:
+        g_detail = g.detail
+    return Floor("glue", what, req, g.dense, g.dense_se, g.n, status, g_detail, g.task)
 
 
 def db_floors(records: list[Record], envs_of: Mapping[str, Sequence[int]]) -> list[Floor]:
@@ -465,3 +438,194 @@ def db_floors(records: list[Record], envs_of: Mapping[str, Sequence[int]]) -> li
         status, detail = _floor_detail(m, thr)
         out.append(Floor("domainbed", what, thr, m, se, n, status, detail, dataset, part))
     return out
+
+
+# --- gates: did a model learn? --------------------------------------------------------------------
+#: ``docs/results/glue_dev_labels.json`` (:mod:`tasks.study.devlabels`): the dev sets' label counts.
+DEV_LABELS_FILE = "glue_dev_labels.json"
+#: A GLUE task enters the verdicts when its dense model beats the constant-prediction score by at least
+#: ``GATE_SES`` of the dev set's SEs and recovers at least ``GATE_RECOVERY`` of the full fine-tune's gain
+#: over that score; a run is degenerate when at least ``DEGENERATE_SHARE`` of its dev predictions are one class.
+GATE_SES = 3.0
+GATE_RECOVERY = 0.8
+DEGENERATE_SHARE = 0.98
+
+
+def read_dev_labels(results_dir: str) -> dict[str, dict[str, Any]]:
+    """``{task: {"n", "counts", "labels"} | {"n", "regression"}}`` from ``<results_dir>/glue_dev_labels.json``
+    ({} without one)."""
+    import json
+    import os
+
+    path = os.path.join(results_dir, DEV_LABELS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return dict(json.load(f).get("tasks") or {})
+
+
+@dataclass
+class Baseline:
+    """A task's constant-prediction score and the SE the gate uses, both on the headline's scale (x1)."""
+
+    task: str
+    metric: str
+    n: int
+    score: float
+    se: float
+    what: str  # how the score was made, for people
+    se_what: str
+
+
+def constant_baseline(task: str, metric: str | None, dev: Mapping[str, Any] | None) -> Baseline | None:
+    """The best constant prediction's dev score and the gate's SE (None when the metric or the label
+    counts are unknown):
+
+    * ``acc``: the majority class's share ``p``; SE = ``sqrt(p (1 − p) / n)`` (binomial);
+    * ``acc_f1``: the better of the two constant answers, ``(acc + F1 of the positive class) / 2``
+      (answering positive: acc = P / n, F1 = 2P / (2P + N); negative: F1 = 0); SE = the binomial SE
+      of that answer's accuracy, ``sqrt(p (1 − p) / n)``, used unchanged on the (acc + F1) / 2 scale;
+    * ``mcc``: 0 (a constant prediction has no correlation; torchmetrics returns 0); SE = ``1 / sqrt(n)``,
+      the SE of the phi coefficient (= MCC) of two independent binary variables (n · MCC² = χ²₁);
+    * ``pearson_spearman`` (STS-B): 0; SE = ``1 / sqrt(n − 1)``, a correlation's SE under independence.
+    """
+    if not dev or not metric:
+        return None
+    n = int(dev["n"])
+    if metric in ("pearson_spearman", "pearson", "spearman") and dev.get("regression"):
+        return Baseline(task, metric, n, 0.0, 1 / math.sqrt(n - 1), "any constant prediction",
+                        "1/√(n−1)")
+    counts = [int(c) for c in dev.get("counts") or []]
+    if len(counts) < 2 or sum(counts) != n:
+        return None
+    if metric == "acc":
+        p = max(counts) / n
+        return Baseline(task, metric, n, p, math.sqrt(p * (1 - p) / n), "the majority class",
+                        "√(p(1−p)/n), p = the majority share")
+    if metric == "mcc":
+        return Baseline(task, metric, n, 0.0, 1 / math.sqrt(n), "any constant prediction", "1/√n")
+    if metric == "acc_f1" and len(counts) == 2:
+        neg, pos = counts
+        yes = (pos / n + 2 * pos / (2 * pos + neg)) / 2
+        no = (neg / n + 0.0) / 2
+        p = pos / n if yes >= no else neg / n
+        return Baseline(task, metric, n, max(yes, no), math.sqrt(p * (1 - p) / n),
+                        "always the " + ("positive" if yes >= no else "negative") + " class",
+                        "√(p(1−p)/n), p = that answer's accuracy")
+    return None
+
+
+def prediction_share(dev_metrics: Mapping[str, Any], counts: Sequence[int], tol: float = 1e-4
+                     ) -> tuple[float, float] | None:
+    """The range ``(lo, hi)`` of the share of the most-predicted class over every binary confusion
+    matrix consistent with the recorded dev metrics (``acc``, and ``f1`` / ``mcc`` where recorded, each
+    within ``tol``) and the dev label counts ``[negatives, positives]``; None for a non-binary task or
+    without a recorded accuracy. One matrix when F1 or MCC pins it (MRPC, CoLA); accuracy alone (RTE)
+    leaves a range."""
+    if len(counts) != 2 or dev_metrics.get("acc") is None:
+        return None
+    neg, pos = int(counts[0]), int(counts[1])
+    n = neg + pos
+    correct = round(float(dev_metrics["acc"]) * n)
+    if abs(float(dev_metrics["acc"]) * n - correct) > 1e-2:
+        return None
+    shares = []
+    for tp in range(max(0, correct - neg), min(pos, correct) + 1):
+        tn = correct - tp
+        fp, fn = neg - tn, pos - tp
+        if dev_metrics.get("f1") is not None:
+            f1 = 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else 0.0
+            if abs(f1 - float(dev_metrics["f1"])) > tol:
+                continue
+        if dev_metrics.get("mcc") is not None:
+            den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+            mcc = (tp * tn - fp * fn) / den if den else 0.0
+            if abs(mcc - float(dev_metrics["mcc"])) > tol:
+                continue
+        pp = tp + fp
+        shares.append(max(pp, n - pp) / n)
+    if not shares:
+        return None
+    return min(shares), max(shares)
+
+
+def degenerate(dev_metrics: Mapping[str, Any] | None, dev: Mapping[str, Any] | None) -> str | None:
+    """"yes" (every consistent confusion matrix has ≥ :data:`DEGENERATE_SHARE` of the predictions in one
+    class), "possibly" (some has), "no" (none has), None (cannot be told from the records: no label
+    counts, a regression or multi-class task, or no recorded accuracy)."""
+    if not dev_metrics or not dev or dev.get("regression"):
+        return None
+    r = prediction_share(dev_metrics, dev.get("counts") or [])
+    if r is None:
+        return None
+    lo, hi = r
+    return "yes" if lo >= DEGENERATE_SHARE else "possibly" if hi >= DEGENERATE_SHARE else "no"
+
+
+def selected_epoch(run: Mapping[str, Any], selection: str) -> Mapping[str, Any] | None:
+    """The dev metrics of the epoch a selection reports: ``best_dev`` the earliest epoch with the highest
+    dev score, ``heldout`` :func:`tasks.results.glue.heldout_epoch`."""
+    from tasks.results.glue import heldout_epoch
+
+    eps = run.get("epochs") or []
+    if selection == "heldout":
+        i = heldout_epoch(dict(run))
+    else:
+        scored = [(float(e["dev"]["score"]), -k) for k, e in enumerate(eps)
+                  if isinstance(e.get("dev"), Mapping) and e["dev"].get("score") is not None]
+        i = -max(scored)[1] if scored else None
+    return None if i is None else eps[i].get("dev")
+
+
+@dataclass
+class Gate:
+    """A GLUE task's gate: ``status`` passes | fails | does not learn | cannot check."""
+
+    task: str
+    base: Baseline | None
+    dense: float | None
+    dense_se: float | None
+    n: int
+    ceiling: float | None
+    status: str
+    detail: str
+
+    @property
+    def bar(self) -> float | None:
+        return None if self.base is None else self.base.score + GATE_SES * self.base.se
+
+    @property
+    def recovery(self) -> float | None:
+        if self.base is None or self.dense is None or self.ceiling is None or self.ceiling <= self.base.score:
+            return None
+        return (self.dense - self.base.score) / (self.ceiling - self.base.score)
+
+
+def glue_gate(task: str, base: Baseline | None, dense: Sequence[float], ceiling: float | None) -> Gate:
+    """Dense must beat the constant score by :data:`GATE_SES` SEs and recover :data:`GATE_RECOVERY` of
+    the ceiling's gain over it; a ceiling that does not itself beat the constant score by
+    :data:`GATE_SES` SEs: the task does not learn at this scale."""
+    m, se, n = mean_se(dense)
+    g = Gate(task, base, m, se, n, ceiling, "cannot check", "")
+    if base is None:
+        g.detail = "cannot be checked: no dev label counts (`docs/results/glue_dev_labels.json`) for this metric"
+        return g
+    bar = g.bar
+    if ceiling is None:
+        g.detail = "cannot be checked: no full-fine-tune record (`make reproduce-ceiling`)"
+        return g
+    if ceiling < bar:
+        g.status = "does not learn"
+        g.detail = (f"does not learn at this scale: the full fine-tune's {100 * ceiling:.1f} is below constant + "
+                    f"{GATE_SES:.0f} SE = {100 * bar:.1f}")
+        return g
+    if m is None:
+        g.detail = "no dense run yet"
+        return g
+    rec = g.recovery or 0.0
+    beats, recovers = m >= bar, rec >= GATE_RECOVERY
+    g.status = "passes" if beats and recovers else "fails"
+    g.detail = (f"{'passes' if g.status == 'passes' else 'fails'}: dense − constant = "
+                f"{100 * (m - base.score):+.1f} ({(m - base.score) / base.se:+.1f} SE; needs ≥ {GATE_SES:.0f}), "
+                f"recovers {100 * rec:.0f} % of the ceiling's gain (needs ≥ {100 * GATE_RECOVERY:.0f} %)")
+    return g

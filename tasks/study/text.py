@@ -10,6 +10,8 @@ from tasks.results.labels import variant_label
 from tasks.results.stats import Paired
 from tasks.results.table import md_table
 
+from .power import mde
+
 H_GLUE_BEST = "GLUE dev: best dev epoch (paper protocol)"
 H_GLUE_HELD = "GLUE dev: epoch chosen on held-out data"
 H_GLUE_PAIRED = "GLUE paired differences"
@@ -17,9 +19,10 @@ H_DB_PAIRED = "DomainBed paired differences"
 H_STAB = "Routing stability at the end of training"
 H_STAB_PAIRED = "Paired stability differences"
 H_FIGS = "Figures"
-H_FLOORS = "Models that learn: full-fine-tune ceilings and floors"
+H_FLOORS = "Models that learn: gates, ceilings and floors"
 H_CEIL = "GLUE full fine-tune (the ceilings)"
 H_FLOOR_TABLE = "Floors"
+H_GATES = "GLUE gates: did the dense model learn?"
 H_FLOOR_COST = "What a missed floor would take"
 H_CHANGED = "What changed since the superseded study, and why"
 H_CLAIMS = "The paper's claims at this scale"
@@ -41,32 +44,57 @@ CHANGES = [
     "FLOORS_LINK: a full fine-tune of the same backbone gives each GLUE task's ceiling.",
     "**Power.** The plan has five seeds per GLUE cell (three for the ablations, now on every task), three trial seeds "
     "per DomainBed cell, the auxiliary-loss-free baseline (DeepSeek-V3) beside the paper's, and for each "
-    "comparison the smallest difference the design can detect (2 SE) beside the paper's claimed gap.",
+    "comparison what the design can detect beside the paper's claimed gap (2 SE in version 2; the minimum "
+    "detectable effect at 80 % power since, above).",
+]
+
+#: What changed in the report (not the records) since study version 2, and why: an audit recomputed every
+#: figure from the records and found that almost no model learned and that the power was overstated.
+REPORT_CHANGES = [
+    "*Gates.* Version 2 checked the dense models against 90 % of the full fine-tune's score: MRPC's floor (74.9) "
+    "sat at its constant answer's score (74.8), RTE's (49.7) below chance, which a constant predictor passes, "
+    "and CoLA stayed in the verdicts though it missed. Now every GLUE table shows the dev set's "
+    "constant-prediction score beside the dense row, flags "
+    "degenerate runs (≥ 98 % of the dev predictions one class, reconstructed from the recorded metrics), and a "
+    "task enters a verdict only when its dense model beats the constant score by 3 of the dev set's SEs and "
+    "recovers 80 % of the full fine-tune's gain; the stability claim uses only the cells that passed, and the "
+    "DomainBed datasets only when their dense floors hold.",
+    "*Power.* Version 2 called 2 SE \"the smallest difference the design can detect\" and wrote that a gap of "
+    "the paper's size would have shown; 2 SE is the significance threshold, at which a true effect is found about "
+    "half the time. Each comparison now shows its minimum detectable effect at 80 % power (t-based, its own n), "
+    "and \"would have shown\" is said only where that is below the paper's gap.",
+    "*Multiplicity.* Version 2 judged each comparison alone by |mean| > 2 SE; each claim's comparisons are now "
+    "paired t-tests with Holm's correction over the claim, and the number of comparisons each claim rests on is "
+    "stated.",
+    "*Costs.* The cost of a missed floor used the fastest ceiling job and the dense job time for every method; it "
+    "now uses the mean of the ceiling's jobs and each method's own measured job-time ratio (GLUE) or seconds per "
+    "step (DomainBed).",
 ]
 
 
 def paired_table(labels: Sequence[str], rows: list[Sequence[str]], power: bool = False) -> list[str]:
     """A paired-differences table: three label columns, then mean diff, SE, n, (``power``: the
-    smallest detectable difference 2 SE and the paper's gap,) and the verdict."""
+    minimum detectable effect at 80 % power and the paper's gap,) and the verdict."""
     if not rows:
         return ["No paired runs yet."]
     if power:
-        return md_table([*labels, "mean diff", "SE", "n", "detectable (2 SE)", "paper", "verdict"], rows,
+        return md_table([*labels, "mean diff", "SE", "n", "MDE (80 % power)", "paper", "verdict"], rows,
                         "lllrrrrrl")
     return md_table([*labels, "mean diff", "SE", "n", "verdict"], rows, "lllrrrl")
 
 
 def fmt_power(p: Paired, gap: float | None, scale: float = 100.0) -> tuple[str, str]:
-    """``("0.80", "+1.49")``: 2 SE of the paired difference (x ``scale``) and the paper's gap (points);
-    ``—`` where undefined or not in the paper."""
-    two_se = "—" if p.se is None or p.n < 2 else f"{2 * scale * p.se:.2f}"
-    return two_se, "—" if gap is None else f"{gap:+.2f}"
+    """``("1.49", "+1.79")``: the minimum detectable effect at 80 % power, two-sided α = 0.05, of the
+    paired difference (:func:`tasks.study.power.mde`, x ``scale``) and the paper's gap (points); ``—``
+    where undefined or not in the paper."""
+    d = mde(p)
+    return "—" if d is None else f"{scale * d:.2f}", "—" if gap is None else f"{gap:+.2f}"
 
 
 def power_sentence(p: Paired, gap: float | None, unit: str = "points") -> str:
-    """``"detectable ≥ 0.80 points, paper +1.49"`` (n < 2: no SE, nothing detectable)."""
-    two_se, paper = fmt_power(p, gap)
-    det = "no SE (n < 2)" if two_se == "—" else f"detectable ≥ {two_se} {unit}"
+    """``"MDE at 80 % power 1.49 points, paper +1.79"`` (n < 2: no SE, nothing detectable)."""
+    det, paper = fmt_power(p, gap)
+    det = "no SE (n < 2)" if det == "—" else f"MDE at 80 % power {det} {unit}"
     return det + (", paper: no number" if gap is None else f", paper {paper}")
 
 
