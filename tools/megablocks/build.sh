@@ -3,18 +3,22 @@
 # Python environment whose torch is already installed (the registry has no wheels for them, and
 # their pins — megablocks 0.10.0: torch==2.7.0, numpy<2.1, packaging<24.2 — would replace ours).
 #
-#   tools/megablocks/build.sh [--python PY] [--sdists DIR] [--target DIR]
+#   tools/megablocks/build.sh [--python PY] [--sdists DIR] [--target DIR] [--only NAMES] [--download-only]
 #
 #   --python PY    the interpreter to build for and install into (default: .venv/bin/python)
 #   --sdists DIR   where the three .tar.gz are, or are downloaded to (default: build/megablocks/sdist);
 #                  without network, put them there first (tools/gpu/prep does)
 #   --target DIR   pip install --target DIR instead of into PY's environment (the device kit)
+#   --only NAMES   build only these (comma-separated: stanford_stk,grouped_gemm,megablocks)
+#   --download-only  fetch the three source distributions into --sdists and stop (tools/gpu/prep)
 #
 # No dependency resolution (--no-deps), no build isolation (the build sees the installed torch),
 # two source patches: megablocks' csrc/cumsum.h passes `debug_synchronous` to cub::DeviceScan,
 # an argument CUDA 13's CUB no longer takes (dropped); grouped_gemm compiles with -std=c++17,
 # which torch 2.14's headers reject (-std=c++20 there; older torch keeps c++17). Needs nvcc, no
-# GPU: TORCH_CUDA_ARCH_LIST (default "8.0;9.0") names the targets. MAX_JOBS: ninja's jobs.
+# GPU: TORCH_CUDA_ARCH_LIST (default "8.0;9.0") names the targets. MAX_JOBS: ninja's jobs. The
+# CUDA library headers torch's headers include (cusparse.h, cublas_v2.h, ...) come from the pip
+# packages nvidia-* beside torch when the toolkit lacks them: their include/ folders join CPATH.
 set -euo pipefail
 
 MB_VERSION=0.10.0
@@ -25,17 +29,20 @@ here=$(cd "$(dirname "$0")/../.." && pwd)
 py="$here/.venv/bin/python"
 sdists="$here/build/megablocks/sdist"
 target=""
+only="stanford_stk,grouped_gemm,megablocks"
+download_only=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) py="$2"; shift 2 ;;
     --sdists) sdists="$2"; shift 2 ;;
     --target) target="$2"; shift 2 ;;
-    *) echo "build.sh: unknown argument '$1'; allowed: --python PY --sdists DIR --target DIR" >&2; exit 2 ;;
+    --only) only="$2"; shift 2 ;;
+    --download-only) download_only=1; shift ;;
+    *) echo "build.sh: unknown argument '$1'; allowed: --python PY --sdists DIR --target DIR --only NAMES --download-only" >&2; exit 2 ;;
   esac
 done
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-command -v nvcc >/dev/null || { echo "build.sh: nvcc not found on PATH (CUDA toolkit needed to build)" >&2; exit 1; }
 "$py" -c "import torch" || { echo "build.sh: $py has no torch" >&2; exit 1; }
 
 mkdir -p "$sdists"
@@ -47,6 +54,19 @@ if [ $missing = 1 ]; then
   "$py" -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$sdists" \
     "megablocks==$MB_VERSION" "stanford-stk==$STK_VERSION" "grouped_gemm==$GG_VERSION"
 fi
+if [ $download_only = 1 ]; then
+  ls "${files[@]/#/$sdists/}"
+  exit 0
+fi
+command -v nvcc >/dev/null || { echo "build.sh: nvcc not found on PATH (CUDA toolkit needed to build)" >&2; exit 1; }
+nvidia_includes=$("$py" - <<'PY'
+import glob, importlib.util, os
+spec = importlib.util.find_spec("nvidia")
+roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+print(":".join(d for r in roots for d in sorted(glob.glob(os.path.join(r, "*", "include")))))
+PY
+)
+[ -n "$nvidia_includes" ] && export CPATH="$nvidia_includes${CPATH:+:$CPATH}"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/rmoe-megablocks.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -69,8 +89,9 @@ grep -q -- "-std=$std" "$work/grouped_gemm-$GG_VERSION/setup.py" || { echo "grou
 
 install=("$py" -m pip install --no-deps --no-build-isolation --no-index --no-cache-dir)
 [ -n "$target" ] && install+=(--target "$target" --upgrade)
-echo "build.sh: torch $("$py" -c 'import torch; print(torch.__version__)'), nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, grouped_gemm -std=$std, MAX_JOBS=$MAX_JOBS"
+echo "build.sh: torch $("$py" -c 'import torch; print(torch.__version__)'), nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, grouped_gemm -std=$std, MAX_JOBS=$MAX_JOBS, CPATH+=${nvidia_includes:-none}"
 for d in "stanford_stk-$STK_VERSION" "grouped_gemm-$GG_VERSION" "megablocks-$MB_VERSION"; do
+  [[ ",$only," == *",${d%-*},"* ]] || continue
   start=$(date +%s)
   "${install[@]}" "$work/$d"
   echo "build.sh: $d installed in $(( $(date +%s) - start )) s"
