@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install everything (about 3.5 min on a fresh clone)
+
 # MegaBlocks, stanford-stk and grouped_gemm from their source distributions (nvcc needed, no GPU)
 megablocks: $(STAMP)  ## build MegaBlocks + grouped_gemm into .venv (CUDA toolkit; about 10 min on 2 cores)
 	tools/megablocks/build.sh --python $(PY)

@@ -110,3 +110,14 @@ def test_megablocks_triton_kernels_in_the_interpreter_match_the_torch_backend():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_megablocks_ops_match_the_torch_backend_on_gpu(case):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from rmoe.megablocks import MegaBlocksOps
+
+    errors = run_case(case, MegaBlocksOps(), device="cuda", n=512, d=128, d_ff=256)
+    assert max(errors.values()) <= 3e-2, errors  # bf16 experts against the fp32 torch backend

@@ -59,6 +59,13 @@ if [ $download_only = 1 ]; then
   exit 0
 fi
 command -v nvcc >/dev/null || { echo "build.sh: nvcc not found on PATH (CUDA toolkit needed to build)" >&2; exit 1; }
+# torch finds the toolkit (lib64/libcudart.so to link) from CUDA_HOME, else from nvcc's folder, which is
+# wrong when nvcc on PATH is a wrapper (/usr/local/bin/nvcc here): take the toolkit nvcc reports itself
+if [ -z "${CUDA_HOME:-}" ]; then
+  nvcc_dir=$(touch "${TMPDIR:-/tmp}/rmoe-empty.cu" && nvcc -v -E "${TMPDIR:-/tmp}/rmoe-empty.cu" -o /dev/null 2>&1 \
+    | sed -n 's/^#\$ _HERE_=\(.*\)\/bin$/\1/p' | head -1)
+  [ -n "$nvcc_dir" ] && [ -d "$nvcc_dir/lib64" ] && export CUDA_HOME="$nvcc_dir"
+fi
 nvidia_includes=$("$py" - <<'PY'
 import glob, importlib.util, os
 spec = importlib.util.find_spec("nvidia")
@@ -89,7 +96,7 @@ grep -q -- "-std=$std" "$work/grouped_gemm-$GG_VERSION/setup.py" || { echo "grou
 
 install=("$py" -m pip install --no-deps --no-build-isolation --no-index --no-cache-dir)
 [ -n "$target" ] && install+=(--target "$target" --upgrade)
-echo "build.sh: torch $("$py" -c 'import torch; print(torch.__version__)'), nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, grouped_gemm -std=$std, MAX_JOBS=$MAX_JOBS, CPATH+=${nvidia_includes:-none}"
+echo "build.sh: torch $("$py" -c 'import torch; print(torch.__version__)'), nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, grouped_gemm -std=$std, MAX_JOBS=$MAX_JOBS, CUDA_HOME=${CUDA_HOME:-torch default}, CPATH+=${nvidia_includes:-none}"
 for d in "stanford_stk-$STK_VERSION" "grouped_gemm-$GG_VERSION" "megablocks-$MB_VERSION"; do
   [[ ",$only," == *",${d%-*},"* ]] || continue
   start=$(date +%s)
