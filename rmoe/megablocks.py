@@ -92,6 +92,13 @@ class MegaBlocksBackend(nn.Module):
                 raise RuntimeError(f"backend='megablocks' needs the packages that `make megablocks` builds "
                                    f"(megablocks, stanford-stk, grouped_gemm): import {name} failed: {exc}") from exc
 
+    def __getstate__(self) -> dict:
+        """Pickle/deepcopy without the loaded CUDA ops (loaded again on the first forward)."""
+        state = self.__dict__.copy()
+        if isinstance(state.get("ops"), MegaBlocksOps):
+            state["ops"] = None
+        return state
+
     def _ops(self):
         if self.ops is None:
             self.check_available()

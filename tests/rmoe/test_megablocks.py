@@ -121,3 +121,16 @@ def test_megablocks_ops_match_the_torch_backend_on_gpu(case):
 
     errors = run_case(case, MegaBlocksOps(), device="cuda", n=512, d=128, d_ff=256)
     assert max(errors.values()) <= 3e-2, errors  # bf16 experts against the fp32 torch backend
+
+
+def test_pickling_drops_the_loaded_cuda_ops():
+    import pickle
+
+    from rmoe.megablocks import MegaBlocksOps
+
+    b = MegaBlocksBackend()
+    b.ops = object.__new__(MegaBlocksOps)  # as after a first forward (the real ops are CUDA modules)
+    b.ops.sort = lambda *a: None  # noqa: E731 - a function pickle cannot store
+    assert pickle.loads(pickle.dumps(b)).ops is None
+    ref = MegaBlocksBackend(ops=TorchReferenceOps())
+    assert isinstance(pickle.loads(pickle.dumps(ref)).ops, TorchReferenceOps)  # injected ops travel
