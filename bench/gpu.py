@@ -137,7 +137,7 @@ def bench_config(e: int, k: int, n: int, d: int, d_ff: int, reps: int, cuda: boo
             fn()
             torch.cuda.synchronize()
             peaks[name] = torch.cuda.max_memory_allocated() / 2**20
-    times = _times(fns, reps, warmup=2, cuda=cuda) if "floor" in fns else {}
+    times = _times(fns, reps, warmup=2 if cuda else 0, cuda=cuda) if "floor" in fns else {}  # + the checked step
     rows = []
     for name in ("floor", *backends, "hf mixtral grouped_mm", *skipped):
         if name in times:
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.dry
     configs, d, d_ff = (CONFIGS, args.d, args.d_ff) if cuda else (DRY_CONFIGS, 32, 64)
-    reps = args.reps if cuda else 2
+    reps = args.reps if cuda else min(args.reps, 2)
     dev = torch.cuda.get_device_name(0) if cuda else "CPU (dry run: CUDA-only rows skipped)"
     print(f"bench.gpu on {dev}; torch {torch.__version__}; d={d} d_ff={d_ff}; "
           f"{'bf16 autocast, fp32 params, CUDA events' if cuda else 'fp32, wall clock'}; median of {reps}")

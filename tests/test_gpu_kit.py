@@ -29,26 +29,36 @@ def _check(tmp_path, steps: str, timeout: int):
     return out, (out / "summary.txt").read_text()
 
 
-def test_check_dry_run_reports_cuda_steps_skipped_and_runs_the_cpu_parts(tmp_path, data_dir):
-    out, summary = _check(tmp_path, "setup,versions,build,glue_torch,parity,bench_gpu,glue_megablocks", 900)
+def test_check_dry_run_reports_cuda_steps_skipped_and_runs_the_parity(tmp_path):
+    out, summary = _check(tmp_path, "setup,build,parity,glue_megablocks", 300)
     assert "mode=dry (CPU)" in summary
-    for name in ("setup", "versions", "glue_torch", "parity", "bench_gpu"):
+    for name in ("setup", "parity"):
         assert f"step {name}: ok" in summary, summary
     for name in ("build", "glue_megablocks"):
         assert f"step {name}: skipped: no CUDA" in summary, summary
     assert "PASS" in (out / "parity.txt").read_text()
+
+
+@pytest.mark.slow
+def test_check_dry_run_every_step(tmp_path, data_dir):
+    # the training runs (the device's commands, tiny), pytest -m gpu and the bench, on CPU: minutes
+    out, summary = _check(tmp_path, "setup,versions,build,glue_torch,domainbed,parity,pytest_gpu,bench_gpu,"
+                                    "glue_megablocks", 1800)
+    assert "FAILED" not in summary, summary
+    assert summary.count(": ok") == 7, summary
     bench = (out / "bench_gpu.txt").read_text()
     assert "megablocks" in bench and "skipped: no CUDA" in bench and "torch blocked" in bench
     assert "metrics.csv" in (out / "glue_torch.log").read_text()  # the run wrote its metrics
     assert len(list(out.iterdir())) <= 8  # what a device call brings back
 
 
-@pytest.mark.slow
-def test_check_dry_run_every_step(tmp_path, data_dir):
-    out, summary = _check(tmp_path, "setup,versions,build,glue_torch,domainbed,parity,pytest_gpu,bench_gpu,"
-                                    "glue_megablocks", 1800)
-    assert "FAILED" not in summary, summary
-    assert summary.count(": ok") == 7, summary
+def test_gpu_bench_dry_run_reports_the_cuda_rows_skipped(capsys):
+    from bench import gpu
+
+    assert gpu.main(["--dry", "--reps", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "torch blocked" in text and "floor" in text
+    assert "megablocks" in text and "skipped: no CUDA" in text
 
 
 def test_check_step_timeouts_leave_the_rest(tmp_path):
