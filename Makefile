@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create .venv and install everything (about 3.5 min on a fresh clone)
 
 # MegaBlocks, stanford-stk and grouped_gemm from their source distributions (nvcc needed, no GPU)
-megablocks: $(STAMP)  ## build MegaBlocks + grouped_gemm into .venv (CUDA toolkit; about 10 min on 2 cores)
+megablocks: $(STAMP)  ## build MegaBlocks + grouped_gemm into .venv (needs nvcc, no GPU; README "On a GPU")
 	tools/megablocks/build.sh --python $(PY)
 
 test: $(STAMP)  ## the default test suite (CPU; the CI command)

@@ -18,7 +18,8 @@
 # which torch 2.14's headers reject (-std=c++20 there; older torch keeps c++17). Needs nvcc, no
 # GPU: TORCH_CUDA_ARCH_LIST (default "8.0;9.0") names the targets. MAX_JOBS: ninja's jobs. The
 # CUDA library headers torch's headers include (cusparse.h, cublas_v2.h, ...) come from the pip
-# packages nvidia-* beside torch when the toolkit lacks them: their include/ folders join CPATH.
+# packages nvidia-* beside torch when the toolkit lacks them (no cusparse.h in it): their include/
+# folders join CPATH.
 set -euo pipefail
 
 MB_VERSION=0.10.0
@@ -73,6 +74,9 @@ roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_
 print(":".join(d for r in roots for d in sorted(glob.glob(os.path.join(r, "*", "include")))))
 PY
 )
+toolkit_inc=$(ls -d "${CUDA_HOME:-$(dirname "$(command -v nvcc)")/..}"/include/cusparse.h \
+  "${CUDA_HOME:-/nonexistent}"/targets/*/include/cusparse.h 2>/dev/null | head -1)
+[ -n "$toolkit_inc" ] && nvidia_includes=""  # a full toolkit: its own headers only
 [ -n "$nvidia_includes" ] && export CPATH="$nvidia_includes${CPATH:+:$CPATH}"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/rmoe-megablocks.XXXXXX")
