@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RMOE_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install test test-slow test-gpu train lint bench sweep-smoke reproduce-small reproduce-glue reproduce-domainbed reproduce-ceiling reproduce-report clean
+.PHONY: help install megablocks test test-slow test-gpu train lint bench sweep-smoke reproduce-small reproduce-glue reproduce-domainbed reproduce-ceiling reproduce-report clean
 
 help:  ## this list
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install everything (about 3.5 min on a fresh clone)
+
+# MegaBlocks, stanford-stk and grouped_gemm from their source distributions (nvcc needed, no GPU)
+megablocks: $(STAMP)  ## build MegaBlocks + grouped_gemm into .venv (needs nvcc, no GPU; README "On a GPU")
+	tools/megablocks/build.sh --python $(PY)
+
 test: $(STAMP)  ## the default test suite (CPU; the CI command)
 	$(PY) -m pytest -q
 

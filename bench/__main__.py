@@ -117,8 +117,8 @@ def hf_mixtral_block(moe, intermediate: int, impl: str = "eager"):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    e, k = moe.cfg.num_experts, moe.cfg.top_k
-    cfg = MixtralConfig(hidden_size=D_MODEL, intermediate_size=intermediate, num_local_experts=e,
+    e, k, d, d_ff = moe.cfg.num_experts, moe.cfg.top_k, moe.d_model, moe.d_ff
+    cfg = MixtralConfig(hidden_size=d, intermediate_size=intermediate, num_local_experts=e,
                         num_experts_per_tok=k, hidden_act="gelu", router_jitter_noise=0.0,
                         experts_implementation=impl)
     blk = MixtralSparseMoeBlock(cfg)
@@ -127,7 +127,7 @@ def hf_mixtral_block(moe, intermediate: int, impl: str = "eager"):
         blk.gate.weight.copy_(moe.router.weight)
         i = intermediate
         gate = w1[:, :, :i].transpose(1, 2)
-        up = w1[:, :, D_FF - i:].transpose(1, 2)
+        up = w1[:, :, d_ff - i:].transpose(1, 2)
         blk.experts.gate_up_proj.copy_(torch.cat([gate, up], dim=1))
         blk.experts.down_proj.copy_(w2[:, :i, :].transpose(1, 2))
     return blk

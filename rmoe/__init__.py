@@ -8,10 +8,11 @@ Public contract::
 """
 
 from .config import ConfigError, FusionConfig, MoEConfig
-from .experts import Experts, MegaBlocksBackend, TorchDroplessBackend
+from .experts import Experts, TorchDroplessBackend
 from .fusion import StatefulFusion, fused_weights, fusion_pi
 from .layer import MoELayer, build_moe_layer
 from .losses import AuxInputs, AuxLoss, register_aux_loss
+from .megablocks import MegaBlocksBackend
 from .registry import ACTIVATIONS, AUX_LOSSES, BACKENDS, ROUTERS, Registry
 from .routing import (
     CosineRouter,

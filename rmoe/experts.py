@@ -16,7 +16,6 @@ Eval mode or ``p == 0``: no mask is drawn and every path is the plain FFN.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -643,54 +642,4 @@ class TorchDroplessBackend(nn.Module):
         return out.index_add(0, token_ids, ys)
 
 
-class MegaBlocksBackend(nn.Module):
-    """Feeds our routing decision to MegaBlocks' dropless grouped path (GPU only).
-
-    Uses ``megablocks.ops`` to permute tokens by expert and ``grouped_gemm`` for the expert
-    matmuls, on our own parameters (same layout as the torch backend). MegaBlocks' router and its
-    module-level load-balancing lists are not used.
-    """
-
-    supports_capacity = False  # dropless: MegaBlocks has no finite expert capacity
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._mods = None
-
-    @staticmethod
-    def check_available() -> tuple:
-        if not torch.cuda.is_available():
-            raise RuntimeError("backend='megablocks' needs a CUDA device; none is available. "
-                               "Use backend=torch on CPU (same parameters, same results).")
-        try:
-            ops = importlib.import_module("megablocks.ops")
-            gg = importlib.import_module("grouped_gemm.ops")
-        except ImportError as exc:  # pragma: no cover - depends on the GPU extra
-            raise RuntimeError("backend='megablocks' needs the optional GPU extra: "
-                               "pip install -e '.[megablocks]' (megablocks, grouped_gemm) — "
-                               f"import failed: {exc}") from exc
-        return ops, gg
-
-    def forward(self, experts: Experts, x: Tensor, indices: Tensor, weights: Tensor,  # pragma: no cover
-                dropout_mask: Tensor | None = None) -> Tensor:
-        """Same function as :class:`TorchDroplessBackend` (expert dropout included: one keep-mask
-        ``[m, d_ff]`` for the sorted rows, or ``dropout_mask [N, K, d_ff]`` given explicitly)."""
-        if self._mods is None:
-            self._mods = self.check_available()
-        _, gg = self._mods
-        slot_ids, token_ids, counts, _ = sort_by_expert(indices, experts.num_experts)
-        keep = _gathered_keep(experts, dropout_mask, slot_ids, indices, x.device)
-        xs = x.index_select(0, token_ids)
-        batch_sizes = counts.cpu()
-        h = gg.gmm(xs, experts.w1, batch_sizes)
-        if experts.b1 is not None:
-            h = h + experts.b1.repeat_interleave(counts, dim=0)
-        y = gg.gmm(experts.hidden(h, keep), experts.w2, batch_sizes)
-        if experts.b2 is not None:
-            y = y + experts.b2.repeat_interleave(counts, dim=0)
-        y = y * weights.reshape(-1).index_select(0, slot_ids).to(y.dtype).unsqueeze(-1)
-        return torch.zeros_like(x).index_add(0, token_ids, y)
-
-
 BACKENDS.register("torch", TorchDroplessBackend)
-BACKENDS.register("megablocks", MegaBlocksBackend)

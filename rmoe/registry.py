@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 # the modules that register the built-in entries (imported on first read of a registry)
-_IMPLEMENTATIONS = ("rmoe.losses", "rmoe.experts", "rmoe.routing")
+_IMPLEMENTATIONS = ("rmoe.losses", "rmoe.experts", "rmoe.megablocks", "rmoe.routing")
 
 
 _loaded = False

@@ -141,4 +141,7 @@ def test_megablocks_matches_torch_backend_on_gpu():
     mb = build_moe_layer(64, 128, router="topk", num_experts=4, top_k=2, backend="megablocks").cuda().eval()
     mb.load_state_dict(ref.state_dict())
     x = torch.randn(32, 64, device="cuda")
-    assert torch.allclose(ref(x)[0], mb(x)[0], atol=1e-3)
+    ref_y, mb_y = ref(x)[0], mb(x)[0]
+    # MegaBlocks computes in bf16 (grouped_gemm takes bf16 only): bf16 tolerance against fp32
+    assert mb_y.dtype == torch.float32
+    assert (mb_y - ref_y).abs().max() <= 3e-2 * ref_y.abs().max().clamp_min(1.0)
