@@ -8,6 +8,7 @@ weight. Entry points: every experiment file, every paper/study sweep with each o
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -223,3 +224,39 @@ def test_the_papers_glue_moe_row_is_the_released_cosine_router(task):
     topk = MoEConfig.from_dict(split_moe_config(OmegaConf.to_container(
         _compose([f"experiment=glue/{task}_moe_topk"]).moe, resolve=True))[2])
     assert (topk.router, topk.aux_loss, topk.gate_noise, topk.capacity_factor) == ("topk", "switch", 0.0, 0.0)
+
+
+RELEASED_ON = {  # SPEC §9: which released behaviours each released variant switches on, per benchmark
+    ("glue", "rmoe_released"): {"fusion_pad_clamp", "pool_reads_clamped", "eval_fallback_gate", "upcycle_bias_split",
+                                "route_padding"},
+    ("glue", "dynmoe_released"): {"eval_fallback_gate", "upcycle_bias_split", "route_padding"},
+    ("domainbed", "rmoe_released"): {"eval_fallback_gate"},  # the released vision runs: no fusion, bias copied
+    ("domainbed", "dynmoe_released"): {"eval_fallback_gate"},
+}
+
+
+@pytest.mark.parametrize("bench,task", [("glue", "glue/rte"), ("domainbed", "domainbed/rotated_mnist")])
+@pytest.mark.parametrize("method", ["rmoe", "dynmoe"])
+def test_released_variants_are_their_methods_cell_with_the_released_switches(bench, task, method):
+    name = f"{method}_released"
+    cfg = _compose([f"task={task}", f"moe={name}"])
+    assert cfg.variant == name and cfg.moe.name == name
+    # the rest of the cell is the method's own protocol
+    check_cell(OmegaConf.merge(cfg, {"moe": {"name": method}}), bench, method, f"task={task} moe={name}")
+    layer = MoEConfig.from_dict(split_moe_config(OmegaConf.to_container(cfg.moe, resolve=True))[2])
+    on = {f.name for f in dataclasses.fields(layer.released) if getattr(layer.released, f.name)}
+    assert on == RELEASED_ON[(bench, name)]
+    # the paper's methods keep every released behaviour off
+    plain = MoEConfig.from_dict(split_moe_config(OmegaConf.to_container(
+        _compose([f"task={task}", f"moe={method}"]).moe, resolve=True))[2])
+    assert not plain.released.any
+
+
+def test_a_released_variant_name_without_released_switches_is_refused():
+    from tasks.run.checks import ConfigError as RunConfigError
+    from tasks.run.checks import check_config
+
+    cfg = _compose(["task=glue/rte", "moe=rmoe", "variant=rmoe_released"])
+    with pytest.raises(RunConfigError, match=r"variant='rmoe_released'.*allowed: moe=rmoe_released"):
+        check_config(cfg)
+    check_config(_compose(["task=glue/rte", "moe=rmoe_released"]))

@@ -74,8 +74,8 @@ class DomainBedDataModule(L.LightningDataModule):
     ``test_envs``: held-out environment indices (checked here, at construction)."""
 
     def __init__(self, dataset: str, root: str | None, test_envs: Sequence[int], holdout_fraction: float = 0.2,
-                 trial_seed: int = 0, hparams_seed: int = 0, data_seed: int | None = None, seed: int = 0, batch_size: int = 32,
-                 eval_batch_size: int = 128, num_workers: int = 0, augment: bool | None = None,
+                 trial_seed: int = 0, hparams_seed: int = 0, data_seed: int | None = None, seed: int = 0,
+                 batch_size: int = 32, eval_batch_size: int = 128, num_workers: int = 0, augment: bool | None = None,
                  augment_eval: bool | None = None, check_images: bool | None = None, download: bool | None = None,
                  max_images: int | None = None):
         super().__init__()
