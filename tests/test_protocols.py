@@ -116,7 +116,7 @@ def check_cell(cfg, bench: str, method: str, where: str) -> None:
         assert stop is not None and stop.patience == 4 and stop.monitor == "val/score" and stop.mode == "max", where
     else:
         assert stop is None, where
-    if cfg.backbone.name == "vit_small":
+    if cfg.backbone.name in ("vit_small", "deit_small"):
         assert cfg.backbone.drop_path_rate == 0.1, where
 
 
