@@ -7,7 +7,7 @@ Public contract::
     y, r = layer(x, mask=None)   # r: RoutingRecord
 """
 
-from .config import ConfigError, FusionConfig, MoEConfig
+from .config import ConfigError, FusionConfig, MoEConfig, ReleasedConfig
 from .experts import Experts, TorchDroplessBackend
 from .fusion import StatefulFusion, fused_weights, fusion_pi
 from .layer import MoELayer, build_moe_layer
@@ -29,7 +29,8 @@ from .surgery import find_moe_layers, moe_losses, moefy_bert, moefy_vit
 
 __all__ = [
     "ACTIVATIONS", "AUX_LOSSES", "BACKENDS", "ROUTERS", "Registry", "AuxInputs", "AuxLoss", "register_aux_loss",
-    "ConfigError", "FusionConfig", "MoEConfig", "Experts", "MegaBlocksBackend", "TorchDroplessBackend",
+    "ConfigError", "FusionConfig", "MoEConfig", "ReleasedConfig", "Experts", "MegaBlocksBackend",
+    "TorchDroplessBackend",
     "StatefulFusion", "fused_weights", "fusion_pi", "MoELayer", "build_moe_layer", "CosineRouter", "ExpertChoiceRouter",
     "LossFreeRouter", "Router",
     "RoutingRecord", "TopAnyRouter", "TopKRouter", "build_router", "build_schedule", "find_moe_layers",

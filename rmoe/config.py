@@ -65,6 +65,57 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class ReleasedConfig:
+    """The authors' released code where it differs from the paper's equations (SPEC §9), each off by default:
+
+    * ``fusion_pad_clamp``: Stateful Fusion clamps a token's empty slots (fewer experts than the batch's
+      most) to the last slot ``E_max - 1``, whose ``pi`` then enters the token's normalisation, and those
+      slots are dispatched to that expert (JingyongYe/R-MoE ``tutel/impls/moe_layer.py``, the ``dw`` branch).
+    * ``pool_reads_clamped``: the adaptive pool's recorder reads those clamped indices, so it counts the
+      empty slots for ``E_max - 1`` and never sees a token without an expert (same file, ``record_routing``).
+    * ``eval_fallback_gate``: in evaluation, when no token of the batch has more than one expert, a token
+      that fell back to its top-1 gets the gate ``s_top1`` instead of 1 (``generalized_fast_dispatch.py``
+      ``extract_critical`` normalises the gates only when the batch's most experts per token is > 1).
+    * ``upcycle_bias_split``: upcycling sets each expert's second bias to ``b2 / E_max`` (top-any) or
+      ``b2 / k`` (fixed-k routers) (``RMoE/Language/moe_utils.py``, the GLUE code).
+    * ``route_padding``: padding tokens are routed through the MoE layer like real tokens (the GLUE code
+      replaces the FFN of every position), so they enter fusion, the pool counts and the losses.
+    """
+
+    fusion_pad_clamp: bool = False
+    pool_reads_clamped: bool = False
+    eval_fallback_gate: bool = False
+    upcycle_bias_split: bool = False
+    route_padding: bool = False
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not isinstance(getattr(self, f.name), bool):
+                _fail(f"released.{f.name}", getattr(self, f.name), "true|false")
+        if self.pool_reads_clamped and not self.fusion_pad_clamp:
+            _fail("released.pool_reads_clamped", True, "false unless released.fusion_pad_clamp=true (the released "
+                  "recorder reads the indices the fusion branch clamped)")
+
+    @property
+    def any(self) -> bool:
+        return any(getattr(self, f.name) for f in fields(self))
+
+    @classmethod
+    def from_any(cls, value: Any) -> ReleasedConfig:
+        if value is None:
+            return cls()
+        if isinstance(value, ReleasedConfig):
+            return value
+        if not isinstance(value, Mapping):
+            _fail("released", value, "null or a mapping of " + ", ".join(f.name for f in fields(cls)))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            _fail(f"released.{unknown[0]}", value[unknown[0]], f"keys {sorted(known)}")
+        return cls(**dict(value))
+
+
+@dataclass(frozen=True)
 class MoEConfig:
     """Configuration of one MoE layer.
 
@@ -76,7 +127,8 @@ class MoEConfig:
     dropout inside every expert, on the hidden units before (``pre_act``, DynMoE's GLUE experts) or
     after (``post_act``, GMoE's vision experts) the activation. ``score_fn`` (softmax|sigmoid) and
     ``bias_update_rate`` (``u`` of ``b_e += u · sign(mean_load − load_e)``) are read by the
-    auxiliary-loss-free router (``lossfree``). ``causal``: the layer sits in a causal (decoder)
+    auxiliary-loss-free router (``lossfree``). ``released``: the authors' released code's behaviours
+    (:class:`ReleasedConfig`, all off: the paper's equations). ``causal``: the layer sits in a causal (decoder)
     model, where a token's routing may not depend on later tokens (``expert_choice`` refuses it).
     ``global_batch_mode`` (read by the ``global_batch`` loss): ``window`` takes ``f_e`` over the optimizer
     step's whole global batch (the routing pre-pass under accumulation) and weighs ranks so that DDP's
@@ -107,6 +159,7 @@ class MoEConfig:
     bias_update_rate: float = 1e-3
     causal: bool = False
     global_batch_mode: str = "window"
+    released: ReleasedConfig = field(default_factory=ReleasedConfig)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -181,6 +234,13 @@ class MoEConfig:
         if self.global_batch_mode not in GLOBAL_BATCH_MODES:
             _fail("global_batch_mode", self.global_batch_mode, "|".join(GLOBAL_BATCH_MODES))
         object.__setattr__(self, "fusion", FusionConfig.from_any(self.fusion))
+        rel = ReleasedConfig.from_any(self.released)
+        object.__setattr__(self, "released", rel)
+        if rel.fusion_pad_clamp and self.fusion is None:
+            _fail("released.fusion_pad_clamp", True, "false when fusion is null (the clamp is in the fusion branch)")
+        for key in ("fusion_pad_clamp", "eval_fallback_gate"):
+            if getattr(rel, key) and router.family != "topany":
+                _fail(f"released.{key}", True, f"false for router {self.router!r} (a top-any behaviour)")
         check = getattr(router, "check_config", None)
         if check is not None:
             check(self, _fail)

@@ -25,6 +25,18 @@ def fused_weights(pi: Tensor, indices: Tensor) -> Tensor:
     return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
 
 
+def clamp_empty_slots(indices: Tensor, num_experts: int) -> Tensor:
+    """The released code's clamp (SPEC §9): every empty slot (``-1``) becomes the last slot ``E_max - 1``."""
+    return torch.where(indices >= 0, indices, torch.full_like(indices, num_experts - 1))
+
+
+def fused_weights_clamped(pi: Tensor, indices: Tensor) -> Tensor:
+    """The released fusion weights: ``pi`` gathered at the clamped indices, L1-normalised over all ``K`` slots
+    (so a padded slot's ``pi_{E_max-1}`` enters every short token's normalisation)."""
+    p = pi[clamp_empty_slots(indices, pi.shape[0])]
+    return p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
 class StatefulFusion(nn.Module):
     """Keeps ``m`` (a buffer, saved in checkpoints) and re-weights each token's selected experts.
 
@@ -36,9 +48,10 @@ class StatefulFusion(nn.Module):
     Weights: ``w = alpha * pi_e / sum_{S_t} pi + (1 - alpha) * g_t``.
     """
 
-    def __init__(self, num_experts: int, cfg: FusionConfig):
+    def __init__(self, num_experts: int, cfg: FusionConfig, pad_clamp: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.pad_clamp = pad_clamp  # the released code's clamp of empty slots (SPEC §9; ReleasedConfig)
         self.register_buffer("m", torch.zeros(num_experts, dtype=torch.float32))
         self.frozen = False  # set by frozen_fusion(): forwards that must not move m (e.g. a sanity check)
 
@@ -61,8 +74,14 @@ class StatefulFusion(nn.Module):
         if (self.training or self.cfg.update_in_eval) and not self.frozen:
             self.update(rec.dispatch_scores)
         pi = self.pi
-        w_state = fused_weights(pi, rec.expert_indices)
         alpha = self.cfg.mix_alpha
+        if self.pad_clamp:
+            # released: empty slots are clamped to E_max - 1, weighted by its pi and dispatched to it
+            w_state = fused_weights_clamped(pi, rec.expert_indices)
+            weights = w_state if alpha == 1.0 else alpha * w_state + (1.0 - alpha) * rec.gate_values
+            return rec.replace(expert_indices=clamp_empty_slots(rec.expert_indices, pi.shape[0]),
+                               expert_weights=weights, fusion_pi=pi.detach().clone())
+        w_state = fused_weights(pi, rec.expert_indices)
         weights = w_state if alpha == 1.0 else alpha * w_state + (1.0 - alpha) * rec.gate_values
         weights = weights * (rec.expert_indices >= 0)
         return rec.replace(expert_weights=weights, fusion_pi=pi.detach().clone())

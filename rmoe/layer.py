@@ -11,14 +11,15 @@ from torch import Tensor, nn
 from .config import MoEConfig
 from .experts import Experts
 from .fusion import StatefulFusion
-from .registry import BACKENDS
+from .registry import BACKENDS, ROUTERS
 from .routing import RoutingRecord, build_router
 
 
 class MoELayer(nn.Module):
     """``y, record = layer(x, mask=None)`` with ``x [..., d_model]`` and ``mask [...]`` (True = real).
 
-    Padding tokens (mask False) are not routed: they get a zero output and count nowhere.
+    Padding tokens (mask False) are not routed: they get a zero output and count nowhere (unless
+    ``released.route_padding``: the released GLUE code routes every position).
     The last record is kept in ``self.last_routing`` for callbacks and losses. Routers whose
     ``forward`` takes ``seq_ids`` get each real token's sequence index: with ``x [..., L, d]`` the
     token at flat row ``i`` belongs to sequence ``i // L`` (a ``[N, d]`` input has no sequences:
@@ -30,7 +31,8 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.d_model, self.d_ff = d_model, d_ff
         self.router = build_router(d_model, cfg)
-        self.fusion = StatefulFusion(cfg.max_experts, cfg.fusion) if cfg.fusion is not None else None
+        self.fusion = (StatefulFusion(cfg.max_experts, cfg.fusion, pad_clamp=cfg.released.fusion_pad_clamp)
+                       if cfg.fusion is not None else None)
         self.experts = Experts(cfg.max_experts, d_model, d_ff, cfg.activation, cfg.bias,
                                cfg.expert_dropout, cfg.expert_dropout_position)
         backend = BACKENDS[cfg.backend]
@@ -50,6 +52,8 @@ class MoELayer(nn.Module):
         shape = x.shape
         xf = x.reshape(-1, self.d_model)
         keep = None
+        if mask is not None and self.cfg.released.route_padding:
+            mask = None  # released GLUE code: every position goes through the MoE layer (SPEC §9)
         if mask is not None:
             if mask.shape != shape[:-1]:
                 raise ValueError(f"mask shape {tuple(mask.shape)} does not match input {tuple(shape[:-1])}")
@@ -80,7 +84,8 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def upcycle_from(self, fc1: nn.Linear, fc2: nn.Linear, noise: float | None = None) -> MoELayer:
         """Every expert slot becomes a copy of the dense FFN ``fc2(act(fc1(x)))`` (+ optional
-        Gaussian noise of std ``noise * std(weight)``)."""
+        Gaussian noise of std ``noise * std(weight)``); ``released.upcycle_bias_split`` divides the copied
+        second bias by ``E_max`` (top-any) or ``k``."""
         noise = self.cfg.upcycle_noise if noise is None else noise
         if fc1.weight.shape != (self.d_ff, self.d_model) or fc2.weight.shape != (self.d_model, self.d_ff):
             raise ValueError(f"cannot upcycle FFN {tuple(fc1.weight.shape)}/{tuple(fc2.weight.shape)} into "
@@ -90,6 +95,9 @@ class MoELayer(nn.Module):
         ex.w2.copy_(fc2.weight.t().unsqueeze(0).expand_as(ex.w2))
         self._copy_bias(ex.b1, fc1.bias)
         self._copy_bias(ex.b2, fc2.bias)
+        if self.cfg.released.upcycle_bias_split and ex.b2 is not None:
+            # released GLUE code (RMoE/Language/moe_utils.py): b2 / E_max for top-any, b2 / k otherwise (SPEC §9)
+            ex.b2.div_(self.cfg.max_experts if ROUTERS[self.cfg.router].adaptive_pool else self.cfg.top_k)
         if noise > 0:
             for p in (ex.w1, ex.w2):
                 p.add_(torch.randn_like(p) * noise * p.std())

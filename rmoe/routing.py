@@ -297,23 +297,31 @@ class TopAnyRouter(Router):
         z = z * mask  # inactive experts are never chosen (keeps s=0 >= σ(G) ties out)
         none = z.detach().sum(-1) == 0
         dispatch = z
+        released = self.cfg.released
+        fell_back = None
         if self.training:
-            if bool(self.recording):
+            if bool(self.recording) and not released.pool_reads_clamped:
                 self._record(x, z.detach(), none)
         elif bool(none.any()):
             top1 = s.detach().masked_fill(~mask, float("-inf")).argmax(-1)
             fallback = F.one_hot(top1, self.num_experts).to(z.dtype)
             dispatch = torch.where(none.unsqueeze(-1), s, z)
             z = torch.where(none.unsqueeze(-1), fallback, z)
+            fell_back = none
         k_t = z.sum(-1, keepdim=True)  # differentiable, as DynMoE's normaliser
         n = x.shape[0]
         kmax = max(int(k_t.detach().max()) if n else 1, 1)
         # where(k > 0, k, 1) rather than clamp_min(k, 1): the clamp has zero gradient at k == 1
         gates_dense = z / torch.where(k_t > 0, k_t, torch.ones_like(k_t)) if kmax > 1 else z
+        if released.eval_fallback_gate and fell_back is not None and kmax == 1:
+            # released: gates are normalised only when some token has > 1 expert, so a fallback token keeps s_top1
+            gates_dense = torch.where(fell_back.unsqueeze(-1), z * s, gates_dense)
         order = torch.sort(z.detach() + s.detach() * 1e-3, dim=-1, descending=True, stable=True).indices
         idx = order[:, :kmax]
         valid = torch.gather(z.detach(), 1, idx) > 0
         idx = torch.where(valid, idx, torch.full_like(idx, -1))
+        if self.training and bool(self.recording) and released.pool_reads_clamped:
+            self._record_clamped(idx)
         gate = torch.gather(gates_dense, 1, idx.clamp_min(0)) * valid
         aux = self.aux_loss_fn(AuxInputs(logits=logits, noisy_logits=logits, probs=s, gates=z,
                                          first_choice=idx[:, 0], active=mask, top_k=kmax,
@@ -338,6 +346,14 @@ class TopAnyRouter(Router):
         self.routed_count += z.sum(0).double()
         self.unrouted_sum += x[none].double().sum(0)
         self.unrouted_count += none.sum().double()
+
+    @torch.no_grad()
+    def _record_clamped(self, idx: Tensor) -> None:
+        """The released recorder under Stateful Fusion (SPEC §9): it counts every slot of the clamped indices
+        (an empty slot counts for ``E_max - 1``) and so never sees a token without an expert."""
+        e = self.num_experts
+        clamped = torch.where(idx >= 0, idx, torch.full_like(idx, e - 1))
+        self.routed_count += torch.bincount(clamped.reshape(-1), minlength=e).double()
 
     def start_recording(self) -> None:
         """Open a recording window: reset counts and sum, then count every training forward."""

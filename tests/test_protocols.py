@@ -8,6 +8,7 @@ weight. Entry points: every experiment file, every paper/study sweep with each o
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tasks.run.common import split_moe_config
 from tasks.train import CONF_DIR
 
 SWEEPS = str(Path(CONF_DIR).parents[1] / "sweeps")
-METHODS = ("dense", "moe_topk", "gmoe", "dynmoe", "rmoe", "lossfree", "expert_choice")
+METHODS = ("dense", "moe_topk", "moe_cosine", "gmoe", "dynmoe", "rmoe", "lossfree", "expert_choice")
 
 # SPEC §3-5. lam: (mode, {params read by that mode}); pool: (num_experts, max_experts)
 GLUE_DROPOUT = (0.1, "pre_act")
@@ -29,6 +30,9 @@ EXPECTED = {
     ("glue", "dense"): {"lam": ("constant", {"lambda0": 0.01}), "layer": None},
     ("glue", "moe_topk"): {"lam": ("constant", {"lambda0": 0.01}), "aux": "switch", "pool": (8, 8),
                            "fusion": None, "dropout": GLUE_DROPOUT, "bpr": False},
+    # the paper's GLUE MoE row: the released scripts' cosine_top gate (noise 1.0, cf 1.5, BPR, load-importance)
+    ("glue", "moe_cosine"): {"lam": ("constant", {"lambda0": 0.01}), "aux": "load_importance_tutel",
+                             "pool": (8, 8), "fusion": None, "dropout": GLUE_DROPOUT, "bpr": True},
     ("glue", "gmoe"): {"lam": ("constant", {"lambda0": 0.01}), "aux": "load_importance_tutel", "pool": (6, 6),
                        "fusion": None, "dropout": GLUE_DROPOUT, "bpr": True},
     ("glue", "dynmoe"): {"lam": ("constant", {"lambda0": 0.01}), "aux": "dynmoe", "pool": (8, 16),
@@ -45,6 +49,8 @@ EXPECTED = {
     ("domainbed", "dense"): {"lam": ("constant", {"lambda0": 1.0}), "layer": None},
     ("domainbed", "moe_topk"): {"lam": ("constant", {"lambda0": 1.0}), "aux": "switch", "pool": (8, 8),
                                 "fusion": None, "dropout": VISION_DROPOUT, "bpr": False},
+    ("domainbed", "moe_cosine"): {"lam": ("constant", {"lambda0": 1.0}), "aux": "load_importance_tutel",
+                                  "pool": (8, 8), "fusion": None, "dropout": VISION_DROPOUT, "bpr": True},
     ("domainbed", "gmoe"): {"lam": ("constant", {"lambda0": 1.0}), "aux": "load_importance_tutel", "pool": (6, 6),
                             "fusion": None, "dropout": VISION_DROPOUT, "bpr": True},
     ("domainbed", "dynmoe"): {"lam": ("constant", {"lambda0": 1.0}), "aux": "gshard_binary", "pool": (6, 8),
@@ -99,6 +105,8 @@ def check_cell(cfg, bench: str, method: str, where: str) -> None:
         assert mc.batch_prioritized_routing == exp["bpr"], where
         if method == "gmoe":
             assert (mc.top_k, mc.capacity_factor, mc.gate_noise) == (1, 1.5, 1.0), where
+        if method == "moe_cosine":
+            assert (mc.router, mc.top_k, mc.capacity_factor, mc.gate_noise) == ("cosine", 2, 1.5, 1.0), where
         if method == "lossfree":
             assert (mc.top_k, mc.score_fn, mc.bias_update_rate) == (2, "sigmoid", 1e-3), where
         if method == "expert_choice":
@@ -108,7 +116,7 @@ def check_cell(cfg, bench: str, method: str, where: str) -> None:
         assert stop is not None and stop.patience == 4 and stop.monitor == "val/score" and stop.mode == "max", where
     else:
         assert stop is None, where
-    if cfg.backbone.name == "vit_small":
+    if cfg.backbone.name in ("vit_small", "deit_small"):
         assert cfg.backbone.drop_path_rate == 0.1, where
 
 
@@ -200,3 +208,55 @@ def test_lambda_min_above_lambda_max_is_rejected_before_training():
     with pytest.raises(Exception, match=msg) as err:
         hydra.utils.instantiate(cfg.callbacks.curriculum, _convert_="all")
     assert isinstance(err.value.__cause__, ConfigError)
+
+
+PAPER_GLUE_TASKS = ("cola", "mrpc", "qnli", "mnli", "rte")
+
+
+@pytest.mark.parametrize("task", PAPER_GLUE_TASKS)
+def test_the_papers_glue_moe_row_is_the_released_cosine_router(task):
+    """The paper's GLUE "MoE" row is what the released scripts ran (DynMoE EMoE/Language/scripts/<task>.sh:
+    --gate_type cosine_top; search_glue_no_trainer.py: gate_noise 1.0, capacity_factor 1.5, is_gshard_loss off;
+    moe_utils.py: batch_prioritized_routing=True): a cell of its own, beside the textbook top-k."""
+    cfg = _compose([f"experiment=glue/{task}_moe_cosine"])
+    check_cell(cfg, "glue", "moe_cosine", task)
+    assert cfg.variant == "moe_cosine" and cfg.backbone.name == "bert_large_cased"
+    topk = MoEConfig.from_dict(split_moe_config(OmegaConf.to_container(
+        _compose([f"experiment=glue/{task}_moe_topk"]).moe, resolve=True))[2])
+    assert (topk.router, topk.aux_loss, topk.gate_noise, topk.capacity_factor) == ("topk", "switch", 0.0, 0.0)
+
+
+RELEASED_ON = {  # SPEC §9: which released behaviours each released variant switches on, per benchmark
+    ("glue", "rmoe_released"): {"fusion_pad_clamp", "pool_reads_clamped", "eval_fallback_gate", "upcycle_bias_split",
+                                "route_padding"},
+    ("glue", "dynmoe_released"): {"eval_fallback_gate", "upcycle_bias_split", "route_padding"},
+    ("domainbed", "rmoe_released"): {"eval_fallback_gate"},  # the released vision runs: no fusion, bias copied
+    ("domainbed", "dynmoe_released"): {"eval_fallback_gate"},
+}
+
+
+@pytest.mark.parametrize("bench,task", [("glue", "glue/rte"), ("domainbed", "domainbed/rotated_mnist")])
+@pytest.mark.parametrize("method", ["rmoe", "dynmoe"])
+def test_released_variants_are_their_methods_cell_with_the_released_switches(bench, task, method):
+    name = f"{method}_released"
+    cfg = _compose([f"task={task}", f"moe={name}"])
+    assert cfg.variant == name and cfg.moe.name == name
+    # the rest of the cell is the method's own protocol
+    check_cell(OmegaConf.merge(cfg, {"moe": {"name": method}}), bench, method, f"task={task} moe={name}")
+    layer = MoEConfig.from_dict(split_moe_config(OmegaConf.to_container(cfg.moe, resolve=True))[2])
+    on = {f.name for f in dataclasses.fields(layer.released) if getattr(layer.released, f.name)}
+    assert on == RELEASED_ON[(bench, name)]
+    # the paper's methods keep every released behaviour off
+    plain = MoEConfig.from_dict(split_moe_config(OmegaConf.to_container(
+        _compose([f"task={task}", f"moe={method}"]).moe, resolve=True))[2])
+    assert not plain.released.any
+
+
+def test_a_released_variant_name_without_released_switches_is_refused():
+    from tasks.run.checks import ConfigError as RunConfigError
+    from tasks.run.checks import check_config
+
+    cfg = _compose(["task=glue/rte", "moe=rmoe", "variant=rmoe_released"])
+    with pytest.raises(RunConfigError, match=r"variant='rmoe_released'.*allowed: moe=rmoe_released"):
+        check_config(cfg)
+    check_config(_compose(["task=glue/rte", "moe=rmoe_released"]))

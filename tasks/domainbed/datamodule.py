@@ -1,5 +1,8 @@
 """DomainBed DataModule: the environments, their in/out splits, one batch per training domain.
 
+* Data: the MNIST shuffle and ColoredMNIST's colour and label-noise coins are drawn from ``data_seed``, which is
+  the training ``seed`` unless given (DomainBed's ``scripts/train.py`` seeds torch with ``--seed`` before
+  ``datasets.py`` draws them).
 * Splits: ``out, in = split_dataset(env_i, int(len * holdout_fraction), seed_hash(trial_seed, i))``.
 * Training: an endless stream; step ``s`` yields ``[(x_e, y_e) for each training env e]`` with
   ``batch_size`` indices drawn uniformly with replacement from ``in_e`` (DomainBed's
@@ -71,8 +74,8 @@ class DomainBedDataModule(L.LightningDataModule):
     ``test_envs``: held-out environment indices (checked here, at construction)."""
 
     def __init__(self, dataset: str, root: str | None, test_envs: Sequence[int], holdout_fraction: float = 0.2,
-                 trial_seed: int = 0, hparams_seed: int = 0, data_seed: int = 0, seed: int = 0, batch_size: int = 32,
-                 eval_batch_size: int = 128, num_workers: int = 0, augment: bool | None = None,
+                 trial_seed: int = 0, hparams_seed: int = 0, data_seed: int | None = None, seed: int = 0,
+                 batch_size: int = 32, eval_batch_size: int = 128, num_workers: int = 0, augment: bool | None = None,
                  augment_eval: bool | None = None, check_images: bool | None = None, download: bool | None = None,
                  max_images: int | None = None):
         super().__init__()
@@ -93,7 +96,8 @@ class DomainBedDataModule(L.LightningDataModule):
                 raise ValueError(f"invalid data.{key}={v!r}; allowed: an integer >= 1")
         self.root, self.holdout_fraction = root, float(holdout_fraction)
         self.trial_seed, self.hparams_seed = int(trial_seed), int(hparams_seed)
-        self.data_seed, self.seed = int(data_seed), int(seed)
+        # the MNIST shuffle and ColoredMNIST's coins: the training seed unless data_seed is given (DomainBed)
+        self.data_seed, self.seed = int(seed if data_seed is None else data_seed), int(seed)
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, int(num_workers)
         # dataset options: null = the dataset's default; a value the dataset has no option for is an error
         options = dict(augment=augment, augment_eval=augment_eval, check_images=check_images, download=download,

@@ -2,10 +2,11 @@
 
 ``backbone`` config (``conf/backbone/vit_*.yaml``):
 
-* ``arch`` set (e.g. ``vit_small_patch16_224``): ``timm.create_model(arch, num_classes, in_chans,
-  img_size)``; ImageNet weights from ``weights_path`` (a ``.pth``/``.pt``/``.bin`` state dict,
+* ``arch`` set (e.g. ``deit_small_patch16_224``, the paper's DeiT-S/16): ``timm.create_model(arch, num_classes,
+  in_chans, img_size)``; ImageNet weights from ``weights_path`` (a ``.pth``/``.pt``/``.bin`` state dict,
   optionally under ``model``/``state_dict``, or ``.safetensors``; the classifier head is dropped)
-  or, when ``pretrained`` and no path, from timm's hub (needs network or a cache).
+  or, when ``pretrained`` and no path, from timm's hub (needs network or a cache): the default weights of
+  ``arch`` (:func:`weights_source` names them; the run log says which).
 * ``arch`` null: a small ``VisionTransformer`` from scratch with ``embed_dim``, ``depth``,
   ``num_heads``, ``mlp_ratio`` and ``patch_size`` (null: 2 for images of <= 16 px, else 4).
 
@@ -15,6 +16,7 @@ The ``moe`` group's ``layers`` (block indices) are made MoE by :func:`rmoe.moefy
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +26,8 @@ from torch import nn
 
 from rmoe import MoELayer, moefy_vit
 from tasks.run.common import split_moe_config
+
+log = logging.getLogger(__name__)
 
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "fc_norm.weight", "fc_norm.bias")
 
@@ -61,6 +65,23 @@ def load_vit_weights(model: nn.Module, path: str) -> None:
                          f"unexpected {list(unexpected)[:8]}")
 
 
+def weights_source(backbone: Mapping[str, Any]) -> str | None:
+    """Where :func:`build_vit` takes the pretrained weights from: ``"file <weights_path>"``, ``"hub <id>"`` (timm's
+    hub id of ``arch``'s default weights, e.g. ``timm/deit_small_patch16_224.fb_in1k``), or None (random init).
+    Reads timm's model registry only (no download)."""
+    arch = backbone.get("arch")
+    if not arch:
+        return None
+    if backbone.get("weights_path"):
+        return f"file {backbone['weights_path']}"
+    if not backbone.get("pretrained"):
+        return None
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(str(arch))
+    return f"hub {cfg.hf_hub_id or cfg.url}" if cfg is not None else f"hub {arch}"
+
+
 def build_vit(backbone: Mapping[str, Any], input_shape: Sequence[int], num_classes: int) -> nn.Module:
     import timm
     from timm.models.vision_transformer import VisionTransformer
@@ -72,6 +93,8 @@ def build_vit(backbone: Mapping[str, Any], input_shape: Sequence[int], num_class
     if arch:
         weights_path = backbone.get("weights_path")
         hub = bool(backbone.get("pretrained")) and not weights_path
+        log.info("backbone %s (%s): weights from %s", backbone.get("name"), arch,
+                 weights_source(backbone) or "nowhere (random initialisation)")
         model = timm.create_model(arch, pretrained=hub, num_classes=num_classes, in_chans=in_chans,
                                   img_size=height, drop_path_rate=float(backbone.get("drop_path_rate", 0.0) or 0.0))
         if weights_path:

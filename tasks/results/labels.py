@@ -12,10 +12,11 @@ from collections.abc import Iterable
 
 #: Row order of methods: this platform's ``moe`` / ``variant`` names with DomainBed-style names beside
 #: them; ablations (``rmoe_*``) follow ``rmoe``; other names follow alphabetically.
-VARIANT_ORDER = ("ERM", "MoE", "dense", "moe_topk", "GMoE", "gmoe", "DynMoE", "dynmoe", "lossfree", "RMoE", "rmoe",
-                 "rmoe_nofusion", "rmoe_nocurriculum")
-VARIANT_LABELS = {"dense": "Dense", "moe_topk": "MoE (top-k)", "gmoe": "GMoE", "dynmoe": "DynMoE", "rmoe": "RMoE",
-                  "lossfree": "Loss-free",
+VARIANT_ORDER = ("ERM", "MoE", "dense", "moe_cosine", "moe_topk", "GMoE", "gmoe", "DynMoE", "dynmoe", "dynmoe_released",
+                 "lossfree", "RMoE", "rmoe", "rmoe_released", "rmoe_nofusion", "rmoe_nocurriculum")
+VARIANT_LABELS = {"dense": "Dense", "moe_cosine": "MoE (cosine)", "moe_topk": "MoE (top-k)", "gmoe": "GMoE",
+                  "dynmoe": "DynMoE", "rmoe": "RMoE", "lossfree": "Loss-free",
+                  "dynmoe_released": "DynMoE (released code)", "rmoe_released": "RMoE (released code)",
                   "rmoe_nofusion": "RMoE w/o fusion", "rmoe_nocurriculum": "RMoE w/o curriculum",
                   "ERM": "ERM", "MoE": "MoE", "GMoE": "GMoE", "DynMoE": "DynMoE", "RMoE": "RMoE"}
 #: Column order of GLUE tasks: the paper's table (CoLA, MRPC, QNLI, MNLI, RTE), then the others.

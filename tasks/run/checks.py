@@ -18,7 +18,10 @@ the key, the value and what is allowed:
   finite number >= 0;
 * ``data.max_length`` (text backbones): at most the backbone's ``max_position_embeddings``;
 * ``seed``, ``data.data_seed``, ``data.trial_seed``: integers in [0, 2**32 - 1];
-* ``logger.wandb.mode``: null | online | offline | disabled.
+* ``logger.wandb.mode``: null | online | offline | disabled;
+* ``variant``: a name ending in ``_released`` (the released-code variants, SPEC §9) needs some ``moe.released``
+  switch on (``moe=rmoe_released`` / ``moe=dynmoe_released`` set them), or the run would compute the paper's
+  equations under the released code's name.
 
 (λ's ``lambda_min <= lambda_max`` and the phase checks live with the schedules in ``rmoe``.)
 """
@@ -230,8 +233,19 @@ def check_wandb(cfg: Any) -> None:
                                          "offline) | online | offline | disabled")
 
 
+def check_variant(cfg: Any) -> None:
+    variant, moe = _get(cfg, "variant"), _get(cfg, "moe")
+    if not (isinstance(variant, str) and variant.endswith("_released") and isinstance(moe, Mapping)):
+        return
+    released = moe.get("released") or {}
+    if not any(bool(v) for v in released.values()):
+        _fail("variant", variant, f"moe={variant} (it switches the released code's behaviours on, SPEC §9) or a "
+              "name not ending in _released", "no moe.released switch is on: the run would compute the paper's "
+              "equations under the released code's name")
+
+
 CHECKS = (check_trainer, check_moe, check_test_envs, check_learning_rates, check_max_length, check_seeds,
-          check_wandb)
+          check_wandb, check_variant)
 
 
 def check_config(cfg: Any) -> None:

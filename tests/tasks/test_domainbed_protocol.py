@@ -130,3 +130,61 @@ def test_short_run_evaluates_on_domainbeds_schedule(tmp_path):
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted({int(r["step"]) for r in rows if r.get("val/score")}) == [0, 3, 6]
+
+
+# --- the data follow the training seed -------------------------------------------------------------
+
+def _domainbed_colored_mnist_port(images, labels, seed):
+    """DomainBed's scripts/train.py + datasets.py (MultipleEnvironmentMNIST, ColoredMNIST.color_dataset),
+    written out: ``torch.manual_seed(args.seed)``, then the shuffle and the coins from torch's global generator.
+    Returns per environment ``(label, colour)``."""
+    torch.manual_seed(seed)
+    shuffle = torch.randperm(len(images))
+    labels = labels[shuffle]
+    out = []
+    for i, e in enumerate([0.1, 0.2, 0.9]):
+        lab = (labels[i::3] < 5).float()
+        lab = (lab - (torch.rand(len(lab)) < 0.25).float()).abs()
+        colors = (lab - (torch.rand(len(lab)) < e).float()).abs()
+        out.append((lab.long(), colors.long()))
+    return out
+
+
+def _all_mnist_labels(data_dir):
+    raw = os.path.join(data_dir, "mnist", "MNIST", "raw")
+    if not os.path.isdir(raw):
+        pytest.skip("no MNIST idx files")
+
+    def load(name, offset):
+        with gzip.open(os.path.join(raw, name + ".gz")) as f:
+            return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+    return torch.from_numpy(np.concatenate([load("train-labels-idx1-ubyte", 8),
+                                            load("t10k-labels-idx1-ubyte", 8)]).astype(np.int64))
+
+
+def test_colored_mnist_digits_and_coins_follow_the_training_seed_as_in_domainbed(data_dir):
+    from hydra.utils import instantiate
+
+    labels = _all_mnist_labels(data_dir)
+    seen = []
+    for trial in (0, 1):
+        cfg = _compose(["task=domainbed/colored_mnist", "moe=gmoe", f"data.trial_seed={trial}",
+                        f"data.root={os.path.join(data_dir, 'mnist')}"])
+        seed = _reference_seed_hash("ColoredMNIST", "gmoe", [0], 0, trial)
+        assert cfg.seed == seed and cfg.data.data_seed == seed
+        assert cfg.callbacks.domainbed_results.args.data_seed == seed
+        dm = instantiate(cfg.data)
+        dm.setup()
+        port = _domainbed_colored_mnist_port(torch.zeros(len(labels)), labels, seed)
+        for env, (y, colour) in zip(dm.data.datasets, port):
+            assert torch.equal(env.y, y)
+            # DomainBed zeroes channel 1 - colour: the digit sits in channel `colour`
+            in_ch1 = env.x[:, 1].flatten(1).sum(1) > 0
+            in_ch0 = env.x[:, 0].flatten(1).sum(1) > 0
+            assert torch.equal(in_ch1[in_ch0 | in_ch1], colour.bool()[in_ch0 | in_ch1])
+        seen.append(dm.data.datasets[0].y)
+    assert not torch.equal(seen[0], seen[1])  # each trial sees its own digits and coins
+    # an explicit data_seed still fixes them across trials
+    fixed = _compose(["task=domainbed/colored_mnist", "data.trial_seed=1", "data.data_seed=0"])
+    assert fixed.data.data_seed == 0

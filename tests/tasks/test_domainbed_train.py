@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from tasks.domainbed.datasets import DomainBedDataError
 from tasks.train import CONF_DIR, train
@@ -42,7 +42,7 @@ def test_default_task_is_rmoe_on_rotated_digits_with_a_small_vit():
 def test_command_line_groups_win_over_the_task_choices():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["task=domainbed/pacs", "moe=gmoe", "curriculum=constant"])
-    assert cfg.moe.name == "gmoe" and cfg.curriculum.mode == "constant" and cfg.backbone.name == "vit_small"
+    assert cfg.moe.name == "gmoe" and cfg.curriculum.mode == "constant" and cfg.backbone.name == "deit_small"
     assert list(cfg.backbone.moe_layers) == [8, 10] and list(cfg.moe.layers) == [8, 10]
 
 
@@ -131,3 +131,23 @@ def test_vit_small_loads_local_weights_and_upcycles_blocks_8_and_10(tmp_path):
     assert not hasattr(model.blocks[9].mlp, "moe")
     with pytest.raises(FileNotFoundError, match="weights_path"):
         build_moe_vit({**backbone, "weights_path": str(tmp_path / "nope.pth")}, moe, (3, 224, 224), 7)
+
+
+@pytest.mark.parametrize("dataset", ["pacs", "vlcs", "office_home", "domain_net", "terra_incognita"])
+def test_the_papers_image_datasets_start_from_deit_s(dataset):
+    """The released vision code builds deit_small_patch16_224(pretrained=True) (R-MoE RMoE/Vision/domainbed/
+    algorithms.py; GMoE domainbed/algorithms.py): the DeiT-S/16 ImageNet-1k weights. With no weights_path the hub
+    gives that checkpoint, not timm's augreg ViT-S (timm's registry only: no download)."""
+    from tasks.domainbed.model import weights_source
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for over in ([f"task=domainbed/{dataset}"], [f"experiment=domainbed/{dataset}_rmoe"]):
+            cfg = compose("train", overrides=over)
+            bb = OmegaConf.to_container(cfg.backbone, resolve=True)
+            assert (bb["name"], bb["arch"], bb["drop_path_rate"], bb["moe_layers"]) == (
+                "deit_small", "deit_small_patch16_224", 0.1, [8, 10]), over
+            assert weights_source(bb) == "hub timm/deit_small_patch16_224.fb_in1k"
+            assert weights_source({**bb, "weights_path": "/w/deit.pth"}) == "file /w/deit.pth"
+            assert weights_source({**bb, "pretrained": False}) is None
+    other = weights_source({"arch": "vit_small_patch16_224", "pretrained": True})
+    assert other == "hub timm/vit_small_patch16_224.augreg_in21k_ft_in1k"  # what vit_small would have loaded
