@@ -92,7 +92,7 @@ CASES = [(g, o) for g, opts in GROUPS.items() for o in opts]
 @pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_every_group_option_composes_and_its_keys_are_read(group, option):
     extra = []
-    if group in ("backbone",) and option.startswith("vit"):
+    if group in ("backbone",) and option.startswith(("vit", "deit")):
         extra = ["task=domainbed/rotated_digits"]
     elif group == "backbone":
         extra = ["task=glue/rte"]
