@@ -14,8 +14,9 @@
   naming the difference.
 * **What it runs** (one device; ``trainer.devices=1``, no logger, no callbacks): the checkpoint's weights and
   buffers are loaded, then ``export=<folder>`` writes the ``save_pretrained``-style folder first (the state
-  as saved; a dense model as a Hugging Face ``...ForSequenceClassification``, :mod:`tasks.glue.export`); ``validate=true`` runs the validation loop over every validation
-  loader of the run -- dev (MNLI: matched and mismatched), the held-out slice (``data.heldout_samples``),
+  as saved; a dense model as a Hugging Face ``...ForSequenceClassification``, :mod:`tasks.glue.export`);
+  ``validate=true`` runs the validation loop over every validation loader of the run -- dev (MNLI: matched and
+  mismatched), the held-out slice (``data.heldout_samples``),
   DomainBed's in/out splits of every environment -- with the run's own ``trainer.limit_val_batches`` and
   batch sizes, so the best checkpoint's ``val/*`` metrics are the ones logged at its epoch; GLUE test files
   (``<glue_dir>/<Task>/test.tsv``) with labels add ``test/*`` metrics, and ``predict=true`` writes GLUE's

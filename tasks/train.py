@@ -232,13 +232,16 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     Rank 0 locks the run folder (:mod:`tasks.run.run_folder`) and, on success, writes ``<run>/done``
     (:mod:`tasks.run.jobs`); ``skip_if_done=true`` skips a job whose folder already has it and clears an
     unfinished one first. Each attempt is listed in ``<run>/attempts.jsonl``."""
+    from hydra.core.hydra_config import HydraConfig
+
     from tasks.run import jobs
-    from tasks.run.checks import check_config
+    from tasks.run.checks import check_config, check_overrides
     from tasks.run.console import route_lightning_logs
     from tasks.run.run_folder import acquire_lock, append_attempt, release_lock
 
     route_lightning_logs()  # Hydra's job logging prints Lightning's records: once
     check_config(cfg)  # before the run folder is touched
+    check_overrides(cfg, list(HydraConfig.get().overrides.task))
     out_dir = cfg.get("paths", {}).get("output_dir")
     name = cfg.get("optimized_metric")
     owner = bool(out_dir) and jobs.is_rank_zero()

@@ -18,7 +18,12 @@ the key, the value and what is allowed:
   finite number >= 0;
 * ``data.max_length`` (text backbones): at most the backbone's ``max_position_embeddings``;
 * ``seed``, ``data.data_seed``, ``data.trial_seed``: integers in [0, 2**32 - 1];
-* ``logger.wandb.mode``: null | online | offline | disabled.
+* ``logger.wandb.mode``: null | online | offline | disabled;
+* ``moe.fusion``: null or every Stateful Fusion key (``beta``, ``agg``, ``update_in_eval``, ``mix_alpha``): a
+  partial mapping comes from ``+moe.fusion.<key>=...`` on a protocol with fusion off, which would switch fusion
+  on with defaults for the keys not given, under the method's own name;
+* an override of ``moe.top_k`` (:func:`check_overrides`, from the command line) for a router that does not read
+  it (``topany``, ``expert_choice``).
 
 (λ's ``lambda_min <= lambda_max`` and the phase checks live with the schedules in ``rmoe``.)
 """
@@ -58,6 +63,8 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 def _has(cfg: Any, key: str) -> bool:
     sentinel = object()
+    if isinstance(cfg, DictConfig):  # without resolving the node (it may name Hydra's runtime)
+        return OmegaConf.select(cfg, key, default=sentinel, throw_on_missing=False) is not sentinel
     return _get(cfg, key, sentinel) is not sentinel
 
 
@@ -229,7 +236,38 @@ def check_wandb(cfg: Any) -> None:
                                          "offline) | online | offline | disabled")
 
 
-CHECKS = (check_trainer, check_moe, check_test_envs, check_learning_rates, check_max_length, check_seeds,
+FUSION_KEYS = ("beta", "agg", "update_in_eval", "mix_alpha")
+
+
+def check_fusion(cfg: Any) -> None:
+    fusion = _get(cfg, "moe.fusion")
+    if fusion is None or fusion is False or not isinstance(fusion, Mapping):
+        return  # rmoe.FusionConfig names any other bad value
+    missing = [k for k in FUSION_KEYS if k not in fusion]
+    if missing:
+        _fail("moe.fusion", dict(fusion), "null, or every key of Stateful Fusion (moe.fusion={beta: 0.99, agg: "
+              "sum, update_in_eval: false, mix_alpha: 1.0}, named by a variant, e.g. variant=rmoe_fusion), or a "
+              "task whose protocol has fusion on (GLUE: task=glue/rte moe.fusion.beta=0.9)",
+              f"missing {', '.join(missing)}: this protocol has fusion off, and +moe.fusion.<key> would switch it on "
+              f"with defaults for the rest under the method's own name")
+
+
+def check_overrides(cfg: Any, overrides: list[str]) -> None:
+    """Checks on what the command line set: ``moe.top_k`` for a router that ignores it."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    router = _get(cfg, "moe.router")
+    if "moe.top_k" in keys and isinstance(router, str):
+        from rmoe.registry import ROUTERS  # torch: only when top_k was set
+
+        if router in ROUTERS and not getattr(ROUTERS[router], "uses_top_k", True):
+            _fail("moe.top_k", _get(cfg, "moe.top_k"), f"no moe.top_k override with moe.router={router} "
+                  f"(moe={_get(cfg, 'moe.name')}); routers that read it: "
+                  f"{'|'.join(n for n in ROUTERS.names() if getattr(ROUTERS[n], 'uses_top_k', True))}",
+                  f"the {router} router ignores top_k (a token activates as many experts as its gates choose)"
+                  if router == "topany" else f"the {router} router ignores top_k (experts choose their tokens)")
+
+
+CHECKS = (check_trainer, check_moe, check_fusion, check_test_envs, check_learning_rates, check_max_length, check_seeds,
           check_wandb)
 
 
