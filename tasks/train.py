@@ -38,7 +38,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from tasks.run.common import register_resolvers
@@ -52,6 +51,8 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 def instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
     """Instantiate every ``{_target_: ...}`` entry of a callbacks/logger mapping, in order."""
+    import hydra
+
     out: list[Any] = []
     if not group:
         return out
@@ -79,6 +80,7 @@ def finish_wandb() -> None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Instantiate datamodule, module, callbacks, loggers and trainer from ``cfg``; fit (and test)."""
+    import hydra
     import lightning as L
 
     from tasks.run.checks import check_config
@@ -225,23 +227,32 @@ def _attempt(cfg: DictConfig, event: str, **extra: Any) -> dict[str, Any]:
             **extra}
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> float | None:
+def _job(cfg: DictConfig) -> float | None:
     """One job of ``rmoe-train``: train one configuration; returns ``cfg.optimized_metric`` for sweepers.
 
     Rank 0 locks the run folder (:mod:`tasks.run.run_folder`) and, on success, writes ``<run>/done``
     (:mod:`tasks.run.jobs`); ``skip_if_done=true`` skips a job whose folder already has it and clears an
     unfinished one first. Each attempt is listed in ``<run>/attempts.jsonl``."""
-    from hydra.core.hydra_config import HydraConfig
+    import sys
 
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from tasks.run.checks import ConfigError, check_config, check_overrides
+
+    try:  # before the run folder is touched, and before torch/Lightning are imported
+        check_config(cfg)
+        check_overrides(cfg, list(HydraConfig.get().overrides.task))
+    except ConfigError as e:
+        if HydraConfig.get().mode != RunMode.RUN:
+            raise  # a multirun records the failed job and goes on
+        print(f"rmoe-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
     from tasks.run import jobs
-    from tasks.run.checks import check_config, check_overrides
     from tasks.run.console import route_lightning_logs
     from tasks.run.run_folder import acquire_lock, append_attempt, release_lock
 
     route_lightning_logs()  # Hydra's job logging prints Lightning's records: once
-    check_config(cfg)  # before the run folder is touched
-    check_overrides(cfg, list(HydraConfig.get().overrides.task))
     out_dir = cfg.get("paths", {}).get("output_dir")
     name = cfg.get("optimized_metric")
     owner = bool(out_dir) and jobs.is_rank_zero()
@@ -285,10 +296,13 @@ def main() -> None:
     import sys
 
     from tasks.run import jobs
-    from tasks.run.cli import complete_nested
+    from tasks.run.cli import complete_nested, fast_help, wants_fast_help
     from tasks.run.run_folder import RunFolderError, acquire_lock, plan_from_argv, release_lock
 
     if complete_nested(sys.argv[1:], CONF_DIR):  # shell completion of task= / experiment=
+        return
+    if wants_fast_help(sys.argv[1:]):  # Hydra's help page, without its seconds of group listing
+        print(fast_help(CONF_DIR))
         return
     register_resolvers()
     stage = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1].strip("'\"") for a in sys.argv[1:]
@@ -308,9 +322,21 @@ def main() -> None:
         except RunFolderError as e:
             print(f"rmoe-train: error: {e}", file=sys.stderr)
             sys.exit(1)
+    import hydra  # not before: --help and completion answer without it
+
+    from tasks.run.cli import StderrTail, did_you_mean
+
+    tail = StderrTail.install()
     try:
-        _hydra_main()
+        hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")(_job)()
+    except SystemExit as e:
+        if e.code == 1:
+            hint = did_you_mean(tail.text(), sys.argv[1:], CONF_DIR)
+            if hint:
+                print(hint, file=sys.stderr)
+        raise
     finally:
+        tail.uninstall()
         if held:
             release_lock(held)
 

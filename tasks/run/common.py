@@ -16,11 +16,13 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import OmegaConf
-from torch import nn
+
+if TYPE_CHECKING:  # torch is imported where it is used: rmoe-train --help and config errors stay fast
+    import torch
+    from torch import nn
 
 PKG_PREFIX = "pkg:"
 
@@ -96,6 +98,8 @@ def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_step
         if step < warm:
             return (step + 1) / warm
         return max(0.0, (total - step) / max(total - warm, 1))
+
+    import torch
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
