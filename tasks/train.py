@@ -18,6 +18,8 @@ so targets receive plain dicts/lists):
   Python/NumPy/torch (and dataloader workers); ``ckpt_path`` resumes; ``test=true`` evaluates the best
   checkpoint after fitting, as ``rmoe-eval`` does (:func:`tasks.eval.evaluate`, ``<run>/eval/<ckpt>.json``);
   ``train=false`` is refused naming ``train``/``ckpt_path`` (evaluating a checkpoint is ``rmoe-eval``'s job).
+* Runs shorter than ``trainer.log_every_n_steps`` or than one epoch (``max_steps``) still log and validate:
+  :class:`tasks.run.short_runs.ShortRunCallback`, always added.
 * ``init_from`` (``init_from=<ckpt>``): start a new run from another checkpoint's weights
   only (fine-tuning; no identity check, nothing else taken over).
 * ``paths.output_dir`` is the run folder (Hydra's output dir; set it yourself when composing a
@@ -99,6 +101,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         from tasks.run.console import drop_disabled_progress_bar
 
         callbacks = drop_disabled_progress_bar(callbacks, bool(cfg.trainer.get("enable_progress_bar", True)))
+        from tasks.run.short_runs import ShortRunCallback
+
+        callbacks.append(ShortRunCallback())  # runs shorter than log_every_n_steps / one epoch log and validate
         from tasks.run.wandb_utils import auto_offline
 
         auto_offline(cfg)  # W&B offline when there is no API key or the host is unreachable
