@@ -186,6 +186,8 @@ def evaluate_best_checkpoint(cfg: DictConfig, trainer: Any) -> dict[str, Any] | 
         ecfg.eval_dir = str(Path(cfg.paths.output_dir) / "eval")
     record = evaluate(ecfg)
     log.info("test=true: evaluated %s -> %s", best, record.get("path"))
+    if record.get("no_test_metrics"):
+        log.warning("test=true: no test metrics were computed: %s", record["no_test_metrics"])
     return record
 
 
