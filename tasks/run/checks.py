@@ -19,6 +19,8 @@ the key, the value and what is allowed:
 * ``data.max_length`` (text backbones): at most the backbone's ``max_position_embeddings``;
 * ``seed``, ``data.data_seed``, ``data.trial_seed``: integers in [0, 2**32 - 1];
 * ``logger.wandb.mode``: null | online | offline | disabled;
+* a Hugging Face hub backbone or dataset on a machine that cannot reach the hub and has no cached copy
+  (:mod:`tasks.run.hub`: one TCP probe, seconds, instead of minutes of retries deep in ``from_pretrained``);
 * ``moe.fusion``: null or every Stateful Fusion key (``beta``, ``agg``, ``update_in_eval``, ``mix_alpha``): a
   partial mapping comes from ``+moe.fusion.<key>=...`` on a protocol with fusion off, which would switch fusion
   on with defaults for the keys not given, under the method's own name;
@@ -252,6 +254,15 @@ def check_fusion(cfg: Any) -> None:
               f"with defaults for the rest under the method's own name")
 
 
+def check_hub(cfg: Any) -> None:
+    from tasks.run.hub import HubUnreachable, preflight
+
+    try:
+        preflight(cfg)
+    except HubUnreachable as e:
+        raise ConfigError(f"invalid config: {e}") from None
+
+
 def check_overrides(cfg: Any, overrides: list[str]) -> None:
     """Checks on what the command line set: ``moe.top_k`` for a router that ignores it."""
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
@@ -267,8 +278,8 @@ def check_overrides(cfg: Any, overrides: list[str]) -> None:
                   if router == "topany" else f"the {router} router ignores top_k (experts choose their tokens)")
 
 
-CHECKS = (check_trainer, check_moe, check_fusion, check_test_envs, check_learning_rates, check_max_length, check_seeds,
-          check_wandb)
+CHECKS = (check_hub, check_trainer, check_moe, check_fusion, check_test_envs, check_learning_rates, check_max_length,
+          check_seeds, check_wandb)
 
 
 def check_config(cfg: Any) -> None:
