@@ -317,6 +317,9 @@ def print_record(record: dict[str, Any], file: Any = None) -> None:
 def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from tasks.run.console import route_lightning_logs
+
+    route_lightning_logs()  # each Lightning line once (Hydra's job logging prints them)
     hc = HydraConfig.get()
     injected = set(run_choice_overrides(cfg.ckpt_path)) if cfg.get("run_config") == "auto" else set()
     overrides = [o for o in hc.overrides.task if o not in injected]

@@ -214,11 +214,12 @@ def _start_job(cfg: DictConfig, out_dir: str) -> bool:
 
 
 def _announce(cfg: DictConfig, out_dir: str) -> None:
-    """Rank 0, at the start of a job: the resolved config as a tree (saved as
-    ``<run>/config_resolved.yaml``) and the run header (method, variant, seed, folder)."""
+    """Rank 0, at the start of a job: the resolved config as a tree (``print_config=false``: not printed; saved as
+    ``<run>/config_resolved.yaml`` either way) and the run header (method, variant, seed, folder)."""
     from tasks.run.console import print_config_tree, run_header, save_resolved_config
 
-    print_config_tree(cfg)
+    if cfg.get("print_config", True):
+        print_config_tree(cfg)
     save_resolved_config(cfg, out_dir)
     print("\n".join(run_header(cfg, out_dir)), flush=True)
 

@@ -319,3 +319,5 @@ def test_predict_dev_writes_every_dev_rows_prediction_and_label(run):
     assert acc == pytest.approx(rec["metrics"]["val/acc"], abs=1e-6)  # the full dev pass's accuracy
     assert rec["predictions"] == {"RTE-dev": str(path)}
     assert "no labelled GLUE test file" in rec["no_test_metrics"] and "(no test metrics:" in r.stdout
+    out = (r.stdout + r.stderr).splitlines()
+    assert sum("GPU available:" in ln for ln in out) == 1  # each Lightning line once
