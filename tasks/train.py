@@ -235,6 +235,19 @@ def _attempt(cfg: DictConfig, event: str, **extra: Any) -> dict[str, Any]:
             **extra}
 
 
+DATA_ERRORS = ("GlueDataError", "DomainBedDataError")
+
+
+def _data_error(e: BaseException) -> BaseException | None:
+    """The GLUE/DomainBed data error (a missing or malformed file) behind ``e`` (Hydra wraps instantiation errors)."""
+    seen = 0
+    while e is not None and seen < 5:
+        if type(e).__name__ in DATA_ERRORS:
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 def _job(cfg: DictConfig) -> float | None:
     """One job of ``rmoe-train``: train one configuration; returns ``cfg.optimized_metric`` for sweepers.
 
@@ -279,6 +292,10 @@ def _job(cfg: DictConfig) -> float | None:
         except BaseException as e:
             if owner:
                 append_attempt(out_dir, _attempt(cfg, "failed", error=f"{type(e).__name__}: {e}"[:2000]))
+            data_error = _data_error(e)
+            if data_error is not None and HydraConfig.get().mode == RunMode.RUN:
+                print(f"rmoe-train: error: {data_error}", file=sys.stderr)  # the message names key, file, fix
+                sys.exit(2)
             raise
         trainer = objects.get("trainer")
         if out_dir and (trainer.is_global_zero if trainer is not None else jobs.is_rank_zero()):

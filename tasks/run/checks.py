@@ -19,6 +19,8 @@ the key, the value and what is allowed:
 * ``data.max_length`` (text backbones): at most the backbone's ``max_position_embeddings``;
 * ``seed``, ``data.data_seed``, ``data.trial_seed``: integers in [0, 2**32 - 1];
 * ``logger.wandb.mode``: null | online | offline | disabled;
+* ``data.glue_dir`` / ``data.root`` derived from an ``RMOE_DATA_DIR`` that is not a folder (the Makefile's
+  default ``../shared/data`` beside a fresh clone): the message names the variable and its value;
 * a Hugging Face hub backbone or dataset on a machine that cannot reach the hub and has no cached copy
   (:mod:`tasks.run.hub`: one TCP probe, seconds, instead of minutes of retries deep in ``from_pretrained``);
 * ``moe.fusion``: null or every Stateful Fusion key (``beta``, ``agg``, ``update_in_eval``, ``mix_alpha``): a
@@ -254,6 +256,23 @@ def check_fusion(cfg: Any) -> None:
               f"with defaults for the rest under the method's own name")
 
 
+def check_data_root(cfg: Any) -> None:
+    """A data folder derived from ``RMOE_DATA_DIR`` when that folder does not exist: name the variable."""
+    import os
+
+    root = os.environ.get("RMOE_DATA_DIR")
+    if not root or os.path.isdir(root):
+        return
+    for key in ("data.glue_dir", "data.root"):
+        value = _get(cfg, key)
+        if isinstance(value, str) and os.path.abspath(value).startswith(os.path.abspath(root) + os.sep):
+            origin = os.environ.get("RMOE_DATA_DIR_ORIGIN")
+            raise ConfigError(
+                f"invalid config: RMOE_DATA_DIR={root!r} is not a folder{f' ({origin})' if origin else ''}, and "
+                f"{key}={value!r} comes from it; allowed: RMOE_DATA_DIR=<the data folder> (glue/<Task>/*.tsv, "
+                f"mnist/MNIST/raw/), e.g. make train RMOE_DATA_DIR=/path/to/data, or {key}=<a folder>")
+
+
 def check_hub(cfg: Any) -> None:
     from tasks.run.hub import HubUnreachable, preflight
 
@@ -278,8 +297,8 @@ def check_overrides(cfg: Any, overrides: list[str]) -> None:
                   if router == "topany" else f"the {router} router ignores top_k (experts choose their tokens)")
 
 
-CHECKS = (check_hub, check_trainer, check_moe, check_fusion, check_test_envs, check_learning_rates, check_max_length,
-          check_seeds, check_wandb)
+CHECKS = (check_data_root, check_hub, check_trainer, check_moe, check_fusion, check_test_envs, check_learning_rates,
+          check_max_length, check_seeds, check_wandb)
 
 
 def check_config(cfg: Any) -> None:

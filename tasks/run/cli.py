@@ -140,7 +140,8 @@ def _compose_keys(conf_dir: str | os.PathLike, overrides: list[str]) -> list[str
 
 def did_you_mean(hydra_error: str, argv: list[str], conf_dir: str | os.PathLike) -> str | None:
     """A line naming the closest keys (or group options) to the one Hydra refused in ``hydra_error``."""
-    m = re.search(r"Could not override '([^']+)'", hydra_error) or re.search(r"full_key: (\S+)", hydra_error)
+    m = re.search(r"Could not override '([^']+)'", hydra_error) or (
+        re.search(r"full_key: (\S+)", hydra_error) if "is not in struct" in hydra_error else None)
     if m:
         bad = m.group(1)
         rest = [a for a in argv if "=" in a and not a.startswith("-") and a.split("=")[0].lstrip("+~") != bad
@@ -150,7 +151,7 @@ def did_you_mean(hydra_error: str, argv: list[str], conf_dir: str | os.PathLike)
         siblings = [k for k in keys if k.rpartition(".")[0] == parent]
         close = difflib.get_close_matches(bad, siblings, n=1, cutoff=0.6) or \
             difflib.get_close_matches(bad, keys, n=1, cutoff=0.75)
-        return f"rmoe-train: unknown key {bad}; did you mean {close[0]}?" if close else None
+        return f"rmoe-train: unknown key {bad}; did you mean {close[0]}?" if close and close[0] != bad else None
     m = re.search(r"Could not find '([^'/]+)/([^']+)'", hydra_error)
     if m:
         group, option = m.groups()  # task, glue/rt
