@@ -104,6 +104,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         from tasks.run.short_runs import ShortRunCallback
 
         callbacks.append(ShortRunCallback())  # runs shorter than log_every_n_steps / one epoch log and validate
+        from tasks.run.tb_hparams import HparamsSessionCallback
+
+        callbacks.append(HparamsSessionCallback(OmegaConf.to_container(cfg, resolve=True)))  # TensorBoard's HPARAMS
         from tasks.run.wandb_utils import auto_offline
 
         auto_offline(cfg)  # W&B offline when there is no API key or the host is unreachable
