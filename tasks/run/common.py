@@ -5,6 +5,8 @@ resolving a config; tests call it from ``conftest.py``):
 
 * ``${rmoe_data:<sub>}`` -> ``$RMOE_DATA_DIR/<sub>``, or null when ``RMOE_DATA_DIR`` is unset.
 * ``${rmoe_join:<list>}`` -> the items joined by ``-`` (``[0, 2]`` -> ``0-2``; job folder names).
+* ``${rmoe_wandb_name:<variant>,<seed>}``, ``${rmoe_wandb_group:<task_name>}``: W&B run names and groups
+  (:mod:`tasks.run.wandb_utils`).
 * ``${rmoe_seed_hash:<dataset>,<algorithm>,<test_envs>,<hparams_seed>,<trial_seed>}`` -> DomainBed's
   training seed of a sweep job, ``misc.seed_hash(dataset, algorithm, test_envs, hparams_seed, trial_seed)``
   (md5 of ``str`` of that tuple, mod 2**31), with DomainBed's argument types: two strings, a list of
@@ -57,6 +59,11 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("rmoe_join", _join)
     if not OmegaConf.has_resolver("rmoe_seed_hash"):
         OmegaConf.register_new_resolver("rmoe_seed_hash", _domainbed_seed)
+    if not OmegaConf.has_resolver("rmoe_wandb_name"):
+        from tasks.run.wandb_utils import wandb_group, wandb_run_name
+
+        OmegaConf.register_new_resolver("rmoe_wandb_name", wandb_run_name)
+        OmegaConf.register_new_resolver("rmoe_wandb_group", wandb_group)
 
 
 
