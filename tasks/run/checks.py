@@ -26,6 +26,8 @@ the key, the value and what is allowed:
 * ``moe.fusion``: null or every Stateful Fusion key (``beta``, ``agg``, ``update_in_eval``, ``mix_alpha``): a
   partial mapping comes from ``+moe.fusion.<key>=...`` on a protocol with fusion off, which would switch fusion
   on with defaults for the keys not given, under the method's own name;
+* the MoE layer's fields as :class:`rmoe.MoEConfig` checks them (``moe.num_experts=0``, an unknown router ...),
+  before the config is printed (:func:`check_moe_fields`, last: it imports ``rmoe``, hence torch);
 * an override of ``moe.top_k`` (:func:`check_overrides`, from the command line) for a router that does not read
   it (``topany``, ``expert_choice``).
 
@@ -256,6 +258,29 @@ def check_fusion(cfg: Any) -> None:
               f"with defaults for the rest under the method's own name")
 
 
+def check_moe_fields(cfg: Any) -> None:
+    """The MoE layer's fields (``moe.num_experts``, ``moe.router``, ...) as :class:`rmoe.MoEConfig` validates them
+    when the model is built -- here, before the config is printed and anything is built (imports ``rmoe``)."""
+    moe = _get(cfg, "moe")
+    if not isinstance(moe, Mapping) or moe.get("router") is None:
+        return
+    from tasks.run.common import split_moe_config
+
+    _, _, layer_cfg = split_moe_config(moe, _get(cfg, "backend.name"))
+    if layer_cfg is None:
+        return
+    from rmoe.config import ConfigError as MoEConfigError
+    from rmoe.config import MoEConfig
+
+    fields = dict(layer_cfg)
+    if fields.get("activation") is None:
+        fields["activation"] = "gelu"  # the backbone's own activation is filled in when the model is built
+    try:
+        MoEConfig.from_dict(fields)
+    except MoEConfigError as e:
+        raise ConfigError(str(e).replace("invalid MoE config: ", "invalid config: moe.", 1)) from None
+
+
 def check_data_root(cfg: Any) -> None:
     """A data folder derived from ``RMOE_DATA_DIR`` when that folder does not exist: name the variable."""
     import os
@@ -298,7 +323,7 @@ def check_overrides(cfg: Any, overrides: list[str]) -> None:
 
 
 CHECKS = (check_data_root, check_hub, check_trainer, check_moe, check_fusion, check_test_envs, check_learning_rates,
-          check_max_length, check_seeds, check_wandb)
+          check_max_length, check_seeds, check_wandb, check_moe_fields)
 
 
 def check_config(cfg: Any) -> None:
