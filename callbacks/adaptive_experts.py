@@ -93,5 +93,6 @@ class AdaptiveExpertsCallback(Callback):
             self.updates.append({"step": int(trainer.global_step), "router": i, **change})
             # the routing callback's key for the same fact (callbacks.stability): the latest pool size wins
             logged[f"routing/{names.get(id(r), f'moe{i}')}/active_experts"] = float(r.expert_mask.sum())
-        if self.log and logged:
-            pl_module.log_dict(logged, on_step=True, on_epoch=False, batch_size=1)
+        if self.log and logged:  # the routing callback's arguments for the same keys (Lightning refuses others)
+            pl_module.log_dict(logged, on_step=True, on_epoch=False, logger=True, batch_size=1,
+                               sync_dist=trainer.world_size > 1)
