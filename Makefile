@@ -4,9 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RMOE_DATA_DIR ?= $(abspath ../shared/data)
+ifeq ($(origin RMOE_DATA_DIR),file)
+# a run that needs it names the variable, this default and how to set it when the folder is missing
+export RMOE_DATA_DIR_ORIGIN := the Makefile's default, ../shared/data beside the clone
+endif
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install megablocks test test-slow test-gpu train lint bench sweep-smoke reproduce-small reproduce-glue reproduce-domainbed reproduce-ceiling reproduce-report clean
+.PHONY: help install megablocks test test-slow test-gpu train lint bench sweep-smoke reproduce-small reproduce-glue reproduce-domainbed reproduce-ceiling reproduce-report clean clean-runs
 
 help:  ## this list
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -66,5 +70,10 @@ reproduce-report: $(STAMP)  ## docs/RESULTS.md + docs/plots from docs/results al
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check rmoe tasks callbacks bench tests
 
-clean:  ## remove .venv and the run folders
-	rm -rf $(VENV) logs outputs multirun
+clean:  ## remove .venv and the caches (keeps the runs in logs/: make clean-runs removes them)
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './logs/*' -exec rm -rf {} +
+
+clean-runs:  ## remove every run folder (logs/, Hydra's outputs/ and multirun/): checkpoints and records included
+	@echo "removing $$(du -sh logs outputs multirun 2>/dev/null | awk '{printf "%s %s  ", $$2, $$1}')"
+	rm -rf logs outputs multirun

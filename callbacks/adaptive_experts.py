@@ -9,7 +9,8 @@ Modes:
 * ``every_step`` (DomainBed): record every batch and ``adapt()`` after every optimizer step
   (every ``accumulate_grad_batches`` batches), then open the next window.
 
-After each update the active expert count of each router is logged as ``moe/<i>/active_experts``.
+After each update the active expert count of each router is logged as ``routing/moe<j>/active_experts``, the
+routing callback's name for the same fact (``j``: the layer's position among the MoE layers).
 The recording window lives in router buffers, so it is saved in checkpoints.
 """
 
@@ -36,6 +37,13 @@ class AdaptiveExpertsCallback(Callback):
     @staticmethod
     def routers(pl_module: L.LightningModule) -> list[TopAnyRouter]:
         return [m for m in pl_module.modules() if isinstance(m, TopAnyRouter)]
+
+    @staticmethod
+    def layer_names(pl_module: L.LightningModule) -> dict[int, str]:
+        """``id(router) -> "moe<j>"``, ``j`` the layer's position among the MoE layers (callbacks.stability's names)."""
+        from rmoe import find_moe_layers
+
+        return {id(getattr(m, "router", None)): f"moe{j}" for j, (_, m) in enumerate(find_moe_layers(pl_module))}
 
     @staticmethod
     def window(num_batches: int) -> tuple[int, int]:
@@ -77,11 +85,14 @@ class AdaptiveExpertsCallback(Callback):
         if not do:
             return
         logged = {}
+        names = self.layer_names(pl_module)
         for i, r in enumerate(routers):
             if not bool(r.recording):
                 continue
             change = r.adapt()
             self.updates.append({"step": int(trainer.global_step), "router": i, **change})
-            logged[f"moe/{i}/active_experts"] = float(r.expert_mask.sum())
-        if self.log and logged:
-            pl_module.log_dict(logged, on_step=True, on_epoch=False, batch_size=1)
+            # the routing callback's key for the same fact (callbacks.stability): the latest pool size wins
+            logged[f"routing/{names.get(id(r), f'moe{i}')}/active_experts"] = float(r.expert_mask.sum())
+        if self.log and logged:  # the routing callback's arguments for the same keys (Lightning refuses others)
+            pl_module.log_dict(logged, on_step=True, on_epoch=False, logger=True, batch_size=1,
+                               sync_dist=trainer.world_size > 1)

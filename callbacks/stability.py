@@ -206,6 +206,9 @@ class RoutingStabilityCallback(Callback):
                 continue
             counts = self._reduce_sum(trainer, rec.tokens_per_expert.detach().double())
             vals = M.record_metrics(rec.replace(tokens_per_expert=counts), moe.cfg.top_k)
+            mask = getattr(getattr(moe, "router", None), "expert_mask", None)
+            if mask is not None and "active_experts" in vals:  # the pool now, after this step's adaptation: the
+                vals["active_experts"] = float(mask.bool().sum())  # value callbacks.adaptive_experts logs too
             for k, v in vals.items():
                 self._log(pl_module, f"routing/{name}/{k}", v, sync_dist=trainer.world_size > 1)
             tot = counts.sum().clamp_min(1)

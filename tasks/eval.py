@@ -14,8 +14,9 @@
   naming the difference.
 * **What it runs** (one device; ``trainer.devices=1``, no logger, no callbacks): the checkpoint's weights and
   buffers are loaded, then ``export=<folder>`` writes the ``save_pretrained``-style folder first (the state
-  as saved, :mod:`tasks.glue.export`); ``validate=true`` runs the validation loop over every validation
-  loader of the run -- dev (MNLI: matched and mismatched), the held-out slice (``data.heldout_samples``),
+  as saved; a dense model as a Hugging Face ``...ForSequenceClassification``, :mod:`tasks.glue.export`);
+  ``validate=true`` runs the validation loop over every validation loader of the run -- dev (MNLI: matched and
+  mismatched), the held-out slice (``data.heldout_samples``),
   DomainBed's in/out splits of every environment -- with the run's own ``trainer.limit_val_batches`` and
   batch sizes, so the best checkpoint's ``val/*`` metrics are the ones logged at its epoch; GLUE test files
   (``<glue_dir>/<Task>/test.tsv``) with labels add ``test/*`` metrics, and ``predict=true`` writes GLUE's
@@ -195,7 +196,7 @@ def evaluate(cfg: DictConfig, write: bool = True) -> dict[str, Any]:
     register_eval_resolvers()
     ckpt_path = cfg.get("ckpt_path")
     eval_dir = Path(cfg.get("eval_dir") or default_eval_dir(ckpt_path))
-    export, predict = cfg.get("export"), bool(cfg.get("predict"))
+    export, predict = cfg.get("export"), predict_mode(cfg.get("predict"))
     is_glue = str(OmegaConf.select(cfg, "data._target_", default="")).startswith("tasks.glue.")
     for key, value in (("predict", predict), ("export", export)):
         if value and not is_glue:
@@ -205,6 +206,8 @@ def evaluate(cfg: DictConfig, write: bool = True) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    if predict:
+        check_predict_inputs(predict, datamodule)  # before the model is built
     model = hydra.utils.instantiate(cfg.module, _convert_="all")
     ckpt = check_checkpoint(str(ckpt_path), model)
     if ckpt is None:
@@ -231,12 +234,16 @@ def evaluate(cfg: DictConfig, write: bool = True) -> dict[str, Any]:
         trainer.validate(model=model, datamodule=datamodule, verbose=False)
         record["metrics"].update(_float_metrics(trainer.callback_metrics))
     if is_glue:
-        from tasks.glue.predict import predict_test_sets
+        from tasks.glue.predict import predict_dev_sets, predict_test_sets
 
-        out = eval_dir.parent / PREDICTIONS_SUBDIR if predict else None
-        test_metrics, files = predict_test_sets(trainer, model, datamodule, out)
+        out = eval_dir.parent / PREDICTIONS_SUBDIR
+        test_metrics, files = predict_test_sets(trainer, model, datamodule, out if predict == "test" else None)
         record["metrics"].update(test_metrics)
         record["predictions"] = files
+        if predict == "dev":
+            record["predictions"].update(predict_dev_sets(trainer, model, datamodule, out))
+    if not any(k.startswith("test") for k in record["metrics"]):
+        record["no_test_metrics"] = no_test_metrics_reason(cfg, datamodule, is_glue)
     from callbacks.run_summary import git_commit, hydra_overrides
 
     record.update({"finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
@@ -246,6 +253,51 @@ def evaluate(cfg: DictConfig, write: bool = True) -> dict[str, Any]:
     return record
 
 
+PREDICT_MODES = {"false": None, "true": "test", "test": "test", "dev": "dev"}
+
+
+def predict_mode(value: Any) -> str | None:
+    """``predict=``: false (none), true/test (the GLUE test files' submission files), dev (the dev sets)."""
+    key = str(value).lower() if value is not None else "false"
+    if key not in PREDICT_MODES:
+        raise EvalConfigError(f"predict={value!r}; allowed: false, true|test (GLUE's submission files from "
+                              "<glue_dir>/<Task>/test.tsv), dev (predictions for every dev row)")
+    return PREDICT_MODES[key]
+
+
+def check_predict_inputs(mode: str, datamodule: Any) -> None:
+    """``predict=test`` needs every test file of the task (GLUE's test layout) under ``data.glue_dir``;
+    ``predict=dev`` every dev row (``data.max_eval_samples=null``)."""
+    from tasks.glue.predict import find_test_files, glue_test_splits
+
+    task = datamodule.task
+    if mode == "dev":
+        if getattr(datamodule, "max_eval_samples", None) is not None:
+            raise EvalConfigError(f"predict=dev with data.max_eval_samples={datamodule.max_eval_samples} (a subset of "
+                                  "the dev rows); allowed: data.max_eval_samples=null")
+        return
+    if len(find_test_files(datamodule.glue_dir, task)) == len(glue_test_splits(task)):
+        return
+    where = (f"{datamodule.glue_dir}/{task.dir_name}/" if datamodule.glue_dir else "the hub dataset (no test files)")
+    raise EvalConfigError(
+        f"predict=true: no GLUE test file {', '.join(s.stem + '.tsv' for s in glue_test_splits(task))} in {where} "
+        f"(data.glue_dir={datamodule.glue_dir!r}; the offline data has none); allowed: predict=dev (predictions for "
+        f"the dev set), or data.glue_dir=<folder with {task.dir_name}/{glue_test_splits(task)[0].stem}.tsv in "
+        "GLUE's test layout>")
+
+
+def no_test_metrics_reason(cfg: DictConfig, datamodule: Any, is_glue: bool) -> str:
+    """Why an evaluation has no ``test/*`` metric (printed by rmoe-eval and by ``test=true``)."""
+    if is_glue:
+        task = datamodule.task
+        return (f"no labelled GLUE test file under data.glue_dir={datamodule.glue_dir!r} ({task.dir_name}/test.tsv "
+                "with a label column gives test/* metrics; GLUE's own test labels are not public): the metrics are "
+                "the dev set's (val/*) and the held-out slice's")
+    envs = OmegaConf.select(cfg, "data.test_envs", default=None)
+    return (f"DomainBed: the test environments (data.test_envs={OmegaConf.to_container(envs) if envs else envs}) are "
+            "evaluated with every environment's in/out splits among the val metrics, not as test/*")
+
+
 def print_record(record: dict[str, Any], file: Any = None) -> None:
     """The metrics, one per line, then the files written."""
     file = file or sys.stdout
@@ -253,6 +305,8 @@ def print_record(record: dict[str, Any], file: Any = None) -> None:
     width = max((len(k) for k in record["metrics"]), default=0)
     for k in sorted(record["metrics"]):
         print(f"  {k:<{width}}  {record['metrics'][k]:.6g}", file=file)
+    if record.get("no_test_metrics"):
+        print(f"  (no test metrics: {record['no_test_metrics']})", file=file)
     for what, path in [("metrics", record.get("path")), ("export", record.get("export")),
                        *[(f"predictions {n}", p) for n, p in record.get("predictions", {}).items()]]:
         if path:
@@ -263,11 +317,18 @@ def print_record(record: dict[str, Any], file: Any = None) -> None:
 def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from tasks.run.console import route_lightning_logs
+
+    route_lightning_logs()  # each Lightning line once (Hydra's job logging prints them)
     hc = HydraConfig.get()
     injected = set(run_choice_overrides(cfg.ckpt_path)) if cfg.get("run_config") == "auto" else set()
     overrides = [o for o in hc.overrides.task if o not in injected]
-    run_cfg = eval_config(cfg, overrides, set(hc.runtime.choices))
-    record = evaluate(run_cfg)
+    try:
+        run_cfg = eval_config(cfg, overrides, set(hc.runtime.choices))
+        record = evaluate(run_cfg)
+    except EvalConfigError as e:
+        print(f"rmoe-eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print_record(record)
     return record["metrics"].get("val/score")
 

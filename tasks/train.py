@@ -18,6 +18,8 @@ so targets receive plain dicts/lists):
   Python/NumPy/torch (and dataloader workers); ``ckpt_path`` resumes; ``test=true`` evaluates the best
   checkpoint after fitting, as ``rmoe-eval`` does (:func:`tasks.eval.evaluate`, ``<run>/eval/<ckpt>.json``);
   ``train=false`` is refused naming ``train``/``ckpt_path`` (evaluating a checkpoint is ``rmoe-eval``'s job).
+* Runs shorter than ``trainer.log_every_n_steps`` or than one epoch (``max_steps``) still log and validate:
+  :class:`tasks.run.short_runs.ShortRunCallback`, always added.
 * ``init_from`` (``init_from=<ckpt>``): start a new run from another checkpoint's weights
   only (fine-tuning; no identity check, nothing else taken over).
 * ``paths.output_dir`` is the run folder (Hydra's output dir; set it yourself when composing a
@@ -38,7 +40,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from tasks.run.common import register_resolvers
@@ -52,6 +53,8 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 def instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
     """Instantiate every ``{_target_: ...}`` entry of a callbacks/logger mapping, in order."""
+    import hydra
+
     out: list[Any] = []
     if not group:
         return out
@@ -79,6 +82,7 @@ def finish_wandb() -> None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Instantiate datamodule, module, callbacks, loggers and trainer from ``cfg``; fit (and test)."""
+    import hydra
     import lightning as L
 
     from tasks.run.checks import check_config
@@ -97,6 +101,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         from tasks.run.console import drop_disabled_progress_bar
 
         callbacks = drop_disabled_progress_bar(callbacks, bool(cfg.trainer.get("enable_progress_bar", True)))
+        from tasks.run.short_runs import ShortRunCallback
+
+        callbacks.append(ShortRunCallback())  # runs shorter than log_every_n_steps / one epoch log and validate
+        from tasks.run.tb_hparams import HparamsSessionCallback
+
+        callbacks.append(HparamsSessionCallback(OmegaConf.to_container(cfg, resolve=True)))  # TensorBoard's HPARAMS
         from tasks.run.wandb_utils import auto_offline
 
         auto_offline(cfg)  # W&B offline when there is no API key or the host is unreachable
@@ -183,6 +193,8 @@ def evaluate_best_checkpoint(cfg: DictConfig, trainer: Any) -> dict[str, Any] | 
         ecfg.eval_dir = str(Path(cfg.paths.output_dir) / "eval")
     record = evaluate(ecfg)
     log.info("test=true: evaluated %s -> %s", best, record.get("path"))
+    if record.get("no_test_metrics"):
+        log.warning("test=true: no test metrics were computed: %s", record["no_test_metrics"])
     return record
 
 
@@ -209,11 +221,12 @@ def _start_job(cfg: DictConfig, out_dir: str) -> bool:
 
 
 def _announce(cfg: DictConfig, out_dir: str) -> None:
-    """Rank 0, at the start of a job: the resolved config as a tree (saved as
-    ``<run>/config_resolved.yaml``) and the run header (method, variant, seed, folder)."""
+    """Rank 0, at the start of a job: the resolved config as a tree (``print_config=false``: not printed; saved as
+    ``<run>/config_resolved.yaml`` either way) and the run header (method, variant, seed, folder)."""
     from tasks.run.console import print_config_tree, run_header, save_resolved_config
 
-    print_config_tree(cfg)
+    if cfg.get("print_config", True):
+        print_config_tree(cfg)
     save_resolved_config(cfg, out_dir)
     print("\n".join(run_header(cfg, out_dir)), flush=True)
 
@@ -229,20 +242,45 @@ def _attempt(cfg: DictConfig, event: str, **extra: Any) -> dict[str, Any]:
             **extra}
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> float | None:
+DATA_ERRORS = ("GlueDataError", "DomainBedDataError")
+
+
+def _data_error(e: BaseException) -> BaseException | None:
+    """The GLUE/DomainBed data error (a missing or malformed file) behind ``e`` (Hydra wraps instantiation errors)."""
+    seen = 0
+    while e is not None and seen < 5:
+        if type(e).__name__ in DATA_ERRORS:
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _job(cfg: DictConfig) -> float | None:
     """One job of ``rmoe-train``: train one configuration; returns ``cfg.optimized_metric`` for sweepers.
 
     Rank 0 locks the run folder (:mod:`tasks.run.run_folder`) and, on success, writes ``<run>/done``
     (:mod:`tasks.run.jobs`); ``skip_if_done=true`` skips a job whose folder already has it and clears an
     unfinished one first. Each attempt is listed in ``<run>/attempts.jsonl``."""
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from tasks.run.checks import ConfigError, check_config, check_overrides
+
+    try:  # before the run folder is touched, and before torch/Lightning are imported
+        check_config(cfg)
+        check_overrides(cfg, list(HydraConfig.get().overrides.task))
+    except ConfigError as e:
+        if HydraConfig.get().mode != RunMode.RUN:
+            raise  # a multirun records the failed job and goes on
+        print(f"rmoe-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
     from tasks.run import jobs
-    from tasks.run.checks import check_config
     from tasks.run.console import route_lightning_logs
     from tasks.run.run_folder import acquire_lock, append_attempt, release_lock
 
     route_lightning_logs()  # Hydra's job logging prints Lightning's records: once
-    check_config(cfg)  # before the run folder is touched
     out_dir = cfg.get("paths", {}).get("output_dir")
     name = cfg.get("optimized_metric")
     owner = bool(out_dir) and jobs.is_rank_zero()
@@ -261,6 +299,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         except BaseException as e:
             if owner:
                 append_attempt(out_dir, _attempt(cfg, "failed", error=f"{type(e).__name__}: {e}"[:2000]))
+            data_error = _data_error(e)
+            if data_error is not None and HydraConfig.get().mode == RunMode.RUN:
+                print(f"rmoe-train: error: {data_error}", file=sys.stderr)  # the message names key, file, fix
+                sys.exit(2)
             raise
         trainer = objects.get("trainer")
         if out_dir and (trainer.is_global_zero if trainer is not None else jobs.is_rank_zero()):
@@ -286,10 +328,13 @@ def main() -> None:
     import sys
 
     from tasks.run import jobs
-    from tasks.run.cli import complete_nested
+    from tasks.run.cli import complete_nested, fast_help, wants_fast_help
     from tasks.run.run_folder import RunFolderError, acquire_lock, plan_from_argv, release_lock
 
     if complete_nested(sys.argv[1:], CONF_DIR):  # shell completion of task= / experiment=
+        return
+    if wants_fast_help(sys.argv[1:]):  # Hydra's help page, without its seconds of group listing
+        print(fast_help(CONF_DIR))
         return
     register_resolvers()
     stage = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1].strip("'\"") for a in sys.argv[1:]
@@ -309,9 +354,21 @@ def main() -> None:
         except RunFolderError as e:
             print(f"rmoe-train: error: {e}", file=sys.stderr)
             sys.exit(1)
+    import hydra  # not before: --help and completion answer without it
+
+    from tasks.run.cli import StderrTail, did_you_mean
+
+    tail = StderrTail.install()
     try:
-        _hydra_main()
+        hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")(_job)()
+    except SystemExit as e:
+        if e.code == 1:
+            hint = did_you_mean(tail.text(), sys.argv[1:], CONF_DIR)
+            if hint:
+                print(hint, file=sys.stderr)
+        raise
     finally:
+        tail.uninstall()
         if held:
             release_lock(held)
 

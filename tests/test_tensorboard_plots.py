@@ -34,13 +34,13 @@ def run(tmp_path_factory):
         cfg = compose("train", overrides=TINY)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
-    train(cfg)
+    metrics, _ = train(cfg)
     events = glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))
     assert len(events) == 1, events
     ea = EventAccumulator(events[0], size_guidance={"images": 0, "scalars": 0})
     ea.Reload()
     pngs = {os.path.basename(p)[:-4]: p for p in glob.glob(str(out / "plots" / "*.png"))}
-    return {"out": out, "ea": ea, "pngs": pngs, "record": read_run(str(out))}
+    return {"out": out, "ea": ea, "pngs": pngs, "record": read_run(str(out)), "metrics": metrics}
 
 
 def _pixels(path_or_bytes) -> np.ndarray:
@@ -103,3 +103,24 @@ def test_the_records_name_the_domains_and_the_test_domain(run):
 def test_redraw_of_a_folder_without_summary_is_an_error_naming_it(tmp_path, capsys):
     assert plots_main([str(tmp_path)]) == 1
     assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_hparams_tab_has_the_config_and_the_final_metrics(run):
+    """The hparams plugin data (what TensorBoard's HPARAMS tab reads): the flattened config as the session's
+    hyperparameters, the run's final metrics as its metrics, each with a scalar whose last value is the final one."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    ea, metrics = run["ea"], run["metrics"]
+    content = ea.PluginTagToContent("hparams")
+    data = {tag: plugin_data_pb2.HParamsPluginData.FromString(raw) for tag, raw in content.items()}
+    kinds = {d.WhichOneof("data") for d in data.values()}
+    assert kinds == {"experiment", "session_start_info", "session_end_info"}
+    start = next(d.session_start_info for d in data.values() if d.WhichOneof("data") == "session_start_info")
+    assert start.hparams["moe/name"].string_value == "rmoe"
+    assert start.hparams["trainer/max_steps"].number_value == 7
+    assert start.hparams["data/test_envs"].string_value == "[0]"
+    exp = next(d.experiment for d in data.values() if d.WhichOneof("data") == "experiment")
+    names = {m.name.tag for m in exp.metric_infos}
+    assert "val/score_best" in names and "routing/moe0/load_cv" in names and names == set(metrics)
+    for tag in ("val/score_best", "routing/moe0/load_cv"):
+        assert ea.Scalars(tag)[-1].value == pytest.approx(metrics[tag], rel=1e-6)

@@ -346,6 +346,7 @@ def test_run_carries_project_group_tags_and_the_resolved_config(offline_run):
     run = [r.run for r in offline_run["records"] if r.WhichOneof("record_type") == "run"][0]
     # a debug=fast run: task_name (and so the W&B group) is debug/<task>
     assert (run.project, run.run_group, run.job_type) == ("rmoe", "debug/cola", "train")
+    assert run.display_name == "rmoe-seed0"  # <variant>-seed<seed>, not W&B's random name
     assert list(run.tags) == ["offline_test"]
     config = config_updates(offline_run["records"])
     assert config["task_name"] == "debug/cola"
@@ -354,3 +355,23 @@ def test_run_carries_project_group_tags_and_the_resolved_config(offline_run):
     assert "${" not in json.dumps(config)
     exits = [r.exit for r in offline_run["records"] if r.WhichOneof("record_type") == "exit"]
     assert len(exits) == 1 and exits[0].exit_code == 0
+
+
+def test_multirun_jobs_are_named_by_variant_seed_and_job_and_grouped_by_sweep(tmp_path):
+    """In a multirun job (Hydra's config of the job set as Hydra sets it), the W&B name and group resolve from
+    the variant, the seed, the job number and the sweep folder; a single run keeps task_name as its group."""
+    from hydra.core.hydra_config import HydraConfig
+
+    sweep = tmp_path / "logs" / "glue" / "rte" / "multiruns" / "2026-12-07_21-00-00_000001"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=["task=glue/rte", "logger=wandb", "variant=rmoe_nofusion", "moe.fusion=null",
+                                 "seed=2", "hydra.mode=MULTIRUN", "hydra.job.num=5", f"hydra.sweep.dir={sweep}"])
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert cfg.logger.wandb.name == "rmoe_nofusion-seed2-job5"
+        assert cfg.logger.wandb.group == "glue/rte/2026-12-07_21-00-00_000001"
+    finally:
+        HydraConfig.instance().cfg = None
+    assert not HydraConfig.initialized()
+    assert cfg.logger.wandb.name == "rmoe_nofusion-seed2" and cfg.logger.wandb.group == "glue/rte"

@@ -177,3 +177,36 @@ def predict_test_sets(trainer: Any, model: Any, datamodule: Any, out_dir: str | 
             values = preds.tolist()
             written[split.name] = str(write_submission(Path(out_dir) / f"{split.name}.tsv", task, raw["index"], values))
     return metrics, written
+
+
+def dev_prediction_names(task: GlueTask) -> tuple[str, ...]:
+    """The dev prediction files' names, one per dev split (``RTE-dev``; MNLI: ``MNLI-m-dev``, ``MNLI-mm-dev``)."""
+    return tuple(f"{s.name}-dev" for s in glue_test_splits(task))[: len(task.val_splits)]
+
+
+def predict_dev_sets(trainer: Any, model: Any, datamodule: Any, out_dir: str | os.PathLike) -> dict[str, str]:
+    """``predict=dev``: the predictions for every dev row (MNLI: matched and mismatched), in the dev file's order,
+    as ``<out_dir>/<Name>-dev.tsv`` with the header ``index<TAB>prediction<TAB>label`` (``index``: the row's
+    position in the dev file, from 0; prediction and label in the submission format). Returns ``{name: path}``."""
+    import torch
+
+    task = datamodule.task
+    written: dict[str, str] = {}
+    loaders = datamodule.val_dataloader()
+    for k, name in enumerate(dev_prediction_names(task)):
+        ds = datamodule.val_sets[k]
+        preds = torch.cat([p.cpu() for p in trainer.predict(model, dataloaders=loaders[k])]).tolist()
+        labels = list(ds["labels"])
+        if len(preds) != len(labels):
+            raise RuntimeError(f"{name}: {len(preds)} predictions for {len(labels)} dev rows "
+                               "(trainer.limit_predict_batches must be 1.0)")
+        path = Path(out_dir) / f"{name}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write("index\tprediction\tlabel\n")
+            for i, (p, y) in enumerate(zip(preds, labels)):
+                f.write(f"{i}\t{format_prediction(task, p)}\t{format_prediction(task, y)}\n")
+        os.replace(tmp, path)
+        written[name] = str(path)
+    return written

@@ -21,7 +21,18 @@ the key, the value and what is allowed:
 * ``logger.wandb.mode``: null | online | offline | disabled;
 * ``variant``: a name ending in ``_released`` (the released-code variants, SPEC §9) needs some ``moe.released``
   switch on (``moe=rmoe_released`` / ``moe=dynmoe_released`` set them), or the run would compute the paper's
-  equations under the released code's name.
+  equations under the released code's name;
+* ``data.glue_dir`` / ``data.root`` derived from an ``RMOE_DATA_DIR`` that is not a folder (the Makefile's
+  default ``../shared/data`` beside a fresh clone): the message names the variable and its value;
+* a Hugging Face hub backbone or dataset on a machine that cannot reach the hub and has no cached copy
+  (:mod:`tasks.run.hub`: one TCP probe, seconds, instead of minutes of retries deep in ``from_pretrained``);
+* ``moe.fusion``: null or every Stateful Fusion key (``beta``, ``agg``, ``update_in_eval``, ``mix_alpha``): a
+  partial mapping comes from ``+moe.fusion.<key>=...`` on a protocol with fusion off, which would switch fusion
+  on with defaults for the keys not given, under the method's own name;
+* the MoE layer's fields as :class:`rmoe.MoEConfig` checks them (``moe.num_experts=0``, an unknown router ...),
+  before the config is printed (:func:`check_moe_fields`, last: it imports ``rmoe``, hence torch);
+* an override of ``moe.top_k`` (:func:`check_overrides`, from the command line) for a router that does not read
+  it (``topany``, ``expert_choice``).
 
 (λ's ``lambda_min <= lambda_max`` and the phase checks live with the schedules in ``rmoe``.)
 """
@@ -61,6 +72,8 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 def _has(cfg: Any, key: str) -> bool:
     sentinel = object()
+    if isinstance(cfg, DictConfig):  # without resolving the node (it may name Hydra's runtime)
+        return OmegaConf.select(cfg, key, default=sentinel, throw_on_missing=False) is not sentinel
     return _get(cfg, key, sentinel) is not sentinel
 
 
@@ -233,6 +246,86 @@ def check_wandb(cfg: Any) -> None:
                                          "offline) | online | offline | disabled")
 
 
+FUSION_KEYS = ("beta", "agg", "update_in_eval", "mix_alpha")
+
+
+def check_fusion(cfg: Any) -> None:
+    fusion = _get(cfg, "moe.fusion")
+    if fusion is None or fusion is False or not isinstance(fusion, Mapping):
+        return  # rmoe.FusionConfig names any other bad value
+    missing = [k for k in FUSION_KEYS if k not in fusion]
+    if missing:
+        _fail("moe.fusion", dict(fusion), "null, or every key of Stateful Fusion (moe.fusion={beta: 0.99, agg: "
+              "sum, update_in_eval: false, mix_alpha: 1.0}, named by a variant, e.g. variant=rmoe_fusion), or a "
+              "task whose protocol has fusion on (GLUE: task=glue/rte moe.fusion.beta=0.9)",
+              f"missing {', '.join(missing)}: this protocol has fusion off, and +moe.fusion.<key> would switch it on "
+              f"with defaults for the rest under the method's own name")
+
+
+def check_moe_fields(cfg: Any) -> None:
+    """The MoE layer's fields (``moe.num_experts``, ``moe.router``, ...) as :class:`rmoe.MoEConfig` validates them
+    when the model is built -- here, before the config is printed and anything is built (imports ``rmoe``)."""
+    moe = _get(cfg, "moe")
+    if not isinstance(moe, Mapping) or moe.get("router") is None:
+        return
+    from tasks.run.common import split_moe_config
+
+    _, _, layer_cfg = split_moe_config(moe, _get(cfg, "backend.name"))
+    if layer_cfg is None:
+        return
+    from rmoe.config import ConfigError as MoEConfigError
+    from rmoe.config import MoEConfig
+
+    fields = dict(layer_cfg)
+    if fields.get("activation") is None:
+        fields["activation"] = "gelu"  # the backbone's own activation is filled in when the model is built
+    try:
+        MoEConfig.from_dict(fields)
+    except MoEConfigError as e:
+        raise ConfigError(str(e).replace("invalid MoE config: ", "invalid config: moe.", 1)) from None
+
+
+def check_data_root(cfg: Any) -> None:
+    """A data folder derived from ``RMOE_DATA_DIR`` when that folder does not exist: name the variable."""
+    import os
+
+    root = os.environ.get("RMOE_DATA_DIR")
+    if not root or os.path.isdir(root):
+        return
+    for key in ("data.glue_dir", "data.root"):
+        value = _get(cfg, key)
+        if isinstance(value, str) and os.path.abspath(value).startswith(os.path.abspath(root) + os.sep):
+            origin = os.environ.get("RMOE_DATA_DIR_ORIGIN")
+            raise ConfigError(
+                f"invalid config: RMOE_DATA_DIR={root!r} is not a folder{f' ({origin})' if origin else ''}, and "
+                f"{key}={value!r} comes from it; allowed: RMOE_DATA_DIR=<the data folder> (glue/<Task>/*.tsv, "
+                f"mnist/MNIST/raw/), e.g. make train RMOE_DATA_DIR=/path/to/data, or {key}=<a folder>")
+
+
+def check_hub(cfg: Any) -> None:
+    from tasks.run.hub import HubUnreachable, preflight
+
+    try:
+        preflight(cfg)
+    except HubUnreachable as e:
+        raise ConfigError(f"invalid config: {e}") from None
+
+
+def check_overrides(cfg: Any, overrides: list[str]) -> None:
+    """Checks on what the command line set: ``moe.top_k`` for a router that ignores it."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    router = _get(cfg, "moe.router")
+    if "moe.top_k" in keys and isinstance(router, str):
+        from rmoe.registry import ROUTERS  # torch: only when top_k was set
+
+        if router in ROUTERS and not getattr(ROUTERS[router], "uses_top_k", True):
+            _fail("moe.top_k", _get(cfg, "moe.top_k"), f"no moe.top_k override with moe.router={router} "
+                  f"(moe={_get(cfg, 'moe.name')}); routers that read it: "
+                  f"{'|'.join(n for n in ROUTERS.names() if getattr(ROUTERS[n], 'uses_top_k', True))}",
+                  f"the {router} router ignores top_k (a token activates as many experts as its gates choose)"
+                  if router == "topany" else f"the {router} router ignores top_k (experts choose their tokens)")
+
+
 def check_variant(cfg: Any) -> None:
     variant, moe = _get(cfg, "variant"), _get(cfg, "moe")
     if not (isinstance(variant, str) and variant.endswith("_released") and isinstance(moe, Mapping)):
@@ -244,8 +337,8 @@ def check_variant(cfg: Any) -> None:
               "equations under the released code's name")
 
 
-CHECKS = (check_trainer, check_moe, check_test_envs, check_learning_rates, check_max_length, check_seeds,
-          check_wandb, check_variant)
+CHECKS = (check_data_root, check_hub, check_trainer, check_moe, check_fusion, check_test_envs, check_learning_rates,
+          check_max_length, check_seeds, check_wandb, check_variant, check_moe_fields)
 
 
 def check_config(cfg: Any) -> None:

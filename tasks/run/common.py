@@ -5,6 +5,8 @@ resolving a config; tests call it from ``conftest.py``):
 
 * ``${rmoe_data:<sub>}`` -> ``$RMOE_DATA_DIR/<sub>``, or null when ``RMOE_DATA_DIR`` is unset.
 * ``${rmoe_join:<list>}`` -> the items joined by ``-`` (``[0, 2]`` -> ``0-2``; job folder names).
+* ``${rmoe_wandb_name:<variant>,<seed>}``, ``${rmoe_wandb_group:<task_name>}``: W&B run names and groups
+  (:mod:`tasks.run.wandb_utils`).
 * ``${rmoe_seed_hash:<dataset>,<algorithm>,<test_envs>,<hparams_seed>,<trial_seed>}`` -> DomainBed's
   training seed of a sweep job, ``misc.seed_hash(dataset, algorithm, test_envs, hparams_seed, trial_seed)``
   (md5 of ``str`` of that tuple, mod 2**31), with DomainBed's argument types: two strings, a list of
@@ -16,11 +18,13 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import OmegaConf
-from torch import nn
+
+if TYPE_CHECKING:  # torch is imported where it is used: rmoe-train --help and config errors stay fast
+    import torch
+    from torch import nn
 
 PKG_PREFIX = "pkg:"
 
@@ -55,6 +59,11 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("rmoe_join", _join)
     if not OmegaConf.has_resolver("rmoe_seed_hash"):
         OmegaConf.register_new_resolver("rmoe_seed_hash", _domainbed_seed)
+    if not OmegaConf.has_resolver("rmoe_wandb_name"):
+        from tasks.run.wandb_utils import wandb_group, wandb_run_name
+
+        OmegaConf.register_new_resolver("rmoe_wandb_name", wandb_run_name)
+        OmegaConf.register_new_resolver("rmoe_wandb_group", wandb_group)
 
 
 
@@ -96,6 +105,8 @@ def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_step
         if step < warm:
             return (step + 1) / warm
         return max(0.0, (total - step) / max(total - warm, 1))
+
+    import torch
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -47,6 +47,14 @@ def step_based(trainer: Any) -> bool:
     return isinstance(max_steps, int) and max_steps > 0 and max_epochs in (None, -1)
 
 
+def epoch_description(current_epoch: int, max_epochs: int | None) -> str:
+    """``Epoch 1 (of 2)``: the epoch index as the records write it (``metrics.csv``'s ``epoch``, ``best_epoch001``,
+    the summary's "at epoch 1"), out of the number of epochs -- not Lightning's ``Epoch 1/1`` (index / last index)."""
+    if max_epochs is None or max_epochs < 0:
+        return f"Epoch {current_epoch}"
+    return f"Epoch {current_epoch} (of {max_epochs})"
+
+
 class _StepDisplay:
     """Shared by both bars: steps out of ``max_steps`` for step-based runs; no ``v_num``."""
 
@@ -75,8 +83,9 @@ class StepTQDMProgressBar(_StepDisplay, TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer: Any, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
-        if step_based(trainer) and self.is_enabled:
-            self.train_progress_bar.set_description("Step")
+        if self.is_enabled:
+            self.train_progress_bar.set_description(
+                "Step" if step_based(trainer) else epoch_description(trainer.current_epoch, trainer.max_epochs))
 
 
 def _rich_bar_class() -> type | None:
@@ -94,7 +103,8 @@ def _rich_bar_class() -> type | None:
         def _get_train_description(self, current_epoch: int) -> str:
             if step_based(self.trainer):
                 return f"{'Step':{len(self.validation_description)}}"
-            return super()._get_train_description(current_epoch)
+            text = epoch_description(current_epoch, self.trainer.max_epochs)
+            return f"{text:{len(self.validation_description)}}"
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             # give stdout back before the module prints its summary at on_fit_end (the live console would
@@ -225,15 +235,20 @@ def config_tree(cfg: DictConfig) -> Any:
     return tree
 
 
-def print_config_tree(cfg: DictConfig) -> None:
-    """Print :func:`config_tree` to stdout (Rich: colours on a terminal, lines wrapped at its width)."""
-    tree = config_tree(cfg)
+def print_config_tree(cfg: DictConfig, file: Any = None) -> None:
+    """Print :func:`config_tree` (Rich: colours, lines wrapped at the terminal's width) on a terminal; off a
+    terminal (a pipe, a Slurm log) the plain resolved YAML, every line whole (Rich would cut lines at 80 columns
+    without a mark)."""
+    import sys
+
+    file = file or sys.stdout
+    tree = config_tree(cfg) if file.isatty() else OmegaConf.to_yaml(OmegaConf.create(resolved_config(cfg)))
     if isinstance(tree, str):
-        print(tree, end="", flush=True)
+        print(tree, end="", file=file, flush=True)
         return
     from rich.console import Console
 
-    Console().print(tree)
+    Console(file=file).print(tree)
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ null and ``logger.<name>.offline`` false) it sets ``mode: offline`` when
 
 and logs one warning line saying why. After the run is finished, :func:`print_sync_command` prints
 ``wandb sync <offline run dir>``.
+
+Run names and groups (``conf/logger/wandb.yaml``, resolvers ``rmoe_wandb_name`` / ``rmoe_wandb_group``):
+a run is named ``<variant>-seed<seed>`` (a multirun job: ``-job<n>`` appended, its number in the sweep) and
+grouped by ``task_name`` (a multirun: ``<task_name>/<sweep folder name>``, so each sweep is one group in the UI).
 """
 
 from __future__ import annotations
@@ -157,3 +161,26 @@ def print_sync_command(run_dir: str | None) -> str | None:
     cmd = f"wandb sync {run_dir}"
     print(f"W&B offline run saved; upload it with: {cmd}", flush=True)
     return cmd
+
+
+def _hydra_multirun() -> Any:
+    """Hydra's config of the running multirun job, or None (a single run, or no Hydra: ``train(cfg)`` in tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return hc if str(hc.mode) in ("RunMode.MULTIRUN", "MULTIRUN") else None
+
+
+def wandb_run_name(variant: Any, seed: Any) -> str:
+    """``<variant>-seed<seed>``, ``-job<n>`` appended in a multirun (module docstring)."""
+    hc = _hydra_multirun()
+    name = f"{variant}-seed{seed}"
+    return f"{name}-job{hc.job.num}" if hc is not None and hc.job.get("num") is not None else name
+
+
+def wandb_group(task_name: Any) -> str:
+    """``task_name``; in a multirun ``<task_name>/<sweep folder name>`` (module docstring)."""
+    hc = _hydra_multirun()
+    return f"{task_name}/{Path(str(hc.sweep.dir)).name}" if hc is not None else str(task_name)

@@ -141,7 +141,7 @@ def test_glue_progress_bar_metrics_and_summary(tmp_path, data_dir, capsys):
 @pytest.mark.parametrize("make_bar", [lambda: progress_bar(), lambda: StepTQDMProgressBar()], ids=["auto", "tqdm"])
 def test_step_based_bar_counts_optimizer_steps(tmp_path, make_bar):
     """max_steps=3 with 2 accumulated batches per step: the bar reads 3/3 steps (6 batches ran), described
-    as steps; an epoch-based run keeps Lightning's "Epoch e/E" over the batches."""
+    as steps; an epoch-based run reads "Epoch e (of E)" over the batches (e: the records' epoch index)."""
     bar = make_bar()
     trainer = L.Trainer(max_steps=3, max_epochs=-1, accumulate_grad_batches=2, callbacks=[bar], logger=False,
                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
@@ -160,10 +160,11 @@ def test_step_based_bar_counts_optimizer_steps(tmp_path, make_bar):
     trainer.fit(BoringModel())
     if isinstance(bar, StepTQDMProgressBar):
         assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (5, 5)
-        assert bar.train_progress_bar.desc.startswith("Epoch 1")
+        assert bar.train_progress_bar.desc.startswith("Epoch 1 (of 2)")
     else:
         task = bar.progress.tasks[bar.train_progress_bar_id]
-        assert (task.completed, task.total) == (5, 5) and "Epoch 1/1" in task.description
+        assert (task.completed, task.total) == (5, 5) and "Epoch 1 (of 2)" in task.description
+        assert "Epoch 1/1" not in task.description  # Lightning's index / last index read as "the last of 1"
 
 
 def test_fresh_csv_logger_warns_only_when_it_replaces_metrics(tmp_path, caplog):

@@ -291,3 +291,33 @@ def test_read_glue_test_files_in_glues_layouts(tmp_path):
     bad.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n", encoding="utf-8")
     with pytest.raises(GlueDataError, match=r"rte.tsv:2: malformed row: label='maybe'; allowed: entailment\|"):
         read_glue_test_tsv(str(bad), get_task("rte"))
+
+
+# --- predict without a test file, dev-set predictions, saying when there are no test metrics ----------------
+def test_predict_true_without_a_test_file_is_one_clear_line(run):
+    r = cli("rmoe-eval", "tasks.eval", [f"ckpt_path={best_ckpt(run)}", "predict=true"], run.parent)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = next(ln for ln in r.stderr.splitlines() if ln.startswith("rmoe-eval: error:"))
+    assert "predict=true: no GLUE test file test.tsv in" in line and "allowed: predict=dev" in line
+
+
+def test_predict_dev_writes_every_dev_rows_prediction_and_label(run):
+    ckpt = best_ckpt(run)
+    r = cli("rmoe-eval", "tasks.eval", [f"ckpt_path={ckpt}", "predict=dev", "trainer.limit_val_batches=1.0",
+                                        f"eval_dir={run / 'eval_dev'}"], run.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = run / "predictions" / "RTE-dev.tsv"
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    with open(os.path.join(os.environ["RMOE_DATA_DIR"], "glue", "RTE", "dev.tsv"), encoding="utf-8") as f:
+        dev = [ln.split("\t") for ln in f.read().splitlines()[1:] if ln.strip()]
+    assert rows[0] == ["index", "prediction", "label"] and len(rows) - 1 == len(dev) == 277
+    assert [r[0] for r in rows[1:]] == [str(i) for i in range(len(dev))]
+    assert [r[2] for r in rows[1:]] == [d[3] for d in dev]  # the dev file's own labels, in its order
+    rec = json.loads((run / "eval_dev" / f"{ckpt.stem}.json").read_text())
+    acc = sum(r[1] == r[2] for r in rows[1:]) / len(dev)
+    assert acc == pytest.approx(rec["metrics"]["val/acc"], abs=1e-6)  # the full dev pass's accuracy
+    assert rec["predictions"] == {"RTE-dev": str(path)}
+    assert "no labelled GLUE test file" in rec["no_test_metrics"] and "(no test metrics:" in r.stdout
+    out = (r.stdout + r.stderr).splitlines()
+    assert sum("GPU available:" in ln for ln in out) == 1  # each Lightning line once
