@@ -39,7 +39,7 @@ def test_help_is_fast_and_imports_no_torch():
 
 def test_completion_imports_no_torch():
     proc, _, _, imported = rmoe_train("-sc", "query=bash", env={"COMP_LINE": "rmoe-train moe=rm"})
-    assert proc.returncode == 0 and proc.stdout.split() == ["moe=rmoe"]
+    assert proc.returncode == 0 and proc.stdout.split() == ["moe=rmoe", "moe=rmoe_released"]
     assert "torch" not in imported
 
 
