@@ -32,7 +32,7 @@ SELECTION_KEYS = frozenset({"module.lr", "data.hparams_seed"})
 BOOKKEEPING_KEYS = frozenset({"ckpt_path", "init_from", "skip_if_done", "tags", "logger", "data.root", "study_version",
                               "data.glue_dir", "data.num_workers", "trainer.devices", "trainer.accelerator",
                               "trainer.enable_progress_bar"})
-BOOKKEEPING_PREFIXES = ("paths.", "hydra.", "logger.", "wandb.")
+BOOKKEEPING_PREFIXES = ("paths.", "hydra.", "logger.", "wandb.", "resume.")
 _UNSET = object()
 
 Config = tuple[tuple[str, str], ...]

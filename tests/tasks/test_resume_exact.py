@@ -155,7 +155,9 @@ def kill_then_resume(tmp_path, args, kill_step, where="train"):
     saved = torch.load(ckpt, weights_only=False)
     assert not (run / "done").exists() and (run / ".rmoe.lock").exists()  # the killed run's lock is stale
     killed_rows = csv_rows(run / "metrics.csv")
-    run_train(run, [*args, f"ckpt_path={ckpt}"], in_place=True)  # no hydra.run.dir: continues in `run`
+    # no hydra.run.dir: continues in `run`, with the run's own config less the kill callback (allowed)
+    run_train(run, [*args, f"ckpt_path={ckpt}", "~callbacks.kill", "resume.allow_changes=[callbacks.kill]"],
+              in_place=True)
     assert (run / "done").is_file() and not (run / ".rmoe.lock").exists()
     resumed_rows = csv_rows(run / "metrics.csv")
     # the killed attempt's rows logged before the checkpoint are kept as they were
