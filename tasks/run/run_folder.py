@@ -15,8 +15,8 @@
   ``hydra.run.dir``) continues in ``<run>`` with the run's own config (:mod:`tasks.run.continuation`).
   Once the continuation passed its checks, ``done`` is removed (and written again only when it
   succeeds); the attempts that passed their checks are listed in ``<run>/attempts.jsonl``
-  (start/end time, pid, host, overrides, ckpt_path, status, allowed changes). A checkpoint of *another* run folder cannot be
-  resumed into this one (the records would be split over two folders); a fresh run (no
+  (start/end time, pid, host, overrides, ckpt_path, status, allowed changes). A checkpoint of
+  *another* run folder cannot be resumed into this one (the records would be split over two folders); a fresh run (no
   ``ckpt_path``) into a folder that already holds records is refused unless ``skip_if_done=true``
   (which clears an unfinished folder).
 * **Records.** Lightning's CSV logger deletes an existing ``metrics.csv`` when it starts; on resume

@@ -253,7 +253,8 @@ def test_refused_attempts_leave_a_finished_run_untouched(tmp_path, finished_run)
     """A continuation or fresh run refused by any check (checkpoint file, config, checkpoint fit, run
     folder) changes nothing in a finished run's folder: done, .hydra/, train.log, attempts.jsonl, ..."""
     run_dir = copy_run(finished_run, tmp_path / "run")
-    (run_dir / "checkpoints" / "truncated.ckpt").write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes()[:3000])
+    last = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    (run_dir / "checkpoints" / "truncated.ckpt").write_bytes(last[:3000])
     before = snapshot(run_dir)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     cases = [
