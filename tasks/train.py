@@ -228,6 +228,14 @@ def _announce(cfg: DictConfig, out_dir: str) -> None:
     print("\n".join(run_header(cfg, out_dir)), flush=True)
 
 
+def _skipped_batches(trainer: Any) -> int:
+    """The batches the numerics callback dropped (``callbacks.numerics.on_fault=skip``; its checkpointed count)."""
+    from callbacks.numerics import NumericalFaultCallback
+
+    return sum(int(cb.state_dict().get("skipped", 0)) for cb in getattr(trainer, "callbacks", [])
+               if isinstance(cb, NumericalFaultCallback))
+
+
 def _continues_in(cfg: DictConfig, out_dir: str) -> bool:
     from tasks.run.run_folder import run_folder_of_checkpoint
 
@@ -307,7 +315,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         if out_dir and (trainer.is_global_zero if trainer is not None else jobs.is_rank_zero()):
             from callbacks.run_summary import git_commit
 
-            jobs.mark_done(out_dir, metrics, git_commit())
+            jobs.mark_done(out_dir, metrics, git_commit(), skipped_batches=_skipped_batches(trainer))
             append_attempt(out_dir, _attempt(cfg, "done", global_step=int(trainer.global_step) if trainer else None))
     finally:
         if owner and not committed:  # refused (or skipped): what Hydra wrote for this attempt goes

@@ -41,12 +41,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from callbacks.records import DONE_FILE, METRICS_FILE, RESULTS_FILE, SUMMARY_FILE
+from callbacks.records import ATTEMPTS_FILE, DONE_FILE, METRICS_FILE, RESULTS_FILE, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
 LOCK = ".rmoe.lock"
-ATTEMPTS = "attempts.jsonl"
+ATTEMPTS = ATTEMPTS_FILE
 # where a new attempt's Hydra records (.hydra/, train.log) wait until the attempt passed every check
 STAGING = ".rmoe-staging"
 # files/folders that are records of a run (a fresh run must not mix its own into them)
