@@ -98,6 +98,7 @@ class RoutingStabilityCallback(Callback):
         self.route_trace_dir = route_trace_dir
         self.info = dict(info or {})
         self._plotted_step: int | None = None
+        self.plot_write_errors: list[dict[str, Any]] = []  # {step, plot_dir, error} of plot writes that failed
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -330,7 +331,20 @@ class RoutingStabilityCallback(Callback):
             images = render_figures(figs)
         finally:
             close_figures(figs)
-        paths = save_images(images, out_dir)
+        try:
+            paths = save_images(images, out_dir)
+        except OSError as e:  # a full disk or a bad plot_dir must not end the run: warn, record, go on
+            self.plot_write_errors.append({"step": int(trainer.global_step), "plot_dir": out_dir,
+                                           "error": f"{type(e).__name__}: {e}"})
+            import logging
+
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            msg = (f"routing plots not written to {out_dir} at step {trainer.global_step} ({type(e).__name__}: {e}); "
+                   "training goes on (redraw later: python -m tasks.plots <run>)")
+            logging.getLogger(__name__).warning(msg)  # in the run's log
+            rank_zero_warn(msg)
+            return {}
         if images:
             send_to_loggers(trainer.loggers, images, paths, int(trainer.global_step))
         self._plotted_step = int(trainer.global_step)
