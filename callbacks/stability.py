@@ -150,8 +150,13 @@ class RoutingStabilityCallback(Callback):
             return trainer.strategy.reduce(t.clone(), reduce_op="sum")
         return t
 
-    def _log(self, pl_module: LightningModule, key: str, value: float, **kw) -> None:
-        pl_module.log(key, float(value), on_step=True, on_epoch=False, logger=True, batch_size=1, **kw)
+    def _log(self, pl_module: LightningModule, key: str, value: float) -> None:
+        # one set of arguments for every key, the replay after a resume included (Lightning refuses a key logged
+        # twice in one hook with different arguments); the values are global (counts summed over the ranks, one
+        # probe batch), so syncing them under DDP averages equal numbers
+        trainer = pl_module._trainer
+        sync = trainer is not None and trainer.world_size > 1
+        pl_module.log(key, float(value), on_step=True, on_epoch=False, logger=True, batch_size=1, sync_dist=sync)
         epoch = int(pl_module.trainer.current_epoch) if pl_module._trainer is not None else None
         if epoch != self._epoch_logged_epoch:
             self._epoch_logged, self._epoch_logged_epoch = {}, epoch
@@ -208,7 +213,7 @@ class RoutingStabilityCallback(Callback):
             counts = self._reduce_sum(trainer, rec.tokens_per_expert.detach().double())
             vals = M.record_metrics(rec.replace(tokens_per_expert=counts), moe.cfg.top_k)
             for k, v in vals.items():
-                self._log(pl_module, f"routing/{name}/{k}", v, sync_dist=trainer.world_size > 1)
+                self._log(pl_module, f"routing/{name}/{k}", v)
             tot = counts.sum().clamp_min(1)
             self.history["load"].setdefault(name, []).append((counts / tot).cpu().tolist())
             self.history.setdefault("active", {}).setdefault(name, []).append(

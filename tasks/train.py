@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,30 @@ def _announce(cfg: DictConfig, out_dir: str) -> None:
     print("\n".join(run_header(cfg, out_dir)), flush=True)
 
 
+def _preemption(e: BaseException, out_dir: str | None) -> dict[str, Any] | None:
+    """The attempt record of a preemption (:class:`callbacks.resume.Preempted`, or Lightning's
+    ``SIGTERMException`` raised during a validation), else None: the signal, the step and checkpoint it
+    stopped at, the exit code (128 + signal) and the exact command that resumes the run."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from callbacks.resume import Preempted
+
+    e = getattr(e, "rmoe_preempted", None) or e  # Lightning's SIGTERMException after LastCheckpoint saved the moment
+    if isinstance(e, Preempted):
+        signum, path, step = e.signum, e.path, e.step
+    elif isinstance(e, SIGTERMException):
+        signum, step = int(signal.SIGTERM), None
+        last = Path(out_dir or ".") / "checkpoints" / "last.ckpt"
+        path = str(last.resolve()) if last.is_file() else None
+    else:
+        return None
+    resume = f"rmoe-train ckpt_path={path}" if path else "rmoe-train <the same overrides> (no checkpoint was saved)"
+    return {"signal": signal.Signals(signum).name, "global_step": step, "checkpoint": path,
+            "exit_code": 128 + signum, "resume": resume}
+
+
 def _skipped_batches(trainer: Any) -> int:
     """The batches the numerics callback dropped (``callbacks.numerics.on_fault=skip``; its checkpointed count)."""
     from callbacks.numerics import NumericalFaultCallback
@@ -308,8 +333,18 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         try:
             metrics, objects = train(cfg, on_checked=on_checked)
         except BaseException as e:
-            if committed:
+            preempted = _preemption(e, out_dir)
+            if committed and preempted is not None:
+                append_attempt(out_dir, _attempt(cfg, "preempted", **preempted))
+            elif committed:
                 append_attempt(out_dir, _attempt(cfg, "failed", error=f"{type(e).__name__}: {e}"[:2000]))
+            if preempted is not None and jobs.is_rank_zero():
+                log.warning("preempted (%s): checkpoint %s; resume with:\n  %s", preempted["signal"],
+                            preempted["checkpoint"], preempted["resume"])
+                print(f"rmoe-train: preempted ({preempted['signal']}); resume with:\n  {preempted['resume']}",
+                      file=sys.stderr, flush=True)
+            if preempted is not None and e.code != preempted["exit_code"]:  # Lightning's SIGTERMException: code None
+                raise SystemExit(preempted["exit_code"]) from e
             raise
         trainer = objects.get("trainer")
         if out_dir and (trainer.is_global_zero if trainer is not None else jobs.is_rank_zero()):

@@ -71,3 +71,16 @@ class SaveSpy(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         SaveSpy.saves.append((int(trainer.global_step), float(pl_module.best_score)))
+
+
+class SignalAtStep(Callback):
+    """Send ``signum`` (a name: SIGTERM, SIGUSR1) to this process at the start of the training batch after
+    ``step`` optimizer steps (once), as a scheduler's preemption would."""
+
+    def __init__(self, step: int, signum: str = "SIGTERM"):
+        self.step, self.signum, self.sent = int(step), getattr(signal, signum), False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.sent and trainer.global_step >= self.step and not trainer.sanity_checking:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

@@ -308,3 +308,32 @@ def test_a_rejected_config_leaves_no_folder_and_no_record(tmp_path):
     code, out = run([*FAST, f"ckpt_path={tmp_path / 'nope.ckpt'}"], run_dir)
     assert code != 0 and "no such file" in out
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_more_refused_attempts_leave_a_finished_run_untouched(tmp_path, finished_run):
+    """The other cases: an empty and a random-bytes checkpoint, a DomainBed config over the GLUE run's
+    checkpoint, and a fresh run into the folder while it is busy, reached through an interpolated
+    ``hydra.run.dir`` (the lock is taken inside the job, after Hydra started it)."""
+    run_dir = copy_run(finished_run, tmp_path / "logs" / "run")
+    (run_dir / "checkpoints" / "empty.ckpt").write_bytes(b"")
+    (run_dir / "checkpoints" / "noise.ckpt").write_bytes(os.urandom(4096))
+    before = snapshot(run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    cases = [
+        ([f"ckpt_path={run_dir / 'checkpoints' / 'empty.ckpt'}"], "is an empty file (0 bytes)"),
+        ([f"ckpt_path={run_dir / 'checkpoints' / 'noise.ckpt'}"], "is not a readable checkpoint"),
+        ([f"ckpt_path={ckpt}", "task=domainbed/rotated_digits"],
+         "data._target_: the run has 'tasks.glue.datamodule.GLUEDataModule'"),
+    ]
+    for args, message in cases:
+        code, out = run(args)
+        assert code != 0 and message in out, (args, out[-3000:])
+        assert snapshot(run_dir) == before, args
+    # busy: a live holder of the lock (this test process is alive), the folder named through an interpolation
+    (run_dir / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                            "start": None, "since": "now"}))
+    before = snapshot(run_dir)
+    code, out = run([*FAST, "seed=5", f"paths.log_dir={tmp_path / 'logs'}", "hydra.run.dir=${paths.log_dir}/run"])
+    assert code != 0 and "is in use by another run" in out, out[-3000:]
+    assert snapshot(run_dir) == before
