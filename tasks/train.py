@@ -380,6 +380,7 @@ def main() -> None:
         RunFolderError,
         _value,
         acquire_lock,
+        is_staging_override,
         plan_from_argv,
         release_lock,
         remove_if_empty,
@@ -404,8 +405,10 @@ def main() -> None:
         continued = run_folder_of_checkpoint(ckpt)
         if continued is not None and os.path.realpath(continued) == os.path.realpath(run_dir):
             argv = continuation_argv(argv, continued)  # the run's own overrides, then the command line's
-    if jobs.is_rank_zero() and not any(a.startswith(("--cfg", "--info", "--help", "-h", "--hydra-help", "-sc",
-                                                     "--shell-completion")) for a in argv):
+    if not jobs.is_rank_zero():  # a DDP rank Lightning started with rank 0's command line: its log goes in place
+        argv = [a for a in argv if not is_staging_override(a)]
+    elif not any(a.startswith(("--cfg", "--info", "--help", "-h", "--hydra-help", "-sc", "--shell-completion"))
+                 for a in argv):
         import time
 
         argv += staging_overrides(f"{os.getpid()}-{time.time_ns()}")  # .hydra/ and the log wait there

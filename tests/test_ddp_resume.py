@@ -1,7 +1,7 @@
 """``trainer=ddp`` on CPU, resumed under DDP: two real gloo processes (``python -m tasks.train``).
 
 A DDP run that fails at step 6 (both ranks) is continued in place from its ``last.ckpt`` (the save after
-the step-4 validation, mid-stream) under DDP; the resumed run's final state -- every tensor of the model
+the validation after update 5 -- DomainBed's step 4 --, mid-stream) under DDP; the resumed run's final state -- every tensor of the model
 (weights, fusion state ``m``, DynMoE mask and pool records), λ, the curriculum state and the stability
 callback's history -- equals the uninterrupted DDP run's, on both ranks. (Before: the stability callback's
 replay of this epoch's values after a resume logged them with other ``self.log`` arguments than the live
@@ -41,7 +41,7 @@ def test_a_ddp_run_resumed_under_ddp_equals_the_uninterrupted_ddp_run(tmp_path, 
                 "+callbacks.fail._target_=_run_helpers.FailAtStep", "+callbacks.fail.step=6"], run_dir)
     assert proc.returncode != 0 and "injected failure at step 6" in proc.stderr, proc.stderr[-4000:]
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, weights_only=False)["global_step"] == 4
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 5  # the save after the validation at update 5
     proc = run([f"ckpt_path={ckpt}", "~callbacks.fail", "resume.allow_changes=[callbacks.fail]"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (run_dir / "done").is_file()

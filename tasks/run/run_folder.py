@@ -185,6 +185,12 @@ def staging_overrides(tag: str) -> list[str]:
             "${hydra.job.name}.log"]
 
 
+def is_staging_override(arg: str) -> bool:
+    """Whether ``arg`` is one of :func:`staging_overrides` (a DDP rank > 0 drops them: rank 0 owns the folder)."""
+    return arg.startswith(("hydra.output_subdir=", "hydra.job_logging.handlers.file.filename=")) and \
+        f"{STAGING}/" in arg
+
+
 def staging_dir(run_dir: str | os.PathLike) -> Path | None:
     """This job's staging folder (from Hydra's ``output_subdir``), or None when Hydra writes in place."""
     try:
