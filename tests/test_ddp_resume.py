@@ -1,8 +1,8 @@
 """``trainer=ddp`` on CPU, resumed under DDP: two real gloo processes (``python -m tasks.train``).
 
 A DDP run that fails at step 6 (both ranks) is continued in place from its ``last.ckpt`` (the save after
-the validation after update 5 -- DomainBed's step 4 --, mid-stream) under DDP; the resumed run's final state -- every tensor of the model
-(weights, fusion state ``m``, DynMoE mask and pool records), λ, the curriculum state and the stability
+the validation after update 5, mid-stream) under DDP; the resumed run's final state -- every tensor of the
+model (weights, fusion state ``m``, DynMoE mask and pool records), λ, the curriculum state and the stability
 callback's history -- equals the uninterrupted DDP run's, on both ranks. (Before: the stability callback's
 replay of this epoch's values after a resume logged them with other ``self.log`` arguments than the live
 values -- ``MisconfigurationException: You called self.log(routing/moe0/load_cv, ...) twice``.)
