@@ -56,7 +56,7 @@ def saved_overrides(run_dir: str | os.PathLike) -> list[str]:
 
 def continuation_argv(argv: Sequence[str], run_dir: str | os.PathLike) -> list[str]:
     """The run's saved overrides (less ``ckpt_path``, ``resume.*`` and the keys ``argv`` sets) then ``argv``."""
-    given = {override_key(a) for a in argv if "=" in a and not a.startswith("-")}
+    given = {override_key(a) for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")}
     keep = [o for o in saved_overrides(run_dir)
             if not _under(override_key(o), ("ckpt_path", "resume")) and override_key(o) not in given]
     return keep + list(argv)

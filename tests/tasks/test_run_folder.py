@@ -337,3 +337,19 @@ def test_more_refused_attempts_leave_a_finished_run_untouched(tmp_path, finished
     code, out = run([*FAST, "seed=5", f"paths.log_dir={tmp_path / 'logs'}", "hydra.run.dir=${paths.log_dir}/run"])
     assert code != 0 and "is in use by another run" in out, out[-3000:]
     assert snapshot(run_dir) == before
+
+
+def test_continuation_argv_puts_the_runs_overrides_first_and_is_idempotent(tmp_path):
+    """A DDP rank Lightning starts gets rank 0's command line and computes it again after rank 0 has
+    saved the continuation's overrides: nothing may be added twice (a repeated ``~key`` would fail)."""
+    from tasks.run.continuation import continuation_argv
+
+    (tmp_path / ".hydra").mkdir()
+    saved = ["moe=moe_topk", "seed=2", "+callbacks.fail.step=6", "ckpt_path=/old.ckpt", "resume.allow_changes=[x]"]
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(saved))
+    user = ["ckpt_path=/run/last.ckpt", "seed=3", "~callbacks.fail", "resume.allow_changes=[seed,callbacks.fail]"]
+    argv = continuation_argv(user, tmp_path)
+    assert argv == ["moe=moe_topk", "+callbacks.fail.step=6", *user]
+    # rank 0 saved its overrides (Hydra writes the composed command line): computing it again adds nothing
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(argv))
+    assert continuation_argv([*argv, "hydra.run.dir=/run"], tmp_path) == [*argv, "hydra.run.dir=/run"]
