@@ -411,7 +411,8 @@ def main() -> None:
                  for a in argv):
         import time
 
-        argv += staging_overrides(f"{os.getpid()}-{time.time_ns()}")  # .hydra/ and the log wait there
+        own_logging = any(a.lstrip("+").startswith(("hydra/job_logging=", "hydra.job_logging")) for a in argv)
+        argv += staging_overrides(f"{os.getpid()}-{time.time_ns()}", log_file=not own_logging)  # wait there
     sys.argv[1:] = argv
     held = run_dir if run_dir and "${" not in run_dir and jobs.is_rank_zero() else None
     if held:

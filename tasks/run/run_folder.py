@@ -177,16 +177,21 @@ def release_lock(run_dir: str | os.PathLike) -> None:
 # --------------------------------------------------------------------------------------------
 # staging: a new attempt's .hydra/ and train.log wait beside the run's until every check passed
 # --------------------------------------------------------------------------------------------
-def staging_overrides(tag: str) -> list[str]:
-    """Hydra overrides that make a job write its ``.hydra/`` and ``train.log`` into
-    ``<run>/.rmoe-staging/<tag>/`` (``rmoe-train`` adds them; :func:`promote_staging` moves them into place)."""
-    return [f"hydra.output_subdir={STAGING}/{tag}/.hydra",
-            f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/{STAGING}/{tag}/"
-            "${hydra.job.name}.log"]
+def staging_overrides(tag: str, log_file: bool = True) -> list[str]:
+    """Hydra overrides that make a job write its ``.hydra/`` and (``log_file``: with Hydra's default job
+    logging) ``train.log`` into ``<run>/.rmoe-staging/<tag>/`` (``rmoe-train`` adds them;
+    :func:`promote_staging` moves them into place)."""
+    out = [f"hydra.output_subdir={STAGING}/{tag}/.hydra"]
+    if log_file:  # opened at its first line (the staging folder does not exist when Hydra configures logging)
+        out += [f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/{STAGING}/{tag}/"
+                "${hydra.job.name}.log", "++hydra.job_logging.handlers.file.delay=true"]
+    return out
 
 
 def is_staging_override(arg: str) -> bool:
     """Whether ``arg`` is one of :func:`staging_overrides` (a DDP rank > 0 drops them: rank 0 owns the folder)."""
+    if arg == "++hydra.job_logging.handlers.file.delay=true":
+        return True
     return arg.startswith(("hydra.output_subdir=", "hydra.job_logging.handlers.file.filename=")) and \
         f"{STAGING}/" in arg
 
