@@ -11,7 +11,10 @@ Modes:
 
 After each update the active expert count of each router is logged as ``routing/moe<j>/active_experts``, the
 routing callback's name for the same fact (``j``: the layer's position among the MoE layers).
-The recording window lives in router buffers, so it is saved in checkpoints.
+The recording window lives in router buffers, so it is saved in checkpoints. Lightning writes a value
+logged from a callback hook again at every later step of the same epoch; the values logged this epoch
+are checkpointed and logged again at the first step of a run resumed in that epoch (as the stability
+callback does), so its rows match the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -33,6 +36,25 @@ class AdaptiveExpertsCallback(Callback):
         self.mode = mode
         self.log = log
         self.updates: list[dict] = []
+        self._logged: dict[str, float] = {}  # the values logged this epoch (replayed after a mid-epoch resume)
+        self._logged_epoch: int | None = None
+        self._replay: tuple[int | None, dict[str, float]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"logged": dict(self._logged), "logged_epoch": self._logged_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._logged, self._logged_epoch = dict(state_dict.get("logged", {})), state_dict.get("logged_epoch")
+        self._replay = (self._logged_epoch, dict(self._logged))
+
+    def _log(self, pl_module: L.LightningModule, values: dict[str, float], epoch: int) -> None:
+        # the routing callback's arguments for the same keys (Lightning refuses a key logged twice in one hook with
+        # different arguments), the replay after a resume included
+        sync = pl_module._trainer is not None and pl_module.trainer.world_size > 1
+        pl_module.log_dict(values, on_step=True, on_epoch=False, logger=True, batch_size=1, sync_dist=sync)
+        if epoch != self._logged_epoch:
+            self._logged, self._logged_epoch = {}, epoch
+        self._logged.update(values)
 
     @staticmethod
     def routers(pl_module: L.LightningModule) -> list[TopAnyRouter]:
@@ -75,6 +97,11 @@ class AdaptiveExpertsCallback(Callback):
         routers = self.routers(pl_module)
         if not routers:
             return
+        if self._replay is not None:
+            epoch, values = self._replay
+            self._replay = None
+            if self.log and values and epoch == int(trainer.current_epoch):
+                self._log(pl_module, values, epoch)
         if self.mode == "epoch":
             n = self._num_batches(trainer)
             _, end = self.window(n)
@@ -93,6 +120,5 @@ class AdaptiveExpertsCallback(Callback):
             self.updates.append({"step": int(trainer.global_step), "router": i, **change})
             # the routing callback's key for the same fact (callbacks.stability): the latest pool size wins
             logged[f"routing/{names.get(id(r), f'moe{i}')}/active_experts"] = float(r.expert_mask.sum())
-        if self.log and logged:  # the routing callback's arguments for the same keys (Lightning refuses others)
-            pl_module.log_dict(logged, on_step=True, on_epoch=False, logger=True, batch_size=1,
-                               sync_dist=trainer.world_size > 1)
+        if self.log and logged:
+            self._log(pl_module, logged, int(trainer.current_epoch))

@@ -37,8 +37,11 @@ SUMMARY_SCHEMA = 1
 SUMMARY_KEYS = ("schema", "done", "benchmark", "task_name", "task", "method", "variant", "seed", "lr",
                 "headline", "test_envs", "trial_seed", "epochs", "stability", "series", "global_step",
                 "wall_time_s", "overrides", "commit")
-#: The fields of the ``done`` file (DomainBed writes an empty one: read as ``{}``).
-DONE_KEYS = ("finished_utc", "commit", "metrics")
+#: The fields of the ``done`` file (DomainBed writes an empty one: read as ``{}``). ``skipped_batches``: the
+#: batches ``callbacks.numerics.on_fault=skip`` dropped (a run with any is left out of the tables unless asked for).
+DONE_KEYS = ("finished_utc", "commit", "metrics", "skipped_batches")
+#: ``rmoe-train``'s list of a run folder's attempts (one JSON object per line; tasks.run.run_folder)
+ATTEMPTS_FILE = "attempts.jsonl"
 #: The fields of a ``results.jsonl`` record's ``args`` that model selection and the tables read.
 RESULTS_ARGS_KEYS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed", "seed", "task_name")
 
@@ -54,12 +57,23 @@ def summary_record(**fields: Any) -> dict[str, Any]:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """``obj`` as indented, key-sorted JSON: written to ``<path>.tmp``, then renamed over ``path``
-    (a reader never sees a half-written file)."""
+    (a reader never sees a half-written file; file and folder are fsync'ed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    with open(tmp, "w") as f:  # the content reaches the disk before the name does: never an empty file
+        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
     return path
 
 

@@ -13,6 +13,15 @@
   validation follows the batch: the save after the validation covers the step, and a checkpoint
   taken between the batch and its validation would resume without that validation (Lightning does
   not rerun it).
+* **Preemption** (:class:`LastCheckpoint` too). SIGTERM (Lightning's handler sets
+  ``trainer.received_sigterm``) or SIGUSR1 (Slurm's warning signal; handled here unless Lightning's
+  Slurm auto-requeue handler owns it) ends the run at the end of the current training batch: the
+  checkpoint of that moment is written to ``last.ckpt`` (when a validation is due right after the
+  batch, it runs first and its save is that checkpoint) and, once Lightning has handed the batch's
+  metrics to the loggers (at the next batch or epoch end; for SIGTERM Lightning's own ``SIGTERMException``
+  right after the batch, which carries the same record), :class:`Preempted` is raised -- a
+  ``SystemExit`` with code 128 + the signal number (143 for SIGTERM, 138 for SIGUSR1). A SIGTERM during
+  a validation ends it through Lightning's ``SIGTERMException``: the last save before it is the resume point.
 * :class:`RunIdentityCallback` writes the run's identity (task, dataset, test_envs, method/variant,
   backbone) into every checkpoint under ``"rmoe_run_identity"``; ``tasks.run.resume`` refuses to resume
   a checkpoint of another identity.
@@ -20,7 +29,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import threading
 from typing import Any
 
 import lightning as L
@@ -29,6 +41,19 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 IDENTITY_KEY = "rmoe_run_identity"
+
+
+class Preempted(SystemExit):
+    """The run stopped on a preemption signal after saving ``path`` at optimizer step ``step``; the exit
+    code is 128 + the signal number."""
+
+    def __init__(self, signum: int, path: str | None, step: int):
+        super().__init__(128 + int(signum))
+        self.signum, self.path, self.step = int(signum), path, int(step)
+
+    def __str__(self) -> str:
+        return (f"preempted by {signal.Signals(self.signum).name} at step {self.step}; "
+                f"checkpoint of that moment: {self.path}")
 
 
 class RunIdentityCallback(Callback):
@@ -111,10 +136,69 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.save_every_n_train_steps = n
         self._step_saved_at: int | None = None
+        self._usr1 = False  # SIGUSR1 received (our handler)
+        self._stop_pending: int | None = None  # the signal to stop on, once the saved batch's metrics are logged
+        self._old_usr1: Any = None
+
+    # --- preemption ---------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if (stage == "fit" and hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)):
+            self._old_usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
+
+    def _on_usr1(self, signum: int, frame: Any) -> None:
+        self._usr1 = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._old_usr1 is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, self._old_usr1)
+            self._old_usr1 = None
+        super().teardown(trainer, pl_module, stage)
+
+    def _preempt_signal(self, trainer: L.Trainer) -> int | None:
+        if self._usr1:
+            return int(signal.SIGUSR1)
+        if getattr(trainer, "received_sigterm", False):
+            return int(signal.SIGTERM)
+        return None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._stop_pending is not None:
+            self._stop(trainer, self._stop_pending)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._stop_pending is not None:
+            self._stop(trainer, self._stop_pending)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._allow_resave(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning 2.6 ends the run itself right after the batch a SIGTERM arrived in (SIGTERMException, exit code
+        # None): tell rmoe-train what was saved (train.py turns it into exit 143 and a preempted attempt)
+        if self._stop_pending is not None and type(exception).__name__ == "SIGTERMException":
+            path = self.best_model_path or self.last_model_path or None  # (monitor=None: the latest save)
+            exception.rmoe_preempted = Preempted(self._stop_pending, os.path.abspath(path) if path else None,
+                                                 int(trainer.global_step))
+
+    def _stop(self, trainer: L.Trainer, signum: int) -> None:
+        path = self.best_model_path or self.last_model_path or None  # (monitor=None: the latest save)
+        raise Preempted(signum, os.path.abspath(path) if path else None, int(trainer.global_step))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        signum = self._preempt_signal(trainer)
+        if signum is not None and not trainer.sanity_checking:
+            if self._validation_follows(trainer):
+                return  # that validation runs, its save is the checkpoint of the moment, then the run stops
+            if not self._should_skip_saving_checkpoint(trainer):  # (not saved at this very step already)
+                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+                self._step_saved_at = int(trainer.global_step)
+            self._stop_pending = signum  # stop once Lightning has handed this batch's metrics to the loggers
+            return
         n = self.save_every_n_train_steps
         if n < 1 or trainer.global_step % n != 0 or self._should_skip_saving_checkpoint(trainer):
             return
@@ -143,8 +227,7 @@ class LastCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._allow_resave(trainer)
         super().on_validation_end(trainer, pl_module)
+        signum = self._preempt_signal(trainer)
+        if signum is not None and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._stop(trainer, signum)
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._should_save_on_train_epoch_end(trainer):
-            self._allow_resave(trainer)
-        super().on_train_epoch_end(trainer, pl_module)

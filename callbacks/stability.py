@@ -98,6 +98,7 @@ class RoutingStabilityCallback(Callback):
         self.route_trace_dir = route_trace_dir
         self.info = dict(info or {})
         self._plotted_step: int | None = None
+        self.plot_write_errors: list[dict[str, Any]] = []  # {step, plot_dir, error} of plot writes that failed
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -149,8 +150,13 @@ class RoutingStabilityCallback(Callback):
             return trainer.strategy.reduce(t.clone(), reduce_op="sum")
         return t
 
-    def _log(self, pl_module: LightningModule, key: str, value: float, **kw) -> None:
-        pl_module.log(key, float(value), on_step=True, on_epoch=False, logger=True, batch_size=1, **kw)
+    def _log(self, pl_module: LightningModule, key: str, value: float) -> None:
+        # one set of arguments for every key, the replay after a resume included (Lightning refuses a key logged
+        # twice in one hook with different arguments); the values are global (counts summed over the ranks, one
+        # probe batch), so syncing them under DDP averages equal numbers
+        trainer = pl_module._trainer
+        sync = trainer is not None and trainer.world_size > 1
+        pl_module.log(key, float(value), on_step=True, on_epoch=False, logger=True, batch_size=1, sync_dist=sync)
         epoch = int(pl_module.trainer.current_epoch) if pl_module._trainer is not None else None
         if epoch != self._epoch_logged_epoch:
             self._epoch_logged, self._epoch_logged_epoch = {}, epoch
@@ -210,7 +216,7 @@ class RoutingStabilityCallback(Callback):
             if mask is not None and "active_experts" in vals:  # the pool now, after this step's adaptation: the
                 vals["active_experts"] = float(mask.bool().sum())  # value callbacks.adaptive_experts logs too
             for k, v in vals.items():
-                self._log(pl_module, f"routing/{name}/{k}", v, sync_dist=trainer.world_size > 1)
+                self._log(pl_module, f"routing/{name}/{k}", v)
             tot = counts.sum().clamp_min(1)
             self.history["load"].setdefault(name, []).append((counts / tot).cpu().tolist())
             self.history.setdefault("active", {}).setdefault(name, []).append(
@@ -333,7 +339,20 @@ class RoutingStabilityCallback(Callback):
             images = render_figures(figs)
         finally:
             close_figures(figs)
-        paths = save_images(images, out_dir)
+        try:
+            paths = save_images(images, out_dir)
+        except OSError as e:  # a full disk or a bad plot_dir must not end the run: warn, record, go on
+            self.plot_write_errors.append({"step": int(trainer.global_step), "plot_dir": out_dir,
+                                           "error": f"{type(e).__name__}: {e}"})
+            import logging
+
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            msg = (f"routing plots not written to {out_dir} at step {trainer.global_step} ({type(e).__name__}: {e}); "
+                   "training goes on (redraw later: python -m tasks.plots <run>)")
+            logging.getLogger(__name__).warning(msg)  # in the run's log
+            rank_zero_warn(msg)
+            return {}
         if images:
             send_to_loggers(trainer.loggers, images, paths, int(trainer.global_step))
         self._plotted_step = int(trainer.global_step)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,6 @@ def instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
 
 def finish_wandb() -> None:
     """Close the active W&B run (if any) so the next job of a multirun starts a new one."""
-    import sys
 
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
@@ -80,8 +80,12 @@ def finish_wandb() -> None:
         print_sync_command(run_dir)
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Instantiate datamodule, module, callbacks, loggers and trainer from ``cfg``; fit (and test)."""
+def train(cfg: DictConfig, on_checked: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Instantiate datamodule, module, callbacks, loggers and trainer from ``cfg``; fit (and test).
+
+    Every check (config, checkpoint fit and identity, ``init_from``, data ``prepare_data``/``setup``) runs
+    before anything is written; then ``on_checked(resume_step)`` is called (``rmoe-train`` moves the
+    attempt's records into place there), and only then are the run's records written."""
     import hydra
     import lightning as L
 
@@ -134,6 +138,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 raise ValueError(f"init_from={cfg.init_from!r} and ckpt_path={ckpt_path!r} are both set; allowed: "
                                  "one of them (ckpt_path continues a run, init_from starts a new one from its weights)")
             init_from_checkpoint(cfg.init_from, model)
+        datamodule.prepare_data()  # bad data fails here, before any record is written
+        datamodule.setup("fit")
+        if on_checked is not None:
+            on_checked(resume_step)
         if loggers:
             from tasks.run.jobs import is_rank_zero
             from tasks.run.run_folder import keep_csv_history, start_csv_history
@@ -146,8 +154,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             hparams = OmegaConf.to_container(cfg, resolve=True)
             for lg in loggers:
                 lg.log_hyperparams(hparams)
-        datamodule.prepare_data()
-        datamodule.setup("fit")
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test"):
@@ -198,37 +204,86 @@ def evaluate_best_checkpoint(cfg: DictConfig, trainer: Any) -> dict[str, Any] | 
     return record
 
 
-def _start_job(cfg: DictConfig, out_dir: str) -> bool:
-    """Rank 0, run folder locked: refuse a run that would mix records; on a continuation remove
-    ``done``; remove orphan temporary checkpoints. Returns False when ``skip_if_done`` skips the job."""
+def _commit_attempt(cfg: DictConfig, out_dir: str, staging: Path | None, changes: list[dict[str, Any]],
+                    resume_step: int | None) -> None:
+    """Rank 0, run folder locked, every check passed: clear an unfinished folder (``skip_if_done``), move the
+    attempt's ``.hydra/`` and log into place, remove ``done`` of a continued run (written again when this
+    attempt succeeds) and orphan temporary checkpoints, list the attempt (with the allowed changes of a
+    continuation and the step they apply from) and save the resolved config."""
     from tasks.run import jobs
     from tasks.run.checkpoint_io import remove_orphan_temporaries
-    from tasks.run.run_folder import check_records_before_start
+    from tasks.run.console import save_resolved_config
+    from tasks.run.run_folder import append_attempt, promote_staging
 
     ckpt_path = cfg.get("ckpt_path")
-    if cfg.get("skip_if_done"):
-        if jobs.is_done(out_dir):
-            return False
-        if not ckpt_path:  # resuming: keep the folder's checkpoints
-            jobs.clear_partial(out_dir)
-    check_records_before_start(out_dir, ckpt_path, bool(cfg.get("skip_if_done")))
+    if cfg.get("skip_if_done") and not ckpt_path:  # resuming: keep the folder's checkpoints
+        jobs.clear_partial(out_dir)
+    promote_staging(out_dir, staging)
     if ckpt_path and jobs.is_done(out_dir):
         os.unlink(Path(out_dir) / jobs.DONE)
         log.warning("%s: continuing a finished run from %s: removed its done file (written again when this "
                     "attempt succeeds)", out_dir, ckpt_path)
     remove_orphan_temporaries(Path(out_dir) / "checkpoints")
-    return True
+    extra: dict[str, Any] = {}
+    if resume_step is not None:
+        extra["resumed_from_step"] = resume_step
+    if changes:
+        extra["changes"] = [{**c, "from_step": resume_step} for c in changes]
+        log.warning("%s: continuing with changes allowed by resume.allow_changes, from step %s: %s", out_dir,
+                    resume_step, "; ".join(f"{c['key']}: {c['run']!r} -> {c['now']!r}" for c in changes))
+    append_attempt(out_dir, _attempt(cfg, "start", **extra))
+    save_resolved_config(cfg, out_dir)
 
 
 def _announce(cfg: DictConfig, out_dir: str) -> None:
     """Rank 0, at the start of a job: the resolved config as a tree (``print_config=false``: not printed; saved as
-    ``<run>/config_resolved.yaml`` either way) and the run header (method, variant, seed, folder)."""
-    from tasks.run.console import print_config_tree, run_header, save_resolved_config
+    ``<run>/config_resolved.yaml`` once the attempt's checks passed) and the run header (method, variant, seed,
+    folder)."""
+    from tasks.run.console import print_config_tree, run_header
 
     if cfg.get("print_config", True):
         print_config_tree(cfg)
-    save_resolved_config(cfg, out_dir)
     print("\n".join(run_header(cfg, out_dir)), flush=True)
+
+
+def _preemption(e: BaseException, out_dir: str | None) -> dict[str, Any] | None:
+    """The attempt record of a preemption (:class:`callbacks.resume.Preempted`, or Lightning's
+    ``SIGTERMException`` raised during a validation), else None: the signal, the step and checkpoint it
+    stopped at, the exit code (128 + signal) and the exact command that resumes the run."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from callbacks.resume import Preempted
+
+    e = getattr(e, "rmoe_preempted", None) or e  # Lightning's SIGTERMException after LastCheckpoint saved the moment
+    if isinstance(e, Preempted):
+        signum, path, step = e.signum, e.path, e.step
+    elif isinstance(e, SIGTERMException):
+        signum, step = int(signal.SIGTERM), None
+        last = Path(out_dir or ".") / "checkpoints" / "last.ckpt"
+        path = str(last.resolve()) if last.is_file() else None
+    else:
+        return None
+    resume = f"rmoe-train ckpt_path={path}" if path else "rmoe-train <the same overrides> (no checkpoint was saved)"
+    return {"signal": signal.Signals(signum).name, "global_step": step, "checkpoint": path,
+            "exit_code": 128 + signum, "resume": resume}
+
+
+def _skipped_batches(trainer: Any) -> int:
+    """The batches the numerics callback dropped (``callbacks.numerics.on_fault=skip``; its checkpointed count)."""
+    from callbacks.numerics import NumericalFaultCallback
+
+    return sum(int(cb.state_dict().get("skipped", 0)) for cb in getattr(trainer, "callbacks", [])
+               if isinstance(cb, NumericalFaultCallback))
+
+
+def _continues_in(cfg: DictConfig, out_dir: str) -> bool:
+    from tasks.run.run_folder import run_folder_of_checkpoint
+
+    ckpt_path = cfg.get("ckpt_path")
+    found = run_folder_of_checkpoint(str(ckpt_path)) if ckpt_path and not cfg.get("init_from") else None
+    return found is not None and os.path.realpath(found) == os.path.realpath(out_dir)
 
 
 def _attempt(cfg: DictConfig, event: str, **extra: Any) -> dict[str, Any]:
@@ -258,47 +313,78 @@ def _data_error(e: BaseException) -> BaseException | None:
 def _job(cfg: DictConfig) -> float | None:
     """One job of ``rmoe-train``: train one configuration; returns ``cfg.optimized_metric`` for sweepers.
 
-    Rank 0 locks the run folder (:mod:`tasks.run.run_folder`) and, on success, writes ``<run>/done``
+    Rank 0 locks the run folder (:mod:`tasks.run.run_folder`). Hydra's records of the job (``.hydra/``,
+    the log) wait in ``<run>/.rmoe-staging/`` until every check passed (config, run folder, a
+    continuation's config against the run's (:mod:`tasks.run.continuation`), checkpoint, data); a refused
+    attempt removes them and leaves the folder as it was. On success rank 0 writes ``<run>/done``
     (:mod:`tasks.run.jobs`); ``skip_if_done=true`` skips a job whose folder already has it and clears an
-    unfinished one first. Each attempt is listed in ``<run>/attempts.jsonl``."""
-    import sys
+    unfinished one first. Each attempt that passed its checks is listed in ``<run>/attempts.jsonl``."""
 
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from tasks.run.checks import ConfigError, check_config, check_overrides
-
-    try:  # before the run folder is touched, and before torch/Lightning are imported
-        check_config(cfg)
-        check_overrides(cfg, list(HydraConfig.get().overrides.task))
-    except ConfigError as e:
-        if HydraConfig.get().mode != RunMode.RUN:
-            raise  # a multirun records the failed job and goes on
-        print(f"rmoe-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
     from tasks.run import jobs
+    from tasks.run.checks import ConfigError, check_config, check_overrides
     from tasks.run.console import route_lightning_logs
-    from tasks.run.run_folder import acquire_lock, append_attempt, release_lock
+    from tasks.run.continuation import check_continuation
+    from tasks.run.run_folder import (
+        acquire_lock,
+        append_attempt,
+        check_records_before_start,
+        discard_staging,
+        release_lock,
+        remove_if_empty,
+        staging_dir,
+    )
 
     route_lightning_logs()  # Hydra's job logging prints Lightning's records: once
     out_dir = cfg.get("paths", {}).get("output_dir")
     name = cfg.get("optimized_metric")
     owner = bool(out_dir) and jobs.is_rank_zero()
-    if owner:
-        acquire_lock(out_dir)
+    staging = staging_dir(out_dir) if owner else None
+    committed, locked = [], False
     try:
+        try:  # before the run folder is touched, and before torch/Lightning are imported
+            check_config(cfg)
+            check_overrides(cfg, list(HydraConfig.get().overrides.task))
+        except ConfigError as e:
+            if HydraConfig.get().mode != RunMode.RUN:
+                raise  # a multirun records the failed job and goes on
+            print(f"rmoe-train: error: {e}", file=sys.stderr)
+            sys.exit(2)  # the finally below removes what Hydra staged for this attempt
+        changes: list[dict[str, Any]] = []
         if owner:
-            if not _start_job(cfg, out_dir):
+            acquire_lock(out_dir)
+            locked = True
+            if cfg.get("skip_if_done") and jobs.is_done(out_dir):
                 recorded = jobs.read_done(out_dir).get("metrics", {})
                 log.info("%s is done (skip_if_done=true): not training again", out_dir)
                 return recorded.get(name) if name else None
-            append_attempt(out_dir, _attempt(cfg, "start"))
+            check_records_before_start(out_dir, cfg.get("ckpt_path"), bool(cfg.get("skip_if_done")))
+            if _continues_in(cfg, out_dir):
+                changes = check_continuation(cfg, out_dir)
             _announce(cfg, out_dir)
-        try:
-            metrics, objects = train(cfg)
-        except BaseException as e:
+
+        def on_checked(resume_step: int | None) -> None:
             if owner:
+                _commit_attempt(cfg, out_dir, staging, changes, resume_step)
+                committed.append(True)
+
+        try:
+            metrics, objects = train(cfg, on_checked=on_checked)
+        except BaseException as e:
+            preempted = _preemption(e, out_dir)
+            if committed and preempted is not None:
+                append_attempt(out_dir, _attempt(cfg, "preempted", **preempted))
+            elif committed:
                 append_attempt(out_dir, _attempt(cfg, "failed", error=f"{type(e).__name__}: {e}"[:2000]))
+            if preempted is not None and jobs.is_rank_zero():
+                log.warning("preempted (%s): checkpoint %s; resume with:\n  %s", preempted["signal"],
+                            preempted["checkpoint"], preempted["resume"])
+                print(f"rmoe-train: preempted ({preempted['signal']}); resume with:\n  {preempted['resume']}",
+                      file=sys.stderr, flush=True)
+            if preempted is not None and e.code != preempted["exit_code"]:  # Lightning's SIGTERMException: code None
+                raise SystemExit(preempted["exit_code"]) from e
             data_error = _data_error(e)
             if data_error is not None and HydraConfig.get().mode == RunMode.RUN:
                 print(f"rmoe-train: error: {data_error}", file=sys.stderr)  # the message names key, file, fix
@@ -308,11 +394,15 @@ def _job(cfg: DictConfig) -> float | None:
         if out_dir and (trainer.is_global_zero if trainer is not None else jobs.is_rank_zero()):
             from callbacks.run_summary import git_commit
 
-            jobs.mark_done(out_dir, metrics, git_commit())
+            jobs.mark_done(out_dir, metrics, git_commit(), skipped_batches=_skipped_batches(trainer))
             append_attempt(out_dir, _attempt(cfg, "done", global_step=int(trainer.global_step) if trainer else None))
     finally:
-        if owner:
+        if owner and not committed:  # refused (or skipped): what Hydra wrote for this attempt goes
+            discard_staging(out_dir, staging)
+        if locked:
             release_lock(out_dir)
+        if owner and not committed:
+            remove_if_empty(out_dir)
     if not name:
         return None
     if name not in metrics:
@@ -325,11 +415,21 @@ def main() -> None:
     """``rmoe-train``. A ``ckpt_path`` inside a run folder continues that run in place (adds
     ``hydra.run.dir=<run>``); a single run whose folder is known from the command line locks it
     before Hydra writes ``.hydra/`` into it, so a second run into a busy folder changes nothing."""
-    import sys
 
     from tasks.run import jobs
     from tasks.run.cli import complete_nested, fast_help, wants_fast_help
-    from tasks.run.run_folder import RunFolderError, acquire_lock, plan_from_argv, release_lock
+    from tasks.run.continuation import continuation_argv
+    from tasks.run.run_folder import (
+        RunFolderError,
+        _value,
+        acquire_lock,
+        is_staging_override,
+        plan_from_argv,
+        release_lock,
+        remove_if_empty,
+        run_folder_of_checkpoint,
+        staging_overrides,
+    )
 
     if complete_nested(sys.argv[1:], CONF_DIR):  # shell completion of task= / experiment=
         return
@@ -346,6 +446,19 @@ def main() -> None:
             print(f"rmoe-train: error: {e}", file=sys.stderr)
             sys.exit(2)
     argv, run_dir = plan_from_argv(sys.argv[1:])
+    ckpt, continued = _value(argv, "ckpt_path"), None
+    if run_dir and ckpt and _value(argv, "init_from") is None:
+        continued = run_folder_of_checkpoint(ckpt)
+        if continued is not None and os.path.realpath(continued) == os.path.realpath(run_dir):
+            argv = continuation_argv(argv, continued)  # the run's own overrides, then the command line's
+    if not jobs.is_rank_zero():  # a DDP rank Lightning started with rank 0's command line: its log goes in place
+        argv = [a for a in argv if not is_staging_override(a)]
+    elif not any(a.startswith(("--cfg", "--info", "--help", "-h", "--hydra-help", "-sc", "--shell-completion"))
+                 for a in argv):
+        import time
+
+        own_logging = any(a.lstrip("+").startswith(("hydra/job_logging=", "hydra.job_logging")) for a in argv)
+        argv += staging_overrides(f"{os.getpid()}-{time.time_ns()}", log_file=not own_logging)  # wait there
     sys.argv[1:] = argv
     held = run_dir if run_dir and "${" not in run_dir and jobs.is_rank_zero() else None
     if held:
@@ -371,6 +484,7 @@ def main() -> None:
         tail.uninstall()
         if held:
             release_lock(held)
+            remove_if_empty(held)  # a refused run into a new folder leaves no folder behind
 
 
 if __name__ == "__main__":

@@ -40,11 +40,12 @@ def test_failing_job_does_not_stop_the_others_and_reruns_skip_finished_jobs(tmp_
     ok, bad = [sweep / "lr0.0001", sweep / "lr0.0002"], sweep / "lr-1.0"
     # ... but only after the job after it ran to the end
     assert all(jobs.is_done(d) for d in ok)
-    assert bad.is_dir() and not jobs.is_done(bad)
+    assert not bad.exists()  # a refused job leaves no folder behind (nor .hydra/, train.log)
     for d in ok:
         assert (d / "summary.json").is_file() and (d / "metrics.csv").is_file()
         assert "val/score" in jobs.read_done(d)["metrics"]
     stamp = {d: (d / "done").stat().st_mtime_ns for d in ok}
+    records = {d: {p.name: p.read_bytes() for p in [*(d / ".hydra").iterdir(), d / "train.log"]} for d in ok}
 
     # a job killed mid-way left partial outputs and no done file: cleared and redone from scratch
     killed = sweep / "lr0.0003"
@@ -59,4 +60,6 @@ def test_failing_job_does_not_stop_the_others_and_reruns_skip_finished_jobs(tmp_
     assert json.loads((killed / "summary.json").read_text())["done"] is True
     # finished jobs were not trained again: their done files are untouched and their log says so
     assert {d: (d / "done").stat().st_mtime_ns for d in ok} == stamp
-    assert "is done (skip_if_done=true): not training again" in (ok[0] / "train.log").read_text()
+    # ... and their records (.hydra/, train.log) are the ones of the run that finished, not the skipped job's
+    assert "is done (skip_if_done=true): not training again" in r.stdout + r.stderr
+    assert {d: {p.name: p.read_bytes() for p in [*(d / ".hydra").iterdir(), d / "train.log"]} for d in ok} == records

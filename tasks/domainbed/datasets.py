@@ -29,6 +29,7 @@ import hashlib
 import inspect
 import json
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -151,8 +152,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     int32 dims, then the data. Only unsigned byte data (MNIST) is supported."""
     path = str(path)
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a cut download, a corrupt or non-gzip file
+        raise DomainBedDataError(f"{path} is a corrupt gzip file ({type(e).__name__}: {e}); allowed: an MNIST idx "
+                                 "file, gzip-compressed (.gz) or not -- download it again") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DomainBedDataError(f"{path} is not an idx file (bad magic number)")
     if data[2] != 0x08:

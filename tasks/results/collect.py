@@ -10,7 +10,9 @@ into :class:`~tasks.results.table.Table` s, printed as Markdown and/or LaTeX
 Rows are keyed by method identity (the ``variant``, default ``moe.name``) plus every override that
 varies between the runs of a cell (:mod:`tasks.results.grouping`): a β × λ_min × seed grid gives
 one row per (β, λ_min); each cell shows its number of seeds ``n``. Two folders with the same full
-key are logged as a warning naming them (the first is kept).
+key -- which includes every swept key: the seeds, the learning rate, ``hparams_seed`` -- are logged as a
+warning naming them (the first is kept). Runs that dropped batches (``callbacks.numerics.on_fault=skip``)
+are left out and listed unless ``--include-skipped``.
 
 Readers: ``domainbed`` (DomainBed's collect_results: per dataset and model-selection method, one
 column per test domain, mean ± SE over trial seeds; :mod:`tasks.results.domainbed`), ``glue`` (the
@@ -59,17 +61,22 @@ class DomainBedReader:
 READERS: list[Any] = [GlueReader(), DomainBedReader()]
 
 
-def collect(input_dir: str, fmt: str = "both", save: bool = True) -> str:
-    """Read, select and render; returns the printed text."""
+def collect(input_dir: str, fmt: str = "both", save: bool = True, include_skipped: bool = False) -> str:
+    """Read, select and render; returns the printed text. ``include_skipped``: count runs that dropped
+    batches (``callbacks.numerics.on_fault=skip``), left out by default."""
     if not os.path.isdir(input_dir):
         raise SystemExit(f"--input_dir {input_dir!r} is not a folder")
-    s = scan(input_dir)
+    s = scan(input_dir, include_skipped=include_skipped)
     for d in s.incomplete:
-        print(f"ignored (no done file): {os.path.join(input_dir, d)}", file=sys.stderr)
+        print(f"ignored (no done file, or an empty one): {os.path.join(input_dir, d)}", file=sys.stderr)
     for d in s.debug:
         print(f"skipped (debug run): {os.path.join(input_dir, d)}", file=sys.stderr)
+    for d in s.skipped_batches:
+        print(f"left out (batches skipped by callbacks.numerics.on_fault=skip; --include-skipped counts it): "
+              f"{os.path.join(input_dir, d)}", file=sys.stderr)
     skipped = (f"Ignored incomplete runs (no `done` file): {len(s.incomplete)}\n"
-               f"Skipped debug runs: {len(s.debug)}\n")
+               f"Skipped debug runs: {len(s.debug)}\n"
+               + (f"Left out runs with skipped batches: {len(s.skipped_batches)}\n" if s.skipped_batches else ""))
     if not s.runs:
         raise SystemExit(f"no results.jsonl records or GLUE summary.json found in complete runs below "
                          f"{input_dir!r} ({len(s.incomplete)} incomplete run folders without a done file ignored, "
@@ -106,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--format", choices=("markdown", "latex", "both"), default="both")
     p.add_argument("--latex", action="store_true", help="LaTeX only (same as --format latex)")
     p.add_argument("--no-save", action="store_true", help="do not write results.md / results.tex")
+    p.add_argument("--include-skipped", action="store_true",
+                   help="count runs that dropped batches (callbacks.numerics.on_fault=skip); left out by default")
     p.add_argument("--study", metavar="RESULTS_DIR",
                    help="write the study report from RESULTS_DIR (e.g. docs/results) instead; see tasks.study.report")
     p.add_argument("--output", default=None, help="with --study: the report file (default <RESULTS_DIR>/../RESULTS.md)")
@@ -121,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error("--input_dir is required (or --study RESULTS_DIR)")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    text = collect(a.input_dir, "latex" if a.latex else a.format, save=not a.no_save)
+    text = collect(a.input_dir, "latex" if a.latex else a.format, save=not a.no_save,
+                   include_skipped=a.include_skipped)
     sys.stdout.write(text)
 
 

@@ -16,7 +16,15 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .grouping import configurations, drop_duplicates, row_name
+from .grouping import (
+    REPLICATION_KEYS,
+    SELECTION_KEYS,
+    configurations,
+    drop_duplicates,
+    row_name,
+    sweep_values,
+    varying,
+)
 from .labels import environment_names as _environment_names
 from .labels import sort_datasets, sort_variants, variant_label
 from .records import RunRecord
@@ -37,24 +45,58 @@ def format_mean(data: Sequence[float], latex: bool) -> tuple[float | None, float
     return 100 * m, None if se is None else 100 * se, f"{fmt_score(m, se, latex)} (n={n})"
 
 
+#: replication / selection overrides DomainBed's own records already carry (args.trial_seed, test_envs, hparams_seed)
+_DOMAINBED_AXES = frozenset({"trial_seed", "data.trial_seed", "test_envs", "data.test_envs", "data.hparams_seed"})
+
+
 def domainbed_records(runs: Sequence[RunRecord]) -> list[Record]:
     """The DomainBed records of ``runs`` with ``args.algorithm`` = the run's row (variant plus the
-    overrides that vary within its (dataset, variant) cell); of runs with the same (dataset, row,
-    test envs, trial seed, hparams seed) the first folder is kept and a warning names them all."""
+    overrides that vary within its (dataset, variant) cell). Of runs with the same (dataset, row, test
+    envs, trial seed, hparams seed and every other seed / selection override) the first folder is kept and
+    a warning names them all. Other swept axes join DomainBed's: a swept training ``seed`` makes each
+    (trial seed, seed) a replicate the table averages over (``args.trial_seed``, ``args.replicate_keys``);
+    a swept ``module.lr`` makes each (hparams seed, lr) a candidate model selection chooses among
+    (``args.hparams_seed``, ``args.candidate_keys``)."""
     runs = [r for r in runs if r.raw_records]
     configs = configurations(runs, lambda r: (r.task, r.variant))
 
     def full_key(r: RunRecord) -> tuple:
         a = r.raw_records[0]["args"]
         return (str(a["dataset"]), row_name(r.variant, configs[r.rel]), tuple(a["test_envs"]), a["trial_seed"],
-                a.get("hparams_seed", 0))
+                a.get("hparams_seed", 0), sweep_values(r))
 
     kept, _ = drop_duplicates(runs, full_key)
-    out = []
+    cells: dict[tuple, list[RunRecord]] = {}
     for r in kept:
-        row = row_name(r.variant, configs[r.rel])
-        out += [dict(rec, args=dict(rec["args"], algorithm=row)) for rec in r.raw_records]
+        cells.setdefault((r.raw_records[0]["args"]["dataset"], row_name(r.variant, configs[r.rel])), []).append(r)
+    out = []
+    for (_, row), members in cells.items():
+        rep = varying(members, REPLICATION_KEYS - _DOMAINBED_AXES)
+        cand = varying(members, SELECTION_KEYS - _DOMAINBED_AXES)
+        for r in members:
+            def tag(base: Any, keys: list[str], r: RunRecord = r) -> Any:
+                return base if not keys else f"{base} " + ",".join(f"{k}={r.override_dict.get(k, '-')}" for k in keys)
+
+            for rec in r.raw_records:
+                a = dict(rec["args"], algorithm=row)
+                if rep:
+                    a.update(trial_seed=tag(a["trial_seed"], rep), replicate_keys=["trial_seed", *rep])
+                if cand:
+                    a.update(hparams_seed=tag(a.get("hparams_seed", 0), cand), candidate_keys=["hparams_seed", *cand])
+                out.append(dict(rec, args=a))
     return out
+
+
+def averaging_notes(records: Sequence[Record]) -> list[str]:
+    """How the table averaged, where a swept seed or learning rate joined DomainBed's axes."""
+    notes = []
+    rep = sorted({" × ".join(r["args"]["replicate_keys"]) for r in records if r["args"].get("replicate_keys")})
+    cand = sorted({" × ".join(r["args"]["candidate_keys"]) for r in records if r["args"].get("candidate_keys")})
+    if rep:
+        notes.append(f"n counts replicates ({'; '.join(rep)}): each training seed of a trial seed is one.")
+    if cand:
+        notes.append(f"Model selection chooses among the candidates {'; '.join(cand)} (each learning rate is one).")
+    return notes
 
 
 def is_domainbed_record(r: Record) -> bool:
@@ -101,7 +143,8 @@ def results_tables(records: list[Record], method: type[SelectionMethod], latex: 
             avg = "X" if None in means else f"{sum(means) / len(means):.1f}"
             rows.append([variant_label(alg), *cells, avg])
         tables.append(Table(title=f"Dataset: {dataset}, model selection method: {method.name}",
-                            header=["Algorithm", *envs, "Avg"], rows=rows, section=dataset, notes=[SE_NOTE]))
+                            header=["Algorithm", *envs, "Avg"], rows=rows, section=dataset,
+                            notes=[SE_NOTE, *averaging_notes(records)]))
     rows = []
     for alg in algorithms:
         cells, means = [], []
@@ -117,7 +160,8 @@ def results_tables(records: list[Record], method: type[SelectionMethod], latex: 
         rows.append([variant_label(alg), *cells, avg])
     tables.append(Table(title=f"Averages, model selection method: {method.name}",
                         header=["Algorithm", *datasets, "Avg"], rows=rows, section="Averages",
-                        notes=["Per trial seed the mean over the test domains it has, then " + SE_NOTE]))
+                        notes=["Per trial seed the mean over the test domains it has, then " + SE_NOTE,
+                               *averaging_notes(records)]))
     return tables
 
 

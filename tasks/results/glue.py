@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .grouping import configurations, drop_duplicates, row_name
+from .grouping import configurations, drop_duplicates, row_name, sweep_values
 from .labels import glue_task_label, sort_glue_tasks, sort_variants, variant_label
 from .records import RunRecord, read_metas
 from .stats import mean_se
@@ -51,7 +51,7 @@ def glue_summaries(runs: Sequence[RunRecord]) -> list[Run]:
     runs = [r for r in runs if r.summary is not None and is_glue_summary(r.summary)]
     configs = configurations(runs, lambda r: (r.task, r.variant))
     kept, _ = drop_duplicates(runs, lambda r: (r.task, row_name(r.variant, configs[r.rel]), r.get("lr"),
-                                               r.get("seed")))
+                                               r.get("seed"), sweep_values(r)))
     return [dict(r.summary, run_dir=r.path, _row=row_name(r.variant, configs[r.rel])) for r in kept]
 
 

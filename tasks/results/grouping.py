@@ -13,8 +13,9 @@ So a β × λ_min × seed grid gives one row per (β, λ_min), each averaged ove
 README one-liner ablation without ``variant=`` (``moe.fusion=null``) gets its own row too. The row
 name is ``"<variant> [key=value, ...]"`` over the varying keys the run set (sorted); a run that set
 none of them keeps the plain ``"<variant>"`` row.
-Runs with the same *full* key (cell, configuration, selection and replication values) are
-duplicates: :func:`drop_duplicates` keeps the first folder (by path) and logs a warning naming all.
+Runs with the same *full* key (cell, configuration, and every selection and replication value the
+run set: :func:`sweep_values`) are duplicates: :func:`drop_duplicates` keeps the first folder (by path)
+and logs a warning naming all.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ SELECTION_KEYS = frozenset({"module.lr", "data.hparams_seed"})
 BOOKKEEPING_KEYS = frozenset({"ckpt_path", "init_from", "skip_if_done", "tags", "logger", "data.root", "study_version",
                               "data.glue_dir", "data.num_workers", "trainer.devices", "trainer.accelerator",
                               "trainer.enable_progress_bar"})
-BOOKKEEPING_PREFIXES = ("paths.", "hydra.", "logger.", "wandb.")
+BOOKKEEPING_PREFIXES = ("paths.", "hydra.", "logger.", "wandb.", "resume.")
 _UNSET = object()
 
 Config = tuple[tuple[str, str], ...]
@@ -58,6 +59,18 @@ def configurations(runs: Sequence[RunRecord], cell: Callable[[RunRecord], Hashab
         for r, d in zip(members, dicts):
             out[r.rel] = tuple((k, d[k]) for k in varying if k in d)
     return out
+
+
+def sweep_values(r: RunRecord) -> Config:
+    """The run's replication and selection overrides (seeds, trial seed, test domains, lr, hparams_seed):
+    part of every full key, so runs of one row that differ only there are never duplicates."""
+    keys = REPLICATION_KEYS | SELECTION_KEYS
+    return tuple(sorted((k, v) for k, v in r.override_dict.items() if k in keys))
+
+
+def varying(runs: Sequence[RunRecord], keys: Iterable[str]) -> list[str]:
+    """Those of ``keys`` whose override value (or absence) differs between ``runs``."""
+    return sorted(k for k in keys if len({r.override_dict.get(k, _UNSET) for r in runs}) > 1)
 
 
 def row_name(variant: str, config: Config) -> str:

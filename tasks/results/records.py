@@ -2,7 +2,11 @@
 
 What a run folder holds is :mod:`callbacks.records` (the schema the writers use too). A folder is a
 *run* when it holds ``summary.json`` or ``results.jsonl``; it is *complete* when it also holds
-``done`` (:func:`scan` leaves the others out and lists them). A complete run is a *debug run* --
+``done`` (:func:`scan` leaves the others out and lists them) -- in a folder ``rmoe-train`` ran
+(it holds ``attempts.jsonl``) only a ``done`` holding its record (JSON with ``metrics``) counts: an empty
+or unreadable one does not (DomainBed's own folders write an empty ``done``, which counts there). A
+complete run whose ``done`` records skipped batches (``callbacks.numerics.on_fault=skip``) is left out
+and listed unless ``include_skipped``. A complete run is a *debug run* --
 left out of every table and listed -- when its ``task_name`` starts with ``debug`` or it was composed
 with a ``debug`` group option (Hydra's runtime choice in ``.hydra/hydra.yaml``, or a ``debug=...``
 override in ``.hydra/overrides.yaml`` / ``summary.json``).
@@ -35,6 +39,7 @@ from typing import Any
 import yaml
 
 from callbacks.records import (
+    ATTEMPTS_FILE,
     CONFIG_FILE,
     DONE_FILE,
     HYDRA_FILE,
@@ -199,26 +204,36 @@ def read_run(path: str, root: str | None = None) -> RunRecord:
 @dataclass
 class Scan:
     """The runs below a folder: ``runs`` (complete, not debug; sorted by folder), ``incomplete``
-    (folders without ``done``) and ``debug`` (complete debug runs, left out), both as relative paths."""
+    (folders without a valid ``done``), ``debug`` (complete debug runs, left out) and ``skipped_batches``
+    (complete runs that dropped batches, left out unless asked for), as relative paths."""
 
     root: str
     runs: list[RunRecord]
     incomplete: list[str]
     debug: list[str]
+    skipped_batches: list[str] = field(default_factory=list)
 
     def bench(self, benchmark: str) -> list[RunRecord]:
         return [r for r in self.runs if r.benchmark == benchmark]
 
 
-def scan(root: str, include_debug: bool = False) -> Scan:
+def _done_is_valid(dirpath: str, files: list[str]) -> bool:
+    if DONE_FILE not in files:
+        return False
+    if ATTEMPTS_FILE not in files:
+        return True  # DomainBed's own output folders: an empty done
+    return isinstance(read_done(dirpath).get("metrics"), dict)
+
+
+def scan(root: str, include_debug: bool = False, include_skipped: bool = False) -> Scan:
     """Every run folder below ``root`` (any depth; Hydra multirun folders nest)."""
-    runs, incomplete, debug = [], [], []
+    runs, incomplete, debug, skipped = [], [], [], []
     for dirpath, dirs, files in os.walk(root, followlinks=True):
         dirs.sort()
         if SUMMARY_FILE not in files and RESULTS_FILE not in files:
             continue
         rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        if DONE_FILE not in files:
+        if not _done_is_valid(dirpath, files):
             incomplete.append(rel)
             continue
         run = read_run(dirpath, root)
@@ -227,8 +242,11 @@ def scan(root: str, include_debug: bool = False) -> Scan:
         if run.debug and not include_debug:
             debug.append(rel)
             continue
+        if int((run.done or {}).get("skipped_batches") or 0) > 0 and not include_skipped:
+            skipped.append(rel)
+            continue
         runs.append(run)
-    return Scan(root, sorted(runs, key=lambda r: r.rel), sorted(incomplete), sorted(debug))
+    return Scan(root, sorted(runs, key=lambda r: r.rel), sorted(incomplete), sorted(debug), sorted(skipped))
 
 
 def load_summaries(input_dir: str, benchmark: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:

@@ -6,7 +6,8 @@ the key, the value and what is allowed:
 
 * ``trainer.max_steps``: -1 (no step limit, ``trainer.max_epochs`` decides) or an integer >= 1;
   ``trainer.max_epochs`` >= 1 when there is no step limit (-1 with ``max_steps=-1`` would never
-  end); ``trainer.limit_train_batches`` not 0;
+  end); ``trainer.limit_train_batches`` not 0; ``trainer.accumulate_grad_batches``: an integer >= 1;
+  ``trainer.val_check_interval``: null, a fraction in (0, 1] or an integer >= 1;
 * ``moe.layers`` for an MoE method (``moe.router`` not null): a non-empty list of distinct integer
   layer indices within the backbone's depth (when it is known from the config);
 * ``trainer.strategy`` when ``moe.aux_loss`` is ``global_batch`` and ``trainer.accumulate_grad_batches > 1``:
@@ -100,6 +101,15 @@ def check_trainer(cfg: Any) -> None:
     if steps == -1 and (epochs is None or epochs == -1) and _has(cfg, "trainer.max_epochs"):
         _fail("trainer.max_epochs", epochs, "an integer >= 1 when trainer.max_steps=-1",
               "with trainer.max_steps=-1 the run would never end")
+    acc = _get(cfg, "trainer.accumulate_grad_batches", None)
+    if acc is not None and (not _is_int(acc) or acc < 1):
+        _fail("trainer.accumulate_grad_batches", acc, "an integer >= 1 (1: no accumulation)",
+              "Lightning would divide by it inside the first step")
+    vci = _get(cfg, "trainer.val_check_interval", None)
+    if vci is not None and (not _is_number(vci) or not math.isfinite(float(vci)) or vci <= 0
+                            or (isinstance(vci, float) and vci > 1)):
+        _fail("trainer.val_check_interval", vci, "null (once per epoch), a fraction of an epoch in (0.0, 1.0] "
+              "or an integer number of training batches >= 1")
     limit = _get(cfg, "trainer.limit_train_batches", None)
     if limit is not None and (not _is_number(limit) or limit <= 0 or not math.isfinite(float(limit))):
         _fail("trainer.limit_train_batches", limit, "a fraction in (0, 1] or an integer >= 1")

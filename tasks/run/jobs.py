@@ -37,12 +37,14 @@ def is_done(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / DONE).is_file()
 
 
-def mark_done(run_dir: str | os.PathLike, metrics: Mapping[str, float], commit: str | None = None) -> Path:
-    """Write ``<run_dir>/done`` atomically (temp file + rename)."""
+def mark_done(run_dir: str | os.PathLike, metrics: Mapping[str, float], commit: str | None = None,
+              skipped_batches: int = 0) -> Path:
+    """Write ``<run_dir>/done`` atomically with its content (temp file + fsync + rename); ``skipped_batches``:
+    the batches ``callbacks.numerics.on_fault=skip`` dropped (collectors leave such runs out unless asked)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
-              "metrics": {k: float(v) for k, v in sorted(metrics.items())}}
+              "metrics": {k: float(v) for k, v in sorted(metrics.items())}, "skipped_batches": int(skipped_batches)}
     return write_json_atomic(run_dir / DONE, record)
 
 

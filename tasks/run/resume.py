@@ -34,6 +34,8 @@ from callbacks.resume import IDENTITY_KEY
 SHOW = 5  # mismatching keys named in the message, per kind
 ALLOWED = ("a complete checkpoint written by rmoe-train for this model configuration "
            "(e.g. <run>/checkpoints/last.ckpt), or ckpt_path=null to start from scratch")
+INIT_ALLOWED = ("a complete checkpoint written by rmoe-train whose weights fit this model (e.g. "
+                "<run>/checkpoints/best_epoch002.ckpt), or init_from=null to start from random/pretrained weights")
 IDENTITY_FIELDS = ("task_name", "task", "test_envs", "method", "variant", "backbone")
 
 
@@ -85,6 +87,10 @@ def check_identity(path: str, saved: Mapping[str, Any] | None, expected: Mapping
             "a new run")
 
 
+def _allowed(key: str) -> str:
+    return INIT_ALLOWED if key == "init_from" else ALLOWED
+
+
 def _is_local_path(ckpt_path: str) -> bool:
     if ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry"):
         return False
@@ -100,15 +106,17 @@ def _first(items: list[str], n: int = SHOW) -> str:
     return ", ".join(items[:n]) + more
 
 
-def load_checkpoint_file(ckpt_path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint for inspection; a clear error naming the path when it is missing or corrupt."""
+def load_checkpoint_file(ckpt_path: str | os.PathLike, key: str = "ckpt_path") -> dict[str, Any]:
+    """Read a checkpoint for inspection; a clear error naming ``key`` (the config key that gave it) and the
+    path when it is missing or corrupt."""
     path = os.fspath(ckpt_path)
+    allowed = _allowed(key)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"ckpt_path={path!r}: no such file; allowed: {ALLOWED}")
+        raise FileNotFoundError(f"{key}={path!r}: no such file; allowed: {allowed}")
     if os.path.isdir(path):
-        raise IsADirectoryError(f"ckpt_path={path!r} is a folder; allowed: {ALLOWED}")
+        raise IsADirectoryError(f"{key}={path!r} is a folder; allowed: {allowed}")
     if os.path.getsize(path) == 0:
-        raise ValueError(f"ckpt_path={path!r} is an empty file (0 bytes); allowed: {ALLOWED}")
+        raise ValueError(f"{key}={path!r} is an empty file (0 bytes); allowed: {allowed}")
     try:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -117,12 +125,12 @@ def load_checkpoint_file(ckpt_path: str | os.PathLike) -> dict[str, Any]:
                 raise
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ValueError(f"ckpt_path={path!r} is not a readable checkpoint (truncated or corrupt?): "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; allowed: {ALLOWED}") from e
+        raise ValueError(f"{key}={path!r} is not a readable checkpoint (truncated or corrupt?): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; allowed: {allowed}") from e
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
         what = f"keys {sorted(ckpt)[:8]}" if isinstance(ckpt, Mapping) else f"a {type(ckpt).__name__}"
-        raise ValueError(f"ckpt_path={path!r} is not a Lightning checkpoint: no 'state_dict' mapping ({what}); "
-                         f"allowed: {ALLOWED}")
+        raise ValueError(f"{key}={path!r} is not a Lightning checkpoint: no 'state_dict' mapping ({what}); "
+                         f"allowed: {allowed}")
     return dict(ckpt)
 
 
@@ -136,7 +144,8 @@ def state_dict_mismatch(saved: Mapping[str, Any], expected: Mapping[str, Any],
     return {"missing": missing, "unexpected": unexpected, "shape": shape}
 
 
-def check_checkpoint(ckpt_path: str | os.PathLike | None, model: torch.nn.Module) -> dict[str, Any] | None:
+def check_checkpoint(ckpt_path: str | os.PathLike | None, model: torch.nn.Module,
+                     key: str = "ckpt_path") -> dict[str, Any] | None:
     """Fail before training when ``ckpt_path`` cannot be resumed into ``model`` (see module docstring).
 
     Returns the loaded (memory-mapped) checkpoint, or ``None`` when there is nothing to check."""
@@ -145,7 +154,7 @@ def check_checkpoint(ckpt_path: str | os.PathLike | None, model: torch.nn.Module
     path = os.fspath(ckpt_path)
     if not _is_local_path(path):
         return None
-    ckpt = load_checkpoint_file(path)
+    ckpt = load_checkpoint_file(path, key)
     expected = model.state_dict()
     diff = state_dict_mismatch(ckpt["state_dict"], expected, strict=bool(getattr(model, "strict_loading", True)))
     if any(diff.values()):
@@ -158,16 +167,16 @@ def check_checkpoint(ckpt_path: str | os.PathLike | None, model: torch.nn.Module
         if diff["unexpected"]:
             parts.append(f"{len(diff['unexpected'])} key(s) the model does not have: {_first(diff['unexpected'])}")
         raise CheckpointMismatchError(
-            f"ckpt_path={path!r} does not fit the model {type(model).__name__} "
+            f"{key}={path!r} does not fit the model {type(model).__name__} "
             f"({len(expected)} tensors): " + "; ".join(parts)
             + f". The checkpoint was written for another architecture (backbone, moe option, num_experts/"
-              f"max_experts or MoE layers); allowed: {ALLOWED}")
+              f"max_experts or MoE layers); allowed: {_allowed(key)}")
     return ckpt
 
 
 def init_from_checkpoint(init_from: str | os.PathLike, model: torch.nn.Module) -> None:
     """Load only the weights of ``init_from`` into ``model`` (a new run starting from them)."""
-    ckpt = check_checkpoint(init_from, model)
+    ckpt = check_checkpoint(init_from, model, key="init_from")
     if ckpt is None:
         raise ValueError(f"init_from={os.fspath(init_from)!r}: allowed: a local checkpoint file")
     model.load_state_dict(ckpt["state_dict"], strict=bool(getattr(model, "strict_loading", True)))

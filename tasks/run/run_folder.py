@@ -6,12 +6,17 @@
   reused) is stale and taken over with a warning. The lock is re-entrant within one process and
   removed when the run ends. ``rmoe-train`` takes it before Hydra writes ``.hydra/`` when the run
   folder is known from the command line (``hydra.run.dir=`` or a ``ckpt_path`` inside a run folder).
+* **Staging.** Hydra writes a job's ``.hydra/`` and log at job start, before any check ran:
+  ``rmoe-train`` points them at ``<run>/.rmoe-staging/<pid>-<ns>/`` (:func:`staging_overrides`). When
+  the attempt has passed every check (config, run folder, continuation config, checkpoint file, fit
+  and identity, data), :func:`promote_staging` moves them into place; a refused attempt
+  (:func:`discard_staging`) leaves the folder exactly as it was, and a folder it created empty is removed.
 * **Continuation in place.** ``rmoe-train ckpt_path=<run>/checkpoints/last.ckpt`` (no
-  ``hydra.run.dir``) continues in ``<run>``. When a continuation starts, ``done`` is removed (and
-  written again only when it succeeds); the attempts are listed in ``<run>/attempts.jsonl``
-  (start/end time, pid, host, overrides, ckpt_path, status) since Hydra rewrites
-  ``.hydra/overrides.yaml`` for every attempt. A checkpoint of *another* run folder cannot be
-  resumed into this one (the records would be split over two folders); a fresh run (no
+  ``hydra.run.dir``) continues in ``<run>`` with the run's own config (:mod:`tasks.run.continuation`).
+  Once the continuation passed its checks, ``done`` is removed (and written again only when it
+  succeeds); the attempts that passed their checks are listed in ``<run>/attempts.jsonl``
+  (start/end time, pid, host, overrides, ckpt_path, status, allowed changes). A checkpoint of
+  *another* run folder cannot be resumed into this one (the records would be split over two folders); a fresh run (no
   ``ckpt_path``) into a folder that already holds records is refused unless ``skip_if_done=true``
   (which clears an unfinished folder).
 * **Records.** Lightning's CSV logger deletes an existing ``metrics.csv`` when it starts; on resume
@@ -36,12 +41,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from callbacks.records import DONE_FILE, METRICS_FILE, RESULTS_FILE, SUMMARY_FILE
+from callbacks.records import ATTEMPTS_FILE, DONE_FILE, METRICS_FILE, RESULTS_FILE, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
 LOCK = ".rmoe.lock"
-ATTEMPTS = "attempts.jsonl"
+ATTEMPTS = ATTEMPTS_FILE
+# where a new attempt's Hydra records (.hydra/, train.log) wait until the attempt passed every check
+STAGING = ".rmoe-staging"
 # files/folders that are records of a run (a fresh run must not mix its own into them)
 RECORDS = (DONE_FILE, METRICS_FILE, RESULTS_FILE, SUMMARY_FILE, "checkpoints")
 
@@ -164,6 +171,126 @@ def release_lock(run_dir: str | os.PathLike) -> None:
         try:
             os.unlink(path)
         except FileNotFoundError:
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# staging: a new attempt's .hydra/ and train.log wait beside the run's until every check passed
+# --------------------------------------------------------------------------------------------
+def staging_overrides(tag: str, log_file: bool = True) -> list[str]:
+    """Hydra overrides that make a job write its ``.hydra/`` and (``log_file``: with Hydra's default job
+    logging) ``train.log`` into ``<run>/.rmoe-staging/<tag>/`` (``rmoe-train`` adds them;
+    :func:`promote_staging` moves them into place)."""
+    out = [f"hydra.output_subdir={STAGING}/{tag}/.hydra"]
+    if log_file:  # opened at its first line (the staging folder does not exist when Hydra configures logging)
+        out += [f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/{STAGING}/{tag}/"
+                "${hydra.job.name}.log", "++hydra.job_logging.handlers.file.delay=true"]
+    return out
+
+
+def is_staging_override(arg: str) -> bool:
+    """Whether ``arg`` is one of :func:`staging_overrides` (a DDP rank > 0 drops them: rank 0 owns the folder)."""
+    if arg == "++hydra.job_logging.handlers.file.delay=true":
+        return True
+    return arg.startswith(("hydra.output_subdir=", "hydra.job_logging.handlers.file.filename=")) and \
+        f"{STAGING}/" in arg
+
+
+def staging_dir(run_dir: str | os.PathLike) -> Path | None:
+    """This job's staging folder (from Hydra's ``output_subdir``), or None when Hydra writes in place."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None
+        sub = HydraConfig.get().output_subdir
+    except (ImportError, ValueError):
+        return None
+    if not sub or Path(sub).parts[0] != STAGING:
+        return None
+    return Path(run_dir) / Path(sub).parent
+
+
+def _staged_file_handlers(staging: Path) -> list[Any]:
+    import logging as _logging
+
+    root = os.path.realpath(staging)
+    return [h for h in _logging.getLogger().handlers if isinstance(h, _logging.FileHandler)
+            and os.path.realpath(h.baseFilename).startswith(root + os.sep)]
+
+
+def promote_staging(run_dir: str | os.PathLike, staging: Path | None) -> None:
+    """The attempt passed every check: its ``.hydra/`` replaces the run's, its log so far is appended
+    to ``<run>/<job>.log`` and the log handler writes there from now on; stale staging folders of
+    attempts killed before their checks passed are removed."""
+    run_dir = Path(run_dir)
+    if staging is None:
+        return
+    if staging.is_dir():
+        new_hydra = staging / ".hydra"
+        if new_hydra.is_dir():
+            old = run_dir / ".hydra"
+            if old.is_dir():
+                os.replace(old, staging / ".hydra-replaced")
+            os.replace(new_hydra, old)
+        for h in _staged_file_handlers(staging):
+            final = run_dir / os.path.basename(h.baseFilename)
+            h.acquire()
+            try:
+                if h.stream is not None:
+                    h.stream.flush()
+                    h.stream.close()
+                    h.stream = None
+                staged = Path(h.baseFilename)
+                if staged.is_file():
+                    with open(final, "a") as out:
+                        out.write(staged.read_text())
+                h.baseFilename = os.fspath(final.resolve())
+            finally:
+                h.release()
+    remove_staging(run_dir, keep=None)
+
+
+def discard_staging(run_dir: str | os.PathLike, staging: Path | None) -> None:
+    """The attempt was refused: remove what Hydra wrote for it (its staging folder; its log handler is
+    closed and detached) and leave the run folder as it was; a folder left empty is removed."""
+    import logging as _logging
+    import shutil
+
+    if staging is None:
+        return
+    for h in _staged_file_handlers(staging):
+        _logging.getLogger().removeHandler(h)
+        h.close()
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        os.rmdir(Path(run_dir) / STAGING)
+    except OSError:
+        pass
+
+
+def remove_staging(run_dir: str | os.PathLike, keep: Path | None) -> None:
+    """Remove ``<run>/.rmoe-staging/`` but ``keep`` (the folder is locked: no other attempt is staging)."""
+    import shutil
+
+    root = Path(run_dir) / STAGING
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if keep is None or os.path.realpath(p) != os.path.realpath(keep):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    try:
+        os.rmdir(root)
+    except OSError:
+        pass
+
+
+def remove_if_empty(run_dir: str | os.PathLike | None) -> None:
+    """Remove ``run_dir`` when a refused run left it empty (it created it)."""
+    if run_dir:
+        try:
+            os.rmdir(run_dir)
+        except OSError:
             pass
 
 

@@ -173,3 +173,17 @@ def test_probe_leaves_fusion_state_untouched(tmp_path):
         _fit(tmp_path / str(len(cbs)), m, cbs, steps=5)
         results.append(m.moe.fusion.m.clone())
     assert torch.equal(results[0], results[1])
+
+
+def test_a_failed_plot_write_warns_records_and_training_goes_on(tmp_path):
+    """A plot folder that cannot be created (a file is in the way: a real OSError, as on a full disk)."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    cb = RoutingStabilityCallback(log_every_n_steps=1, probe_every_n_steps=2, probe_size=16,
+                                  plot_dir=str(blocker / "plots"))
+    with pytest.warns(UserWarning, match=rf"routing plots not written to {blocker / 'plots'} at step 3 \("):
+        trainer = _fit(tmp_path, TinyMoEClassifier(), [cb], steps=6, val=[_loader(32, 1)])
+    assert trainer.global_step == 6  # the run went on to the end
+    assert [e["step"] for e in cb.plot_write_errors] == [3, 6]
+    assert all(e["plot_dir"] == str(blocker / "plots") and e["error"].startswith(("FileExistsError", "NotADirectory"))
+               for e in cb.plot_write_errors)

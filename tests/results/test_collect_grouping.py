@@ -197,3 +197,59 @@ def test_duplicate_keys_warn_naming_the_folders(tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records if "same key" in r.getMessage()]
     assert len(warned) == 1 and str(db / "one") in warned[0] and str(db / "two") in warned[0]
     assert "| RMoE | 80.0 (n=1) | X | X | X |" in out
+
+
+def test_a_seed_sweep_at_one_trial_seed_averages_over_the_seeds(tmp_path, caplog):
+    """``rmoe-train -m moe=moe_topk,rmoe seed=0,1`` (one trial seed): each training seed is a replicate.
+    RMoE .80 .84 -> 82.0, SE = .028284 / √2 = 2.0 (n=2); top-k .60 .70 -> 65.0, SE = .070711 / √2 = 5.0 (n=2)."""
+    root = str(tmp_path)
+    for moe, accs in (("rmoe", (.80, .84)), ("moe_topk", (.60, .70))):
+        for seed, acc in enumerate(accs):
+            write_run(os.path.join(root, f"{moe}{seed}"), db_summary(moe, 0, method=moe),
+                      [db_record(0, acc, algorithm=moe)], overrides=[f"moe={moe}", f"seed={seed}"])
+    with caplog.at_level(logging.WARNING, logger="tasks.results"):
+        out = collect(root, fmt="markdown", save=False)
+    assert not [r for r in caplog.records if "same key" in r.getMessage()]
+    train_val = out.split("### Model selection: leave-one-domain-out")[0]
+    assert "| RMoE | 82.0 ± 2.0 (n=2) | X | X | X |" in train_val
+    assert "65.0 ± 5.0 (n=2) | X | X | X |" in train_val
+    assert "n counts replicates (trial_seed × seed)" in out
+
+
+def test_an_lr_sweep_without_hparams_seed_selects_among_the_learning_rates(tmp_path, caplog):
+    """Two learning rates, one hparams seed: both runs are candidates of model selection. Training-domain
+    validation picks lr 1e-3 (validation .9 > .6): its test accuracy .70 -> 70.0 (n=1) -- not the first
+    folder's .80 (the old 'kept the first' of two 'duplicates')."""
+    root = str(tmp_path)
+    for name, lr, val, test in (("a_lr1e-4", "1e-4", .6, .80), ("b_lr1e-3", "1e-3", .9, .70)):
+        rec = db_record(0, test)
+        rec["env1_out_acc"] = rec["env2_out_acc"] = val
+        write_run(os.path.join(root, name), db_summary("rmoe", 0), [rec], overrides=["moe=rmoe", f"module.lr={lr}"])
+    with caplog.at_level(logging.WARNING, logger="tasks.results"):
+        out = collect(root, fmt="markdown", save=False)
+    assert not [r for r in caplog.records if "same key" in r.getMessage()]
+    train_val = out.split("### Model selection: leave-one-domain-out")[0]
+    assert "| RMoE | 70.0 (n=1) | X | X | X |" in train_val
+    assert "Model selection chooses among the candidates hparams_seed × module.lr" in out
+
+
+def test_empty_done_of_an_rmoe_run_and_runs_with_skipped_batches_are_not_collected(tmp_path, capsys):
+    root = str(tmp_path)
+    write_run(os.path.join(root, "a"), glue_summary("cola", "rmoe", 0, .50), overrides=["seed=0"])
+    # a folder rmoe-train ran (attempts.jsonl) whose done is empty (a failed attempt's leftover)
+    write_run(os.path.join(root, "b"), glue_summary("cola", "rmoe", 1, .60), overrides=["seed=1"])
+    with open(os.path.join(root, "b", "attempts.jsonl"), "w") as f:
+        f.write(json.dumps({"event": "failed"}) + "\n")
+    open(os.path.join(root, "b", "done"), "w").close()
+    # a run whose numerics callback skipped 9 batches (callbacks.numerics.on_fault=skip)
+    write_run(os.path.join(root, "c"), glue_summary("cola", "rmoe", 2, .70), overrides=["seed=2"])
+    with open(os.path.join(root, "c", "done"), "w") as f:
+        json.dump({"finished_utc": "x", "commit": None, "metrics": {}, "skipped_batches": 9}, f)
+    out = collect(root, fmt="markdown", save=False)
+    assert "| RMoE | 50.0 (n=1) |" in out and "Left out runs with skipped batches: 1" in out
+    err = capsys.readouterr().err
+    assert f"ignored (no done file, or an empty one): {os.path.join(root, 'b')}" in err
+    assert f"left out (batches skipped by callbacks.numerics.on_fault=skip; --include-skipped counts it): " \
+           f"{os.path.join(root, 'c')}" in err
+    # asked for: .50 .70 -> 60.0, SE = .141421 / √2 = 10.0 (n=2)
+    assert "| RMoE | 60.0 ± 10.0 (n=2) |" in collect(root, fmt="markdown", save=False, include_skipped=True)

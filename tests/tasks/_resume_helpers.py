@@ -83,3 +83,16 @@ class RaiseAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step >= self.step:
             raise RuntimeError(f"interrupted at step {trainer.global_step}")
+
+
+class SignalAtStep(Callback):
+    """Send ``signum`` (a name: SIGTERM, SIGUSR1) to this process at the start of the training batch after
+    ``step`` optimizer steps (once), as a scheduler's preemption would."""
+
+    def __init__(self, step: int, signum: str = "SIGTERM"):
+        self.step, self.signum, self.sent = int(step), getattr(signal, signum), False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.sent and trainer.global_step >= self.step and not trainer.sanity_checking:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

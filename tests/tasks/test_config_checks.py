@@ -45,6 +45,15 @@ def test_a_run_of_no_steps_is_rejected(tmp_path, override, value, allowed):
     assert "trains nothing" in msg or value != "0"
 
 
+@pytest.mark.parametrize("key,value,allowed", [
+    ("trainer.accumulate_grad_batches", "0", r"an integer >= 1 \(1: no accumulation\)"),
+    ("trainer.val_check_interval", "0", r"null \(once per epoch\), a fraction of an epoch in \(0.0, 1.0\]"),
+    ("trainer.val_check_interval", "1.5", r"null \(once per epoch\), a fraction"),
+])
+def test_zero_accumulation_or_validation_interval_is_rejected_before_training(tmp_path, key, value, allowed):
+    rejected(tmp_path, key, value, allowed, *DOMAINBED, f"{key}={value}")
+
+
 def test_no_epoch_limit_and_no_step_limit_is_rejected(tmp_path):
     rejected(tmp_path, "trainer.max_epochs", "-1", r"an integer >= 1 when trainer.max_steps=-1", *GLUE,
              "trainer.max_epochs=-1", "trainer.max_steps=-1")

@@ -95,6 +95,17 @@ def test_read_idx_plain_and_gzip(tmp_path, gz):
     assert got.shape == (2, 3, 4) and (got == arr).all()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "random_bytes", "empty"])
+def test_a_corrupt_gz_file_fails_naming_the_file(tmp_path, damage):
+    arr = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    _write_idx(p, arr, True)
+    data = p.read_bytes()
+    p.write_bytes({"truncated": data[:len(data) // 2], "random_bytes": bytes(range(256)) * 4, "empty": b""}[damage])
+    with pytest.raises(DomainBedDataError, match=rf"{p} is (a corrupt gzip file|not an idx file)"):
+        read_idx(p)
+
+
 def test_mnist_folder_without_files_names_what_it_looked_for(tmp_path):
     assert find_mnist_raw(tmp_path) is None
     with pytest.raises(DomainBedDataError, match="train-images-idx3-ubyte"):

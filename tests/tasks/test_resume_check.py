@@ -182,3 +182,14 @@ def test_init_from_starts_a_new_run_from_another_tasks_weights(tmp_path, rmoe_ck
     assert obj["trainer"].global_step == 4
     ident = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["rmoe_run_identity"]
     assert ident["task"] == "rte"
+
+
+def test_a_bad_init_from_file_names_init_from_not_ckpt_path(tmp_path, rmoe_ckpt):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(open(rmoe_ckpt, "rb").read()[:2000])
+    want = re.escape(f"init_from='{truncated}' is not a readable checkpoint (truncated or corrupt?)")
+    msg = fails_before_training(tmp_path / "a", ValueError, want, *RMOE, f"init_from={truncated}")
+    assert "ckpt_path" not in msg and "init_from=null" in msg
+    missing = tmp_path / "missing.ckpt"
+    fails_before_training(tmp_path / "b", FileNotFoundError, re.escape(f"init_from='{missing}': no such file"),
+                          *RMOE, f"init_from={missing}")

@@ -9,6 +9,7 @@ ones) are identical (CPU, one thread). The expectation is the uninterrupted run,
 """
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -155,7 +156,9 @@ def kill_then_resume(tmp_path, args, kill_step, where="train"):
     saved = torch.load(ckpt, weights_only=False)
     assert not (run / "done").exists() and (run / ".rmoe.lock").exists()  # the killed run's lock is stale
     killed_rows = csv_rows(run / "metrics.csv")
-    run_train(run, [*args, f"ckpt_path={ckpt}"], in_place=True)  # no hydra.run.dir: continues in `run`
+    # no hydra.run.dir: continues in `run`, with the run's own config less the kill callback (allowed)
+    run_train(run, [*args, f"ckpt_path={ckpt}", "~callbacks.kill", "resume.allow_changes=[callbacks.kill]"],
+              in_place=True)
     assert (run / "done").is_file() and not (run / ".rmoe.lock").exists()
     resumed_rows = csv_rows(run / "metrics.csv")
     # the killed attempt's rows logged before the checkpoint are kept as they were
@@ -230,4 +233,46 @@ def test_glue_resume_with_a_half_filled_pool_recording_window_matches(tmp_path):
     assert all(float(sd[k.replace("recording", "routed_count")].sum()) > 0 for k in recording)  # ... half filled
     final = assert_same_final_state(full, resumed)
     assert final["global_step"] == 15
+    assert_same_history(full, resumed)
+
+
+def preempt_then_resume(tmp_path, args, step, signum):
+    """Send ``signum`` to a run in ``tmp_path/run`` at the start of the batch after ``step`` steps: it
+    saves the checkpoint of the moment (after that batch), records the attempt as preempted, prints the
+    resume command and exits 128 + signum; then run that printed command (its overrides) in place."""
+    run = tmp_path / "run"
+    proc = run_train(run, args, ["+callbacks.sig._target_=_resume_helpers.SignalAtStep", f"+callbacks.sig.step={step}",
+                                 f"+callbacks.sig.signum={signum}"], check=False)
+    code = 128 + getattr(signal, signum)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["global_step"] == step + 1  # the moment: right after the batch the signal arrived in
+    attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
+    assert attempts[-1]["event"] == "preempted" and attempts[-1]["signal"] == signum
+    assert attempts[-1]["global_step"] == step + 1 and attempts[-1]["exit_code"] == code
+    resume = f"rmoe-train ckpt_path={ckpt.resolve()}"
+    assert attempts[-1]["resume"] == resume and f"resume with:\n  {resume}" in proc.stderr
+    assert not (run / "done").exists()
+    run_train(run, [resume.split(" ", 1)[1], "~callbacks.sig", "resume.allow_changes=[callbacks.sig]"],
+              in_place=True)
+    assert (run / "done").is_file()
+    return saved, run
+
+
+def test_glue_sigterm_saves_the_moment_exits_143_and_the_resume_matches_uninterrupted_run(tmp_path):
+    full = tmp_path / "full"
+    run_train(full, GLUE)
+    saved, resumed = preempt_then_resume(tmp_path, GLUE, step=7, signum="SIGTERM")
+    assert saved["epoch"] == 1  # mid-epoch (epoch 1 is steps 6..10), not a scheduled save (every 3 steps)
+    assert_same_final_state(full, resumed)
+    assert_same_history(full, resumed)
+
+
+@pytest.mark.slow
+def test_glue_sigusr1_saves_the_moment_exits_138_and_the_resume_matches_uninterrupted_run(tmp_path):
+    full = tmp_path / "full"
+    run_train(full, GLUE)
+    _, resumed = preempt_then_resume(tmp_path, GLUE, step=3, signum="SIGUSR1")
+    assert_same_final_state(full, resumed)
     assert_same_history(full, resumed)

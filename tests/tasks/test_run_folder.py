@@ -154,7 +154,8 @@ def test_continuing_a_finished_run_removes_done_until_it_succeeds_and_keeps_the_
 
     # a continuation (in place: no hydra.run.dir) that fails in its 2nd epoch: no done, nothing counted
     code, out = run([*FAST, "trainer.max_epochs=2", f"ckpt_path={ckpt}",
-                     "+callbacks.fail._target_=_run_helpers.FailAtStep", "+callbacks.fail.step=5"])
+                     "+callbacks.fail._target_=_run_helpers.FailAtStep", "+callbacks.fail.step=5",
+                     "resume.allow_changes=[trainer.max_epochs,callbacks.fail]"])
     assert code != 0 and "injected failure at step 5" in out
     assert not jobs.is_done(run_dir) and counted(tmp_path) == []
     assert not orphan.exists()
@@ -162,10 +163,16 @@ def test_continuing_a_finished_run_removes_done_until_it_succeeds_and_keeps_the_
     assert [a["event"] for a in attempts] == ["start", "done", "start", "failed"]
     assert "injected failure at step 5" in attempts[-1]["error"]
     assert "trainer.max_epochs=2" in attempts[-1]["overrides"]
+    # the allowed changes are recorded with the step they apply from (the checkpoint's)
+    assert attempts[-2]["resumed_from_step"] == 4
+    assert attempts[-2]["changes"] == [
+        {"key": "callbacks.fail._target_", "run": "<absent>", "now": "_run_helpers.FailAtStep", "from_step": 4},
+        {"key": "callbacks.fail.step", "run": "<absent>", "now": 5, "from_step": 4},
+        {"key": "trainer.max_epochs", "run": 1, "now": 2, "from_step": 4}]
 
     # the next continuation succeeds: done again, and metrics.csv holds the first attempt's rows
     # unchanged followed by the second epoch's (the failed attempt's row past the checkpoint is dropped)
-    code, out = run([*FAST, "trainer.max_epochs=2", f"ckpt_path={ckpt}"])
+    code, out = run([f"ckpt_path={ckpt}", "~callbacks.fail", "resume.allow_changes=[callbacks.fail]"])
     assert code == 0, out[-3000:]
     assert jobs.is_done(run_dir) and len(counted(tmp_path)) == 1
     final = rows(run_dir / "metrics.csv")
@@ -229,3 +236,120 @@ def test_half_written_last_line_of_results_jsonl_is_dropped_with_a_warning(tmp_p
     path.write_text(json.dumps(good[0]) + "\n" + "{oops\n" + json.dumps(good[1]) + "\n")
     with pytest.raises(ValueError, match=rf"{path}:2: malformed record .*; allowed: one JSON object per line"):
         DomainBedResultsCallback.read(str(path))
+
+
+def snapshot(folder):
+    """Every file below ``folder`` (hidden ones too) with its bytes and mtime: a record changed shows here."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(folder))] = (p.read_bytes(), p.stat().st_mtime_ns)
+        else:
+            out[str(p.relative_to(folder))] = "dir"
+    return out
+
+
+def test_refused_attempts_leave_a_finished_run_untouched(tmp_path, finished_run):
+    """A continuation or fresh run refused by any check (checkpoint file, config, checkpoint fit, run
+    folder) changes nothing in a finished run's folder: done, .hydra/, train.log, attempts.jsonl, ..."""
+    run_dir = copy_run(finished_run, tmp_path / "run")
+    last = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    (run_dir / "checkpoints" / "truncated.ckpt").write_bytes(last[:3000])
+    before = snapshot(run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    cases = [
+        # a truncated checkpoint of the run (refused when the checkpoint is read)
+        ([f"ckpt_path={run_dir / 'checkpoints' / 'truncated.ckpt'}"], "is not a readable checkpoint (truncated"),
+        # the run's config changed (another method): refused naming the key and both values
+        ([f"ckpt_path={ckpt}", "moe=rmoe"], "moe.name: the run has 'moe_topk', this attempt 'rmoe'"),
+        # a change allowed for the config but the checkpoint does not fit (another pool size)
+        ([f"ckpt_path={ckpt}", "moe.num_experts=4", "resume.allow_changes=[moe.num_experts]"],
+         "tensor(s) of another shape"),
+        # a fresh run into the finished run's folder
+        ([*FAST, "seed=3", f"hydra.run.dir={run_dir}"], "already holds the records of another run"),
+    ]
+    for args, message in cases:
+        code, out = run(args)
+        assert code != 0 and message in out, (args, out[-3000:])
+        assert snapshot(run_dir) == before, args
+    assert counted(tmp_path) == [str(run_dir)]
+
+
+def test_a_continuation_composes_the_runs_config_and_refuses_changes_naming_both_values(tmp_path, finished_run):
+    run_dir = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    code, out = run([f"ckpt_path={ckpt}", "seed=3", "data.batch_size=16", "module.lr=0.01"])
+    assert code != 0
+    for line in ("data.batch_size: the run has 8, this attempt 16", "module.lr: the run has 2e-05, this attempt 0.01",
+                 "seed: the run has 0, this attempt 3",
+                 "resume.allow_changes=[data.batch_size,module.lr,seed]"):
+        assert line in out, out[-3000:]
+    assert snapshot(run_dir) == before
+    # the README's command, nothing else: the run's own config (tiny BERT, moe_topk, CoLA, one epoch),
+    # not the defaults (RotatedDigits, RMoE): nothing left to train, done again, its overrides kept
+    saved_config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    code, out = run([f"ckpt_path={ckpt}"])
+    assert code == 0, out[-3000:]
+    assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) == {**saved_config, "ckpt_path": str(ckpt)}
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert overrides == [*FAST, f"ckpt_path={ckpt}"]
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 4
+    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [a["event"] for a in attempts] == ["start", "done", "start", "done"] and "changes" not in attempts[2]
+
+
+def test_a_rejected_config_leaves_no_folder_and_no_record(tmp_path):
+    run_dir = tmp_path / "logs" / "new"
+    code, out = run([*FAST, "trainer.max_steps=0"], run_dir)
+    assert code != 0 and "invalid config: trainer.max_steps=0" in out
+    assert not run_dir.exists()
+    # a refusal after the model and data were built (a checkpoint that does not exist): the same
+    code, out = run([*FAST, f"ckpt_path={tmp_path / 'nope.ckpt'}"], run_dir)
+    assert code != 0 and "no such file" in out
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_more_refused_attempts_leave_a_finished_run_untouched(tmp_path, finished_run):
+    """The other cases: an empty and a random-bytes checkpoint, a DomainBed config over the GLUE run's
+    checkpoint, and a fresh run into the folder while it is busy, reached through an interpolated
+    ``hydra.run.dir`` (the lock is taken inside the job, after Hydra started it)."""
+    run_dir = copy_run(finished_run, tmp_path / "logs" / "run")
+    (run_dir / "checkpoints" / "empty.ckpt").write_bytes(b"")
+    (run_dir / "checkpoints" / "noise.ckpt").write_bytes(os.urandom(4096))
+    before = snapshot(run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    cases = [
+        ([f"ckpt_path={run_dir / 'checkpoints' / 'empty.ckpt'}"], "is an empty file (0 bytes)"),
+        ([f"ckpt_path={run_dir / 'checkpoints' / 'noise.ckpt'}"], "is not a readable checkpoint"),
+        ([f"ckpt_path={ckpt}", "task=domainbed/rotated_digits"],
+         "data._target_: the run has 'tasks.glue.datamodule.GLUEDataModule'"),
+    ]
+    for args, message in cases:
+        code, out = run(args)
+        assert code != 0 and message in out, (args, out[-3000:])
+        assert snapshot(run_dir) == before, args
+    # busy: a live holder of the lock (this test process is alive), the folder named through an interpolation
+    (run_dir / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                            "start": None, "since": "now"}))
+    before = snapshot(run_dir)
+    code, out = run([*FAST, "seed=5", f"paths.log_dir={tmp_path / 'logs'}", "hydra.run.dir=${paths.log_dir}/run"])
+    assert code != 0 and "is in use by another run" in out, out[-3000:]
+    assert snapshot(run_dir) == before
+
+
+def test_continuation_argv_puts_the_runs_overrides_first_and_is_idempotent(tmp_path):
+    """A DDP rank Lightning starts gets rank 0's command line and computes it again after rank 0 has
+    saved the continuation's overrides: nothing may be added twice (a repeated ``~key`` would fail)."""
+    from tasks.run.continuation import continuation_argv
+
+    (tmp_path / ".hydra").mkdir()
+    saved = ["moe=moe_topk", "seed=2", "+callbacks.fail.step=6", "ckpt_path=/old.ckpt", "resume.allow_changes=[x]"]
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(saved))
+    user = ["ckpt_path=/run/last.ckpt", "seed=3", "~callbacks.fail", "resume.allow_changes=[seed,callbacks.fail]"]
+    argv = continuation_argv(user, tmp_path)
+    assert argv == ["moe=moe_topk", "+callbacks.fail.step=6", *user]
+    # rank 0 saved its overrides (Hydra writes the composed command line): computing it again adds nothing
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(argv))
+    assert continuation_argv([*argv, "hydra.run.dir=/run"], tmp_path) == [*argv, "hydra.run.dir=/run"]
