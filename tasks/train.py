@@ -319,13 +319,11 @@ def _job(cfg: DictConfig) -> float | None:
     attempt removes them and leaves the folder as it was. On success rank 0 writes ``<run>/done``
     (:mod:`tasks.run.jobs`); ``skip_if_done=true`` skips a job whose folder already has it and clears an
     unfinished one first. Each attempt that passed its checks is listed in ``<run>/attempts.jsonl``."""
-
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from tasks.run import jobs
     from tasks.run.checks import ConfigError, check_config, check_overrides
-    from tasks.run.console import route_lightning_logs
     from tasks.run.continuation import check_continuation
     from tasks.run.run_folder import (
         acquire_lock,
@@ -337,7 +335,6 @@ def _job(cfg: DictConfig) -> float | None:
         staging_dir,
     )
 
-    route_lightning_logs()  # Hydra's job logging prints Lightning's records: once
     out_dir = cfg.get("paths", {}).get("output_dir")
     name = cfg.get("optimized_metric")
     owner = bool(out_dir) and jobs.is_rank_zero()
@@ -352,6 +349,9 @@ def _job(cfg: DictConfig) -> float | None:
                 raise  # a multirun records the failed job and goes on
             print(f"rmoe-train: error: {e}", file=sys.stderr)
             sys.exit(2)  # the finally below removes what Hydra staged for this attempt
+        from tasks.run.console import route_lightning_logs  # imports Lightning: after the config checks
+
+        route_lightning_logs()  # Hydra's job logging prints Lightning's records: once
         changes: list[dict[str, Any]] = []
         if owner:
             acquire_lock(out_dir)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf, open_dict
 
 from tasks.run.console import print_config_tree
 from tasks.run.multirun_summary import MultirunSummary
-from tasks.train import CONF_DIR, _announce, train
+from tasks.train import CONF_DIR, _announce, _commit_attempt, train
 
 
 def cfg_of(out_dir, *overrides):
@@ -28,6 +28,8 @@ def test_print_config_false_prints_no_tree_and_still_saves_it(tmp_path, capsys):
     _announce(cfg_of(tmp_path, "print_config=false"), str(tmp_path))
     out = capsys.readouterr().out
     assert "trainer:" not in out and "config (resolved)" not in out and "variant rmoe" in out
+    # the resolved config is saved when the attempt's checks passed, whether printed or not
+    _commit_attempt(cfg_of(tmp_path, "print_config=false"), str(tmp_path), None, [], None)
     assert (tmp_path / "config_resolved.yaml").is_file()
     _announce(cfg_of(tmp_path), str(tmp_path))
     assert "trainer:" in capsys.readouterr().out
