@@ -201,7 +201,8 @@ def test_duplicate_keys_warn_naming_the_folders(tmp_path, caplog):
 
 def test_a_seed_sweep_at_one_trial_seed_averages_over_the_seeds(tmp_path, caplog):
     """``rmoe-train -m moe=moe_topk,rmoe seed=0,1`` (one trial seed): each training seed is a replicate.
-    RMoE .80 .84 -> 82.0, SE = .028284 / √2 = 2.0 (n=2); top-k .60 .70 -> 65.0, SE = .070711 / √2 = 5.0 (n=2)."""
+    DomainBed's ± (population std / √n): RMoE .80 .84 -> 82.0, SE = .02 / √2 = 1.4 (n=2); top-k .60 .70 -> 65.0,
+    SE = .05 / √2 = 3.5 (n=2)."""
     root = str(tmp_path)
     for moe, accs in (("rmoe", (.80, .84)), ("moe_topk", (.60, .70))):
         for seed, acc in enumerate(accs):
@@ -211,8 +212,8 @@ def test_a_seed_sweep_at_one_trial_seed_averages_over_the_seeds(tmp_path, caplog
         out = collect(root, fmt="markdown", save=False)
     assert not [r for r in caplog.records if "same key" in r.getMessage()]
     train_val = out.split("### Model selection: leave-one-domain-out")[0]
-    assert "| RMoE | 82.0 ± 2.0 (n=2) | X | X | X |" in train_val
-    assert "65.0 ± 5.0 (n=2) | X | X | X |" in train_val
+    assert "| RMoE | 82.0 ± 1.4 (n=2) | X | X | X |" in train_val
+    assert "65.0 ± 3.5 (n=2) | X | X | X |" in train_val
     assert "n counts replicates (trial_seed × seed)" in out
 
 
