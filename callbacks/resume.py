@@ -104,12 +104,27 @@ class RNGStateCallback(Callback):
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return collect_rng_states()
+        """This process's generator states; under data parallelism every rank's, in rank order
+        (``{"ranks": [...]}``: the checkpoint is written by rank 0 alone, and each rank draws its own
+        streams — expert dropout, noise, augmentation — so each must get its own back)."""
+        states = collect_rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)  # every rank saves a checkpoint together
+            return {"ranks": gathered}
+        return states
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = dict(state_dict)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None and "ranks" in self._pending:
+            ranks = self._pending["ranks"]
+            if len(ranks) != trainer.world_size:
+                raise RuntimeError(f"the checkpoint holds the RNG states of {len(ranks)} ranks; this run has "
+                                   f"{trainer.world_size}: resume with the run's own trainer.devices")
+            self._pending = ranks[trainer.global_rank]
         fit_loop = trainer.fit_loop
         loader_states = getattr(fit_loop, "_combined_loader_states_to_load", None)
         combined = getattr(fit_loop, "_combined_loader", None)
