@@ -19,8 +19,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
 
-def mean_se(values: Iterable[float]) -> tuple[float | None, float | None, int]:
-    """``(mean, SE, n)`` with ``SE = sample std (ddof 1) / sqrt(n)``; SE is None for n < 2, both None for n = 0."""
+def _mean_se(values: Iterable[float], ddof: int) -> tuple[float | None, float | None, int]:
     xs = [float(v) for v in values]
     n = len(xs)
     if n == 0:
@@ -28,23 +27,20 @@ def mean_se(values: Iterable[float]) -> tuple[float | None, float | None, int]:
     m = math.fsum(xs) / n
     if n < 2:
         return m, None, n
-    var = math.fsum((x - m) ** 2 for x in xs) / (n - 1)
+    var = math.fsum((x - m) ** 2 for x in xs) / (n - ddof)
     return m, math.sqrt(var) / math.sqrt(n), n
+
+
+def mean_se(values: Iterable[float]) -> tuple[float | None, float | None, int]:
+    """``(mean, SE, n)`` with ``SE = sample std (ddof 1) / sqrt(n)``; SE is None for n < 2, both None for n = 0."""
+    return _mean_se(values, ddof=1)
 
 
 def mean_se_domainbed(values: Iterable[float]) -> tuple[float | None, float | None, int]:
     """``(mean, SE, n)`` as DomainBed's ``domainbed/scripts/collect_results.py`` ``format_mean``:
     ``np.std(data / sqrt(n))`` = population std (ddof 0) / ``sqrt(n)``; SE None for n < 2 (DomainBed prints 0.0
     there; the tables show the mean only), both None for n = 0."""
-    xs = [float(v) for v in values]
-    n = len(xs)
-    if n == 0:
-        return None, None, 0
-    m = math.fsum(xs) / n
-    if n < 2:
-        return m, None, n
-    var = math.fsum((x - m) ** 2 for x in xs) / n
-    return m, math.sqrt(var) / math.sqrt(n), n
+    return _mean_se(values, ddof=0)
 
 
 @dataclass(frozen=True)
