@@ -12,3 +12,10 @@ for d in sys.argv[1:]:
         outs = [r[f"env{i}_out_acc"] for i in train]
         print(f"  step {r['step']:>4}: test env{test} in {100 * r[f'env{test}_in_acc']:.1f} out "
               f"{100 * r[f'env{test}_out_acc']:.1f}; training domains' out mean {100 * sum(outs) / len(outs):.1f}")
+
+if len(sys.argv) > 2:  # several runs: the mean test accuracy at each run's last evaluation
+    last = []
+    for d in sys.argv[1:]:
+        r = [json.loads(line) for line in open(f"{d}/results.jsonl")][-1]
+        last.append(r[f"env{r['args']['test_envs'][0]}_in_acc"])
+    print(f"mean test accuracy at the last step over {len(last)} test domains: {100 * sum(last) / len(last):.1f}")
