@@ -449,6 +449,9 @@ DEV_LABELS_FILE = "glue_dev_labels.json"
 GATE_SES = 3.0
 GATE_RECOVERY = 0.8
 DEGENERATE_SHARE = 0.98
+#: A regression run is degenerate when its dev predictions' standard deviation is below this share of the
+#: dev labels' (near-zero prediction variance: a nearly constant answer).
+DEGENERATE_STD = 0.05
 
 
 def read_dev_labels(results_dir: str) -> dict[str, dict[str, Any]]:
@@ -550,10 +553,20 @@ def prediction_share(dev_metrics: Mapping[str, Any], counts: Sequence[int], tol:
 
 
 def degenerate(dev_metrics: Mapping[str, Any] | None, dev: Mapping[str, Any] | None) -> str | None:
-    """"yes" (every consistent confusion matrix has ≥ :data:`DEGENERATE_SHARE` of the predictions in one
-    class), "possibly" (some has), "no" (none has), None (cannot be told from the records: no label
-    counts, a regression or multi-class task, or no recorded accuracy)."""
-    if not dev_metrics or not dev or dev.get("regression"):
+    """"yes" / "no" from the recorded prediction spread when the run recorded it
+    (:class:`tasks.glue.metrics.PredictionSpread`: ``pred_top_share`` ≥ :data:`DEGENERATE_SHARE`;
+    regression: ``pred_std`` below :data:`DEGENERATE_STD` of the dev labels' standard deviation);
+    otherwise reconstructed from the recorded metrics: "yes" (every consistent confusion matrix has
+    ≥ :data:`DEGENERATE_SHARE` of the predictions in one class), "possibly" (some has), "no" (none
+    has), None (cannot be told: no label counts, a regression or multi-class task without a recorded
+    spread, or no recorded accuracy)."""
+    if not dev_metrics:
+        return None
+    if dev_metrics.get("pred_top_share") is not None:
+        return "yes" if float(dev_metrics["pred_top_share"]) >= DEGENERATE_SHARE else "no"
+    if dev_metrics.get("pred_std") is not None and dev and dev.get("std"):
+        return "yes" if float(dev_metrics["pred_std"]) < DEGENERATE_STD * float(dev["std"]) else "no"
+    if not dev or dev.get("regression"):
         return None
     r = prediction_share(dev_metrics, dev.get("counts") or [])
     if r is None:

@@ -7,13 +7,15 @@ are computed from ``docs/results/`` alone, offline::
 reads ``$RMOE_DATA_DIR/glue/<Task>/dev.tsv`` with the training code's own reader
 (:func:`tasks.glue.tsv.read_glue_tsv`) and writes, per task: the file, ``n`` (dev rows), and for a
 classification task ``labels`` (the task's label names, in index order) and ``counts`` (rows per
-label index); for STS-B ``regression: true``.
+label index); for STS-B ``regression: true`` and ``std`` (the labels' population standard deviation,
+which a degenerate run's prediction spread is compared with).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Sequence
 
@@ -34,6 +36,9 @@ def dev_label_counts(glue_dir: str, tasks: Sequence[str]) -> dict:
         entry: dict = {"file": f"{task.dir_name}/dev.tsv", "n": len(labels)}
         if task.labels is None:
             entry["regression"] = True
+            ys = [float(y) for y in labels]
+            mean = sum(ys) / len(ys)
+            entry["std"] = round(math.sqrt(sum((y - mean) ** 2 for y in ys) / len(ys)), 6)
         else:
             entry["labels"] = list(task.labels)
             entry["counts"] = [sum(1 for y in labels if y == i) for i in range(len(task.labels))]

@@ -66,6 +66,7 @@ from .data import (
     DB_COMPARISONS,
     DB_METHODS,
     DEGENERATE_SHARE,
+    DEGENERATE_STD,
     DEV_LABELS_FILE,
     EXTRA_COMPARISONS,
     GATE_RECOVERY,
@@ -401,15 +402,23 @@ class Report:
                              str(sum(f is None for f in flags))])
         if not rows:
             return []
+        recorded = any((selected_epoch(r, "best_dev") or {}).get(k) is not None
+                       for r in self.glue_runs for k in ("pred_top_share", "pred_std"))
+        how = ("Runs that recorded their prediction spread (the dev metrics `pred_top_share`, the share of the "
+               "most-predicted class, and for regression `pred_std`) are told from it; a regression run is "
+               f"*degenerate* when its predictions' standard deviation is below {100 * DEGENERATE_STD:.0f} % of the "
+               "dev labels'. For runs without it " if recorded else
+               "The records hold no predictions or confusion matrices, only the dev metrics, so ")
         return ([f"Degenerate runs at the best dev epoch: a run is *degenerate* when at least "
-                 f"{100 * DEGENERATE_SHARE:.0f} % of its dev predictions are one class. The records hold no "
-                 "predictions or confusion matrices, only the dev metrics, so the prediction counts are "
+                 f"{100 * DEGENERATE_SHARE:.0f} % of its dev predictions are one class. " + how +
+                 "the prediction counts are "
                  "reconstructed: every binary confusion matrix with the dev set's label counts that reproduces the "
                  "recorded accuracy and, where recorded, F1 (MRPC) or MCC (CoLA) to 1e-4. F1 or MCC pins one matrix "
                  "(*degenerate* or not); accuracy alone (RTE) only bounds it: *possibly* = some consistent matrix "
                  "is degenerate, so degeneracy cannot be excluded; unknown = no label counts, or a regression or "
-                 "multi-class task (its prediction variance is not recorded). The export should record the "
-                 "per-class prediction counts (regression: the prediction variance) so that every run can be told.",
+                 "multi-class task without a recorded spread." + ("" if recorded else
+                 " The export should record the per-class prediction counts (regression: the prediction "
+                 "variance) so that every run can be told."),
                  ""]
                 + md_table(["task", "method", "runs", "degenerate", "possibly", "unknown"], rows, "llrrrr") + [""])
 

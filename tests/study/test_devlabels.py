@@ -19,13 +19,14 @@ def test_counts_from_hand_made_dev_files(tmp_path):
                                                "s\t1\t\tAnother.\ns\t1\t\tThird.\n")
     (tmp_path / "STS-B").mkdir()
     (tmp_path / "STS-B" / "dev.tsv").write_text("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\t"
-                                                "sentence2\tscore\n0\tg\tf\ty\t0\ts\ts\ta\tb\t5.000\n")
+                                                "sentence2\tscore\n0\tg\tf\ty\t0\ts\ts\ta\tb\t5.000\n"
+                                                "1\tg\tf\ty\t1\ts\ts\tc\td\t3.000\n")
     out = tmp_path / "labels.json"
     main(["--glue-dir", str(tmp_path), "--output", str(out), "--tasks", "rte", "cola", "stsb"])
     data = json.loads(out.read_text())["tasks"]
     assert data["rte"] == {"file": "RTE/dev.tsv", "n": 3, "labels": ["entailment", "not_entailment"], "counts": [2, 1]}
     assert data["cola"] == {"file": "CoLA/dev.tsv", "n": 4, "labels": ["0", "1"], "counts": [1, 3]}
-    assert data["stsb"] == {"file": "STS-B/dev.tsv", "n": 1, "regression": True}
+    assert data["stsb"] == {"file": "STS-B/dev.tsv", "n": 2, "regression": True, "std": 1.0}  # scores 5 and 3
 
 
 def test_committed_counts():
@@ -33,4 +34,5 @@ def test_committed_counts():
     assert (data["cola"]["n"], data["cola"]["counts"]) == (1043, [322, 721])
     assert (data["mrpc"]["n"], data["mrpc"]["counts"]) == (408, [129, 279])
     assert (data["rte"]["n"], data["rte"]["counts"]) == (277, [146, 131])
-    assert data["stsb"] == {"file": "STS-B/dev.tsv", "n": 1500, "regression": True}
+    # std: awk -F'\t' 'NR>1{s+=$10; q+=$10*$10; n++} END{m=s/n; print n, sqrt(q/n-m*m)}' STS-B/dev.tsv
+    assert data["stsb"] == {"file": "STS-B/dev.tsv", "n": 1500, "regression": True, "std": 1.499985}

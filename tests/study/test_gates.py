@@ -51,6 +51,18 @@ def test_prediction_counts_from_the_recorded_metrics():
     assert degenerate({"acc": 0.5}, {"n": 10, "regression": True}) is None
 
 
+def test_degenerate_from_the_recorded_prediction_spread():
+    # a run that recorded its spread is told exactly, whatever its metrics would reconstruct to
+    assert degenerate({"acc": 146 / 277, "pred_top_share": 0.99}, RTE) == "yes"
+    assert degenerate({"acc": 146 / 277, "pred_top_share": 0.97}, RTE) == "no"
+    assert degenerate({"acc": 0.5, "pred_top_share": 0.98}, None) == "yes"  # no label counts needed
+    stsb = {"n": 1500, "regression": True, "std": 1.5}
+    # threshold: 5 % of the labels' std = 0.075
+    assert degenerate({"pearson": 0.1, "pred_std": 0.07}, stsb) == "yes"
+    assert degenerate({"pearson": 0.1, "pred_std": 0.08}, stsb) == "no"
+    assert degenerate({"pearson": 0.1, "pred_std": 0.07}, {"n": 1500, "regression": True}) is None
+
+
 def test_glue_gate():
     b = constant_baseline("rte", "acc", RTE)  # .527076 + 3 x .029998 = .617070
     g = glue_gate("rte", b, [0.51, 0.52], 0.552)

@@ -58,7 +58,7 @@ def test_accuracy_tasks(task):
     preds = rng.integers(0, t.num_labels, 50)
     got = compute_metrics(t, torch.tensor(preds), torch.tensor(labels))
     assert got["score"] == pytest.approx(accuracy_score(labels, preds), abs=1e-6)
-    assert set(got) == {"acc", "score"}
+    assert set(got) == {"acc", "pred_top_share", "score"}
 
 
 def test_predictions_argmax_and_regression():
@@ -67,3 +67,23 @@ def test_predictions_argmax_and_regression():
     out = predictions(get_task("stsb"), torch.tensor([[1.5], [2.5]]))
     assert out.tolist() == [1.5, 2.5] and out.dtype == torch.float32
     assert math.isclose(float(out.sum()), 4.0)
+
+
+def test_prediction_spread_classification_by_hand():
+    # PREDS: 7 ones, 5 zeros -> the most-predicted class holds 7 of 12
+    got = compute_metrics(get_task("cola"), torch.tensor(PREDS), torch.tensor(LABELS))
+    assert got["pred_top_share"] == pytest.approx(7 / 12, abs=1e-6)
+    const = compute_metrics(get_task("mrpc"), torch.ones(12, dtype=torch.long), torch.tensor(LABELS))
+    assert const["pred_top_share"] == 1.0
+    three = compute_metrics(get_task("mnli"), torch.tensor([0, 1, 2, 2]), torch.tensor([0, 0, 0, 0]))
+    assert three["pred_top_share"] == pytest.approx(0.5)
+
+
+def test_prediction_spread_regression_is_the_population_std():
+    preds = np.array([0.3, 1.0, 2.9, 3.0, 4.0, 4.9, 1.5, 1.1])
+    labels = np.linspace(0.0, 5.0, 8)
+    got = compute_metrics(get_task("stsb"), torch.tensor(preds, dtype=torch.float32),
+                          torch.tensor(labels, dtype=torch.float32))
+    assert got["pred_std"] == pytest.approx(float(np.std(preds)), abs=1e-6)
+    flat = compute_metrics(get_task("stsb"), torch.full((8,), 2.5), torch.tensor(labels, dtype=torch.float32))
+    assert flat["pred_std"] == pytest.approx(0.0, abs=1e-6)
