@@ -1,6 +1,6 @@
 """The study report (``python -m tasks.study_report``) on a small hand-built ``docs/results`` tree.
 
-GLUE: CoLA, MRPC, RTE x {dense, moe_topk, dynmoe, rmoe} x seeds {0, 1, 2} planned, plus
+GLUE: CoLA, MRPC, RTE x {dense, moe_cosine, dynmoe, rmoe} x seeds {0, 1, 2} planned, plus
 rmoe_nofusion / rmoe_nocurriculum on MRPC and RTE. Left out on purpose: dynmoe / RTE / seed 2
 (partial cell 2/3) and every dense / RTE run (missing cell 0/3); one rmoe / CoLA / seed 2 folder
 has no ``done`` file (incomplete: ignored). DomainBed: ColoredMNIST (3 domains) x {gmoe, dynmoe,
@@ -30,9 +30,9 @@ from tasks.study.report import generate, load_study
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2)
 TASKS = {"cola": "mcc", "mrpc": "f1", "rte": "accuracy"}
-VARIANTS = ("dense", "moe_topk", "dynmoe", "rmoe")
+VARIANTS = ("dense", "moe_cosine", "dynmoe", "rmoe")
 # best-dev score per (task, variant) and seed; per epoch the run has (score - .1, score, score - .05)
-BASE = {"dense": .55, "moe_topk": .57, "dynmoe": .59, "rmoe": .60, "rmoe_nofusion": .58, "rmoe_nocurriculum": .585}
+BASE = {"dense": .55, "moe_cosine": .57, "dynmoe": .59, "rmoe": .60, "rmoe_nofusion": .58, "rmoe_nocurriculum": .585}
 TASK_OFFSET = {"cola": 0.0, "mrpc": .25, "rte": .10}
 
 
@@ -218,7 +218,7 @@ def test_provenance_and_stability(study):
             "rte/dynmoe/seed 2") in text
     assert "  - train on 2,000 examples per task instead of all" in text
     assert "- Jobs: 18 of 18 planned runs finished; incomplete run folders ignored: 0" in text
-    stab = row(text, "## Routing stability", "GLUE | CoLA | MoE (top-k)")
+    stab = row(text, "## Routing stability", "GLUE | CoLA | MoE (cosine)")
     assert stab[3] == "3" and stab[4] == "0.251"  # load CV mean of .25 .251 .252
     assert "| DomainBed | ColoredMNIST | RMoE | 6 |" in text
 

@@ -1,21 +1,33 @@
-"""Print a pilot run's DomainBed records: per evaluation, the test domain's in/out accuracy and the training
-domains' mean out accuracy (training-domain validation reads the latter). Usage: python docs/pilots/show.py <run> ..."""
+"""Print pilot runs' records. DomainBed (a results.jsonl): per evaluation, the test domain's in/out accuracy and the
+training domains' mean out accuracy (training-domain validation reads the latter). GLUE (no results.jsonl): per
+epoch, the dev score and the held-out score from summary.json. Usage: python docs/pilots/show.py <run> ..."""
 
-import json, sys
+import json
+import os
+import sys
+
+domainbed = []
 for d in sys.argv[1:]:
     s = json.load(open(f"{d}/summary.json"))
     print(f"{d}: wall_time_s {s.get('wall_time_s')}")
+    if not os.path.isfile(f"{d}/results.jsonl"):
+        for e in s["epochs"]:
+            held = (e.get("heldout") or {}).get("score")
+            print(f"  epoch {e['epoch']} (update {e['step']}): dev {100 * e['dev']['score']:.1f}"
+                  + ("" if held is None else f"; held-out {100 * held:.1f}"))
+        continue
     for line in open(f"{d}/results.jsonl"):
         r = json.loads(line)
         test = r["args"]["test_envs"][0]
-        train = [i for i in range(6) if i != test]
-        outs = [r[f"env{i}_out_acc"] for i in train]
+        envs = sorted(int(k[3:-7]) for k in r if k.startswith("env") and k.endswith("_in_acc"))
+        outs = [r[f"env{i}_out_acc"] for i in envs if i != test]
         print(f"  step {r['step']:>4}: test env{test} in {100 * r[f'env{test}_in_acc']:.1f} out "
               f"{100 * r[f'env{test}_out_acc']:.1f}; training domains' out mean {100 * sum(outs) / len(outs):.1f}")
+    domainbed.append(d)
 
-if len(sys.argv) > 2:  # several runs: the mean test accuracy at each run's last evaluation
+if len(domainbed) > 1:  # several DomainBed runs: the mean test accuracy at each run's last evaluation
     last = []
-    for d in sys.argv[1:]:
+    for d in domainbed:
         r = [json.loads(line) for line in open(f"{d}/results.jsonl")][-1]
         last.append(r[f"env{r['args']['test_envs'][0]}_in_acc"])
     print(f"mean test accuracy at the last step over {len(last)} test domains: {100 * sum(last) / len(last):.1f}")

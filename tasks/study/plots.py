@@ -14,7 +14,8 @@ from tasks.results.labels import bench_label, sort_variants, task_label, task_or
 
 from .data import Run, Study
 
-VARIANT_STYLES = {"dense": ("tab:gray", ":"), "moe_topk": ("tab:blue", "-"), "gmoe": ("tab:green", "-"),
+VARIANT_STYLES = {"dense": ("tab:gray", ":"), "moe_topk": ("tab:blue", "-"), "moe_cosine": ("tab:olive", "-"),
+                  "gmoe": ("tab:green", "-"),
                   "dynmoe": ("tab:orange", "--"), "rmoe": ("tab:red", "-"), "rmoe_nofusion": ("tab:purple", "-."),
                   "rmoe_nocurriculum": ("tab:brown", ":"), "lossfree": ("tab:cyan", "--")}
 

@@ -47,13 +47,13 @@ SCORES = {  # best-dev score per (task, variant) and seed
 }
 for (_t, _v), _s in list(SCORES.items()):
     if _v == "dynmoe":
-        SCORES[(_t, "moe_topk")] = tuple(x - .01 for x in _s)
+        SCORES[(_t, "moe_cosine")] = tuple(x - .01 for x in _s)
         SCORES[(_t, "lossfree")] = tuple(x + .005 for x in _s)
 CEILINGS = {("cola", 5e-05): (.20, .30, .25), ("cola", 1e-04): (.10, .20, .28), ("cola", 2e-04): (.05, .10, .12),
             ("mrpc", 5e-05): (.65, .72, .70), ("rte", 5e-05): (.55, .58, .60), ("rte", 1e-04): (.50, .52, .55)}
 CEILING_WALL = {("rte", 1e-04): 1200.0}  # every other ceiling job: 600 s
 #: a method's job time relative to dense's (GLUE and DomainBed)
-COST = {"dense": 1.0, "moe_topk": 1.5, "gmoe": 1.5, "dynmoe": 2.0, "rmoe": 2.0, "lossfree": 1.5}
+COST = {"dense": 1.0, "moe_cosine": 1.5, "gmoe": 1.5, "dynmoe": 2.0, "rmoe": 2.0, "lossfree": 1.5}
 DB_COST = dict(COST, rmoe=2.5)
 DEV_LABELS = {"cola": {"n": 10000, "counts": [3000, 7000], "labels": ["0", "1"]},
               "mrpc": {"n": 408, "counts": [129, 279], "labels": ["0", "1"]},
@@ -215,7 +215,7 @@ def test_what_a_missed_floor_would_take(report):
     assert ("- **RTE** (misses by 1.0 points): the ceiling's setting (every layer trained, the full training set, "
             "3 epochs, length 128) reaches the ceiling by definition. Its dense job took 15 min 00 s (the mean of the "
             "task's 2 ceiling job(s), one setting at different learning rates: 20 min 00 s, 10 min 00 s)") in cost
-    assert ("The task's planned study jobs: Dense 3 × 15 min 00 s, MoE (top-k) 3 × 22 min 30 s (× 1.50), DynMoE "
+    assert ("The task's planned study jobs: Dense 3 × 15 min 00 s, MoE (cosine) 3 × 22 min 30 s (× 1.50), DynMoE "
             "3 × 30 min 00 s (× 2.00), Loss-free 3 × 22 min 30 s (× 1.50), RMoE 3 × 30 min 00 s (× 2.00) = "
             "6 h 00 min 00 s of job time, 3 h 00 min 00 s with 2 jobs in parallel") in cost
     assert "- **ColoredMNIST** (+80% misses by 5.0 points): DomainBed's protocol trains 5,001 steps" in cost
@@ -250,7 +250,7 @@ def test_claims_only_from_tasks_that_passed_their_gate(report):
     assert claims.count("Verdict: **") == 4
     assert ("Tasks in the verdict: CoLA (left out: MRPC does not learn at this scale, RTE gate failed)."
             in claims)
-    assert ("RMoE − MoE (top-k) = +3.00 ± 0.58 points (n = 3) [MDE at 80 % power 3.10 points, paper +2.39] "
+    assert ("RMoE − MoE (cosine) = +3.00 ± 0.58 points (n = 3) [MDE at 80 % power 3.10 points, paper +2.39] "
             "(Holm p = 0.070): within noise" in claims)
     assert ("RMoE − DynMoE = +2.00 ± 0.58 points (n = 3) [MDE at 80 % power 3.10 points, paper +1.52] "
             "(Holm p = 0.074): within noise" in claims)
@@ -259,7 +259,7 @@ def test_claims_only_from_tasks_that_passed_their_gate(report):
     assert "This claim rests on 2 comparisons; Holm's correction is applied over them" in claims
     assert "Verdict: **cannot tell at this scale (0 of 2 comparisons significant in the claimed direction)**" in claims
     assert "would have shown" not in claims
-    assert ("For scale only, pooled over every task whatever its gate (no verdict): RMoE − MoE (top-k) MDE at 80 % "
+    assert ("For scale only, pooled over every task whatever its gate (no verdict): RMoE − MoE (cosine) MDE at 80 % "
             "power 1.19 points, paper +1.79; RMoE − DynMoE MDE at 80 % power 1.19 points, paper +1.49. Pooled so, 2 "
             "of 2 MDEs are below the paper's gap.") in claims
     # DomainBed: ColoredMNIST misses a floor -> no DomainBed comparison
