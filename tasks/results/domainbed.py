@@ -169,9 +169,17 @@ def all_tables(records: list[Record], latex: bool = False) -> list[tuple[type[Se
     return [(m, results_tables(records, m, latex)) for m in SELECTION_METHODS]
 
 
+def updates_done(record: Record) -> int:
+    """The optimizer updates completed at a ``results.jsonl`` record: its ``step`` (DomainBed's 0-based index of
+    the update just taken, kept as DomainBed writes it) + 1 -- the step every other record and label uses."""
+    return int(record["step"]) + 1
+
+
 def run_table(records: list[Record], environments: Sequence[str]) -> Table:
     """One run's per-domain accuracies at its last record and at the record picked by
-    training-domain validation (max mean ``out`` accuracy over the training domains)."""
+    training-domain validation (max mean ``out`` accuracy over the training domains). Labelled with the
+    updates completed (``@N``: ``metrics.csv``'s ``step``, ``summary.json``'s, ``best_step<N>.ckpt``), that is
+    :func:`updates_done` of the record's DomainBed ``step``."""
     last = max(records, key=lambda r: r["step"])
     test_envs = set(last["args"]["test_envs"])
 
@@ -187,10 +195,11 @@ def run_table(records: list[Record], environments: Sequence[str]) -> Table:
                      f"{100 * last[f'env{i}_in_acc']:.1f}", f"{100 * last[f'env{i}_out_acc']:.1f}",
                      f"{100 * best[f'env{i}_in_acc']:.1f}", f"{100 * best[f'env{i}_out_acc']:.1f}"])
     # short labels: the table and its notes fit an 80-column terminal
-    notes = [f"accuracy (%) at step @N; * step {best['step']}: chosen by training-domain validation",
-             f"(mean train-domain out acc {100 * val(best):.1f}); last step {last['step']}"]
-    header = ["domain", "role", f"in @{last['step']}", f"out @{last['step']}",
-              f"in @{best['step']}*", f"out @{best['step']}*"]
+    n_last, n_best = updates_done(last), updates_done(best)
+    notes = [f"accuracy (%) at step @N; * step {n_best}: chosen by training-domain validation",
+             f"(mean train-domain out acc {100 * val(best):.1f}); last step {n_last}",
+             "step N: after N updates (results.jsonl keeps DomainBed's step, N - 1)"]
+    header = ["domain", "role", f"in @{n_last}", f"out @{n_last}", f"in @{n_best}*", f"out @{n_best}*"]
     a = last["args"]
     return Table(title=f"{a['dataset']} / {a['algorithm']} / test_envs {sorted(test_envs)} / "
                        f"trial_seed {a['trial_seed']}", header=header, rows=rows, notes=notes)

@@ -19,8 +19,12 @@
   *another* run folder cannot be resumed into this one (the records would be split over two folders); a fresh run (no
   ``ckpt_path``) into a folder that already holds records is refused unless ``skip_if_done=true``
   (which clears an unfinished folder).
+* **Step.** Every logger writes its rows at ``trainer.global_step``, the optimizer updates completed when the
+  row is written (:func:`log_at_global_step`): the training row of update ``N`` and the validation after it
+  are at ``N``, as ``summary.json``, the checkpoint names and the console say (Lightning's own step is
+  ``N - 1`` there); the learning-rate monitor's row, written before update ``N + 1``, is at ``N`` too.
 * **Records.** Lightning's CSV logger deletes an existing ``metrics.csv`` when it starts; on resume
-  :func:`keep_csv_history` keeps the rows logged before the checkpoint's step (the rest are logged
+  :func:`keep_csv_history` keeps the rows logged up to the checkpoint's step (the rest are logged
   again by the resumed run) and makes the logger append to them; header changes are rewritten
   atomically. A fresh run's CSV logger (:func:`start_csv_history`) starts ``metrics.csv`` without
   Lightning's warning that the folder "exists and is not empty" (it always is: ``.hydra/``, the lock,
@@ -456,10 +460,36 @@ def read_metrics_csv(path: str | os.PathLike) -> tuple[list[str], list[dict[str,
     return header, rows
 
 
+def log_at_global_step(loggers: Sequence[Any], trainer: Any) -> None:
+    """Every logger of ``loggers`` writes its rows at ``trainer.global_step`` (module docstring), whatever step
+    Lightning passes (its ``_batches_that_stepped``, one less between an optimizer step and the end of the
+    validation that follows it). Each logger's ``log_metrics`` is wrapped once, on this instance."""
+    for lg in loggers:
+        if getattr(lg, "_rmoe_global_step", False):
+            continue
+        original = lg.log_metrics
+
+        def log_metrics(metrics: Any, step: int | None = None, _original: Any = original) -> None:
+            _original(metrics, int(trainer.global_step))
+
+        lg.log_metrics = log_metrics
+        lg._rmoe_global_step = True
+
+
+def _before_checkpoint(row: dict[str, str], resume_step: int) -> bool:
+    """Whether a ``metrics.csv`` row was logged before a checkpoint taken after ``resume_step`` updates: every
+    row at a smaller step, and at ``resume_step`` the training and validation rows (the learning-rate monitor's
+    row there, without an ``epoch``, precedes the next update: the resumed run logs it again)."""
+    step = _step(row)
+    if step is None or step > resume_step:
+        return False
+    return step < resume_step or bool(row.get("epoch", ""))
+
+
 def keep_csv_history(loggers: Sequence[Any], resume_step: int) -> int:
-    """On resume: every CSV logger keeps the rows of its ``metrics.csv`` logged before
-    ``resume_step`` (the checkpoint's global step: the resumed run logs the later ones again) and
-    appends to them. Returns the number of rows kept."""
+    """On resume: every CSV logger keeps the rows of its ``metrics.csv`` logged before the checkpoint
+    (``resume_step``: its global step; :func:`_before_checkpoint`; the resumed run logs the later ones again)
+    and appends to them. Returns the number of rows kept."""
     from lightning.pytorch.loggers import CSVLogger
 
     kept = 0
@@ -471,12 +501,12 @@ def keep_csv_history(loggers: Sequence[Any], resume_step: int) -> int:
         path = exp.metrics_file_path
         if os.path.isfile(path):
             header, rows = read_metrics_csv(path)
-            keep = [r for r in rows if _step(r) is not None and _step(r) < resume_step]
+            keep = [r for r in rows if _before_checkpoint(r, resume_step)]
             dropped = len(rows) - len(keep)
             _write_rows_atomic(path, header, keep)
             exp.metrics_keys = list(header)
             kept += len(keep)
-            log.info("%s: kept %d logged row(s) before step %d%s", path, len(keep), resume_step,
+            log.info("%s: kept %d logged row(s) up to step %d%s", path, len(keep), resume_step,
                      f", dropped {dropped} logged after the checkpoint (logged again)" if dropped else "")
         lg._experiment = exp
     return kept

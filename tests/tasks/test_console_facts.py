@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
+from callbacks.records import read_jsonl
 from tasks.run.console import print_config_tree
 from tasks.run.multirun_summary import MultirunSummary
 from tasks.train import CONF_DIR, _announce, _commit_attempt, train
@@ -98,3 +100,42 @@ def test_epoch_description(epoch, max_epochs, text):
     from tasks.run.console import epoch_description
 
     assert epoch_description(epoch, max_epochs) == text
+
+
+def test_one_step_number_per_moment_in_every_record(tmp_path, capsys):
+    """A DomainBed run of 4 updates evaluated after updates 1 and 4: metrics.csv, summary.json (its evaluations
+    and its routing series), the best checkpoint's name, the printed table say the same step
+    for the same moment -- the updates completed; results.jsonl keeps DomainBed's own step (that number - 1)."""
+    import csv
+
+    if not os.path.isdir(os.path.join(os.environ.get("RMOE_DATA_DIR", ""), "mnist")):
+        pytest.skip("RMOE_DATA_DIR is not set to the offline data folder (MNIST)")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "task=domainbed/rotated_digits", "trainer.max_steps=4", "trainer.val_check_interval=3",
+            "trainer.log_every_n_steps=1", "data.batch_size=4", "data.eval_batch_size=256", "logger=csv",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "backbone.embed_dim=16",
+            "backbone.num_heads=2", "backbone.depth=2", "backbone.moe_layers=[1]", "print_config=false"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    train(cfg)
+    out = capsys.readouterr().out
+    evaluated = [1, 4]  # DomainBed's schedule: after the first update and after the last
+    assert [r["step"] for r in read_jsonl(tmp_path / "results.jsonl")] == [n - 1 for n in evaluated]
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r.get("val/score")] == evaluated
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [e["step"] for e in summary["epochs"]] == evaluated and summary["global_step"] == 4
+    # the routing rows of metrics.csv and the series the plots draw: the same steps
+    assert sorted({int(r["step"]) for r in rows if r.get("routing/moe0/load_cv")}) == summary["series"]["step"] \
+        == [1, 2, 3, 4]
+    scores = {e["step"]: e["dev"]["score"] for e in summary["epochs"]}
+    (best,) = list((tmp_path / "checkpoints").glob("best_step*.ckpt"))
+    n_best = int(best.stem.removeprefix("best_step"))
+    assert n_best in evaluated
+    # the table labels: the last evaluation and the one training-domain validation chose (its checkpoint)
+    header = next(ln for ln in out.splitlines() if ln.startswith("| domain"))
+    assert [c.strip() for c in header.strip("|").split("|")][2:] == ["in @4", "out @4", f"in @{n_best}*",
+                                                                      f"out @{n_best}*"]
+    assert max(scores.values()) == scores[n_best]  # the checkpoint monitors val/score (max)

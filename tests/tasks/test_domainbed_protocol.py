@@ -125,11 +125,11 @@ def test_short_run_evaluates_on_domainbeds_schedule(tmp_path):
         recs = [json.loads(line) for line in f]
     assert [r["step"] for r in recs] == _domainbed_eval_steps(7, 3) == [0, 3, 6]
     assert all(r["args"]["checkpoint_freq"] == 3 and r["args"]["steps"] == 7 for r in recs)
-    # Lightning validated exactly three times, after updates 1, 4 and 7 (its loggers number a validation
-    # after update u as step u - 1, DomainBed's numbering)
+    # Lightning validated exactly three times, after updates 1, 4 and 7 (metrics.csv's step: the updates
+    # completed; results.jsonl keeps DomainBed's numbering, one less)
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert sorted({int(r["step"]) for r in rows if r.get("val/score")}) == [0, 3, 6]
+    assert sorted({int(r["step"]) for r in rows if r.get("val/score")}) == [1, 4, 7]
 
 
 # --- the data follow the training seed -------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_a_second_run_into_a_busy_folder_fails_at_once_naming_the_holder(tmp_pat
     assert first.returncode == 0, err[-3000:]
     # one run's records: each step logged once, one last checkpoint, the lock gone
     steps = [int(r["step"]) for r in rows(run_dir / "metrics.csv") if r.get("train/loss")]
-    assert steps == [0, 1, 2, 3]
+    assert steps == [1, 2, 3, 4]
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["best_epoch000.ckpt", "last.ckpt"]
     assert jobs.is_done(run_dir) and not (run_dir / LOCK).exists()
     assert "seed=0" in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
@@ -179,7 +179,7 @@ def test_continuing_a_finished_run_removes_done_until_it_succeeds_and_keeps_the_
     assert [{k: v for k, v in r.items() if v} for r in final[:len(first)]] == \
         [{k: v for k, v in r.items() if v} for r in first]
     steps = [int(r["step"]) for r in final if r.get("train/loss")]
-    assert steps == list(range(8))
+    assert steps == list(range(1, 9))
     assert len([r for r in final if r.get("val/score")]) == 2
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 8
 
@@ -203,23 +203,27 @@ def test_runs_that_would_mix_records_are_refused_before_training(tmp_path, finis
     assert not (other / "metrics.csv").exists() and not jobs.is_done(other)
 
 
-def test_keep_csv_history_keeps_rows_before_the_checkpoint_and_appends(tmp_path):
+def test_keep_csv_history_keeps_rows_up_to_the_checkpoint_and_appends(tmp_path):
+    """Rows at the checkpoint's step 6: the training row of update 6 is kept, the learning-rate monitor's row
+    (no epoch: written before update 7, which the resumed run logs again) is dropped, as is everything later."""
     from lightning.pytorch.loggers import CSVLogger
 
     path = tmp_path / "metrics.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["a", "epoch", "step"])
+        w.writerow(["a", "lr-Adam", "epoch", "step"])
         for s in range(10):
-            w.writerow([s * 0.5, 0, s])
-        f.write("9.5,0")  # a half-written last row (killed mid-write)
+            w.writerow(["", 0.1, "", s])  # the LR monitor's row before update s + 1
+            w.writerow([s * 0.5, "", 0, s])  # the training row of update s
+        f.write("9.5,,0")  # a half-written last row (killed mid-write)
     logger = CSVLogger(save_dir=str(tmp_path), name="", version="")
-    assert keep_csv_history([logger], resume_step=6) == 6
-    logger.log_metrics({"a": 3.0, "b": 7.0}, step=6)  # a new column too: the header grows
+    assert keep_csv_history([logger], resume_step=6) == 13
+    logger.log_metrics({"a": 3.0, "b": 7.0}, step=7)  # a new column too: the header grows
     logger.save()
     got = rows(path)
-    assert [r["step"] for r in got] == ["0", "1", "2", "3", "4", "5", "6"]
-    assert [r["a"] for r in got[:6]] == [str(s * 0.5) for s in range(6)]
+    assert [r["step"] for r in got] == [str(s) for s in range(6) for _ in (0, 1)] + ["6", "7"]
+    assert [r["a"] for r in got[1:13:2]] == [str(s * 0.5) for s in range(6)]
+    assert got[-2]["a"] == "3.0" and got[-2]["epoch"] == "0"
     assert got[-1]["b"] == "7.0" and got[0]["b"] == ""
 
 

@@ -39,9 +39,9 @@ def test_max_steps_inside_the_first_epoch_validates_at_the_end_and_logs_train_ro
     assert trainer.global_step == 3 and trainer.num_training_batches > 3  # RTE: 312 batches of 8
     assert "val/score" in metrics and "val/score_best" in metrics
     val = [r for r in table if r.get("val/score")]
-    assert len(val) == 1 and int(val[0]["step"]) == 2  # Lightning's step column: global_step - 1 at the 3rd batch
+    assert len(val) == 1 and int(val[0]["step"]) == 3  # the step column: updates completed (global_step)
     train_rows = [r for r in table if r.get("train/loss")]
-    assert [int(r["step"]) for r in train_rows] == [2]  # the last of the 3 steps (log_every_n_steps 50 -> 3)
+    assert [int(r["step"]) for r in train_rows] == [3]  # the last of the 3 steps (log_every_n_steps 50 -> 3)
     for key in ("curriculum/lambda", "routing/moe0/active_experts"):
         assert any(r.get(key) for r in table), key
     assert list((tmp_path / "checkpoints").glob("best_*.ckpt"))
