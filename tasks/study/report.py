@@ -118,6 +118,7 @@ from .text import (
     H_STAB,
     H_STAB_PAIRED,
     REPORT_CHANGES,
+    V3_CHANGES,
     fmt_diff,
     fmt_duration,
     fmt_key,
@@ -219,7 +220,7 @@ class Report:
             n = len(self.s.superseded)
             banner += [f"> **{n} record{'s' if n != 1 else ''} of the superseded study {'are' if n != 1 else 'is'} "
                        "left out** ("
-                       + ", ".join(per) + "). They were made before the fidelity fixes (see "
+                       + ", ".join(per) + "). They are of an earlier version of the study (see "
                        f"{link(H_CHANGED)}) and stay in `docs/results/` until the rerun replaces them job by job; "
                        "every table, figure, floor and verdict below uses only the records of the current study. "
                        "A record's version is the `study_version=N` override it was launched with "
@@ -515,9 +516,13 @@ class Report:
         return GLUE_TASK_ORDER.index(t) if t in GLUE_TASK_ORDER else len(GLUE_TASK_ORDER)
 
     def changed_section(self) -> list[str]:
-        lines = [f"## {H_CHANGED}", "",
-                 "**This report since study version 2** (the records are the same; what is read off them changed): "
-                 + " ".join(REPORT_CHANGES), "",
+        v3 = any(v >= 3 for b, v in self.s.versions.items() if b != "ceiling")
+        lines = [f"## {H_CHANGED}", ""]
+        if v3:
+            lines += ["**Study version 3** (new records, every method rerun): " + " ".join(V3_CHANGES), ""]
+        lines += ["**This report since study version 2** ("
+                  + ("the version-2 records are superseded; " if v3 else "the records are the same; ")
+                  + "what is read off them changed): " + " ".join(REPORT_CHANGES), "",
                  "The first run of this study (its records are marked superseded) was made before the fidelity "
                  "fixes; it answered nothing about the methods. Since then:", ""]
         lines += [f"- {c.replace('FLOORS_LINK', link(H_FLOORS))}" for c in CHANGES]

@@ -396,3 +396,20 @@ def test_a_signal_stops_the_command_and_exports_what_finished(tmp_path, monkeypa
     reproduce.main(["glue", "--budget-min", "0.001", "--log_dir", str(logs), "--results_dir", str(results),
                     "--output", str(tmp_path / "RESULTS.md")])
     assert len(fake2.calls[0].jobs) == 5 and fake2.calls[0].piece == f"seed {stop_at_call}"
+
+
+def test_meta_says_why_the_version_2_records_were_superseded(tmp_path):
+    results = tmp_path / "results"
+    (results / "domainbed").mkdir(parents=True)
+    (results / "domainbed" / "meta.json").write_text(json.dumps({
+        "study_version": 2, "command": "make reproduce-domainbed", "shortened": ["v2"], "invocations": [{"a": 1}],
+        "previous": {"study_version": 1, "superseded": "v1 why"}}))
+    meta = json.loads(reproduce.write_meta("domainbed", reproduce.domainbed_plan(), results, None).read_text())
+    assert meta["previous"]["study_version"] == 2 and meta["previous"]["invocations"] == [{"a": 1}]
+    assert meta["previous"]["superseded"].startswith("its models did not learn: dense RotatedMNIST 54.2 %")
+    assert meta["invocations"] == []
+    # written by a driver that did not know the reason yet: filled in on the next write, nothing else changes
+    m = dict(meta, previous={k: v for k, v in meta["previous"].items() if k != "superseded"})
+    (results / "domainbed" / "meta.json").write_text(json.dumps(m))
+    again = json.loads(reproduce.write_meta("domainbed", reproduce.domainbed_plan(), results, None).read_text())
+    assert again == meta
