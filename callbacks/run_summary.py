@@ -32,9 +32,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.records import SUMMARY_FILE, SUMMARY_SCHEMA, summary_record, write_json_atomic
+from callbacks.stability import RoutingStabilityCallback
 
 SCHEMA = SUMMARY_SCHEMA
 
@@ -60,11 +62,9 @@ def git_commit(path: str | None = None) -> str | None:
 
 def hydra_overrides() -> list[str]:
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         if HydraConfig.initialized():
             return list(HydraConfig.get().overrides.task)
-    except (ImportError, ValueError):
+    except ValueError:
         pass
     return []
 
@@ -115,8 +115,6 @@ class RunSummaryCallback(Callback):
             if len(parts) == 3 and parts[0] == "routing":
                 stability.setdefault(parts[1], {})[parts[2]] = _float(v)
         series: dict[str, Any] = {}
-        from callbacks.stability import RoutingStabilityCallback
-
         for cb in trainer.callbacks:
             if isinstance(cb, RoutingStabilityCallback):
                 series = cb.series()  # what its plots draw: python -m tasks.plots <run> redraws them

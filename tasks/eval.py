@@ -44,10 +44,22 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tasks.run.common import register_resolvers
-from tasks.train import CONF_DIR
+from callbacks.records import CONFIG_FILE, HYDRA_FILE, write_json_atomic
+from callbacks.resume import IDENTITY_KEY
+from callbacks.run_summary import git_commit, hydra_overrides
+from rmoe import find_moe_layers
+from tasks.glue.export import export_pretrained
+from tasks.glue.predict import find_test_files, glue_test_splits, predict_dev_sets, predict_test_sets
+from tasks.resolvers import register_resolvers
+from tasks.run.common import CONF_DIR
+from tasks.run.console import route_lightning_logs
+from tasks.run.resume import IDENTITY_FIELDS, check_checkpoint, run_identity
+from tasks.run.run_folder import run_folder_of_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +75,6 @@ class EvalConfigError(ValueError):
 
 def default_eval_dir(ckpt_path: Any) -> str:
     """``<run>/eval`` for a checkpoint in ``<run>/checkpoints/``, else ``eval/`` next to the checkpoint."""
-    from tasks.run.run_folder import run_folder_of_checkpoint
-
     if ckpt_path in (None, ""):
         raise EvalConfigError("ckpt_path is not set; allowed: the path of a checkpoint file, e.g. "
                               "ckpt_path=<run>/checkpoints/best_epoch002.ckpt")
@@ -80,9 +90,6 @@ def register_eval_resolvers() -> None:
 
 
 def _run_config_path(cfg: DictConfig) -> Path | None:
-    from callbacks.records import CONFIG_FILE
-    from tasks.run.run_folder import run_folder_of_checkpoint
-
     src = cfg.get("run_config")
     if src in (None, "", "null"):
         return None
@@ -102,8 +109,6 @@ def eval_config(cfg: DictConfig, overrides: Sequence[str] = (), groups: Iterable
 
     ``cfg``: the composed ``conf/eval.yaml``; ``overrides``: the command line's ``key=value`` overrides;
     ``groups``: the config group names (a group override replaces the node of that name)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     path = _run_config_path(cfg)
     if path is None:
         return cfg
@@ -140,9 +145,6 @@ def run_choice_overrides(ckpt_path: Any) -> list[str]:
     """``group=option`` for each config group the checkpoint's run chose (``<run>/.hydra/hydra.yaml``; not
     Hydra's own groups nor ``protocol``, which follows from data and moe): ``rmoe-eval`` composes with them
     first, so the command line's overrides are checked against the run's config structure."""
-    from callbacks.records import HYDRA_FILE
-    from tasks.run.run_folder import run_folder_of_checkpoint
-
     run = run_folder_of_checkpoint(str(ckpt_path)) if ckpt_path else None
     if run is None or not (run / HYDRA_FILE).is_file():
         return []
@@ -151,8 +153,6 @@ def run_choice_overrides(ckpt_path: Any) -> list[str]:
 
 
 def _check_identity(ckpt_path: str, saved: dict[str, Any] | None, cfg: DictConfig) -> None:
-    from tasks.run.resume import IDENTITY_FIELDS, run_identity
-
     if not saved:
         warnings.warn(f"ckpt_path={ckpt_path!r} records no run identity: its task/method/backbone cannot be checked "
                       "against the config", stacklevel=2)
@@ -168,8 +168,6 @@ def _check_identity(ckpt_path: str, saved: dict[str, Any] | None, cfg: DictConfi
 
 
 def _warn_fusion_updates(model: Any) -> None:
-    from rmoe import find_moe_layers
-
     moving = [name for name, layer in find_moe_layers(model)
               if getattr(layer, "fusion", None) is not None and layer.fusion.cfg.update_in_eval]
     if moving:
@@ -187,12 +185,6 @@ def evaluate(cfg: DictConfig, write: bool = True) -> dict[str, Any]:
 
     Returns the record written to ``<eval_dir>/<ckpt stem>.json`` (``metrics``, ``epoch``, ``global_step``,
     ``predictions``, ``export``, ...); ``write=False`` writes no file except the export and predictions."""
-    import lightning as L
-
-    from callbacks.records import write_json_atomic
-    from callbacks.resume import IDENTITY_KEY
-    from tasks.run.resume import check_checkpoint
-
     register_eval_resolvers()
     ckpt_path = cfg.get("ckpt_path")
     eval_dir = Path(cfg.get("eval_dir") or default_eval_dir(ckpt_path))
@@ -222,8 +214,6 @@ def evaluate(cfg: DictConfig, write: bool = True) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("validate")
     if export:
-        from tasks.glue.export import export_pretrained
-
         record["export"] = str(export_pretrained(model, export, tokenizer=datamodule.tokenizer,
                                                  source={"ckpt_path": record["ckpt_path"], "epoch": record["epoch"],
                                                          "global_step": record["global_step"]}))
@@ -234,8 +224,6 @@ def evaluate(cfg: DictConfig, write: bool = True) -> dict[str, Any]:
         trainer.validate(model=model, datamodule=datamodule, verbose=False)
         record["metrics"].update(_float_metrics(trainer.callback_metrics))
     if is_glue:
-        from tasks.glue.predict import predict_dev_sets, predict_test_sets
-
         out = eval_dir.parent / PREDICTIONS_SUBDIR
         test_metrics, files = predict_test_sets(trainer, model, datamodule, out if predict == "test" else None)
         record["metrics"].update(test_metrics)
@@ -244,8 +232,6 @@ def evaluate(cfg: DictConfig, write: bool = True) -> dict[str, Any]:
             record["predictions"].update(predict_dev_sets(trainer, model, datamodule, out))
     if not any(k.startswith("test") for k in record["metrics"]):
         record["no_test_metrics"] = no_test_metrics_reason(cfg, datamodule, is_glue)
-    from callbacks.run_summary import git_commit, hydra_overrides
-
     record.update({"finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
                    "overrides": hydra_overrides()})
     if write:
@@ -268,8 +254,6 @@ def predict_mode(value: Any) -> str | None:
 def check_predict_inputs(mode: str, datamodule: Any) -> None:
     """``predict=test`` needs every test file of the task (GLUE's test layout) under ``data.glue_dir``;
     ``predict=dev`` every dev row (``data.max_eval_samples=null``)."""
-    from tasks.glue.predict import find_test_files, glue_test_splits
-
     task = datamodule.task
     if mode == "dev":
         if getattr(datamodule, "max_eval_samples", None) is not None:
@@ -315,10 +299,6 @@ def print_record(record: dict[str, Any], file: Any = None) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from tasks.run.console import route_lightning_logs
-
     route_lightning_logs()  # each Lightning line once (Hydra's job logging prints them)
     hc = HydraConfig.get()
     injected = set(run_choice_overrides(cfg.ckpt_path)) if cfg.get("run_config") == "auto" else set()

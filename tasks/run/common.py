@@ -1,16 +1,15 @@
 """Shared helpers of the task packages: model paths, encoders, optimiser schedule, config resolvers.
 
-Config resolvers (registered by :func:`register_resolvers`, which ``tasks.train`` calls before composing or
-resolving a config; tests call it from ``conftest.py``):
+Config resolvers (registered by :func:`register_resolvers`, through :func:`tasks.resolvers.register_resolvers`,
+which ``rmoe-train``, ``rmoe-eval`` and the tests' ``conftest.py`` call before composing or resolving a config):
 
 * ``${rmoe_data:<sub>}`` -> ``$RMOE_DATA_DIR/<sub>``, or null when ``RMOE_DATA_DIR`` is unset.
 * ``${rmoe_join:<list>}`` -> the items joined by ``-`` (``[0, 2]`` -> ``0-2``; job folder names).
 * ``${rmoe_wandb_name:<variant>,<seed>}``, ``${rmoe_wandb_group:<task_name>}``: W&B run names and groups
   (:mod:`tasks.run.wandb_utils`).
-* ``${rmoe_seed_hash:<dataset>,<algorithm>,<test_envs>,<hparams_seed>,<trial_seed>}`` -> DomainBed's
-  training seed of a sweep job, ``misc.seed_hash(dataset, algorithm, test_envs, hparams_seed, trial_seed)``
-  (md5 of ``str`` of that tuple, mod 2**31), with DomainBed's argument types: two strings, a list of
-  ints, two ints (``hparams_seed`` may be null).
+
+A benchmark's own resolvers live with the benchmark (DomainBed's ``${rmoe_seed_hash:...}``:
+:mod:`tasks.domainbed.seeds`); :func:`tasks.resolvers.register_resolvers` registers them all.
 """
 
 from __future__ import annotations
@@ -18,15 +17,21 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
+
+from tasks.run.wandb_utils import wandb_group, wandb_run_name
 
 if TYPE_CHECKING:  # torch is imported where it is used: rmoe-train --help and config errors stay fast
     import torch
     from torch import nn
 
 PKG_PREFIX = "pkg:"
+# the configs ship inside the package (a wheel install runs rmoe-train); conf/ at the top of a checkout
+# is a link to this folder
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def _data_subdir(sub: str = "") -> str | None:
@@ -42,29 +47,14 @@ def _join(items: Any, sep: str = "-") -> str:
     return sep.join(str(i) for i in items)
 
 
-def _domainbed_seed(dataset: Any, algorithm: Any, test_envs: Any, hparams_seed: Any, trial_seed: Any) -> int:
-    from tasks.domainbed.splits import seed_hash
-
-    if isinstance(test_envs, (str, int)):  # a single test env given without brackets
-        test_envs = [test_envs]
-    envs = [int(e) for e in test_envs]
-    hp = None if hparams_seed is None else int(hparams_seed)
-    return seed_hash(str(dataset), str(algorithm), envs, hp, int(trial_seed))
-
-
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("rmoe_data"):
         OmegaConf.register_new_resolver("rmoe_data", _data_subdir)
     if not OmegaConf.has_resolver("rmoe_join"):
         OmegaConf.register_new_resolver("rmoe_join", _join)
-    if not OmegaConf.has_resolver("rmoe_seed_hash"):
-        OmegaConf.register_new_resolver("rmoe_seed_hash", _domainbed_seed)
     if not OmegaConf.has_resolver("rmoe_wandb_name"):
-        from tasks.run.wandb_utils import wandb_group, wandb_run_name
-
         OmegaConf.register_new_resolver("rmoe_wandb_name", wandb_run_name)
         OmegaConf.register_new_resolver("rmoe_wandb_group", wandb_group)
-
 
 
 def resolve_model_path(name: str) -> str:
