@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tasks.results.collect import collect, parser, run
-from tasks.study import report
 
 __all__ = ["collect", "main"]
 
@@ -20,6 +19,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--plots", default=None, help="with --study: the plot folder (default <output folder>/plots)")
     a = p.parse_args(argv)
     if a.study:
+        from tasks.study import report  # scipy and matplotlib: seconds that the tables do not need
+
         report.main([a.study] + (["--output", a.output] if a.output else [])
                     + (["--plots", a.plots] if a.plots else []))
         return

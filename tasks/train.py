@@ -46,8 +46,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from callbacks.records import git_commit
 from tasks.resolvers import register_resolvers
-from tasks.results.domainbed import run_report
 from tasks.run import jobs
 from tasks.run.checks import ConfigError, check_config, check_overrides
 from tasks.run.cli import StderrTail, complete_nested, did_you_mean, fast_help, wants_fast_help
@@ -114,6 +114,7 @@ def train(cfg: DictConfig, on_checked: Any = None) -> tuple[dict[str, float], di
     import torch
 
     from callbacks.domainbed_results import DomainBedResultsCallback
+    from tasks.results.domainbed import run_report
     from tasks.run.console import drop_disabled_progress_bar
     from tasks.run.resume import init_from_checkpoint, prepare_fit, run_identity
     from tasks.run.short_runs import ShortRunCallback
@@ -386,8 +387,6 @@ def _job(cfg: DictConfig) -> float | None:
             raise
         trainer = objects.get("trainer")
         if out_dir and (trainer.is_global_zero if trainer is not None else jobs.is_rank_zero()):
-            from callbacks.run_summary import git_commit
-
             jobs.mark_done(out_dir, metrics, git_commit(), skipped_batches=_skipped_batches(trainer))
             append_attempt(out_dir, _attempt(cfg, "done", global_step=int(trainer.global_step) if trainer else None))
     finally:

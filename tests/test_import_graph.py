@@ -1,7 +1,7 @@
 """The import graph of the production packages (rmoe, callbacks, tasks, bench), read with ``ast``: no import
 cycle, no upward import (docs: /work/shared/STYLE.md's layers, written out in ``LAYERS`` below), and an import
-inside a function only for an optional dependency (``OPTIONAL``) or, on ``rmoe-train``'s fast path, for a heavy
-module that ``--help`` / a config error must not load (``CLI_LAZY``; tests/test_cli_fast.py times them).
+inside a function only for an optional dependency (``OPTIONAL``) or, on a command line's fast path, for a heavy
+module that ``rmoe-train --help`` / a config error must not load (``CLI_LAZY``; tests/test_cli_fast.py times it).
 
 ``python tests/test_import_graph.py [ROOT]`` prints the counts (function-local imports by kind, cycles)."""
 
@@ -49,13 +49,18 @@ OPTIONAL = {
     "torch.utils.tensorboard": "needs the tensorboard package; only when a TensorBoard logger is configured",
 }
 
-#: external packages whose import costs the CLI its second (rmoe-train --help, completion, config errors)
+#: external packages whose import costs a CLI its second (rmoe-train --help, completion, config errors; numpy:
+#: 0.14 s by python -X importtime, more than the rest of --help)
 HEAVY = {"torch", "torchvision", "lightning", "pytorch_lightning", "hydra", "transformers", "timm", "datasets",
-         "safetensors", "sklearn", "scipy", "matplotlib", "huggingface_hub"}
+         "safetensors", "sklearn", "scipy", "matplotlib", "huggingface_hub", "numpy"}
 
-#: function-local imports kept for rmoe-train's start-up (tests/test_cli_fast.py): (module, function) -> why.
-#: Each is checked: the module is on the fast path (imported at the top by tasks.train) and every module the
-#: function imports is heavy (it, or what it imports at its top, is in HEAVY).
+#: the command lines whose start-up CLI_LAZY protects: rmoe-train (--help, completion, config errors:
+#: tests/test_cli_fast.py), rmoe-eval (its argument errors), python -m tasks.collect (the tables) and python -m
+#: tasks.reproduce (the commands other than report)
+CLI_ENTRIES = ("tasks.train", "tasks.eval", "tasks.collect", "tasks.reproduce")
+#: function-local imports kept for those start-ups: (module, function) -> why. Each is checked: the module is on a
+#: CLI's fast path (imported at the top by one of CLI_ENTRIES) and every module the function imports is heavy (it,
+#: or what it imports at its top, is in HEAVY).
 CLI_LAZY = {
     ("tasks.train", "main"): "hydra: after --help and completion, which answer without it",
     ("tasks.train", "_job"): "Hydra's runtime (already loaded by hydra.main); Lightning only after the config checks",
@@ -67,6 +72,12 @@ CLI_LAZY = {
     ("tasks.train", "_preemption"): "Lightning's SIGTERMException: after a failed fit",
     ("tasks.train", "_skipped_batches"): "the numerics callback (Lightning): after fit",
     ("tasks.train", "_attempt"): "the run summary callback (Lightning): after the checks",
+    ("tasks.eval", "evaluate"): "Lightning, torch, the GLUE export and predictions: after the argument checks",
+    ("tasks.eval", "_check_identity"): "the checkpoint checks (torch): rmoe-eval's errors come without it",
+    ("tasks.eval", "_warn_fusion_updates"): "rmoe (torch): once a model is built",
+    ("tasks.eval", "check_predict_inputs"): "the GLUE predictions (torch): predict=... only",
+    ("tasks.eval", "_hydra_main"): "Lightning's log routing: inside the job",
+    ("tasks.collect", "main"): "the study report (scipy, matplotlib): --study only",
     ("tasks.run.checks", "check_moe_fields"): "rmoe (torch): the last check, so earlier errors come without torch",
     ("tasks.run.checks", "check_overrides"): "rmoe's router registry (torch): only when moe.top_k is overridden",
     ("tasks.run.checks", "_hf_config"): "transformers: only for a hub text backbone",
@@ -257,7 +268,7 @@ def test_no_upward_import():
 
 
 def test_function_local_imports_are_optional_dependencies_or_named_cli_speed_ones():
-    fast_path, _ = top_level_closure("tasks.train", MODS, IMPS)
+    fast_path = set().union(*(top_level_closure(m, MODS, IMPS)[0] for m in CLI_ENTRIES))
     bad = []
     for imp in local_imports(IMPS):
         if all(_is_optional(t) for t in imp.targets):
@@ -267,7 +278,7 @@ def test_function_local_imports_are_optional_dependencies_or_named_cli_speed_one
         if key not in CLI_LAZY:
             bad.append(f"{where}: move it to the top of the module (or name an optional dependency in OPTIONAL)")
         elif imp.module not in fast_path:
-            bad.append(f"{where}: CLI_LAZY names it, but {imp.module} is not on rmoe-train's fast path")
+            bad.append(f"{where}: CLI_LAZY names it, but {imp.module} is on no CLI's fast path")
         else:
             light = [t for t in imp.targets if not _is_optional(t) and not is_heavy(t, MODS, IMPS)]
             if light:
