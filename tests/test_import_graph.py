@@ -78,6 +78,7 @@ CLI_LAZY = {
     ("tasks.eval", "check_predict_inputs"): "the GLUE predictions (torch): predict=... only",
     ("tasks.eval", "_hydra_main"): "Lightning's log routing: inside the job",
     ("tasks.collect", "main"): "the study report (scipy, matplotlib): --study only",
+    ("tasks.study.driver", "report"): "the study report (scipy, matplotlib): the report command only",
     ("tasks.run.checks", "check_moe_fields"): "rmoe (torch): the last check, so earlier errors come without torch",
     ("tasks.run.checks", "check_overrides"): "rmoe's router registry (torch): only when moe.top_k is overridden",
     ("tasks.run.checks", "_hf_config"): "transformers: only for a hub text backbone",

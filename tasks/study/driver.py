@@ -49,12 +49,11 @@ from pathlib import Path
 from typing import Any
 
 from callbacks.records import DONE_FILE, OVERRIDES_FILE, RESULTS_FILE, SUMMARY_FILE
-from callbacks.run_summary import git_commit as commit
+from callbacks.records import git_commit as commit
 from tasks.results.records import META_FILE, VERSION_KEY, folder_study_version
 from tasks.run import jobs
 
 from .parallel import DEFAULT_JOBS
-from .report import main as study_main
 
 log = logging.getLogger("tasks.study.driver")
 
@@ -417,6 +416,8 @@ def run_bench(bench: str, o: Options) -> int:
 
 
 def report(results_dir: Path, output: Path) -> None:
+    from .report import main as study_main  # scipy and matplotlib: 2.5 s that the other commands do not need
+
     study_main([str(results_dir), "--output", str(output)])
 
 
