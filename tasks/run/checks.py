@@ -46,7 +46,7 @@ import importlib
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -125,7 +125,6 @@ def check_trainer(cfg: Any) -> None:
 def _hf_config(pretrained: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
-
     return AutoConfig.from_pretrained(resolve_model_path(pretrained)).to_dict()
 
 
@@ -188,10 +187,19 @@ def check_moe(cfg: Any) -> None:
                   "the module's own forward, unwrapped")
 
 
+@runtime_checkable
+class ChecksItsConfig(Protocol):
+    """A DataModule class with checks of its own, run by :func:`check_data` before anything is built."""
+
+    @staticmethod
+    def check_config(cfg: Any) -> None:
+        """Raise :class:`ConfigError` naming the key, the value and what is allowed."""
+
+
 def check_data(cfg: Any) -> None:
-    """The data group's own checks: the DataModule class that ``data._target_`` names may define a static
-    ``check_config(cfg)`` raising :class:`ConfigError` (DomainBed: ``data.test_envs``); this module knows no
-    benchmark. The class is imported by name, as Hydra will instantiate it (torch: after the torch-free checks)."""
+    """The data group's own checks: the DataModule class that ``data._target_`` names may be a
+    :class:`ChecksItsConfig` (DomainBed: ``data.test_envs``); this module knows no benchmark. The class is
+    imported by name, as Hydra will instantiate it (torch: after the torch-free checks)."""
     target = _get(cfg, "data._target_")
     if not isinstance(target, str) or "." not in target:
         return
@@ -200,9 +208,8 @@ def check_data(cfg: Any) -> None:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return  # instantiating the data group names the bad target itself
-    hook = getattr(cls, "check_config", None)
-    if callable(hook):
-        hook(cfg)
+    if isinstance(cls, ChecksItsConfig):
+        cls.check_config(cfg)
 
 
 def check_learning_rates(cfg: Any) -> None:
