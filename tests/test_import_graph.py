@@ -83,8 +83,6 @@ CLI_LAZY = {
     ("tasks.run.checks", "check_overrides"): "rmoe's router registry (torch): only when moe.top_k is overridden",
     ("tasks.run.checks", "_hf_config"): "transformers: only for a hub text backbone",
     ("tasks.run.hub", "cached"): "huggingface_hub: only for a hub backbone or dataset",
-    ("tasks.run.common", "build_hf_encoder"): "transformers: when a GLUE model is built",
-    ("tasks.run.common", "linear_decay"): "torch: when the optimiser is built",
     ("tasks.run.run_folder", "staging_dir"): "Hydra's runtime: inside a job (hydra.main has loaded it)",
     ("tasks.run.run_folder", "_appending_writer_class"): "Lightning's CSV logger: when a run's loggers are built",
     ("tasks.run.run_folder", "_fresh_writer_class"): "Lightning's CSV logger: when a run's loggers are built",

@@ -29,8 +29,9 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from callbacks.run_summary import RunSummaryCallback
 from rmoe import moefy_bert
-from tasks.run.common import build_hf_encoder, linear_decay, split_moe_config
+from tasks.run.common import split_moe_config
 from tasks.run.console import dev_summary
+from tasks.run.models import build_hf_encoder, linear_decay
 from tasks.run.moe_module import MoEModule, fused_if_supported
 
 from .metrics import build_metrics, predictions, with_headline

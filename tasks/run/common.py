@@ -1,4 +1,5 @@
-"""Shared helpers of the task packages: model paths, encoders, optimiser schedule, config resolvers.
+"""Shared helpers of the task packages without torch (rmoe-train imports them before its config checks): model
+paths, the MoE config split, config resolvers; the encoder and the optimiser schedule are in :mod:`tasks.run.models`.
 
 Config resolvers (registered by :func:`register_resolvers`, through :func:`tasks.resolvers.register_resolvers`,
 which ``rmoe-train``, ``rmoe-eval`` and the tests' ``conftest.py`` call before composing or resolving a config):
@@ -18,15 +19,11 @@ import importlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from tasks.run.wandb_utils import wandb_group, wandb_run_name
-
-if TYPE_CHECKING:  # torch is imported where it is used: rmoe-train --help and config errors stay fast
-    import torch
-    from torch import nn
 
 PKG_PREFIX = "pkg:"
 # the configs ship inside the package (a wheel install runs rmoe-train); conf/ at the top of a checkout
@@ -70,35 +67,6 @@ def resolve_model_path(name: str) -> str:
             raise ValueError(f"backbone path {name!r}: package {mod_name!r} is not installed ({e})") from e
         return str(mod.get_model_path())
     return name
-
-
-def build_hf_encoder(pretrained: str | None, config: Mapping[str, Any] | None = None) -> nn.Module:
-    """``AutoModel.from_pretrained(pretrained)``, or a random init from ``config`` (a dict with
-    ``model_type`` and the config fields) when ``pretrained`` is null."""
-    from transformers import AutoConfig, AutoModel
-
-    if pretrained:
-        return AutoModel.from_pretrained(resolve_model_path(pretrained))
-    if not config or "model_type" not in config:
-        raise ValueError("backbone: give backbone.pretrained, or backbone.config with a model_type for random init")
-    cfg = dict(config)
-    hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    return AutoModel.from_config(hf_cfg)
-
-
-def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0):
-    """LambdaLR: linear warm-up over ``warmup_steps`` then linear decay to 0 at ``total_steps``."""
-    total = max(int(total_steps), 1)
-    warm = max(int(warmup_steps), 0)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total - step) / max(total - warm, 1))
-
-    import torch
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 MOE_LAYOUT_KEYS = ("name", "layers", "init")
