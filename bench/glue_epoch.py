@@ -26,7 +26,14 @@ import os
 import time
 from pathlib import Path
 
+import hydra
+import lightning as L
 import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from lightning.pytorch.trainer.states import TrainerFn
+
+from tasks.resolvers import register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> (Hydra overrides, fused AdamW)
@@ -38,11 +45,6 @@ VARIANTS = {  # name -> (Hydra overrides, fused AdamW)
 
 
 def compose(task: str, moe: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from tasks.run.common import register_resolvers
-
     register_resolvers()  # the rmoe_* interpolations
     with initialize_config_dir(config_dir=str(REPO / "sweeps"), version_base=None):
         return hydra_compose("reproduce_glue", overrides=[f"hydra.searchpath=[file://{REPO / 'tasks' / 'conf'}]",
@@ -53,10 +55,6 @@ class Job:
     """One variant: its loader's epoch-0 batches, its module and optimizer."""
 
     def __init__(self, cfg, epochs: int, fused: bool) -> None:
-        import hydra
-        import lightning as L
-        from lightning.pytorch.trainer.states import TrainerFn
-
         torch.manual_seed(0)
         self.dm = hydra.utils.instantiate(cfg.data, _convert_="all")
         self.dm.setup("fit")

@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from rmoe import find_moe_layers
 from rmoe.routing import TopAnyRouter
 
 MODES = ("epoch", "every_step")
@@ -63,8 +64,6 @@ class AdaptiveExpertsCallback(Callback):
     @staticmethod
     def layer_names(pl_module: L.LightningModule) -> dict[int, str]:
         """``id(router) -> "moe<j>"``, ``j`` the layer's position among the MoE layers (callbacks.stability's names)."""
-        from rmoe import find_moe_layers
-
         return {id(getattr(m, "router", None)): f"moe{j}" for j, (_, m) in enumerate(find_moe_layers(pl_module))}
 
     @staticmethod

@@ -17,7 +17,8 @@ selection. When a run resumes from a checkpoint taken after ``n`` optimizer step
 ``S >= n`` are dropped first (they are evaluated again), and the file is rewritten atomically.
 A half-written last line (a kill during the append) is dropped with a
 warning naming the file; a malformed line elsewhere fails naming the file and the line.
-(The DomainBed module prints the run's per-domain table from ``self.path`` at the end of fit.)
+(``rmoe-train`` prints the run's per-domain table from ``self.path`` at the end of fit:
+:func:`tasks.results.domainbed.run_report`.)
 """
 
 from __future__ import annotations
@@ -30,19 +31,15 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from callbacks.records import RESULTS_FILE, read_jsonl
 
 
 def _plain(obj: Any) -> Any:
     """JSON-safe copy (OmegaConf containers, tuples, numpy scalars -> plain Python)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            obj = OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(obj, (DictConfig, ListConfig)):
+        obj = OmegaConf.to_container(obj, resolve=True)
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

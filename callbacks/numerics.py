@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 from rmoe import find_moe_layers
 
@@ -110,6 +111,4 @@ class NumericalFaultCallback(Callback):
             p.grad = None
         self.skipped += 1
         pl_module.log("numerics/skipped_batches", float(self.skipped), on_step=True, batch_size=1)
-        from lightning.pytorch.utilities import rank_zero_warn
-
         rank_zero_warn(f"skipped batch at optimizer step {step}: {fault}")

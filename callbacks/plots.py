@@ -33,6 +33,9 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image
+
+from rmoe.schedules import build_schedule
 
 PLOT_DPI = 150
 #: inactive pool slots: hatched light grey (a dead expert -- in the pool, no token -- is the colour map's 0)
@@ -120,8 +123,6 @@ def lambda_curve(schedule: Mapping[str, Any], steps: Iterable[int] = ()) -> tupl
     """``(τ, λ(τ), phase(τ))`` of the recorded schedule over the whole run ``0 <= τ <= T``
     (every step, or ``_MAX_CURVE_POINTS`` of them plus each phase change). Without ``total_steps``
     the curve spans the logged ``steps``."""
-    from rmoe.schedules import build_schedule
-
     params = {k: v for k, v in schedule.items() if k not in ("mode", "total_steps")}
     sched = build_schedule(str(schedule["mode"]), **params)
     steps = list(steps)
@@ -331,8 +332,6 @@ def render_figures(figs: Mapping[str, Figure], dpi: int = PLOT_DPI) -> dict[str,
 def save_images(images: Mapping[str, np.ndarray], out_dir: str) -> dict[str, str]:
     """``<out_dir>/<name>.png`` for each rendered image (written to a temporary name, then renamed:
     a reader never sees half a PNG); returns ``{name: path}``."""
-    from PIL import Image
-
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for name, img in images.items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,17 @@ DONE_KEYS = ("finished_utc", "commit", "metrics", "skipped_batches")
 ATTEMPTS_FILE = "attempts.jsonl"
 #: The fields of a ``results.jsonl`` record's ``args`` that model selection and the tables read.
 RESULTS_ARGS_KEYS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed", "seed", "task_name")
+
+
+def git_commit(path: str | None = None) -> str | None:
+    """Short commit of the code (``git rev-parse --short HEAD`` in this package's folder), or None."""
+    here = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def summary_record(**fields: Any) -> dict[str, Any]:

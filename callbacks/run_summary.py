@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from callbacks.records import SUMMARY_FILE, SUMMARY_SCHEMA, summary_record, write_json_atomic
+from callbacks.records import SUMMARY_FILE, SUMMARY_SCHEMA, git_commit, summary_record, write_json_atomic
+from callbacks.stability import RoutingStabilityCallback
 
 SCHEMA = SUMMARY_SCHEMA
 
@@ -47,24 +48,11 @@ def _float(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def git_commit(path: str | None = None) -> str | None:
-    """Short commit of the code (``git rev-parse --short HEAD`` in this package's folder), or None."""
-    here = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def hydra_overrides() -> list[str]:
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         if HydraConfig.initialized():
             return list(HydraConfig.get().overrides.task)
-    except (ImportError, ValueError):
+    except ValueError:
         pass
     return []
 
@@ -115,8 +103,6 @@ class RunSummaryCallback(Callback):
             if len(parts) == 3 and parts[0] == "routing":
                 stability.setdefault(parts[1], {})[parts[2]] = _float(v)
         series: dict[str, Any] = {}
-        from callbacks.stability import RoutingStabilityCallback
-
         for cb in trainer.callbacks:
             if isinstance(cb, RoutingStabilityCallback):
                 series = cb.series()  # what its plots draw: python -m tasks.plots <run> redraws them

@@ -32,6 +32,7 @@ once more at its first step, so its rows are those of the uninterrupted run.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -39,9 +40,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from callbacks.curriculum import CurriculumCallback
+from callbacks.plots import close_figures, draw_routing_plots, render_figures, save_images, send_to_loggers
+from callbacks.route_trace import write_step
 from rmoe import find_moe_layers
 from rmoe import metrics as M
 
@@ -277,8 +281,6 @@ class RoutingStabilityCallback(Callback):
             pl_module.train(was_training)
 
     def _write_route_trace(self, trainer: Trainer, step: int, indices: dict[str, Tensor]) -> None:
-        from callbacks.route_trace import write_step
-
         write_step(self.route_trace_dir or os.path.join(trainer.default_root_dir, "route_trace"), step, indices)
 
     # --- validation --------------------------------------------------------------------------
@@ -331,8 +333,6 @@ class RoutingStabilityCallback(Callback):
 
     def _write_plots(self, trainer: Trainer) -> dict[str, str]:
         """Draw the plots, write the PNGs and send them to the image-capable loggers."""
-        from callbacks.plots import close_figures, draw_routing_plots, render_figures, save_images, send_to_loggers
-
         out_dir = self.plot_dir or os.path.join(trainer.default_root_dir, "plots")
         figs = draw_routing_plots(self.series(), self.info)
         try:
@@ -344,10 +344,6 @@ class RoutingStabilityCallback(Callback):
         except OSError as e:  # a full disk or a bad plot_dir must not end the run: warn, record, go on
             self.plot_write_errors.append({"step": int(trainer.global_step), "plot_dir": out_dir,
                                            "error": f"{type(e).__name__}: {e}"})
-            import logging
-
-            from lightning.pytorch.utilities import rank_zero_warn
-
             msg = (f"routing plots not written to {out_dir} at step {trainer.global_step} ({type(e).__name__}: {e}); "
                    "training goes on (redraw later: python -m tasks.plots <run>)")
             logging.getLogger(__name__).warning(msg)  # in the run's log

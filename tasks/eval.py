@@ -44,10 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tasks.run.common import register_resolvers
-from tasks.train import CONF_DIR
+from callbacks.records import CONFIG_FILE, HYDRA_FILE, git_commit, write_json_atomic
+from tasks.resolvers import register_resolvers
+from tasks.run.common import CONF_DIR
+from tasks.run.run_folder import run_folder_of_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,6 @@ class EvalConfigError(ValueError):
 
 def default_eval_dir(ckpt_path: Any) -> str:
     """``<run>/eval`` for a checkpoint in ``<run>/checkpoints/``, else ``eval/`` next to the checkpoint."""
-    from tasks.run.run_folder import run_folder_of_checkpoint
-
     if ckpt_path in (None, ""):
         raise EvalConfigError("ckpt_path is not set; allowed: the path of a checkpoint file, e.g. "
                               "ckpt_path=<run>/checkpoints/best_epoch002.ckpt")
@@ -80,9 +82,6 @@ def register_eval_resolvers() -> None:
 
 
 def _run_config_path(cfg: DictConfig) -> Path | None:
-    from callbacks.records import CONFIG_FILE
-    from tasks.run.run_folder import run_folder_of_checkpoint
-
     src = cfg.get("run_config")
     if src in (None, "", "null"):
         return None
@@ -102,8 +101,6 @@ def eval_config(cfg: DictConfig, overrides: Sequence[str] = (), groups: Iterable
 
     ``cfg``: the composed ``conf/eval.yaml``; ``overrides``: the command line's ``key=value`` overrides;
     ``groups``: the config group names (a group override replaces the node of that name)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     path = _run_config_path(cfg)
     if path is None:
         return cfg
@@ -140,9 +137,6 @@ def run_choice_overrides(ckpt_path: Any) -> list[str]:
     """``group=option`` for each config group the checkpoint's run chose (``<run>/.hydra/hydra.yaml``; not
     Hydra's own groups nor ``protocol``, which follows from data and moe): ``rmoe-eval`` composes with them
     first, so the command line's overrides are checked against the run's config structure."""
-    from callbacks.records import HYDRA_FILE
-    from tasks.run.run_folder import run_folder_of_checkpoint
-
     run = run_folder_of_checkpoint(str(ckpt_path)) if ckpt_path else None
     if run is None or not (run / HYDRA_FILE).is_file():
         return []
@@ -189,8 +183,10 @@ def evaluate(cfg: DictConfig, write: bool = True) -> dict[str, Any]:
     ``predictions``, ``export``, ...); ``write=False`` writes no file except the export and predictions."""
     import lightning as L
 
-    from callbacks.records import write_json_atomic
     from callbacks.resume import IDENTITY_KEY
+    from callbacks.run_summary import hydra_overrides
+    from tasks.glue.export import export_pretrained
+    from tasks.glue.predict import predict_dev_sets, predict_test_sets
     from tasks.run.resume import check_checkpoint
 
     register_eval_resolvers()
@@ -222,8 +218,6 @@ def evaluate(cfg: DictConfig, write: bool = True) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("validate")
     if export:
-        from tasks.glue.export import export_pretrained
-
         record["export"] = str(export_pretrained(model, export, tokenizer=datamodule.tokenizer,
                                                  source={"ckpt_path": record["ckpt_path"], "epoch": record["epoch"],
                                                          "global_step": record["global_step"]}))
@@ -234,8 +228,6 @@ def evaluate(cfg: DictConfig, write: bool = True) -> dict[str, Any]:
         trainer.validate(model=model, datamodule=datamodule, verbose=False)
         record["metrics"].update(_float_metrics(trainer.callback_metrics))
     if is_glue:
-        from tasks.glue.predict import predict_dev_sets, predict_test_sets
-
         out = eval_dir.parent / PREDICTIONS_SUBDIR
         test_metrics, files = predict_test_sets(trainer, model, datamodule, out if predict == "test" else None)
         record["metrics"].update(test_metrics)
@@ -244,8 +236,6 @@ def evaluate(cfg: DictConfig, write: bool = True) -> dict[str, Any]:
             record["predictions"].update(predict_dev_sets(trainer, model, datamodule, out))
     if not any(k.startswith("test") for k in record["metrics"]):
         record["no_test_metrics"] = no_test_metrics_reason(cfg, datamodule, is_glue)
-    from callbacks.run_summary import git_commit, hydra_overrides
-
     record.update({"finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
                    "overrides": hydra_overrides()})
     if write:
@@ -315,8 +305,6 @@ def print_record(record: dict[str, Any], file: Any = None) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
     from tasks.run.console import route_lightning_logs
 
     route_lightning_logs()  # each Lightning line once (Hydra's job logging prints them)

@@ -37,19 +37,44 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tasks.run.common import register_resolvers
+from callbacks.records import git_commit
+from tasks.resolvers import register_resolvers
+from tasks.run import jobs
+from tasks.run.checks import ConfigError, check_config, check_overrides
+from tasks.run.cli import StderrTail, complete_nested, did_you_mean, fast_help, wants_fast_help
+from tasks.run.common import CONF_DIR
+from tasks.run.continuation import check_continuation, continuation_argv
+from tasks.run.run_folder import (
+    RunFolderError,
+    _value,
+    acquire_lock,
+    append_attempt,
+    check_records_before_start,
+    discard_staging,
+    is_staging_override,
+    keep_csv_history,
+    plan_from_argv,
+    promote_staging,
+    release_lock,
+    remove_if_empty,
+    run_folder_of_checkpoint,
+    staging_dir,
+    staging_overrides,
+    start_csv_history,
+)
+from tasks.run.wandb_utils import auto_offline, offline_run_dir, print_sync_command
 
 log = logging.getLogger(__name__)
 
-# the configs ship inside the package (a wheel install runs rmoe-train); conf/ at the top of a checkout
-# is a link to this folder
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
@@ -73,8 +98,6 @@ def finish_wandb() -> None:
 
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        from tasks.run.wandb_utils import offline_run_dir, print_sync_command
-
         run_dir = offline_run_dir(wandb.run)
         wandb.finish()
         print_sync_command(run_dir)
@@ -88,8 +111,14 @@ def train(cfg: DictConfig, on_checked: Any = None) -> tuple[dict[str, float], di
     attempt's records into place there), and only then are the run's records written."""
     import hydra
     import lightning as L
+    import torch
 
-    from tasks.run.checks import check_config
+    from callbacks.domainbed_results import DomainBedResultsCallback
+    from tasks.results.domainbed import run_report
+    from tasks.run.console import drop_disabled_progress_bar
+    from tasks.run.resume import init_from_checkpoint, prepare_fit, run_identity
+    from tasks.run.short_runs import ShortRunCallback
+    from tasks.run.tb_hparams import HparamsSessionCallback
 
     register_resolvers()
     check_config(cfg)
@@ -102,17 +131,9 @@ def train(cfg: DictConfig, on_checked: Any = None) -> tuple[dict[str, float], di
         log.info("Instantiating module <%s>", cfg.module._target_)
         model = hydra.utils.instantiate(cfg.module, _convert_="all")
         callbacks = instantiate_group(cfg.get("callbacks"), "callback")
-        from tasks.run.console import drop_disabled_progress_bar
-
         callbacks = drop_disabled_progress_bar(callbacks, bool(cfg.trainer.get("enable_progress_bar", True)))
-        from tasks.run.short_runs import ShortRunCallback
-
         callbacks.append(ShortRunCallback())  # runs shorter than log_every_n_steps / one epoch log and validate
-        from tasks.run.tb_hparams import HparamsSessionCallback
-
         callbacks.append(HparamsSessionCallback(OmegaConf.to_container(cfg, resolve=True)))  # TensorBoard's HPARAMS
-        from tasks.run.wandb_utils import auto_offline
-
         auto_offline(cfg)  # W&B offline when there is no API key or the host is unreachable
         loggers = instantiate_group(cfg.get("logger"), "logger")
         log.info("Instantiating trainer <%s>", cfg.trainer._target_)
@@ -122,13 +143,9 @@ def train(cfg: DictConfig, on_checked: Any = None) -> tuple[dict[str, float], di
 
         log_at_global_step(loggers, trainer)  # metrics.csv, TensorBoard, W&B: rows at the updates completed
         if trainer.strategy.root_device.type == "cuda":
-            import torch
-
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls (trainer=gpu, README)
         objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks,
                    "logger": loggers, "trainer": trainer}
-        from tasks.run.resume import init_from_checkpoint, prepare_fit, run_identity
-
         ckpt_path = cfg.get("ckpt_path")
         # RNG states and the run identity in checkpoints; ckpt_path fits the model and is this run's
         resume_step = prepare_fit(trainer, model, ckpt_path, run_identity(cfg))
@@ -146,18 +163,20 @@ def train(cfg: DictConfig, on_checked: Any = None) -> tuple[dict[str, float], di
         if on_checked is not None:
             on_checked(resume_step)
         if loggers:
-            from tasks.run.jobs import is_rank_zero
-            from tasks.run.run_folder import keep_csv_history, start_csv_history
-
-            if is_rank_zero() and resume_step is not None:
+            if jobs.is_rank_zero() and resume_step is not None:
                 keep_csv_history(loggers, resume_step)  # Lightning's CSV logger would delete metrics.csv
-            elif is_rank_zero():
+            elif jobs.is_rank_zero():
                 start_csv_history(loggers)  # no warning about the run folder's other files
         if loggers:
             hparams = OmegaConf.to_container(cfg, resolve=True)
             for lg in loggers:
                 lg.log_hyperparams(hparams)
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+        results = [c for c in trainer.callbacks if isinstance(c, DomainBedResultsCallback)]
+        if trainer.is_global_zero and results and results[0].path:  # DomainBed: the run's per-domain table
+            records = DomainBedResultsCallback.read(results[0].path)
+            if records:
+                print(run_report(records, getattr(datamodule, "environments", None), results[0].path), flush=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test"):
             objects["eval"] = evaluate_best_checkpoint(cfg, trainer)
@@ -187,8 +206,6 @@ def _best_checkpoint_callbacks(trainer: Any) -> list[Any]:
 
 def evaluate_best_checkpoint(cfg: DictConfig, trainer: Any) -> dict[str, Any] | None:
     """``test=true``: ``rmoe-eval`` on the best checkpoint of this run (rank 0; ``<run>/eval/<ckpt>.json``)."""
-    from omegaconf import open_dict
-
     from tasks.eval import evaluate
 
     if not trainer.is_global_zero:
@@ -213,11 +230,8 @@ def _commit_attempt(cfg: DictConfig, out_dir: str, staging: Path | None, changes
     attempt's ``.hydra/`` and log into place, remove ``done`` of a continued run (written again when this
     attempt succeeds) and orphan temporary checkpoints, list the attempt (with the allowed changes of a
     continuation and the step they apply from) and save the resolved config."""
-    from tasks.run import jobs
     from tasks.run.checkpoint_io import remove_orphan_temporaries
     from tasks.run.console import save_resolved_config
-    from tasks.run.run_folder import append_attempt, promote_staging
-
     ckpt_path = cfg.get("ckpt_path")
     if cfg.get("skip_if_done") and not ckpt_path:  # resuming: keep the folder's checkpoints
         jobs.clear_partial(out_dir)
@@ -253,8 +267,6 @@ def _preemption(e: BaseException, out_dir: str | None) -> dict[str, Any] | None:
     """The attempt record of a preemption (:class:`callbacks.resume.Preempted`, or Lightning's
     ``SIGTERMException`` raised during a validation), else None: the signal, the step and checkpoint it
     stopped at, the exit code (128 + signal) and the exact command that resumes the run."""
-    import signal
-
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from callbacks.resume import Preempted
@@ -282,17 +294,12 @@ def _skipped_batches(trainer: Any) -> int:
 
 
 def _continues_in(cfg: DictConfig, out_dir: str) -> bool:
-    from tasks.run.run_folder import run_folder_of_checkpoint
-
     ckpt_path = cfg.get("ckpt_path")
     found = run_folder_of_checkpoint(str(ckpt_path)) if ckpt_path and not cfg.get("init_from") else None
     return found is not None and os.path.realpath(found) == os.path.realpath(out_dir)
 
 
 def _attempt(cfg: DictConfig, event: str, **extra: Any) -> dict[str, Any]:
-    import socket
-    import time
-
     from callbacks.run_summary import hydra_overrides
 
     return {"event": event, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pid": os.getpid(),
@@ -325,18 +332,6 @@ def _job(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from tasks.run import jobs
-    from tasks.run.checks import ConfigError, check_config, check_overrides
-    from tasks.run.continuation import check_continuation
-    from tasks.run.run_folder import (
-        acquire_lock,
-        append_attempt,
-        check_records_before_start,
-        discard_staging,
-        release_lock,
-        remove_if_empty,
-        staging_dir,
-    )
 
     out_dir = cfg.get("paths", {}).get("output_dir")
     name = cfg.get("optimized_metric")
@@ -395,8 +390,6 @@ def _job(cfg: DictConfig) -> float | None:
             raise
         trainer = objects.get("trainer")
         if out_dir and (trainer.is_global_zero if trainer is not None else jobs.is_rank_zero()):
-            from callbacks.run_summary import git_commit
-
             jobs.mark_done(out_dir, metrics, git_commit(), skipped_batches=_skipped_batches(trainer))
             append_attempt(out_dir, _attempt(cfg, "done", global_step=int(trainer.global_step) if trainer else None))
     finally:
@@ -419,20 +412,6 @@ def main() -> None:
     ``hydra.run.dir=<run>``); a single run whose folder is known from the command line locks it
     before Hydra writes ``.hydra/`` into it, so a second run into a busy folder changes nothing."""
 
-    from tasks.run import jobs
-    from tasks.run.cli import complete_nested, fast_help, wants_fast_help
-    from tasks.run.continuation import continuation_argv
-    from tasks.run.run_folder import (
-        RunFolderError,
-        _value,
-        acquire_lock,
-        is_staging_override,
-        plan_from_argv,
-        release_lock,
-        remove_if_empty,
-        run_folder_of_checkpoint,
-        staging_overrides,
-    )
 
     if complete_nested(sys.argv[1:], CONF_DIR):  # shell completion of task= / experiment=
         return
@@ -458,8 +437,6 @@ def main() -> None:
         argv = [a for a in argv if not is_staging_override(a)]
     elif not any(a.startswith(("--cfg", "--info", "--help", "-h", "--hydra-help", "-sc", "--shell-completion"))
                  for a in argv):
-        import time
-
         own_logging = any(a.lstrip("+").startswith(("hydra/job_logging=", "hydra.job_logging")) for a in argv)
         argv += staging_overrides(f"{os.getpid()}-{time.time_ns()}", log_file=not own_logging)  # wait there
     sys.argv[1:] = argv
@@ -472,7 +449,6 @@ def main() -> None:
             sys.exit(1)
     import hydra  # not before: --help and completion answer without it
 
-    from tasks.run.cli import StderrTail, did_you_mean
 
     tail = StderrTail.install()
     try:

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from tasks.run.common import register_resolvers
+from tasks.resolvers import register_resolvers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -26,7 +26,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from .datasets import MultipleDomainDataset, build_dataset, check_test_envs, get_dataset_class
+from tasks.run.checks import _fail, _get, _has  # the config readers every check uses
+
+from .datasets import DomainBedDataError, MultipleDomainDataset, build_dataset, check_test_envs, get_dataset_class
 from .splits import SplitDataset, in_out_splits, seed_hash
 
 
@@ -71,7 +73,29 @@ class _Batches(Dataset):
 
 class DomainBedDataModule(L.LightningDataModule):
     """``dataset``: a name of :data:`tasks.domainbed.datasets.DATASETS`; ``root``: its data folder;
-    ``test_envs``: held-out environment indices (checked here, at construction)."""
+    ``test_envs``: held-out environment indices (checked here, at construction, and before anything is built by
+    :meth:`check_config`)."""
+
+    @staticmethod
+    def check_config(cfg: Any) -> None:
+        """``data.test_envs``: a non-empty list of distinct indices of ``data.dataset``'s environments leaving at
+        least one for training (:func:`tasks.run.checks.check_data` calls this before anything is built)."""
+        if not _has(cfg, "data.test_envs") or _get(cfg, "data.dataset") is None:
+            return
+        envs = _get(cfg, "data.test_envs")
+        dataset = _get(cfg, "data.dataset")
+        try:
+            environments = list(get_dataset_class(dataset).ENVIRONMENTS)
+        except ValueError:
+            return  # the datamodule names an unknown dataset itself
+        allowed = (f"a non-empty list of distinct indices of {dataset}'s environments "
+                   f"({', '.join(f'{i}={e}' for i, e in enumerate(environments))}) leaving at least one for training")
+        if not isinstance(envs, (list, tuple)) or not envs:
+            _fail("data.test_envs", envs, allowed, "no test environment: nothing is held out to test on")
+        try:
+            check_test_envs(dataset, environments, list(envs))
+        except DomainBedDataError as e:
+            _fail("data.test_envs", list(envs), allowed, str(e))
 
     def __init__(self, dataset: str, root: str | None, test_envs: Sequence[int], holdout_fraction: float = 0.2,
                  trial_seed: int = 0, hparams_seed: int = 0, data_seed: int | None = None, seed: int = 0,

@@ -31,14 +31,18 @@ import json
 import os
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision import transforms as T
+from torchvision.datasets import MNIST
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -188,8 +192,6 @@ def load_mnist(root: str | os.PathLike | None, download: bool = False) -> tuple[
         raise DomainBedDataError("MNIST needs data.root: a folder holding MNIST/raw/*-idx?-ubyte[.gz]")
     raw = find_mnist_raw(root)
     if raw is None and download:
-        from torchvision.datasets import MNIST
-
         MNIST(str(root), train=True, download=True)
         MNIST(str(root), train=False, download=True)
         raw = find_mnist_raw(root)
@@ -279,8 +281,6 @@ class RotatedDigits(_RotatedEnvironments):
 
     def __init__(self, root: str | None = None, seed: int = 0, max_images: int | None = None):
         super().__init__()
-        from sklearn.datasets import load_digits
-
         digits = load_digits()
         images = torch.from_numpy(np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8))
         labels = torch.from_numpy(digits.target.astype(np.int64))
@@ -321,8 +321,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def domainbed_transforms(size: int = 224) -> tuple[Callable, Callable]:
     """DomainBed's (eval, train-augment) transforms."""
-    from torchvision import transforms as T
-
     plain = T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     augment = T.Compose([
         T.RandomResizedCrop(size, scale=(0.7, 1.0)),
@@ -374,8 +372,6 @@ def _check_readable(paths: list[str], cache: str | os.PathLike | None = None) ->
             known = {}
     stamps = {p: _stamp(p) for p in paths}
     todo = [p for p in paths if stamps[p] is None or known.get(p) != stamps[p]]
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         errors = list(pool.map(_decode_error, todo))
     bad = [(p, err) for p, err in zip(todo, errors) if err is not None]

@@ -21,7 +21,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import timm
 import torch
+from safetensors.torch import load_file
+from timm.models import get_pretrained_cfg
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from rmoe import MoELayer, moefy_vit
@@ -36,8 +40,6 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"backbone.weights_path={path!r} does not exist")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         sd = load_file(path)
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -52,8 +54,6 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
 def load_vit_weights(model: nn.Module, path: str) -> None:
     """Load a pretrained ViT state dict into ``model`` (classifier head excluded; position
     embeddings resized by timm's filter). Any other missing or unexpected key is an error."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
     sd = _load_state_dict(path)
     sd = {k: v for k, v in sd.items() if k not in HEAD_KEYS}
     sd = checkpoint_filter_fn(sd, model)
@@ -76,16 +76,11 @@ def weights_source(backbone: Mapping[str, Any]) -> str | None:
         return f"file {backbone['weights_path']}"
     if not backbone.get("pretrained"):
         return None
-    from timm.models import get_pretrained_cfg
-
     cfg = get_pretrained_cfg(str(arch))
     return f"hub {cfg.hf_hub_id or cfg.url}" if cfg is not None else f"hub {arch}"
 
 
 def build_vit(backbone: Mapping[str, Any], input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
-
     in_chans, height, width = (int(v) for v in input_shape)
     if height != width:
         raise ValueError(f"input_shape={list(input_shape)}: square images expected")

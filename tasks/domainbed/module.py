@@ -132,17 +132,3 @@ class DomainBedModule(MoEModule):
         self.log("val/score", score, on_step=False, on_epoch=True, batch_size=1, prog_bar=True)
         self.log_dict(logged, on_step=False, on_epoch=True, batch_size=1)
 
-    def on_fit_end(self) -> None:
-        """Print the run's per-domain table (from the results callback's ``results.jsonl``)."""
-        from callbacks.domainbed_results import DomainBedResultsCallback
-        from tasks.results.domainbed import run_table
-        from tasks.results.table import render_markdown
-
-        if not self.trainer.is_global_zero:
-            return
-        cbs = [c for c in self.trainer.callbacks if isinstance(c, DomainBedResultsCallback)]
-        records = DomainBedResultsCallback.read(cbs[0].path) if cbs and cbs[0].path else []
-        if records:
-            envs = getattr(self.trainer.datamodule, "environments", None) or [
-                str(i) for i in range(sum(k.endswith("_out_acc") for k in records[0]))]
-            print("\n" + render_markdown(run_table(records, envs)) + f"\nrecords: {cbs[0].path}\n", flush=True)

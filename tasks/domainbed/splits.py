@@ -7,18 +7,12 @@ the "out" (validation) split, the rest the "in" split -- bit-identical to Domain
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-
-def seed_hash(*args: Any) -> int:
-    """``int(md5(str(args)).hexdigest(), 16) % 2**31`` (DomainBed's ``misc.seed_hash``)."""
-    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
+from .seeds import seed_hash
 
 
 class SplitDataset(Dataset):

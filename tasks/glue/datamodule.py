@@ -16,9 +16,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import datasets
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from tasks.run.common import resolve_model_path
+from tasks.run.samplers import resumable_train_loader
 
 from .tasks import GlueDataError, GlueTask, get_task
 from .tsv import read_glue_tsv, task_file
@@ -99,8 +104,6 @@ class GLUEDataModule(L.LightningDataModule):
 
     # --- raw splits -------------------------------------------------------------------------
     def _raw_splits(self) -> dict[str, Any]:
-        import datasets
-
         names = ["train"] + [s for s, _ in self.task.val_splits]
         if self.glue_dir is not None:
             return {s: datasets.Dataset.from_dict(read_glue_tsv(task_file(self.glue_dir, self.task, s), self.task))
@@ -149,10 +152,6 @@ class GLUEDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from transformers import AutoTokenizer
-
-        from tasks.run.common import resolve_model_path
-
         # the fast tokenizer's thread pool does not survive the fork of dataloader workers or of
         # multirun jobs; this is the one place the project sets it (a user's own value wins)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -183,8 +182,6 @@ class GLUEDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # epoch e: randperm under seed + e, dealt to the data-parallel ranks; resumable mid-epoch
         # (the loader's position is checkpointed: tasks/run/samplers.py)
-        from tasks.run.samplers import resumable_train_loader
-
         lengths = [len(ids) for ids in self.train_set["input_ids"]] if self.group_by_length else None
         return resumable_train_loader(self.train_set, self.batch_size, self.seed, trainer=self.trainer,
                                       collate_fn=self.collate, num_workers=self.num_workers, lengths=lengths)

@@ -31,6 +31,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors.torch import load_file, load_model, save_model
+from transformers import AutoModelForSequenceClassification
+
+from tasks.run.common import split_moe_config
+
+from .module import GLUEModule
+
 WEIGHTS_FILE = "model.safetensors"
 RMOE_CONFIG_FILE = "rmoe_config.json"
 EXPORT_FORMAT = 2
@@ -44,8 +53,6 @@ class ExportError(ValueError):
 
 
 def _plain(obj: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     if isinstance(obj, (DictConfig, ListConfig)):
         return OmegaConf.to_container(obj, resolve=True)
     if isinstance(obj, dict):
@@ -71,9 +78,6 @@ def transformers_classifier(model: Any) -> Any:
 
     Raises :class:`ExportError` unless it gives ``model``'s logits on a random batch (same backbone type, a
     ``classifier`` Linear on the pooled output)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
     task = model.task
     cfg = model.encoder.config.__class__.from_dict(_encoder_config_dict(model))
     cfg.num_labels = task.num_labels
@@ -115,10 +119,6 @@ def transformers_classifier(model: Any) -> Any:
 def export_pretrained(model: Any, folder: str | os.PathLike, tokenizer: Any = None,
                       source: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (a :class:`tasks.glue.module.GLUEModule`) to ``folder`` (module docstring)."""
-    from safetensors.torch import save_model
-
-    from tasks.run.common import split_moe_config
-
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"export={str(folder)!r} is a file; allowed: a folder (created if missing)")
@@ -157,10 +157,6 @@ def export_pretrained(model: Any, folder: str | os.PathLike, tokenizer: Any = No
 
 def load_pretrained(folder: str | os.PathLike, map_location: str = "cpu") -> Any:
     """The :class:`tasks.glue.module.GLUEModule` exported to ``folder``, weights loaded, in eval mode."""
-    from safetensors.torch import load_file, load_model
-
-    from .module import GLUEModule
-
     folder = Path(folder)
     for name in ("config.json", WEIGHTS_FILE, RMOE_CONFIG_FILE):
         if not (folder / name).is_file():

@@ -25,9 +25,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.masking_utils import create_bidirectional_mask
 
+from callbacks.run_summary import RunSummaryCallback
 from rmoe import moefy_bert
-from tasks.run.common import build_hf_encoder, linear_decay, split_moe_config
+from tasks.run.common import split_moe_config
+from tasks.run.console import dev_summary
+from tasks.run.models import build_hf_encoder, linear_decay
 from tasks.run.moe_module import MoEModule, fused_if_supported
 
 from .metrics import build_metrics, predictions, with_headline
@@ -108,8 +112,6 @@ class GLUEModule(MoEModule):
 
     def _forward_after_frozen(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The pooled output: the frozen prefix (or its cached output), then layers ``n..``."""
-        from transformers.masking_utils import create_bidirectional_mask
-
         enc, n = self.encoder, self._n_frozen
         attention_mask = batch["attention_mask"]
         hidden = self._frozen_prefix(batch)
@@ -122,8 +124,6 @@ class GLUEModule(MoEModule):
         return enc.pooler(hidden) if getattr(enc, "pooler", None) is not None else hidden[:, 0]
 
     def _frozen_prefix(self, batch: Mapping[str, Tensor]) -> Tensor:
-        from transformers.masking_utils import create_bidirectional_mask
-
         enc, n = self.encoder, self._n_frozen
         ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         rows = batch.get("row") if self.cache_frozen and self._trainer is not None \
@@ -222,9 +222,6 @@ class GLUEModule(MoEModule):
 
     def on_fit_end(self) -> None:
         """Rank 0 prints the run's dev scores: the best (and its epoch), the last, the run folder."""
-        from callbacks.run_summary import RunSummaryCallback
-        from tasks.run.console import dev_summary
-
         self._frozen_cache.clear()
         if not self.trainer.is_global_zero:
             return

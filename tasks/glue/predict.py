@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from .metrics import compute_metrics
 from .tasks import GlueDataError, GlueTask
 from .tsv import _parse_label, read_text
 
@@ -142,12 +147,6 @@ def predict_test_sets(trainer: Any, model: Any, datamodule: Any, out_dir: str | 
     """Predict every test file of the datamodule's task (in file order). Returns ``(metrics, files)``:
     ``test/*`` metrics of the labelled files, and -- when ``out_dir`` is given -- the submission file
     written for each test file (``{name: path}``)."""
-    import datasets
-    import torch
-    from torch.utils.data import DataLoader
-
-    from .metrics import compute_metrics
-
     task = datamodule.task
     files = find_test_files(datamodule.glue_dir, task)
     if out_dir is not None and len(files) < len(glue_test_splits(task)):
@@ -188,8 +187,6 @@ def predict_dev_sets(trainer: Any, model: Any, datamodule: Any, out_dir: str | o
     """``predict=dev``: the predictions for every dev row (MNLI: matched and mismatched), in the dev file's order,
     as ``<out_dir>/<Name>-dev.tsv`` with the header ``index<TAB>prediction<TAB>label`` (``index``: the row's
     position in the dev file, from 0; prediction and label in the submission format). Returns ``{name: path}``."""
-    import torch
-
     task = datamodule.task
     written: dict[str, str] = {}
     loaders = datamodule.val_dataloader()

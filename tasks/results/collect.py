@@ -21,8 +21,8 @@ paper's GLUE table: best dev epoch, mean ± SE over seeds, best learning rate;
 ``prepare(runs) -> items`` and ``tables(items, latex) -> list[(heading, [Table])]`` (optionally
 ``configure(input_dir)``, called first) and append it to ``READERS``.
 
-``--study docs/results --output docs/RESULTS.md`` writes the study report instead
-(:mod:`tasks.study.report`).
+``python -m tasks.collect --study docs/results --output docs/RESULTS.md`` writes the study report instead
+(:mod:`tasks.collect` adds that option; this package knows no study).
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def collect(input_dir: str, fmt: str = "both", save: bool = True, include_skippe
     return "\n".join(t for t in (md, tex) if t)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line of the tables (:func:`main`; :mod:`tasks.collect` adds ``--study``)."""
     p = argparse.ArgumentParser(description="Print result tables of a sweep (GLUE; DomainBed collect_results).")
     p.add_argument("--input_dir", help="folder searched recursively for complete runs (results.jsonl, summary.json)")
     p.add_argument("--format", choices=("markdown", "latex", "both"), default="both")
@@ -115,19 +116,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-save", action="store_true", help="do not write results.md / results.tex")
     p.add_argument("--include-skipped", action="store_true",
                    help="count runs that dropped batches (callbacks.numerics.on_fault=skip); left out by default")
-    p.add_argument("--study", metavar="RESULTS_DIR",
-                   help="write the study report from RESULTS_DIR (e.g. docs/results) instead; see tasks.study.report")
-    p.add_argument("--output", default=None, help="with --study: the report file (default <RESULTS_DIR>/../RESULTS.md)")
-    p.add_argument("--plots", default=None, help="with --study: the plot folder (default <output folder>/plots)")
-    a = p.parse_args(argv)
-    if a.study:
-        from tasks.study import report
+    return p
 
-        report.main([a.study] + (["--output", a.output] if a.output else [])
-                    + (["--plots", a.plots] if a.plots else []))
-        return
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = parser()
+    run(p, p.parse_args(argv))
+
+
+def run(p: argparse.ArgumentParser, a: argparse.Namespace, required: str = "--input_dir is required") -> None:
+    """Print (and save) the tables the parsed command line ``a`` asks for; ``p.error(required)`` without
+    ``--input_dir``."""
     if not a.input_dir:
-        p.error("--input_dir is required (or --study RESULTS_DIR)")
+        p.error(required)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     text = collect(a.input_dir, "latex" if a.latex else a.format, save=not a.no_save,

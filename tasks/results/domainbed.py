@@ -30,7 +30,7 @@ from .labels import sort_datasets, sort_variants, variant_label
 from .records import RunRecord
 from .selection import SELECTION_METHODS, Record, SelectionMethod, group_records, n_envs
 from .stats import mean_se_domainbed
-from .table import Table, fmt_score
+from .table import Table, fmt_score, render_markdown
 
 SE_NOTE = ("100 · mean ± 100 · SE (n=k) over the k trial seeds, SE = population std (n) / √n as DomainBed's "
            "collect_results; one trial seed: the mean.")
@@ -203,3 +203,10 @@ def run_table(records: list[Record], environments: Sequence[str]) -> Table:
     a = last["args"]
     return Table(title=f"{a['dataset']} / {a['algorithm']} / test_envs {sorted(test_envs)} / "
                        f"trial_seed {a['trial_seed']}", header=header, rows=rows, notes=notes)
+
+
+def run_report(records: list[Record], environments: Sequence[str] | None, path: str) -> str:
+    """What ``rmoe-train`` prints at the end of a DomainBed fit: the run's :func:`run_table` (markdown) and the
+    file its records are in. ``environments``: the dataset's names (None or empty: their indices)."""
+    envs = list(environments or []) or [str(i) for i in range(sum(k.endswith("_out_acc") for k in records[0]))]
+    return "\n" + render_markdown(run_table(records, envs)) + f"\nrecords: {path}\n"

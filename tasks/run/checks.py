@@ -13,8 +13,9 @@ the key, the value and what is allowed:
 * ``trainer.strategy`` when ``moe.aux_loss`` is ``global_batch`` and ``trainer.accumulate_grad_batches > 1``:
   auto, single-device or DDP (the routing pre-pass that makes the global-batch loss exact under
   accumulation runs the module's own forward: ``rmoe.accumulation``, ``callbacks.balancing``);
-* ``data.test_envs`` (DomainBed): a non-empty list of distinct environment indices that leaves at
-  least one training environment;
+* the data group's own checks (:func:`check_data`: the DataModule's ``check_config``; DomainBed's
+  ``data.test_envs``: a non-empty list of distinct environment indices that leaves at least one training
+  environment);
 * ``module.lr`` and every other ``module.*lr``: a finite number > 0; ``module.weight_decay``: a
   finite number >= 0;
 * ``data.max_length`` (text backbones): at most the backbone's ``max_position_embeddings``;
@@ -41,11 +42,16 @@ the key, the value and what is allowed:
 from __future__ import annotations
 
 import functools
+import importlib
 import math
+import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from tasks.run.common import resolve_model_path, split_moe_config
+from tasks.run.hub import HubUnreachable, preflight
 
 SEED_MAX = 2**32 - 1
 WANDB_MODES = (None, "online", "offline", "disabled")
@@ -119,8 +125,6 @@ def check_trainer(cfg: Any) -> None:
 def _hf_config(pretrained: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    from tasks.run.common import resolve_model_path
-
     return AutoConfig.from_pretrained(resolve_model_path(pretrained)).to_dict()
 
 
@@ -183,26 +187,29 @@ def check_moe(cfg: Any) -> None:
                   "the module's own forward, unwrapped")
 
 
-def check_test_envs(cfg: Any) -> None:
-    if not _has(cfg, "data.test_envs") or _get(cfg, "data.dataset") is None:
-        return
-    envs = _get(cfg, "data.test_envs")
-    dataset = _get(cfg, "data.dataset")
-    try:
-        from tasks.domainbed.datasets import DomainBedDataError, get_dataset_class
-        from tasks.domainbed.datasets import check_test_envs as check
+@runtime_checkable
+class ChecksItsConfig(Protocol):
+    """A DataModule class with checks of its own, run by :func:`check_data` before anything is built."""
 
-        environments = list(get_dataset_class(dataset).ENVIRONMENTS)
-    except (ImportError, ValueError):
-        return  # the datamodule names an unknown dataset itself
-    allowed = (f"a non-empty list of distinct indices of {dataset}'s environments "
-               f"({', '.join(f'{i}={e}' for i, e in enumerate(environments))}) leaving at least one for training")
-    if not isinstance(envs, (list, tuple)) or not envs:
-        _fail("data.test_envs", envs, allowed, "no test environment: nothing is held out to test on")
+    @staticmethod
+    def check_config(cfg: Any) -> None:
+        """Raise :class:`ConfigError` naming the key, the value and what is allowed."""
+
+
+def check_data(cfg: Any) -> None:
+    """The data group's own checks: the DataModule class that ``data._target_`` names may be a
+    :class:`ChecksItsConfig` (DomainBed: ``data.test_envs``); this module knows no benchmark. The class is
+    imported by name, as Hydra will instantiate it (torch: after the torch-free checks)."""
+    target = _get(cfg, "data._target_")
+    if not isinstance(target, str) or "." not in target:
+        return
+    module, _, name = target.rpartition(".")
     try:
-        check(dataset, environments, list(envs))
-    except DomainBedDataError as e:
-        _fail("data.test_envs", list(envs), allowed, str(e))
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return  # instantiating the data group names the bad target itself
+    if isinstance(cls, ChecksItsConfig):
+        cls.check_config(cfg)
 
 
 def check_learning_rates(cfg: Any) -> None:
@@ -278,8 +285,6 @@ def check_moe_fields(cfg: Any) -> None:
     moe = _get(cfg, "moe")
     if not isinstance(moe, Mapping) or moe.get("router") is None:
         return
-    from tasks.run.common import split_moe_config
-
     _, _, layer_cfg = split_moe_config(moe, _get(cfg, "backend.name"))
     if layer_cfg is None:
         return
@@ -297,8 +302,6 @@ def check_moe_fields(cfg: Any) -> None:
 
 def check_data_root(cfg: Any) -> None:
     """A data folder derived from ``RMOE_DATA_DIR`` when that folder does not exist: name the variable."""
-    import os
-
     root = os.environ.get("RMOE_DATA_DIR")
     if not root or os.path.isdir(root):
         return
@@ -313,8 +316,6 @@ def check_data_root(cfg: Any) -> None:
 
 
 def check_hub(cfg: Any) -> None:
-    from tasks.run.hub import HubUnreachable, preflight
-
     try:
         preflight(cfg)
     except HubUnreachable as e:
@@ -347,7 +348,7 @@ def check_variant(cfg: Any) -> None:
               "equations under the released code's name")
 
 
-CHECKS = (check_data_root, check_hub, check_trainer, check_moe, check_fusion, check_test_envs, check_learning_rates,
+CHECKS = (check_data_root, check_hub, check_trainer, check_moe, check_fusion, check_data, check_learning_rates,
           check_max_length, check_seeds, check_wandb, check_variant, check_moe_fields)
 
 

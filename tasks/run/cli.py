@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
 NESTED_GROUPS = ("task", "experiment")
 
 
@@ -69,8 +71,6 @@ def config_groups(conf_dir: str | os.PathLike) -> list[tuple[str, list[str]]]:
 
 def fast_help(conf_dir: str | os.PathLike, config_name: str = "train") -> str:
     """The ``--help`` page of ``hydra.help`` in ``<conf_dir>/<config_name>.yaml`` (module docstring)."""
-    from omegaconf import OmegaConf
-
     hc = OmegaConf.load(Path(conf_dir) / f"{config_name}.yaml").hydra.help
     groups = "\n".join(f"{g}: {', '.join(opts)}" for g, opts in config_groups(conf_dir))
     text = str(hc.template).replace("${hydra.help.header}", str(hc.header))
@@ -112,8 +112,6 @@ class StderrTail:
 
 
 def _flat_keys(node, prefix: str = "") -> list[str]:
-    from omegaconf import DictConfig
-
     out = []
     for k in node.keys() if isinstance(node, DictConfig) else []:
         key = f"{prefix}{k}"

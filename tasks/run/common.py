@@ -1,16 +1,16 @@
-"""Shared helpers of the task packages: model paths, encoders, optimiser schedule, config resolvers.
+"""Shared helpers of the task packages without torch (rmoe-train imports them before its config checks): model
+paths, the MoE config split, config resolvers; the encoder and the optimiser schedule are in :mod:`tasks.run.models`.
 
-Config resolvers (registered by :func:`register_resolvers`, which ``tasks.train`` calls before composing or
-resolving a config; tests call it from ``conftest.py``):
+Config resolvers (registered by :func:`register_resolvers`, through :func:`tasks.resolvers.register_resolvers`,
+which ``rmoe-train``, ``rmoe-eval`` and the tests' ``conftest.py`` call before composing or resolving a config):
 
 * ``${rmoe_data:<sub>}`` -> ``$RMOE_DATA_DIR/<sub>``, or null when ``RMOE_DATA_DIR`` is unset.
 * ``${rmoe_join:<list>}`` -> the items joined by ``-`` (``[0, 2]`` -> ``0-2``; job folder names).
 * ``${rmoe_wandb_name:<variant>,<seed>}``, ``${rmoe_wandb_group:<task_name>}``: W&B run names and groups
   (:mod:`tasks.run.wandb_utils`).
-* ``${rmoe_seed_hash:<dataset>,<algorithm>,<test_envs>,<hparams_seed>,<trial_seed>}`` -> DomainBed's
-  training seed of a sweep job, ``misc.seed_hash(dataset, algorithm, test_envs, hparams_seed, trial_seed)``
-  (md5 of ``str`` of that tuple, mod 2**31), with DomainBed's argument types: two strings, a list of
-  ints, two ints (``hparams_seed`` may be null).
+
+A benchmark's own resolvers live with the benchmark (DomainBed's ``${rmoe_seed_hash:...}``:
+:mod:`tasks.domainbed.seeds`); :func:`tasks.resolvers.register_resolvers` registers them all.
 """
 
 from __future__ import annotations
@@ -18,15 +18,17 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
-if TYPE_CHECKING:  # torch is imported where it is used: rmoe-train --help and config errors stay fast
-    import torch
-    from torch import nn
+from tasks.run.wandb_utils import wandb_group, wandb_run_name
 
 PKG_PREFIX = "pkg:"
+# the configs ship inside the package (a wheel install runs rmoe-train); conf/ at the top of a checkout
+# is a link to this folder
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def _data_subdir(sub: str = "") -> str | None:
@@ -42,29 +44,14 @@ def _join(items: Any, sep: str = "-") -> str:
     return sep.join(str(i) for i in items)
 
 
-def _domainbed_seed(dataset: Any, algorithm: Any, test_envs: Any, hparams_seed: Any, trial_seed: Any) -> int:
-    from tasks.domainbed.splits import seed_hash
-
-    if isinstance(test_envs, (str, int)):  # a single test env given without brackets
-        test_envs = [test_envs]
-    envs = [int(e) for e in test_envs]
-    hp = None if hparams_seed is None else int(hparams_seed)
-    return seed_hash(str(dataset), str(algorithm), envs, hp, int(trial_seed))
-
-
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("rmoe_data"):
         OmegaConf.register_new_resolver("rmoe_data", _data_subdir)
     if not OmegaConf.has_resolver("rmoe_join"):
         OmegaConf.register_new_resolver("rmoe_join", _join)
-    if not OmegaConf.has_resolver("rmoe_seed_hash"):
-        OmegaConf.register_new_resolver("rmoe_seed_hash", _domainbed_seed)
     if not OmegaConf.has_resolver("rmoe_wandb_name"):
-        from tasks.run.wandb_utils import wandb_group, wandb_run_name
-
         OmegaConf.register_new_resolver("rmoe_wandb_name", wandb_run_name)
         OmegaConf.register_new_resolver("rmoe_wandb_group", wandb_group)
-
 
 
 def resolve_model_path(name: str) -> str:
@@ -80,35 +67,6 @@ def resolve_model_path(name: str) -> str:
             raise ValueError(f"backbone path {name!r}: package {mod_name!r} is not installed ({e})") from e
         return str(mod.get_model_path())
     return name
-
-
-def build_hf_encoder(pretrained: str | None, config: Mapping[str, Any] | None = None) -> nn.Module:
-    """``AutoModel.from_pretrained(pretrained)``, or a random init from ``config`` (a dict with
-    ``model_type`` and the config fields) when ``pretrained`` is null."""
-    from transformers import AutoConfig, AutoModel
-
-    if pretrained:
-        return AutoModel.from_pretrained(resolve_model_path(pretrained))
-    if not config or "model_type" not in config:
-        raise ValueError("backbone: give backbone.pretrained, or backbone.config with a model_type for random init")
-    cfg = dict(config)
-    hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    return AutoModel.from_config(hf_cfg)
-
-
-def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0):
-    """LambdaLR: linear warm-up over ``warmup_steps`` then linear decay to 0 at ``total_steps``."""
-    total = max(int(total_steps), 1)
-    warm = max(int(warmup_steps), 0)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total - step) / max(total - warm, 1))
-
-    import torch
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 MOE_LAYOUT_KEYS = ("name", "layers", "init")

@@ -24,11 +24,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+import lightning  # noqa: F401  (its __init__ installs the console handlers that route_lightning_logs removes)
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from omegaconf import DictConfig, OmegaConf
 
 RESOLVED_CONFIG = "config_resolved.yaml"
@@ -89,11 +93,6 @@ class StepTQDMProgressBar(_StepDisplay, TQDMProgressBar):
 
 
 def _rich_bar_class() -> type | None:
-    try:
-        from lightning.pytorch.callbacks import RichProgressBar
-        from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
-    except ImportError:
-        return None
     if not _RICH_AVAILABLE:
         return None
 
@@ -140,10 +139,6 @@ def route_lightning_logs() -> None:
     """Print Lightning's log records once: when the root logger has handlers (Hydra's job logging),
     remove the console handlers the ``lightning`` packages install at import and let their records
     propagate to the root (module docstring). Without root handlers nothing changes."""
-    import lightning  # noqa: F401  (its __init__ installs the handlers: import it before removing them)
-    import lightning.fabric  # noqa: F401
-    import lightning.pytorch  # noqa: F401
-
     if not logging.getLogger().handlers:
         return
     for name in LIGHTNING_LOGGERS:
@@ -220,8 +215,6 @@ def config_tree(cfg: DictConfig) -> Any:
         from rich.tree import Tree
     except ImportError:
         return OmegaConf.to_yaml(OmegaConf.create(container))
-    import textwrap
-
     groups = {g: container[g] for g in SHARED_GROUPS if isinstance(container.get(g), dict)}
     tree = Tree("config (resolved)", guide_style="dim")
     for key in _ordered_keys(container):
@@ -239,8 +232,6 @@ def print_config_tree(cfg: DictConfig, file: Any = None) -> None:
     """Print :func:`config_tree` (Rich: colours, lines wrapped at the terminal's width) on a terminal; off a
     terminal (a pipe, a Slurm log) the plain resolved YAML, every line whole (Rich would cut lines at 80 columns
     without a mark)."""
-    import sys
-
     file = file or sys.stdout
     tree = config_tree(cfg) if file.isatty() else OmegaConf.to_yaml(OmegaConf.create(resolved_config(cfg)))
     if isinstance(tree, str):

@@ -24,6 +24,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
 #: keys (and their sub-keys) that do not change what a run trains: not compared on a continuation
 NOT_RUN_KEYS = ("ckpt_path", "resume", "skip_if_done", "test", "tags", "print_config", "paths", "logger",
                 "trainer.enable_progress_bar", "trainer.enable_model_summary", "data.num_workers")
@@ -45,8 +48,6 @@ def _under(key: str, prefixes: Sequence[str]) -> bool:
 
 def saved_overrides(run_dir: str | os.PathLike) -> list[str]:
     """The run's ``.hydra/overrides.yaml`` ([] without one)."""
-    import yaml
-
     path = Path(run_dir) / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return []
@@ -78,8 +79,6 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(now: Any, saved: Any) -> list[dict[str, Any]]:
     """``[{key, run, now}]``: every leaf key (unresolved values) that differs between ``saved`` (the run's
     ``.hydra/config.yaml``) and ``now`` (this attempt's composed config), sorted; :data:`NOT_RUN_KEYS` left out."""
-    from omegaconf import DictConfig, OmegaConf
-
     def plain(c: Any) -> Any:
         return OmegaConf.to_container(c, resolve=False) if isinstance(c, DictConfig) else c
 
@@ -97,8 +96,6 @@ def config_changes(now: Any, saved: Any) -> list[dict[str, Any]]:
 def check_continuation(cfg: Any, run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Refuse a continuation of ``run_dir`` whose config ``cfg`` changes the run (see the module
     docstring); returns the allowed changes. No saved config: nothing to compare ([])."""
-    from omegaconf import OmegaConf
-
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         return []

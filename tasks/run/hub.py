@@ -16,9 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,6 @@ def is_hub_name(name: Any) -> bool:
 
 def hub_needs(cfg: Any) -> list[tuple[str, str | None, str]]:
     """``(key, repository or None, kind)`` for every hub download the config implies (kind: model|dataset)."""
-    from omegaconf import OmegaConf
-
     def get(key: str) -> Any:
         return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
 
@@ -88,8 +89,6 @@ def cached(repo: str | None, kind: str) -> bool:
 
 def go_offline() -> None:
     """``HF_HUB_OFFLINE=1`` for this process (and for hub clients already imported)."""
-    import sys
-
     os.environ["HF_HUB_OFFLINE"] = "1"
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
@@ -122,6 +121,4 @@ def preflight(cfg: Any) -> None:
 
 
 def _value_repr(cfg: Any, key: str) -> str:
-    from omegaconf import OmegaConf
-
     return repr(OmegaConf.select(cfg, key, default=None, throw_on_missing=False))

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from callbacks.balancing import BalancingCallback
 from rmoe import ConfigError, moe_losses
 from rmoe.accumulation import global_batch_layers, megatron_global_batch_layers
 from rmoe.fusion import frozen_fusion
@@ -85,8 +86,6 @@ class MoEModule(L.LightningModule):
         """``moe.aux_loss=global_batch`` with ``trainer.accumulate_grad_batches > 1`` is exact only with the
         routing pre-pass of ``callbacks.balancing.BalancingCallback``; without it each micro-batch's
         ``f_e`` would count that micro-batch alone, so the run is refused."""
-        from callbacks.balancing import BalancingCallback
-
         acc = max(int(self.trainer.accumulate_grad_batches), 1)
         balancing = any(isinstance(c, BalancingCallback) for c in self.trainer.callbacks)
         if acc > 1 and global_batch_layers(self) and not balancing:

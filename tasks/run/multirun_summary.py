@@ -17,6 +17,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.records import read_done, read_jsonl
+
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
     dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
@@ -25,8 +27,6 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
 
 def job_rows(sweep_dir: str | Path, metric: str | None) -> list[dict[str, Any]]:
     """``{"job", "overrides", "status", "value", "error", "folder"}`` per job folder of ``sweep_dir``."""
-    from callbacks.records import read_done, read_jsonl
-
     rows = []
     for d in _job_dirs(Path(sweep_dir)):
         overrides = [str(o) for o in OmegaConf.load(d / ".hydra" / "overrides.yaml")]

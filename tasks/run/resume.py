@@ -24,12 +24,14 @@ URLs (``s3://...``) are left to Lightning.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from callbacks.resume import IDENTITY_KEY
+from callbacks.resume import IDENTITY_KEY, RNGStateCallback, RunIdentityCallback
 
 SHOW = 5  # mismatching keys named in the message, per kind
 ALLOWED = ("a complete checkpoint written by rmoe-train for this model configuration "
@@ -49,8 +51,6 @@ class CheckpointIdentityError(ValueError):
 
 def run_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """What makes two runs the same run (resuming one from the other's checkpoint is allowed)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     def sel(key: str) -> Any:
         if isinstance(cfg, DictConfig):
             v = OmegaConf.select(cfg, key, default=None)
@@ -72,8 +72,6 @@ def check_identity(path: str, saved: Mapping[str, Any] | None, expected: Mapping
     if not expected:
         return
     if not saved:
-        import warnings
-
         warnings.warn(f"ckpt_path={path!r} records no run identity (written before identities were "
                       "recorded): its task/method/backbone cannot be checked", stacklevel=2)
         return
@@ -187,8 +185,6 @@ def prepare_fit(trainer: Any, model: torch.nn.Module, ckpt_path: str | os.PathLi
     """Add the RNG-state and run-identity callbacks to ``trainer``; check ``ckpt_path`` against
     ``model`` (shapes) and ``identity`` (this run's :func:`run_identity`). Returns the checkpoint's
     global step (None without a local checkpoint)."""
-    from callbacks.resume import RNGStateCallback, RunIdentityCallback
-
     if not any(isinstance(cb, RNGStateCallback) for cb in trainer.callbacks):
         trainer.callbacks.append(RNGStateCallback())
     if identity and not any(isinstance(cb, RunIdentityCallback) for cb in trainer.callbacks):

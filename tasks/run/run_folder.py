@@ -38,7 +38,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import logging as _logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterable, Sequence
@@ -216,8 +218,6 @@ def staging_dir(run_dir: str | os.PathLike) -> Path | None:
 
 
 def _staged_file_handlers(staging: Path) -> list[Any]:
-    import logging as _logging
-
     root = os.path.realpath(staging)
     return [h for h in _logging.getLogger().handlers if isinstance(h, _logging.FileHandler)
             and os.path.realpath(h.baseFilename).startswith(root + os.sep)]
@@ -258,9 +258,6 @@ def promote_staging(run_dir: str | os.PathLike, staging: Path | None) -> None:
 def discard_staging(run_dir: str | os.PathLike, staging: Path | None) -> None:
     """The attempt was refused: remove what Hydra wrote for it (its staging folder; its log handler is
     closed and detached) and leave the run folder as it was; a folder left empty is removed."""
-    import logging as _logging
-    import shutil
-
     if staging is None:
         return
     for h in _staged_file_handlers(staging):
@@ -275,8 +272,6 @@ def discard_staging(run_dir: str | os.PathLike, staging: Path | None) -> None:
 
 def remove_staging(run_dir: str | os.PathLike, keep: Path | None) -> None:
     """Remove ``<run>/.rmoe-staging/`` but ``keep`` (the folder is locked: no other attempt is staging)."""
-    import shutil
-
     root = Path(run_dir) / STAGING
     if not root.is_dir():
         return

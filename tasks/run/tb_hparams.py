@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 
 
 def flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -34,8 +35,6 @@ def flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def log_hparams_session(logger: Any, config: Mapping[str, Any], metrics: Mapping[str, float]) -> bool:
     """Write the hparams session of ``logger`` if it is a TensorBoard logger; True when written."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     if not isinstance(logger, TensorBoardLogger):
         return False
     from torch.utils.tensorboard.summary import hparams

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from tasks.results.labels import bench_label, glue_task_label, variant_label
-from tasks.results.selection import IIDAccuracySelectionMethod
+from tasks.results.selection import IIDAccuracySelectionMethod, Record
 from tasks.results.stats import Paired, direction_verdict
 
-from .data import ABLATIONS, DB_COMPARISONS, GLUE_COMPARISONS, db_paired, paper_gaps_text
+from .data import ABLATIONS, DB_COMPARISONS, GLUE_COMPARISONS, Study, db_paired, paper_gaps_text
 from .power import ALPHA, fmt_p, holm_verdicts, mde
 from .text import (
     H_CLAIMS,
@@ -37,8 +37,29 @@ from .text import (
     power_sentence,
 )
 
-if TYPE_CHECKING:
-    from .report import Report
+
+class Report(Protocol):
+    """What the claims read of :class:`tasks.study.report.Report` (written here: the report imports the claims)."""
+
+    s: Study
+    db_records: list[Record]
+    db_datasets: list[str]
+    db_envs: dict[str, list[int]]
+
+    @property
+    def superseded(self) -> list[str]: ...
+    def is_superseded(self, bench: str) -> bool: ...
+    def glue_tasks(self) -> list[str]: ...
+    def verdict_tasks(self) -> list[str]: ...
+    def out_of_verdicts(self) -> str: ...
+    def db_verdict_datasets(self) -> list[str]: ...
+    def glue_comparisons(self, selection: str, pairs: Sequence[tuple[str, str]], tasks: Sequence[str] | None = None
+                         ) -> list[tuple[str, str, Paired, dict[str, Paired]]]: ...
+    def glue_pooled_gap(self, a: str, b: str, per: dict[str, Paired], tasks: Sequence[str] | None = None
+                        ) -> float | None: ...
+    def glue_all_tasks(self, selection: str, pairs: Sequence[tuple[str, str]]
+                       ) -> list[tuple[str, str, Paired, float | None]]: ...
+    def stability_pairs(self, extra: bool = True, gated: bool = False) -> list[tuple[str, str, str, str, Paired]]: ...
 
 
 @dataclass

@@ -19,7 +19,9 @@ the ceilings (:func:`ceiling_rows`), the GLUE gates (:func:`glue_gate`, :func:`c
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from typing import Any
 
 from tasks.results.domainbed import domainbed_records, environment_names, selected_accs
 from tasks.results.glue import cells as glue_cells
-from tasks.results.glue import glue_summaries
+from tasks.results.glue import glue_summaries, heldout_epoch
 from tasks.results.labels import glue_task_label, sort_benchmarks, sort_glue_tasks, variant_label
 from tasks.results.records import VERSION_KEY, RunRecord, read_metas, scan
 from tasks.results.selection import IIDAccuracySelectionMethod, OracleSelectionMethod, Record, SelectionMethod
@@ -458,9 +460,6 @@ DEGENERATE_STD = 0.05
 def read_dev_labels(results_dir: str) -> dict[str, dict[str, Any]]:
     """``{task: {"n", "counts", "labels"} | {"n", "regression"}}`` from ``<results_dir>/glue_dev_labels.json``
     ({} without one)."""
-    import json
-    import os
-
     path = os.path.join(results_dir, DEV_LABELS_FILE)
     if not os.path.isfile(path):
         return {}
@@ -579,8 +578,6 @@ def degenerate(dev_metrics: Mapping[str, Any] | None, dev: Mapping[str, Any] | N
 def selected_epoch(run: Mapping[str, Any], selection: str) -> Mapping[str, Any] | None:
     """The dev metrics of the epoch a selection reports: ``best_dev`` the earliest epoch with the highest
     dev score, ``heldout`` :func:`tasks.results.glue.heldout_epoch`."""
-    from tasks.results.glue import heldout_epoch
-
     eps = run.get("epochs") or []
     if selection == "heldout":
         i = heldout_epoch(dict(run))

@@ -53,8 +53,11 @@ from pathlib import Path
 from typing import Any
 
 from callbacks.records import DONE_FILE, OVERRIDES_FILE, RESULTS_FILE, SUMMARY_FILE
+from callbacks.records import git_commit as commit
 from tasks.results.records import META_FILE, VERSION_KEY, folder_study_version
 from tasks.run import jobs
+
+from .parallel import DEFAULT_JOBS
 
 log = logging.getLogger("tasks.study.driver")
 
@@ -138,7 +141,6 @@ CEILING_SETTING = [
 ]
 SETTINGS = {**SHORTENED, "ceiling": CEILING_SETTING}
 COMMANDS = {"glue": "make reproduce-glue", "domainbed": "make reproduce-domainbed", "ceiling": "make reproduce-ceiling"}
-DEFAULT_JOBS = {"glue": 2, "domainbed": 2, "ceiling": 1}
 EXPORTED = (SUMMARY_FILE, RESULTS_FILE, OVERRIDES_FILE, DONE_FILE)  # done last: a copy killed mid-way is not done
 
 
@@ -325,8 +327,6 @@ def set_aside_stale(bench: str, todo: Sequence[Job], log_dir: Path) -> list[Path
 
 # --- running ------------------------------------------------------------------------------------
 def git_commit() -> str | None:
-    from callbacks.run_summary import git_commit as commit
-
     return commit(str(ROOT))
 
 
@@ -509,7 +509,7 @@ def _run_multiruns(bench: str, plan: Sequence[Job], runs: Sequence[Multirun], n_
 
 
 def report(results_dir: Path, output: Path) -> None:
-    from tasks.study.report import main as study_main
+    from .report import main as study_main  # scipy and matplotlib: 2.5 s that the other commands do not need
 
     study_main([str(results_dir), "--output", str(output)])
 

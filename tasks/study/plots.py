@@ -10,6 +10,12 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
 from tasks.results.labels import bench_label, sort_variants, task_label, task_order, variant_label
 
 from .data import Run, Study
@@ -62,12 +68,6 @@ def _save(fig: Any, path: str) -> None:
 
 def make_plots(study: Study, plots_dir: str) -> list[tuple[str, str, str]]:
     """Write the figures; returns ``[(file name, title, caption)]``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     matplotlib.rcParams.update({"svg.hashsalt": "rmoe", "figure.max_open_warning": 0})
     os.makedirs(plots_dir, exist_ok=True)
     out = []

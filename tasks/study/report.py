@@ -100,6 +100,7 @@ from .data import (
     stability_values,
 )
 from .devlabels import COMMAND as DEV_LABELS_COMMAND
+from .parallel import DEFAULT_JOBS  # the study's jobs in parallel
 from .plots import make_plots
 from .text import (
     CHANGES,
@@ -447,8 +448,6 @@ class Report:
         misses = [f for f in self.floors if f.status == "misses"]
         if not misses:
             return []
-        from tasks.study.driver import DEFAULT_JOBS  # the study's jobs in parallel
-
         lines = [f"### {H_FLOOR_COST}", "",
                  "Job times are the records' `wall_time_s` (one job, one thread, beside another job), per method, "
                  "so the costs below are estimates for this machine, not measurements of the longer runs.", ""]
