@@ -62,6 +62,7 @@ from tasks.run.run_folder import (
     discard_staging,
     is_staging_override,
     keep_csv_history,
+    log_at_global_step,
     plan_from_argv,
     promote_staging,
     release_lock,
@@ -139,8 +140,6 @@ def train(cfg: DictConfig, on_checked: Any = None) -> tuple[dict[str, float], di
         log.info("Instantiating trainer <%s>", cfg.trainer._target_)
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                           _convert_="all")
-        from tasks.run.run_folder import log_at_global_step
-
         log_at_global_step(loggers, trainer)  # metrics.csv, TensorBoard, W&B: rows at the updates completed
         if trainer.strategy.root_device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls (trainer=gpu, README)

