@@ -125,6 +125,12 @@ def _deprecated(old: str, new: str) -> None:
                   ConfigDeprecationWarning, stacklevel=4)
 
 
+def renamed(owner: str, old: str, new: str) -> None:
+    """The warning of an attribute renamed in this release (``owner.old`` -> ``owner.new``)."""
+    warnings.warn(f"{owner}.{old} is deprecated: use {owner}.{new}; the old name is read until the next release",
+                  ConfigDeprecationWarning, stacklevel=3)
+
+
 @dataclass(frozen=True)
 class RouterOptions:
     """A router's own settings (``router_options`` of :class:`MoEConfig`): a router class names its subclass as

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import losses
-from .config import MoEConfig, RouterOptions
+from .config import MoEConfig, RouterOptions, renamed
 from .losses import AuxInputs, GlobalBatchRunning
 from .registry import AUX_LOSSES, ROUTERS
 
@@ -163,7 +163,7 @@ class Router(nn.Module):
         self.d_model = d_model
         self.cfg = cfg
         self.options = cfg.router_options
-        self.num_experts = cfg.max_experts
+        self.max_experts = cfg.max_experts  # expert slots (cfg.num_experts: those active at the start)
         self.aux_loss_fn = AUX_LOSSES[cfg.aux_loss]
         self.global_batch_window: object | None = None
         self.megatron_global_batch = cfg.aux_loss == "global_batch" and cfg.global_batch_mode == "megatron"
@@ -173,7 +173,14 @@ class Router(nn.Module):
 
     @property
     def active_mask(self) -> Tensor:
-        return torch.ones(self.num_experts, dtype=torch.bool, device=self._device())
+        return torch.ones(self.max_experts, dtype=torch.bool, device=self._device())
+
+    @property
+    def num_experts(self) -> int:
+        """Deprecated name of :attr:`max_experts` (the slot count; ``cfg.num_experts`` is the active experts at
+        the start), read until the next release."""
+        renamed(type(self).__name__, "num_experts", "max_experts")
+        return self.max_experts
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
@@ -198,7 +205,7 @@ class Router(nn.Module):
             return self._step(x.float(), seq_ids)
 
     def _step(self, x: Tensor, seq_ids: Tensor | None) -> RoutingRecord:
-        e, noise = self.num_experts, self.cfg.gate_noise
+        e, noise = self.max_experts, self.cfg.gate_noise
         clean = self.logits(x)
         noisy = clean + noise * torch.randn_like(clean) / e if (self.training and noise > 0) else clean
         r = self.route(x, noisy)
@@ -236,7 +243,7 @@ class SoftmaxTopKRouter(Router):
     default_aux_loss = "switch"
 
     def route(self, x: Tensor, logits: Tensor) -> Route:
-        cfg, e = self.cfg, self.num_experts
+        cfg, e = self.cfg, self.max_experts
         probs = torch.softmax(logits, dim=-1)
         k = cfg.top_k
         top_p, top_i = probs.topk(k, dim=-1)
@@ -257,7 +264,7 @@ class TopKRouter(SoftmaxTopKRouter):
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
-        self.weight = nn.Parameter(torch.empty(self.num_experts, d_model))
+        self.weight = nn.Parameter(torch.empty(self.max_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
 
     def logits(self, x: Tensor) -> Tensor:
@@ -289,7 +296,7 @@ class CosineRouter(SoftmaxTopKRouter):
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
         self.proj = nn.Linear(d_model, self.options.proj_dim)
-        self.sim = nn.Parameter(torch.empty(self.options.proj_dim, self.num_experts))
+        self.sim = nn.Parameter(torch.empty(self.options.proj_dim, self.max_experts))
         nn.init.normal_(self.sim, std=0.01)
         self.log_temp = nn.Parameter(torch.tensor(math.log(1.0 / self.options.init_temperature)))
 
@@ -337,7 +344,7 @@ class TopAnyRouter(Router):
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
-        e = self.num_experts
+        e = self.max_experts
         w = torch.empty(d_model, e)
         nn.init.orthogonal_(w)
         self.weight = nn.Parameter(w)
@@ -373,7 +380,7 @@ class TopAnyRouter(Router):
                 self._record(x, z.detach(), none)
         elif bool(none.any()):
             top1 = s.detach().masked_fill(~mask, float("-inf")).argmax(-1)
-            fallback = F.one_hot(top1, self.num_experts).to(z.dtype)
+            fallback = F.one_hot(top1, self.max_experts).to(z.dtype)
             dispatch = torch.where(none.unsqueeze(-1), s, z)
             z = torch.where(none.unsqueeze(-1), fallback, z)
             fell_back = none
@@ -406,7 +413,7 @@ class TopAnyRouter(Router):
     def _record_clamped(self, idx: Tensor) -> None:
         """The released recorder under Stateful Fusion (SPEC §9): it counts every slot of the clamped indices
         (an empty slot counts for ``E_max - 1``) and so never sees a token without an expert."""
-        e = self.num_experts
+        e = self.max_experts
         clamped = torch.where(idx >= 0, idx, torch.full_like(idx, e - 1))
         self.routed_count += torch.bincount(clamped.reshape(-1), minlength=e).double()
 
@@ -511,7 +518,7 @@ class LossFreeRouter(Router):
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
-        e = self.num_experts
+        e = self.max_experts
         self.weight = nn.Parameter(torch.empty(e, d_model))
         nn.init.normal_(self.weight, std=0.02)
         self.register_buffer("bias", torch.zeros(e, dtype=torch.float32))
@@ -521,7 +528,7 @@ class LossFreeRouter(Router):
         return F.linear(x, self.weight.float())
 
     def route(self, x: Tensor, logits: Tensor) -> Route:
-        cfg, opts, e, k = self.cfg, self.options, self.num_experts, self.cfg.top_k
+        cfg, opts, e, k = self.cfg, self.options, self.max_experts, self.cfg.top_k
         tiny = torch.finfo(logits.dtype).tiny
         if opts.score_fn == "sigmoid":
             scores = torch.sigmoid(logits)
@@ -591,7 +598,7 @@ class ExpertChoiceRouter(Router):
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
-        self.weight = nn.Parameter(torch.empty(self.num_experts, d_model))
+        self.weight = nn.Parameter(torch.empty(self.max_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
 
     min_capacity = 4  # flaxformer MoeLayer.min_expert_capacity (its default)
@@ -600,13 +607,13 @@ class ExpertChoiceRouter(Router):
         """Tokens per expert: ``min(n, max(round(capacity_factor · n / E), 4))`` (flaxformer
         ``moe_layers.py``: ``int(round(capacity_factor * tokens_per_group / num_experts))``, then
         ``max(·, min_expert_capacity)``)."""
-        return min(n, max(int(round(self.cfg.capacity_factor * n / self.num_experts)), self.min_capacity))
+        return min(n, max(int(round(self.cfg.capacity_factor * n / self.max_experts)), self.min_capacity))
 
     def logits(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.float())
 
     def route(self, x: Tensor, logits: Tensor) -> Route:
-        n, e = x.shape[0], self.num_experts
+        n, e = x.shape[0], self.max_experts
         probs = torch.softmax(logits, dim=-1)
         c = self.capacity(n)
         top_p, top_t = probs.t().topk(c, dim=-1)  # [E, c]: each expert's tokens

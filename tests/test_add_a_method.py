@@ -42,7 +42,7 @@ class ToyTop1Router(Router):
 
     def __init__(self, d_model, cfg):
         super().__init__(d_model, cfg)
-        self.weight = nn.Parameter(torch.empty(self.num_experts, d_model))
+        self.weight = nn.Parameter(torch.empty(self.max_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
 
     def logits(self, x):

@@ -97,3 +97,15 @@ def test_topany_refuses_gate_noise_it_would_not_use():
     # the routing step adds noise for every router; DynMoE's gate has none, so the value is refused, not ignored
     assert _message(router="topany", num_experts=2, max_experts=4, gate_noise=1.0) == (
         "invalid MoE config: gate_noise=1.0; allowed: 0 for router 'topany' (DynMoE's gate has no noise)")
+
+
+def test_the_slot_count_is_max_experts_everywhere_and_the_old_name_warns():
+    from rmoe.config import ConfigDeprecationWarning
+
+    layer = build_moe_layer(4, 8, router="topany", num_experts=2, max_experts=5)
+    assert layer.max_experts == layer.router.max_experts == layer.experts.max_experts == 5
+    assert layer.cfg.num_experts == 2  # the config's num_experts: the experts active at the start
+    for obj, owner in ((layer, "MoELayer"), (layer.router, "TopAnyRouter"), (layer.experts, "Experts")):
+        with pytest.warns(ConfigDeprecationWarning, match=rf"{owner}.num_experts is deprecated: use "
+                                                          rf"{owner}.max_experts"):
+            assert obj.num_experts == 5

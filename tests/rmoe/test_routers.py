@@ -308,7 +308,7 @@ def _hard_top1_router():
 
         def __init__(self, d_model, cfg):
             super().__init__(d_model, cfg)
-            self.weight = nn.Parameter(torch.zeros(self.num_experts, d_model))
+            self.weight = nn.Parameter(torch.zeros(self.max_experts, d_model))
 
         def logits(self, x):
             return F.linear(x, self.weight.float())
