@@ -321,7 +321,8 @@ class MoEConfig:
 
 def _read_moved_keys(cfg: dict) -> dict:
     """The previous release's keys (:data:`MOVED_TO_ROUTER_OPTIONS`, the never-read ``extra``), each with a
-    :class:`ConfigDeprecationWarning`: a router's own key goes to ``router_options`` for that router and is
+    :class:`ConfigDeprecationWarning`: a router's own key goes to ``router_options`` for that router (over the value
+    there: e.g. ``+moe.score_fn=softmax`` on ``moe=lossfree``, whose file states ``router_options.score_fn``) and is
     dropped for any other (which never read it)."""
     if "extra" in cfg:
         extra = cfg.pop("extra")
@@ -336,12 +337,10 @@ def _read_moved_keys(cfg: dict) -> dict:
         if router != owner:
             _deprecated(old, f"it is router {owner!r}'s router_options.{new} (ignored for router {router!r})")
             continue
-        _deprecated(old, f"use router_options.{new}")
+        _deprecated(old, f"use router_options.{new} (the old key's value {value!r} is used)")
         opts = cfg.get("router_options")
         opts = {} if opts is None else opts
         if not isinstance(opts, Mapping):
             _fail("router_options", opts, "a mapping when the deprecated key " + repr(old) + " is given")
-        if new in opts and opts[new] != value:
-            _fail(old, value, f"absent or equal to router_options.{new} ({opts[new]!r}), which replaces it")
-        cfg["router_options"] = {**opts, new: value}
+        cfg["router_options"] = {**opts, new: value}  # the old key set on top of a config stating the new one wins
     return cfg

@@ -75,7 +75,7 @@ def test_router_options_are_validated_by_their_router():
 def test_the_previous_releases_flat_keys_are_read_with_a_deprecation_message():
     from rmoe.config import ConfigDeprecationWarning
 
-    with pytest.warns(ConfigDeprecationWarning, match=r"'score_fn' is deprecated: use router_options.score_fn"):
+    with pytest.warns(ConfigDeprecationWarning, match=r"'score_fn' is deprecated: use router_options.score_fn \(the"):
         old = MoEConfig.from_dict({"router": "lossfree", "score_fn": "sigmoid", "bias_update_rate": 0.5})
     assert (old.router_options.score_fn, old.router_options.bias_update_rate) == ("sigmoid", 0.5)
     with pytest.warns(ConfigDeprecationWarning, match=r"'cosine_proj_dim' is deprecated: use router_options.proj_dim"):
@@ -87,10 +87,11 @@ def test_the_previous_releases_flat_keys_are_read_with_a_deprecation_message():
     assert ignored == MoEConfig(router="topk")
     with pytest.warns(ConfigDeprecationWarning, match="'extra' is deprecated: it was never read"):
         MoEConfig.from_dict({"extra": {}})
-    with pytest.warns(ConfigDeprecationWarning):
-        assert _message(router="lossfree", score_fn="softmax", router_options={"score_fn": "sigmoid"}) == (
-            "invalid MoE config: score_fn='softmax'; allowed: absent or equal to router_options.score_fn ('sigmoid'), "
-            "which replaces it")
+    # set on top of a config that states the new key (+moe.score_fn=softmax on moe=lossfree): the old key wins
+    with pytest.warns(ConfigDeprecationWarning, match=r"\(the old key's value 'softmax' is used\)"):
+        both = MoEConfig.from_dict({"router": "lossfree", "score_fn": "softmax",
+                                    "router_options": {"score_fn": "sigmoid", "bias_update_rate": 0.25}})
+    assert (both.router_options.score_fn, both.router_options.bias_update_rate) == ("softmax", 0.25)
 
 
 def test_topany_refuses_gate_noise_it_would_not_use():
