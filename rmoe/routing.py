@@ -5,6 +5,7 @@ Routing is computed in fp32 even under autocast. Routers see real tokens only, `
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -173,7 +174,10 @@ class Router(nn.Module):
 
     @property
     def active_mask(self) -> Tensor:
-        return torch.ones(self.max_experts, dtype=torch.bool, device=self._device())
+        """The experts in the pool, ``[E]`` bool: every slot (a router with an adaptive pool keeps a mask), on the
+        router's device (CPU for a router without parameters or buffers)."""
+        held = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return torch.ones(self.max_experts, dtype=torch.bool, device=None if held is None else held.device)
 
     @property
     def num_experts(self) -> int:
@@ -181,9 +185,6 @@ class Router(nn.Module):
         the start), read until the next release."""
         renamed(type(self).__name__, "num_experts", "max_experts")
         return self.max_experts
-
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def logits(self, x: Tensor) -> Tensor:
         """``[N, E]`` fp32 logits of ``x [N, d]`` (fp32)."""
@@ -209,7 +210,7 @@ class Router(nn.Module):
         clean = self.logits(x)
         noisy = clean + noise * torch.randn_like(clean) / e if (self.training and noise > 0) else clean
         r = self.route(x, noisy)
-        active = self.active_mask
+        active = self.active_mask.to(x.device)
         window = self.global_batch_window
         if self.megatron_global_batch and self.training:
             window = GlobalBatchRunning(self.global_batch_counts, self.global_batch_steps)

@@ -353,3 +353,24 @@ def test_a_router_that_defines_only_its_decision_gets_the_shared_step():
     rec = r.train()(x)
     assert torch.allclose(r.seen, torch.tensor(rows) + 0.6 * eps / 3, atol=1e-6)
     assert rec.router_logits.tolist() == rows
+
+
+def test_a_router_without_parameters_routes_through_the_shared_step():
+    from rmoe.routing import Route, Router
+
+    class RoundRobin(Router):
+        """Token i to expert i mod E (no parameters, as a hash router)."""
+
+        def logits(self, x):
+            return x.new_zeros(x.shape[0], self.max_experts)
+
+        def route(self, x, logits):
+            idx = (torch.arange(x.shape[0]) % self.max_experts).unsqueeze(1)
+            return Route(indices=idx, weights=torch.ones(x.shape[0], 1), probs=torch.softmax(logits, dim=-1))
+
+    router = RoundRobin(2, MoEConfig(router="topk", num_experts=3, top_k=1)).eval()
+    assert router.active_mask.tolist() == [True, True, True]  # what callbacks read
+    rec = router(torch.randn(5, 2))
+    assert rec.expert_indices.flatten().tolist() == [0, 1, 2, 0, 1] and rec.tokens_per_expert.tolist() == [2, 2, 1]
+    assert rec.active_mask.tolist() == [True, True, True]
+    assert float(rec.z_loss) == pytest.approx(math.log(3) ** 2, rel=1e-6)  # logsumexp of 3 zeros
