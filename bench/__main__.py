@@ -352,9 +352,9 @@ def bench_balancing(n: int, reps: int) -> None:
         "plain top-k (k=2, switch)": dict(router="topk", top_k=k),
         "top-k + global_batch": dict(router="topk", top_k=k, aux_loss="global_batch"),
         "top-k + seq_balance": dict(router="topk", top_k=k, aux_loss="seq_balance"),
-        "lossfree softmax": dict(router="lossfree", top_k=k, score_fn="softmax"),
-        "lossfree sigmoid": dict(router="lossfree", top_k=k, score_fn="sigmoid"),
-        "lossfree sigmoid + seq_balance": dict(router="lossfree", top_k=k, score_fn="sigmoid",
+        "lossfree softmax": dict(router="lossfree", top_k=k, router_options={"score_fn": "softmax"}),
+        "lossfree sigmoid": dict(router="lossfree", top_k=k, router_options={"score_fn": "sigmoid"}),
+        "lossfree sigmoid + seq_balance": dict(router="lossfree", top_k=k, router_options={"score_fn": "sigmoid"},
                                                aux_loss="seq_balance"),
         "expert_choice (cf=2)": dict(router="expert_choice", capacity_factor=2.0),
     }

@@ -65,7 +65,7 @@ def matmul_fns(moe: nn.Module, floor: DenseFloor, x0: torch.Tensor) -> dict[str,
     n = x0.shape[0]
     with torch.no_grad():
         idx = moe.router(x0).expert_indices
-    counts = torch.bincount(idx[idx >= 0], minlength=moe.num_experts).tolist()
+    counts = torch.bincount(idx[idx >= 0], minlength=moe.max_experts).tolist()
     m = sum(counts)
     ex = moe.experts
     w1s, w2s, b1s, b2s = ex.w1.detach().unbind(0), ex.w2.detach().unbind(0), ex.b1.detach(), ex.b2.detach()

@@ -255,7 +255,7 @@ class RoutingStabilityCallback(Callback):
                     a = torch.nn.functional.pad(prev, (0, k - prev.shape[1]), value=-1)
                     b = torch.nn.functional.pad(sets, (0, k - sets.shape[1]), value=-1)
                     # token-weighted mean over the ranks' probe tokens, as the flip rate
-                    churn = M.jaccard_churn(a, b, moe.num_experts) * a.shape[0]
+                    churn = M.jaccard_churn(a, b, moe.max_experts) * a.shape[0]
                     churn = self._reduce_sum(trainer, torch.tensor(churn, dtype=torch.float64, device=top1.device))
                     out["jaccard_churn"] = float(churn / n.clamp_min(1))
                     if out["top1_flip_rate"] > 0:

@@ -134,7 +134,7 @@ def routing_prepass(model: nn.Module, forwards: Sequence[Callable[[], Any]],
                     raise RuntimeError(f"global_batch accumulation: an MoE layer ran {len(c.recorded)} times in one "
                                        "training forward; the routing pre-pass supports one call per layer and forward")
                 rows[i].append(c.recorded[0].to(device) if c.recorded else
-                               torch.zeros(m.router.num_experts + 1, dtype=torch.float64, device=device))
+                               torch.zeros(m.router.max_experts + 1, dtype=torch.float64, device=device))
     finally:
         for b, v in saved:
             b.copy_(v)

@@ -10,6 +10,7 @@ entries carry.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -18,7 +19,6 @@ from . import registry
 
 FUSION_AGGS = ("sum", "mean")
 DROPOUT_POSITIONS = ("pre_act", "post_act")
-SCORE_FNS = ("softmax", "sigmoid")
 GLOBAL_BATCH_MODES = ("window", "megatron")
 
 
@@ -115,6 +115,58 @@ class ReleasedConfig:
         return cls(**dict(value))
 
 
+class ConfigDeprecationWarning(FutureWarning):
+    """A configuration key of an earlier release, still read for one release (shown by default, unlike
+    ``DeprecationWarning``); the message names the old key and its new home."""
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"MoE config key {old!r} is deprecated: {new}; the old key is read until the next release",
+                  ConfigDeprecationWarning, stacklevel=4)
+
+
+def renamed(owner: str, old: str, new: str) -> None:
+    """The warning of an attribute renamed in this release (``owner.old`` -> ``owner.new``)."""
+    warnings.warn(f"{owner}.{old} is deprecated: use {owner}.{new}; the old name is read until the next release",
+                  ConfigDeprecationWarning, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    """A router's own settings (``router_options`` of :class:`MoEConfig`): a router class names its subclass as
+    ``Options`` (e.g. :class:`rmoe.routing.LossFreeOptions`), a frozen dataclass whose ``__post_init__``
+    validates its fields with :meth:`fail`. A router without settings keeps this empty base."""
+
+    def fail(self, key: str, allowed: str) -> None:
+        _fail(f"router_options.{key}", getattr(self, key), allowed)
+
+    @classmethod
+    def from_any(cls, value: Any, router: str) -> RouterOptions:
+        if value is None:
+            return cls()
+        if isinstance(value, RouterOptions):
+            if type(value) is not cls:
+                _fail("router_options", value, f"{cls.__name__} (the settings of router {router!r}) or a mapping")
+            return value
+        if not isinstance(value, Mapping):
+            _fail("router_options", value, "null or a mapping of the router's settings")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            _fail(f"router_options.{unknown[0]}", value[unknown[0]],
+                  f"keys {known} for router {router!r}" if known else f"no keys (router {router!r} has no settings)")
+        return cls(**dict(value))
+
+
+#: flat keys of the previous release that are now a router's own settings: old key -> (router, option)
+MOVED_TO_ROUTER_OPTIONS = {
+    "score_fn": ("lossfree", "score_fn"),
+    "bias_update_rate": ("lossfree", "bias_update_rate"),
+    "cosine_proj_dim": ("cosine", "proj_dim"),
+    "cosine_init_temperature": ("cosine", "init_temperature"),
+}
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Configuration of one MoE layer.
@@ -125,9 +177,11 @@ class MoEConfig:
     token's top-1 probability (tutel's BPR) instead of token order. ``aux_loss`` defaults per router
     (its ``default_aux_loss``: topk/cosine -> switch, topany -> dynmoe). ``expert_dropout`` is
     dropout inside every expert, on the hidden units before (``pre_act``, DynMoE's GLUE experts) or
-    after (``post_act``, GMoE's vision experts) the activation. ``score_fn`` (softmax|sigmoid) and
-    ``bias_update_rate`` (``u`` of ``b_e += u · sign(mean_load − load_e)``) are read by the
-    auxiliary-loss-free router (``lossfree``). ``released``: the authors' released code's behaviours
+    after (``post_act``, GMoE's vision experts) the activation. ``router_options``: the router's own
+    settings (a mapping, validated by the router's ``Options`` dataclass: ``cosine`` takes ``proj_dim`` and
+    ``init_temperature``, ``lossfree`` ``score_fn`` and ``bias_update_rate``; the flat keys of the previous
+    release, :data:`MOVED_TO_ROUTER_OPTIONS`, are read by :meth:`from_dict` with a
+    :class:`ConfigDeprecationWarning`). ``released``: the authors' released code's behaviours
     (:class:`ReleasedConfig`, all off: the paper's equations). ``causal``: the layer sits in a causal (decoder)
     model, where a token's routing may not depend on later tokens (``expert_choice`` refuses it).
     ``global_batch_mode`` (read by the ``global_batch`` loss): ``window`` takes ``f_e`` over the optimizer
@@ -150,26 +204,32 @@ class MoEConfig:
     aux_loss: str | None = None
     activation: str = "gelu"
     bias: bool = True
-    cosine_proj_dim: int = 256
-    cosine_init_temperature: float = 0.5
     upcycle_noise: float = 0.0
     expert_dropout: float = 0.0
     expert_dropout_position: str = "pre_act"
-    score_fn: str = "softmax"
-    bias_update_rate: float = 1e-3
     causal: bool = False
     global_batch_mode: str = "window"
     released: ReleasedConfig = field(default_factory=ReleasedConfig)
-    extra: dict = field(default_factory=dict)
+    router_options: Any = None
 
     def __post_init__(self) -> None:
-        routers, backends = registry.ROUTERS, registry.BACKENDS
-        if self.router not in routers:
-            _fail("router", self.router, "|".join(routers.names()))
-        router = routers[self.router]
-        if self.backend not in backends:
-            _fail("backend", self.backend, "|".join(backends.names()))
-        backend = backends[self.backend]
+        if self.router not in registry.ROUTERS:
+            _fail("router", self.router, "|".join(registry.ROUTERS.names()))
+        if self.backend not in registry.BACKENDS:
+            _fail("backend", self.backend, "|".join(registry.BACKENDS.names()))
+        router = registry.ROUTERS[self.router]
+        self._check_pool(router)
+        self._check_capacity(router, registry.BACKENDS[self.backend])
+        self._check_aux_loss(router)
+        self._check_experts()
+        self._check_released(router)
+        object.__setattr__(self, "router_options", router.Options.from_any(self.router_options, self.router))
+        check = getattr(router, "check_config", None)
+        if check is not None:
+            check(self, _fail)
+
+    def _check_pool(self, router: type) -> None:
+        """``num_experts`` / ``max_experts`` / ``top_k``; fills ``max_experts`` (null: ``num_experts``)."""
         if not (isinstance(self.num_experts, int) and self.num_experts >= 1):
             _fail("num_experts", self.num_experts, "an integer >= 1")
         max_e = self.num_experts if self.max_experts is None else self.max_experts
@@ -178,6 +238,7 @@ class MoEConfig:
         if self.num_experts > max_e:
             _fail("num_experts", self.num_experts, f"<= max_experts ({max_e})")
         if not router.adaptive_pool and max_e != self.num_experts:
+            routers = registry.ROUTERS
             adaptive = "|".join(n for n in routers.names() if routers[n].adaptive_pool) or "no router"
             _fail("max_experts", self.max_experts,
                   f"equal to num_experts ({self.num_experts}) for router {self.router!r}; "
@@ -187,6 +248,9 @@ class MoEConfig:
             _fail("top_k", self.top_k, "an integer >= 1")
         if router.uses_top_k and self.top_k > self.num_experts:
             _fail("top_k", self.top_k, f"<= num_experts ({self.num_experts})")
+
+    def _check_capacity(self, router: type, backend: type) -> None:
+        """``capacity_factor``, ``batch_prioritized_routing``, ``gate_noise`` against the router and backend."""
         cf = self.capacity_factor
         if not (isinstance(cf, (int, float)) and math.isfinite(cf) and cf >= 0):
             _fail("capacity_factor", cf, "a number >= 0 (0 = dropless)")
@@ -201,22 +265,26 @@ class MoEConfig:
         gn = self.gate_noise
         if not (isinstance(gn, (int, float)) and math.isfinite(gn) and gn >= 0):
             _fail("gate_noise", gn, "a number >= 0")
+
+    def _check_aux_loss(self, router: type) -> None:
+        """``aux_loss`` (null: the router's default) fits the router's family and noise; ``global_batch_mode``."""
         aux_losses = registry.AUX_LOSSES
         aux = self.aux_loss if self.aux_loss is not None else router.default_aux_loss
         if aux not in aux_losses:
             _fail("aux_loss", self.aux_loss, "|".join(aux_losses.names()) + " or null (router default)")
-        if aux_losses[aux].needs_noise and gn <= 0:
-            _fail("gate_noise", gn, f"> 0 when aux_loss={aux!r} (it needs noise)")
+        if aux_losses[aux].needs_noise and self.gate_noise <= 0:
+            _fail("gate_noise", self.gate_noise, f"> 0 when aux_loss={aux!r} (it needs noise)")
         if not aux_losses[aux].fits(router.family):
             _fail("aux_loss", aux, "|".join(n for n in aux_losses.names() if aux_losses[n].fits(router.family))
                   + f" for router {self.router!r}")
         object.__setattr__(self, "aux_loss", aux)
+        if self.global_batch_mode not in GLOBAL_BATCH_MODES:
+            _fail("global_batch_mode", self.global_batch_mode, "|".join(GLOBAL_BATCH_MODES))
+
+    def _check_experts(self) -> None:
+        """The experts' own fields: activation, upcycling noise, dropout; and ``causal``."""
         if self.activation not in registry.ACTIVATIONS:
             _fail("activation", self.activation, "|".join(registry.ACTIVATIONS.names()))
-        if not (isinstance(self.cosine_proj_dim, int) and self.cosine_proj_dim >= 1):
-            _fail("cosine_proj_dim", self.cosine_proj_dim, "an integer >= 1")
-        if not (self.cosine_init_temperature > 0):
-            _fail("cosine_init_temperature", self.cosine_init_temperature, "a number > 0")
         if not (self.upcycle_noise >= 0):
             _fail("upcycle_noise", self.upcycle_noise, "a number >= 0")
         p = self.expert_dropout
@@ -224,15 +292,11 @@ class MoEConfig:
             _fail("expert_dropout", p, "a number in [0, 1)")
         if self.expert_dropout_position not in DROPOUT_POSITIONS:
             _fail("expert_dropout_position", self.expert_dropout_position, "|".join(DROPOUT_POSITIONS))
-        if self.score_fn not in SCORE_FNS:
-            _fail("score_fn", self.score_fn, "|".join(SCORE_FNS))
-        u = self.bias_update_rate
-        if not (isinstance(u, (int, float)) and not isinstance(u, bool) and math.isfinite(u) and u >= 0):
-            _fail("bias_update_rate", u, "a finite number >= 0")
         if not isinstance(self.causal, bool):
             _fail("causal", self.causal, "true|false")
-        if self.global_batch_mode not in GLOBAL_BATCH_MODES:
-            _fail("global_batch_mode", self.global_batch_mode, "|".join(GLOBAL_BATCH_MODES))
+
+    def _check_released(self, router: type) -> None:
+        """``fusion`` and ``released`` from their mappings, and the released behaviours the router can have."""
         object.__setattr__(self, "fusion", FusionConfig.from_any(self.fusion))
         rel = ReleasedConfig.from_any(self.released)
         object.__setattr__(self, "released", rel)
@@ -241,17 +305,42 @@ class MoEConfig:
         for key in ("fusion_pad_clamp", "eval_fallback_gate"):
             if getattr(rel, key) and router.family != "topany":
                 _fail(f"released.{key}", True, f"false for router {self.router!r} (a top-any behaviour)")
-        check = getattr(router, "check_config", None)
-        if check is not None:
-            check(self, _fail)
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> MoEConfig:
+        cfg = _read_moved_keys(dict(cfg))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
             _fail(unknown[0], cfg[unknown[0]], f"keys {sorted(known)}")
-        return cls(**dict(cfg))
+        return cls(**cfg)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _read_moved_keys(cfg: dict) -> dict:
+    """The previous release's keys (:data:`MOVED_TO_ROUTER_OPTIONS`, the never-read ``extra``), each with a
+    :class:`ConfigDeprecationWarning`: a router's own key goes to ``router_options`` for that router (over the value
+    there: e.g. ``+moe.score_fn=softmax`` on ``moe=lossfree``, whose file states ``router_options.score_fn``) and is
+    dropped for any other (which never read it)."""
+    if "extra" in cfg:
+        extra = cfg.pop("extra")
+        if extra:
+            _fail("extra", extra, "absent (a key that nothing read, removed)")
+        _deprecated("extra", "it was never read; remove it")
+    router = cfg.get("router", MoEConfig.router)
+    for old, (owner, new) in MOVED_TO_ROUTER_OPTIONS.items():
+        if old not in cfg:
+            continue
+        value = cfg.pop(old)
+        if router != owner:
+            _deprecated(old, f"it is router {owner!r}'s router_options.{new} (ignored for router {router!r})")
+            continue
+        _deprecated(old, f"use router_options.{new} (the old key's value {value!r} is used)")
+        opts = cfg.get("router_options")
+        opts = {} if opts is None else opts
+        if not isinstance(opts, Mapping):
+            _fail("router_options", opts, "a mapping when the deprecated key " + repr(old) + " is given")
+        cfg["router_options"] = {**opts, new: value}  # the old key set on top of a config stating the new one wins
+    return cfg

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .config import renamed
 from .registry import ACTIVATIONS, BACKENDS
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -60,10 +61,10 @@ class Experts(nn.Module):
     (``"post_act"``), ``drop(u) = u * keep / (1 - dropout)`` in training, identity in eval.
     """
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True,
+    def __init__(self, max_experts: int, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True,
                  dropout: float = 0.0, dropout_position: str = "pre_act"):
         super().__init__()
-        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.max_experts, self.d_model, self.d_ff = max_experts, d_model, d_ff  # expert slots
         self.activation = activation
         # dropout on the hidden units, in training only: before (pre_act) or after (post_act) act
         if not 0.0 <= float(dropout) < 1.0:
@@ -73,12 +74,18 @@ class Experts(nn.Module):
                              + "|".join(DROPOUT_POSITIONS))
         self.dropout, self.dropout_position = float(dropout), dropout_position
         self.act = ACTIVATIONS[activation].fn
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
-        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, d_ff)) if bias else None
-        self.b2 = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
+        self.w1 = nn.Parameter(torch.empty(max_experts, d_model, d_ff))
+        self.w2 = nn.Parameter(torch.empty(max_experts, d_ff, d_model))
+        self.b1 = nn.Parameter(torch.zeros(max_experts, d_ff)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(max_experts, d_model)) if bias else None
         nn.init.normal_(self.w1, std=1.0 / math.sqrt(d_model))
         nn.init.normal_(self.w2, std=1.0 / math.sqrt(d_ff))
+
+    @property
+    def num_experts(self) -> int:
+        """Deprecated name of :attr:`max_experts`, read until the next release."""
+        renamed("Experts", "num_experts", "max_experts")
+        return self.max_experts
 
     @property
     def dropout_active(self) -> bool:
@@ -528,7 +535,7 @@ class TorchDroplessBackend(nn.Module):
         if self.impl == "auto":
             if x.device.type == "cuda":
                 return "grouped_mm" if ok else "blocked"
-            return choose_impl(slots, experts.num_experts, experts.d_model, experts.d_ff, x.element_size(), ok)
+            return choose_impl(slots, experts.max_experts, experts.d_model, experts.d_ff, x.element_size(), ok)
         return "blocked" if self.impl == "grouped_mm" and not ok else self.impl
 
     def forward(self, experts: Experts, x: Tensor, indices: Tensor, weights: Tensor,
@@ -554,14 +561,14 @@ class TorchDroplessBackend(nn.Module):
         if x.device.type == "cuda" and self.resolve_impl(experts, x, indices.numel()) == "grouped_mm":
             self.last_impl = "grouped_mm"
             return self._grouped_mm_padded(experts, p, x, indices, weights, dropout_mask)
-        slot_ids, token_ids, counts, sizes = sort_by_expert(indices, experts.num_experts)
+        slot_ids, token_ids, counts, sizes = sort_by_expert(indices, experts.max_experts)
         impl = self.last_impl = self.resolve_impl(experts, x, slot_ids.numel())
         if slot_ids.numel() == 0:
             return torch.zeros_like(x)
         keep = _gathered_keep(experts, dropout_mask, slot_ids, indices, x.device)
         wslot = weights.reshape(-1).index_select(0, slot_ids).to(x.dtype)
         if impl == "grouped_mm":
-            rows = torch.repeat_interleave(torch.arange(experts.num_experts, device=x.device), counts)
+            rows = torch.repeat_interleave(torch.arange(experts.max_experts, device=x.device), counts)
             ys = self._grouped_mm_ffn(experts, p, x.index_select(0, token_ids), counts, rows, keep)
             return torch.zeros_like(x).index_add(0, token_ids, ys * wslot.unsqueeze(-1))
         if keep is None:
@@ -600,7 +607,7 @@ class TorchDroplessBackend(nn.Module):
         the hidden activations and the output — so they reach neither the output nor any
         gradient. Expert dropout draws one keep-mask row per slot (empty slots included) or
         takes ``dropout_mask [N, K, d_ff]`` as given."""
-        e, k = experts.num_experts, indices.shape[1]
+        e, k = experts.max_experts, indices.shape[1]
         flat = indices.reshape(-1)
         key = torch.where(flat >= 0, flat, torch.full_like(flat, e))
         sorted_key, order = torch.sort(key, stable=True)
@@ -621,7 +628,7 @@ class TorchDroplessBackend(nn.Module):
     def _forward_autograd(experts: Experts, p: _Params, x: Tensor, indices: Tensor, weights: Tensor,
                           dropout_mask: Tensor | None = None) -> Tensor:
         """The plain sort-based path (per-group matmuls on ``unbind`` views, autograd backward)."""
-        slot_ids, token_ids, _, sizes = sort_by_expert(indices, experts.num_experts)
+        slot_ids, token_ids, _, sizes = sort_by_expert(indices, experts.max_experts)
         if slot_ids.numel() == 0:
             return torch.zeros_like(x)
         keep = _gathered_keep(experts, dropout_mask, slot_ids, indices, x.device)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import MoEConfig
+from .config import MoEConfig, renamed
 from .experts import Experts
 from .fusion import StatefulFusion
 from .registry import BACKENDS, ROUTERS
@@ -43,8 +43,15 @@ class MoELayer(nn.Module):
         self._router_takes_seq_ids = "seq_ids" in inspect.signature(self.router.forward).parameters
 
     @property
-    def num_experts(self) -> int:
+    def max_experts(self) -> int:
+        """Expert slots (``cfg.max_experts``; ``cfg.num_experts`` is the experts active at the start)."""
         return self.cfg.max_experts
+
+    @property
+    def num_experts(self) -> int:
+        """Deprecated name of :attr:`max_experts`, read until the next release."""
+        renamed("MoELayer", "num_experts", "max_experts")
+        return self.max_experts
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RoutingRecord]:
         if x.shape[-1] != self.d_model:
@@ -107,7 +114,7 @@ class MoELayer(nn.Module):
     def split_from(self, fc1: nn.Linear, fc2: nn.Linear) -> MoELayer:
         """EMoE-style: split the dense FFN's ``d_ff`` hidden units into ``E`` contiguous parts;
         expert ``e`` owns part ``e`` (of width ``d_ff_dense / E``) and the full output bias."""
-        e_max, d_ff = self.num_experts, self.d_ff
+        e_max, d_ff = self.max_experts, self.d_ff
         if fc1.weight.shape[0] != e_max * d_ff:
             raise ValueError(f"cannot split an FFN of width {fc1.weight.shape[0]} into {e_max} experts "
                              f"of width {d_ff}: build the layer with d_ff = {fc1.weight.shape[0]} // {e_max}")

@@ -110,7 +110,7 @@ class MegaBlocksBackend(nn.Module):
         """``out[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])`` over non-empty slots."""
         ops = self._ops()
         cdt = ops.compute_dtype
-        num_experts = experts.num_experts
+        num_experts = experts.max_experts
         k = indices.shape[1]
         with torch.autocast(x.device.type, enabled=False):
             flat = indices.reshape(-1)

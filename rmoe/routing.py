@@ -5,6 +5,7 @@ Routing is computed in fp32 even under autocast. Routers see real tokens only, `
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import losses
-from .config import MoEConfig
+from .config import MoEConfig, RouterOptions, renamed
 from .losses import AuxInputs, GlobalBatchRunning
 from .registry import AUX_LOSSES, ROUTERS
 
@@ -92,22 +93,63 @@ def apply_capacity(indices: Tensor, num_experts: int, capacity: int,
     return kept.contiguous(), dropped
 
 
+@dataclass(frozen=True)
+class Route:
+    """What a router's :meth:`Router.route` decides for ``N`` real tokens; :meth:`Router.forward` assembles the
+    :class:`RoutingRecord` (and the aux loss's inputs) from it.
+
+    indices, weights: ``[N, K]`` the record's ``expert_indices`` / ``expert_weights`` (−1 / 0 on empty slots).
+    probs:           ``[N, E]`` the record's ``router_probs``.
+    gates:           ``[N, K]`` the record's ``gate_values`` (None: ``weights``).
+    dispatch_scores: ``[N, E]`` (None: ``probs``). num_dropped: scalar long (None: 0).
+    selection_scores: as the record's.
+    aux_probs, aux_gates: the aux inputs' ``probs`` / ``gates`` (None: ``probs`` / ``aux_probs``).
+    aux_selected:    ``[N, K']`` the aux inputs' ``selected``, its first column their ``first_choice`` and its
+                     width their ``top_k`` (None: ``indices``). gate_weight: the aux inputs' ``gate_weight``.
+    """
+
+    indices: Tensor
+    weights: Tensor
+    probs: Tensor
+    gates: Tensor | None = None
+    dispatch_scores: Tensor | None = None
+    num_dropped: Tensor | None = None
+    selection_scores: Tensor | None = None
+    aux_probs: Tensor | None = None
+    aux_gates: Tensor | None = None
+    aux_selected: Tensor | None = None
+    gate_weight: Tensor | None = None
+
+
 class Router(nn.Module):
-    """Base class: ``forward(x [N, d]) -> RoutingRecord``. A new router is a subclass registered
-    with ``@ROUTERS.register(name)``; its class attributes tell config validation what fits it:
+    """Base class: one routing step for every router, ``forward(x [N, d], seq_ids=None) -> RoutingRecord``
+    (as flaxformer's ``routing.Router.__call__``, google/flaxformer ``flaxformer/architectures/moe/routing.py``):
+
+    1. fp32: autocast off, ``x`` cast to float32 (SPEC §1);
+    2. ``logits = self.logits(x)`` (the router's scoring network);
+    3. gate noise in training: ``logits + gate_noise · ε / E``, ``ε ~ N(0, 1)`` (routers that take no noise refuse
+       ``gate_noise > 0`` in ``check_config``);
+    4. ``self.route(x, noisy_logits) -> Route`` -- the one method a router overrides: its scores and dispatch;
+    5. the aux loss (looked up once, by name, in :data:`rmoe.registry.AUX_LOSSES`) on inputs assembled from the
+       route, the router z-loss on the clean logits of the active experts, and the :class:`RoutingRecord`.
+
+    A new router is a subclass registered with ``@ROUTERS.register(name)`` that defines ``logits`` and ``route``
+    (README, "Add a method"); its class attributes tell config validation what fits it:
 
     * ``family``: which aux losses fit (an aux loss lists the families it supports);
     * ``default_aux_loss``: the aux loss when ``aux_loss`` is null;
     * ``adaptive_pool``: ``max_experts`` may exceed ``num_experts`` (slots switched on later);
     * ``dropless``: no finite capacity and no batch-prioritized routing;
-    * ``uses_top_k``: ``top_k`` is read (and must be <= ``num_experts``).
+    * ``uses_top_k``: ``top_k`` is read (and must be <= ``num_experts``);
+    * ``Options``: the router's own settings (a :class:`rmoe.config.RouterOptions` dataclass, validated there),
+      read from ``router_options`` as ``self.options``.
 
     A router may define ``check_config(cfg, fail)`` (a classmethod) for checks of its own; it calls
-    ``fail(key, value, allowed)``. ``forward`` may take ``seq_ids`` (``[N]``, each real token's
-    sequence; :class:`rmoe.layer.MoELayer` passes it to routers whose ``forward`` has that argument).
-    The aux loss is looked up once, by name, in :data:`rmoe.registry.AUX_LOSSES`.
+    ``fail(key, value, allowed)``. ``seq_ids`` (``[N]``, each real token's sequence) go to the aux loss.
     ``global_batch_window`` (not saved) is what the ``global_batch`` loss takes ``f_e`` from under
-    gradient accumulation (:mod:`rmoe.accumulation`); None: from the forward itself.
+    gradient accumulation (:mod:`rmoe.accumulation`); None: from the forward itself. With
+    ``aux_loss=global_batch`` and ``global_batch_mode=megatron`` the router keeps Megatron-Core's running counts
+    (buffers ``global_batch_counts`` / ``global_batch_steps``, cleared by :meth:`reset_global_batch_counts`).
     """
 
     family: str = ""
@@ -115,38 +157,42 @@ class Router(nn.Module):
     adaptive_pool: bool = False
     dropless: bool = False
     uses_top_k: bool = True
+    Options: type[RouterOptions] = RouterOptions
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
         self.d_model = d_model
         self.cfg = cfg
-        self.num_experts = cfg.max_experts
+        self.options = cfg.router_options
+        self.max_experts = cfg.max_experts  # expert slots (cfg.num_experts: those active at the start)
         self.aux_loss_fn = AUX_LOSSES[cfg.aux_loss]
         self.global_batch_window: object | None = None
-
-    @property
-    def active_mask(self) -> Tensor:
-        return torch.ones(self.num_experts, dtype=torch.bool, device=self._device())
-
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def logits(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-
-class SoftmaxTopKRouter(Router):
-    """Top-k over ``softmax(logits + noise)`` with optional capacity; subclasses define logits."""
-
-    family = "softmax"
-    default_aux_loss = "switch"
-
-    def __init__(self, d_model: int, cfg: MoEConfig):
-        super().__init__(d_model, cfg)
         self.megatron_global_batch = cfg.aux_loss == "global_batch" and cfg.global_batch_mode == "megatron"
         if self.megatron_global_batch:  # Megatron-Core's running counts (SPEC §2), reset after each optimizer step
             self.register_buffer("global_batch_counts", torch.zeros(cfg.max_experts, dtype=torch.float64))
             self.register_buffer("global_batch_steps", torch.zeros((), dtype=torch.float64))
+
+    @property
+    def active_mask(self) -> Tensor:
+        """The experts in the pool, ``[E]`` bool: every slot (a router with an adaptive pool keeps a mask), on the
+        router's device (CPU for a router without parameters or buffers)."""
+        held = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return torch.ones(self.max_experts, dtype=torch.bool, device=None if held is None else held.device)
+
+    @property
+    def num_experts(self) -> int:
+        """Deprecated name of :attr:`max_experts` (the slot count; ``cfg.num_experts`` is the active experts at
+        the start), read until the next release."""
+        renamed(type(self).__name__, "num_experts", "max_experts")
+        return self.max_experts
+
+    def logits(self, x: Tensor) -> Tensor:
+        """``[N, E]`` fp32 logits of ``x [N, d]`` (fp32)."""
+        raise NotImplementedError
+
+    def route(self, x: Tensor, logits: Tensor) -> Route:
+        """The router's own decision from ``x [N, d]`` and the (noisy, in training) fp32 ``logits [N, E]``."""
+        raise NotImplementedError
 
     def reset_global_batch_counts(self) -> None:
         """``global_batch_mode=megatron``: clear the running counts (after every optimizer step, as Megatron-Core's
@@ -157,47 +203,60 @@ class SoftmaxTopKRouter(Router):
 
     def forward(self, x: Tensor, seq_ids: Tensor | None = None) -> RoutingRecord:
         with _no_autocast(x):
-            return self._route(x.float(), seq_ids)
+            return self._step(x.float(), seq_ids)
 
-    def _route(self, x: Tensor, seq_ids: Tensor | None = None) -> RoutingRecord:
-        cfg, e = self.cfg, self.num_experts
+    def _step(self, x: Tensor, seq_ids: Tensor | None) -> RoutingRecord:
+        e, noise = self.max_experts, self.cfg.gate_noise
         clean = self.logits(x)
-        noisy = clean
-        if self.training and cfg.gate_noise > 0:
-            noisy = clean + cfg.gate_noise * torch.randn_like(clean) / e
-        probs = torch.softmax(noisy, dim=-1)
-        k = cfg.top_k
-        top_p, top_i = probs.topk(k, dim=-1)
-        gate = top_p / top_p.sum(-1, keepdim=True) if (cfg.normalize_gate and k > 1) else top_p
-        n = x.shape[0]
-        dropped = torch.zeros((), dtype=torch.long, device=x.device)
-        idx = top_i
-        if cfg.capacity_factor > 0:
-            capacity = k * int(math.floor(cfg.capacity_factor * math.ceil(n / e)))
-            priority = top_p[:, 0].detach() if cfg.batch_prioritized_routing else None
-            idx, dropped = apply_capacity(top_i, e, capacity, priority)
-        weights = torch.where(idx >= 0, gate, torch.zeros_like(gate))
-        active = torch.ones(e, dtype=torch.bool, device=x.device)
+        noisy = clean + noise * torch.randn_like(clean) / e if (self.training and noise > 0) else clean
+        r = self.route(x, noisy)
+        active = self.active_mask.to(x.device)
         window = self.global_batch_window
         if self.megatron_global_batch and self.training:
             window = GlobalBatchRunning(self.global_batch_counts, self.global_batch_steps)
-        aux = self.aux_loss_fn(AuxInputs(logits=clean, noisy_logits=noisy, probs=probs, gates=probs,
-                                         first_choice=top_i[:, 0], active=active, top_k=k,
-                                         noise_std=cfg.gate_noise / e, selected=top_i, seq_ids=seq_ids,
-                                         training=self.training, global_batch_window=window))
+        aux_probs = r.probs if r.aux_probs is None else r.aux_probs
+        selected = r.indices if r.aux_selected is None else r.aux_selected
+        aux = self.aux_loss_fn(AuxInputs(
+            logits=clean, noisy_logits=noisy, probs=aux_probs, gates=aux_probs if r.aux_gates is None else r.aux_gates,
+            first_choice=selected[:, 0], active=active, top_k=selected.shape[1], noise_std=noise / e,
+            gate_weight=r.gate_weight, selected=selected, seq_ids=seq_ids, training=self.training,
+            global_batch_window=window))
         return RoutingRecord(
-            expert_indices=idx,
-            expert_weights=weights,
-            gate_values=gate,
-            router_probs=probs,
+            expert_indices=r.indices,
+            expert_weights=r.weights,
+            gate_values=r.weights if r.gates is None else r.gates,
+            router_probs=r.probs,
             router_logits=clean,
-            tokens_per_expert=tokens_per_expert(idx, e),
-            active_mask=active,
+            tokens_per_expert=tokens_per_expert(r.indices, e),
+            active_mask=active.clone(),
             aux_loss=aux,
-            z_loss=losses.router_z_loss(clean),
-            num_dropped=dropped,
-            dispatch_scores=probs,
+            z_loss=losses.router_z_loss(clean.masked_fill(~active, float("-inf"))),
+            num_dropped=torch.zeros((), dtype=torch.long, device=x.device) if r.num_dropped is None else r.num_dropped,
+            dispatch_scores=r.probs if r.dispatch_scores is None else r.dispatch_scores,
+            selection_scores=r.selection_scores,
         )
+
+
+class SoftmaxTopKRouter(Router):
+    """Top-k over ``softmax(logits + noise)`` with optional capacity; subclasses define logits."""
+
+    family = "softmax"
+    default_aux_loss = "switch"
+
+    def route(self, x: Tensor, logits: Tensor) -> Route:
+        cfg, e = self.cfg, self.max_experts
+        probs = torch.softmax(logits, dim=-1)
+        k = cfg.top_k
+        top_p, top_i = probs.topk(k, dim=-1)
+        gate = top_p / top_p.sum(-1, keepdim=True) if (cfg.normalize_gate and k > 1) else top_p
+        dropped, idx = None, top_i
+        if cfg.capacity_factor > 0:
+            capacity = k * int(math.floor(cfg.capacity_factor * math.ceil(x.shape[0] / e)))
+            priority = top_p[:, 0].detach() if cfg.batch_prioritized_routing else None
+            idx, dropped = apply_capacity(top_i, e, capacity, priority)
+        weights = torch.where(idx >= 0, gate, torch.zeros_like(gate))
+        # the aux loss sees each token's choice before capacity
+        return Route(indices=idx, weights=weights, probs=probs, gates=gate, num_dropped=dropped, aux_selected=top_i)
 
 
 @ROUTERS.register("topk")
@@ -206,23 +265,41 @@ class TopKRouter(SoftmaxTopKRouter):
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
-        self.weight = nn.Parameter(torch.empty(self.num_experts, d_model))
+        self.weight = nn.Parameter(torch.empty(self.max_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
 
     def logits(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.float())
 
 
+@dataclass(frozen=True)
+class CosineOptions(RouterOptions):
+    """The cosine router's settings: ``proj_dim`` (width of ``P``), ``init_temperature`` (``tau = log(1 / it)``
+    at init)."""
+
+    proj_dim: int = 256
+    init_temperature: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.proj_dim, int) and not isinstance(self.proj_dim, bool) and self.proj_dim >= 1):
+            self.fail("proj_dim", "an integer >= 1")
+        t = self.init_temperature
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0):
+            self.fail("init_temperature", "a number > 0")
+
+
 @ROUTERS.register("cosine")
 class CosineRouter(SoftmaxTopKRouter):
     """GMoE: ``logits = normalize(P x) · normalize_cols(W) * exp(min(tau, log 100))``."""
 
+    Options = CosineOptions
+
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
-        self.proj = nn.Linear(d_model, cfg.cosine_proj_dim)
-        self.sim = nn.Parameter(torch.empty(cfg.cosine_proj_dim, self.num_experts))
+        self.proj = nn.Linear(d_model, self.options.proj_dim)
+        self.sim = nn.Parameter(torch.empty(self.options.proj_dim, self.max_experts))
         nn.init.normal_(self.sim, std=0.01)
-        self.log_temp = nn.Parameter(torch.tensor(math.log(1.0 / cfg.cosine_init_temperature)))
+        self.log_temp = nn.Parameter(torch.tensor(math.log(1.0 / self.options.init_temperature)))
 
     def logits(self, x: Tensor) -> Tensor:
         h = F.linear(x, self.proj.weight.float(), self.proj.bias.float())
@@ -261,9 +338,14 @@ class TopAnyRouter(Router):
     dropless = True
     uses_top_k = False
 
+    @classmethod
+    def check_config(cls, cfg: MoEConfig, fail) -> None:
+        if cfg.gate_noise > 0:
+            fail("gate_noise", cfg.gate_noise, "0 for router 'topany' (DynMoE's gate has no noise)")
+
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
-        e = self.num_experts
+        e = self.max_experts
         w = torch.empty(d_model, e)
         nn.init.orthogonal_(w)
         self.weight = nn.Parameter(w)
@@ -285,13 +367,8 @@ class TopAnyRouter(Router):
         xn = F.normalize(x.float(), dim=-1)
         return xn @ F.normalize(self.weight.float(), dim=0)
 
-    def forward(self, x: Tensor) -> RoutingRecord:
-        with _no_autocast(x):
-            return self._route(x.float())
-
-    def _route(self, x: Tensor) -> RoutingRecord:
+    def route(self, x: Tensor, logits: Tensor) -> Route:
         mask = self.expert_mask
-        logits = self.logits(x)
         s = torch.sigmoid(logits) * mask
         z = ste_sign(F.relu(s - torch.sigmoid(self.thresholds.float())))
         z = z * mask  # inactive experts are never chosen (keeps s=0 >= σ(G) ties out)
@@ -304,7 +381,7 @@ class TopAnyRouter(Router):
                 self._record(x, z.detach(), none)
         elif bool(none.any()):
             top1 = s.detach().masked_fill(~mask, float("-inf")).argmax(-1)
-            fallback = F.one_hot(top1, self.num_experts).to(z.dtype)
+            fallback = F.one_hot(top1, self.max_experts).to(z.dtype)
             dispatch = torch.where(none.unsqueeze(-1), s, z)
             z = torch.where(none.unsqueeze(-1), fallback, z)
             fell_back = none
@@ -323,22 +400,8 @@ class TopAnyRouter(Router):
         if self.training and bool(self.recording) and released.pool_reads_clamped:
             self._record_clamped(idx)
         gate = torch.gather(gates_dense, 1, idx.clamp_min(0)) * valid
-        aux = self.aux_loss_fn(AuxInputs(logits=logits, noisy_logits=logits, probs=s, gates=z,
-                                         first_choice=idx[:, 0], active=mask, top_k=kmax,
-                                         gate_weight=self.weight.float()))
-        return RoutingRecord(
-            expert_indices=idx,
-            expert_weights=gate,
-            gate_values=gate,
-            router_probs=s,
-            router_logits=logits,
-            tokens_per_expert=tokens_per_expert(idx, self.num_experts),
-            active_mask=mask.clone(),
-            aux_loss=aux,
-            z_loss=losses.router_z_loss(logits.masked_fill(~mask, float("-inf"))),
-            num_dropped=torch.zeros((), dtype=torch.long, device=x.device),
-            dispatch_scores=dispatch,
-        )
+        return Route(indices=idx, weights=gate, probs=s, dispatch_scores=dispatch, aux_gates=z,
+                     gate_weight=self.weight.float())
 
     # --- adaptive expert pool -------------------------------------------------------------
     @torch.no_grad()
@@ -351,7 +414,7 @@ class TopAnyRouter(Router):
     def _record_clamped(self, idx: Tensor) -> None:
         """The released recorder under Stateful Fusion (SPEC §9): it counts every slot of the clamped indices
         (an empty slot counts for ``E_max - 1``) and so never sees a token without an expert."""
-        e = self.num_experts
+        e = self.max_experts
         clamped = torch.where(idx >= 0, idx, torch.full_like(idx, e - 1))
         self.routed_count += torch.bincount(clamped.reshape(-1), minlength=e).double()
 
@@ -405,6 +468,24 @@ def _all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class LossFreeOptions(RouterOptions):
+    """The loss-free router's settings: ``score_fn`` (softmax | sigmoid) and ``bias_update_rate`` (``u`` of
+    ``b_e += u · sign(mean load − load_e)``)."""
+
+    score_fn: str = "softmax"
+    bias_update_rate: float = 1e-3
+
+    SCORE_FNS = ("softmax", "sigmoid")
+
+    def __post_init__(self) -> None:
+        if self.score_fn not in self.SCORE_FNS:
+            self.fail("score_fn", "|".join(self.SCORE_FNS))
+        u = self.bias_update_rate
+        if not (isinstance(u, (int, float)) and not isinstance(u, bool) and math.isfinite(u) and u >= 0):
+            self.fail("bias_update_rate", "a finite number >= 0")
+
+
 @ROUTERS.register("lossfree")
 class LossFreeRouter(Router):
     """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias steers top-k *selection* only.
@@ -429,6 +510,7 @@ class LossFreeRouter(Router):
     family = "lossfree"
     default_aux_loss = "none"
     dropless = True
+    Options = LossFreeOptions
 
     @classmethod
     def check_config(cls, cfg: MoEConfig, fail) -> None:
@@ -437,7 +519,7 @@ class LossFreeRouter(Router):
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
-        e = self.num_experts
+        e = self.max_experts
         self.weight = nn.Parameter(torch.empty(e, d_model))
         nn.init.normal_(self.weight, std=0.02)
         self.register_buffer("bias", torch.zeros(e, dtype=torch.float32))
@@ -446,15 +528,10 @@ class LossFreeRouter(Router):
     def logits(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.float())
 
-    def forward(self, x: Tensor, seq_ids: Tensor | None = None) -> RoutingRecord:
-        with _no_autocast(x):
-            return self._route(x.float(), seq_ids)
-
-    def _route(self, x: Tensor, seq_ids: Tensor | None) -> RoutingRecord:
-        cfg, e, k = self.cfg, self.num_experts, self.cfg.top_k
-        logits = self.logits(x)
+    def route(self, x: Tensor, logits: Tensor) -> Route:
+        cfg, opts, e, k = self.cfg, self.options, self.max_experts, self.cfg.top_k
         tiny = torch.finfo(logits.dtype).tiny
-        if cfg.score_fn == "sigmoid":
+        if opts.score_fn == "sigmoid":
             scores = torch.sigmoid(logits)
             probs = scores / scores.sum(-1, keepdim=True).clamp_min(tiny)
         else:
@@ -464,32 +541,14 @@ class LossFreeRouter(Router):
         top_s = scores.gather(1, top_i)
         # sigmoid: the selected scores normalised for any k (DeepSeek-V3 Gate; torchtitan route_norm), 1 at k = 1;
         # softmax: as the top-k router (renormalised for k > 1)
-        norm = cfg.normalize_gate and (k > 1 or cfg.score_fn == "sigmoid")
+        norm = cfg.normalize_gate and (k > 1 or opts.score_fn == "sigmoid")
         gate = top_s / top_s.sum(-1, keepdim=True).clamp_min(tiny) if norm else top_s
-        counts = tokens_per_expert(top_i, e)
         if self.training:
-            self._count(counts)
-        active = torch.ones(e, dtype=torch.bool, device=x.device)
+            self._count(tokens_per_expert(top_i, e))
         # the balance loss counts f over the top-k of the *unbiased* scores (DeepSeek-V3 eq. 18; Megatron-Core
         # compute_routing_scores_for_aux_loss): the bias steers the dispatch, not what the loss measures
         aux_i = probs.detach().topk(k, dim=-1).indices
-        aux = self.aux_loss_fn(AuxInputs(logits=logits, noisy_logits=logits, probs=probs, gates=probs,
-                                         first_choice=aux_i[:, 0], active=active, top_k=k, selected=aux_i,
-                                         seq_ids=seq_ids, training=self.training))
-        return RoutingRecord(
-            expert_indices=top_i,
-            expert_weights=gate,
-            gate_values=gate,
-            router_probs=probs,
-            router_logits=logits,
-            tokens_per_expert=counts,
-            active_mask=active,
-            aux_loss=aux,
-            z_loss=losses.router_z_loss(logits),
-            num_dropped=torch.zeros((), dtype=torch.long, device=x.device),
-            dispatch_scores=probs,
-            selection_scores=selection,
-        )
+        return Route(indices=top_i, weights=gate, probs=probs, selection_scores=selection, aux_selected=aux_i)
 
     @torch.no_grad()
     def _count(self, counts: Tensor) -> None:
@@ -501,7 +560,7 @@ class LossFreeRouter(Router):
         (already summed over ranks), then reset them. Returns the load used (``[E]`` long)."""
         load = self.load_counts.clone()
         lf = load.double()
-        self.bias += (self.cfg.bias_update_rate * torch.sign(lf.mean() - lf)).to(self.bias.dtype)
+        self.bias += (self.options.bias_update_rate * torch.sign(lf.mean() - lf)).to(self.bias.dtype)
         self.load_counts.zero_()
         return load
 
@@ -540,7 +599,7 @@ class ExpertChoiceRouter(Router):
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
-        self.weight = nn.Parameter(torch.empty(self.num_experts, d_model))
+        self.weight = nn.Parameter(torch.empty(self.max_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
 
     min_capacity = 4  # flaxformer MoeLayer.min_expert_capacity (its default)
@@ -549,18 +608,13 @@ class ExpertChoiceRouter(Router):
         """Tokens per expert: ``min(n, max(round(capacity_factor · n / E), 4))`` (flaxformer
         ``moe_layers.py``: ``int(round(capacity_factor * tokens_per_group / num_experts))``, then
         ``max(·, min_expert_capacity)``)."""
-        return min(n, max(int(round(self.cfg.capacity_factor * n / self.num_experts)), self.min_capacity))
+        return min(n, max(int(round(self.cfg.capacity_factor * n / self.max_experts)), self.min_capacity))
 
     def logits(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.float())
 
-    def forward(self, x: Tensor) -> RoutingRecord:
-        with _no_autocast(x):
-            return self._route(x.float())
-
-    def _route(self, x: Tensor) -> RoutingRecord:
-        n, e = x.shape[0], self.num_experts
-        logits = self.logits(x)
+    def route(self, x: Tensor, logits: Tensor) -> Route:
+        n, e = x.shape[0], self.max_experts
         probs = torch.softmax(logits, dim=-1)
         c = self.capacity(n)
         top_p, top_t = probs.t().topk(c, dim=-1)  # [E, c]: each expert's tokens
@@ -576,23 +630,7 @@ class ExpertChoiceRouter(Router):
         idx = torch.full((n, kmax), -1, dtype=torch.long, device=x.device)
         idx[tok_s, pos] = ex_s
         weights = probs.new_zeros(n, kmax).index_put((tok_s, pos), w_s)
-        active = torch.ones(e, dtype=torch.bool, device=x.device)
-        aux = self.aux_loss_fn(AuxInputs(logits=logits, noisy_logits=logits, probs=probs, gates=probs,
-                                         first_choice=idx[:, 0], active=active, top_k=kmax, selected=idx,
-                                         training=self.training))
-        return RoutingRecord(
-            expert_indices=idx,
-            expert_weights=weights,
-            gate_values=weights,
-            router_probs=probs,
-            router_logits=logits,
-            tokens_per_expert=tokens_per_expert(idx, e),
-            active_mask=active,
-            aux_loss=aux,
-            z_loss=losses.router_z_loss(logits),
-            num_dropped=torch.zeros((), dtype=torch.long, device=x.device),
-            dispatch_scores=probs,
-        )
+        return Route(indices=idx, weights=weights, probs=probs)
 
 
 def build_router(d_model: int, cfg: MoEConfig) -> Router:

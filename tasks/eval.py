@@ -141,7 +141,8 @@ def run_choice_overrides(ckpt_path: Any) -> list[str]:
     if run is None or not (run / HYDRA_FILE).is_file():
         return []
     choices = OmegaConf.select(OmegaConf.load(run / HYDRA_FILE), "hydra.runtime.choices", default=None) or {}
-    return [f"{g}={o}" for g, o in choices.items() if o is not None and not g.startswith("hydra/") and g != "protocol"]
+    return [f"{g}={o}" for g, o in choices.items() if o is not None and not g.startswith("hydra/")
+            and g.split("@")[0] != "protocol"]
 
 
 def _check_identity(ckpt_path: str, saved: dict[str, Any] | None, cfg: DictConfig) -> None:

@@ -48,7 +48,8 @@ def build():
 
     torch.manual_seed(7)
     gb = rmoe.build_moe_layer(D, 16, router="topk", num_experts=4, top_k=2, aux_loss="global_batch")
-    lf = rmoe.build_moe_layer(D, 16, router="lossfree", num_experts=4, top_k=2, bias_update_rate=0.125)
+    lf = rmoe.build_moe_layer(D, 16, router="lossfree", num_experts=4, top_k=2,
+                              router_options={"bias_update_rate": 0.125})
     with torch.no_grad():  # a router that prefers expert 0, so the bias has work to do
         lf.router.weight.add_(torch.randn(4, D) * 0.5)
         lf.router.weight[0] += 1.0

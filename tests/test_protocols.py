@@ -108,7 +108,8 @@ def check_cell(cfg, bench: str, method: str, where: str) -> None:
         if method == "moe_cosine":
             assert (mc.router, mc.top_k, mc.capacity_factor, mc.gate_noise) == ("cosine", 2, 1.5, 1.0), where
         if method == "lossfree":
-            assert (mc.top_k, mc.score_fn, mc.bias_update_rate) == (2, "sigmoid", 1e-3), where
+            opts = mc.router_options
+            assert (mc.top_k, opts.score_fn, opts.bias_update_rate) == (2, "sigmoid", 1e-3), where
         if method == "expert_choice":
             assert (mc.capacity_factor, mc.causal) == (2.0, False), where
     stop = cfg.callbacks.get("early_stopping")

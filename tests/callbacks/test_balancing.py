@@ -19,7 +19,7 @@ U = 0.25
 class Tiny(pl.LightningModule):
     def __init__(self, router="lossfree", aux_loss=None, freeze_router=True):
         super().__init__()
-        kw = {"bias_update_rate": U} if router == "lossfree" else {}
+        kw = {"router_options": {"bias_update_rate": U}} if router == "lossfree" else {}
         self.moe = build_moe_layer(8, 16, router=router, num_experts=4, top_k=1, aux_loss=aux_loss, **kw)
         with torch.no_grad():
             torch.manual_seed(5)

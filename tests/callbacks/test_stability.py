@@ -111,7 +111,8 @@ def test_probe_flip_rate_of_the_lossfree_router_counts_its_biased_selection(tmp_
 
     torch.manual_seed(0)
     module = TinyMoEClassifier(router="lossfree")
-    module.moe = build_moe_layer(8, 16, router="lossfree", num_experts=4, top_k=2, bias_update_rate=0.02)
+    module.moe = build_moe_layer(8, 16, router="lossfree", num_experts=4, top_k=2,
+                                 router_options={"bias_update_rate": 0.02})
     module.moe.router.weight.requires_grad_(False)
     w = module.moe.router.weight.detach().clone()
     snap = BiasSnapshot()

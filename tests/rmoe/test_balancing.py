@@ -28,7 +28,8 @@ def _set_router(layer, weight):
 
 # --- auxiliary-loss-free balancing ----------------------------------------------------------------
 def test_lossfree_bias_update_sign_and_magnitude_over_two_micro_batches():
-    layer = build_moe_layer(4, 8, router="lossfree", num_experts=4, top_k=1, bias_update_rate=0.25)
+    layer = build_moe_layer(4, 8, router="lossfree", num_experts=4, top_k=1,
+                            router_options={"bias_update_rate": 0.25})
     _set_router(layer, 5 * torch.eye(4))  # token e_j (one-hot) has its highest score on expert j
     eye = torch.eye(4)
     layer.train()
@@ -51,7 +52,8 @@ def test_lossfree_bias_update_sign_and_magnitude_over_two_micro_batches():
 
 @pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
 def test_lossfree_selection_uses_the_biased_scores_and_the_gates_do_not(score_fn):
-    layer = build_moe_layer(3, 6, router="lossfree", num_experts=3, top_k=2, score_fn=score_fn)
+    layer = build_moe_layer(3, 6, router="lossfree", num_experts=3, top_k=2,
+                            router_options={"score_fn": score_fn})
     _set_router(layer, torch.eye(3))
     x = torch.tensor([[2.0, 1.0, 0.0]])  # logits (2, 1, 0)
     if score_fn == "softmax":
@@ -72,18 +74,21 @@ def test_lossfree_selection_uses_the_biased_scores_and_the_gates_do_not(score_fn
 def test_lossfree_top1_sigmoid_gate_is_normalised_to_one_and_config_checks():
     """DeepSeek-V3 inference/model.py Gate (sigmoid: weights /= weights.sum, any k) and torchtitan route_norm:
     the selected sigmoid score over itself, 1 at k = 1; normalize_gate=false keeps the raw score s_e."""
-    layer = build_moe_layer(2, 4, router="lossfree", num_experts=2, top_k=1, score_fn="sigmoid")
+    layer = build_moe_layer(2, 4, router="lossfree", num_experts=2, top_k=1,
+                            router_options={"score_fn": "sigmoid"})
     _set_router(layer, torch.eye(2))
     x = torch.tensor([[0.5, -1.0], [-2.0, 0.25]])
     _, rec = layer.eval()(x)
     assert rec.expert_indices.tolist() == [[0], [1]]
     assert rec.expert_weights.tolist() == [[1.0], [1.0]]
-    raw = build_moe_layer(2, 4, router="lossfree", num_experts=2, top_k=1, score_fn="sigmoid", normalize_gate=False)
+    raw = build_moe_layer(2, 4, router="lossfree", num_experts=2, top_k=1, router_options={"score_fn": "sigmoid"},
+                          normalize_gate=False)
     _set_router(raw, torch.eye(2))
     _, rec = raw.eval()(x)
     assert rec.expert_weights[:, 0].tolist() == pytest.approx([1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(-0.25))])
     # softmax scores, k = 1: the raw probability, as the top-k router
-    soft = build_moe_layer(2, 4, router="lossfree", num_experts=2, top_k=1, score_fn="softmax")
+    soft = build_moe_layer(2, 4, router="lossfree", num_experts=2, top_k=1,
+                           router_options={"score_fn": "softmax"})
     _set_router(soft, torch.eye(2))
     _, rec = soft.eval()(x)
     assert rec.expert_weights[0].tolist() == pytest.approx([math.exp(0.5) / (math.exp(0.5) + math.exp(-1.0))])
@@ -91,9 +96,10 @@ def test_lossfree_top1_sigmoid_gate_is_normalised_to_one_and_config_checks():
         "invalid MoE config: gate_noise=1.0; allowed: 0 for router 'lossfree' (the bias steers selection; no noise)")
     assert fail_message(router="lossfree", capacity_factor=1.0) == (
         "invalid MoE config: capacity_factor=1.0; allowed: 0 for router 'lossfree' (it is dropless)")
-    assert fail_message(score_fn="tanh") == "invalid MoE config: score_fn='tanh'; allowed: softmax|sigmoid"
-    assert fail_message(bias_update_rate=-1e-3) == (
-        "invalid MoE config: bias_update_rate=-0.001; allowed: a finite number >= 0")
+    assert fail_message(router="lossfree", router_options={"score_fn": "tanh"}) == (
+        "invalid MoE config: router_options.score_fn='tanh'; allowed: softmax|sigmoid")
+    assert fail_message(router="lossfree", router_options={"bias_update_rate": -1e-3}) == (
+        "invalid MoE config: router_options.bias_update_rate=-0.001; allowed: a finite number >= 0")
     assert MoEConfig(router="lossfree").aux_loss == "none"
     assert MoEConfig(router="lossfree", aux_loss="seq_balance").aux_loss == "seq_balance"
     assert fail_message(router="lossfree", aux_loss="switch").endswith(
@@ -222,7 +228,7 @@ def test_seq_balance_by_hand_from_the_batch_layout_and_mask():
 def test_seq_balance_with_lossfree_sigmoid_counts_the_unbiased_top_k():
     """DeepSeek-V3 eq. 18 (Megatron-Core ``compute_routing_scores_for_aux_loss``): f_e counts the top-k of the
     unbiased scores s, while the dispatch uses the top-k of s + b."""
-    layer = build_moe_layer(3, 6, router="lossfree", num_experts=3, top_k=2, score_fn="sigmoid",
+    layer = build_moe_layer(3, 6, router="lossfree", num_experts=3, top_k=2, router_options={"score_fn": "sigmoid"},
                             aux_loss="seq_balance")
     _set_router(layer, torch.eye(3))
     layer.router.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))  # expert 2 always dispatched
@@ -238,7 +244,7 @@ def test_seq_balance_with_lossfree_sigmoid_counts_the_unbiased_top_k():
     p_mean = [(norm[0][e] + norm[1][e]) / 2 for e in range(3)]
     assert float(rec.aux_loss) == pytest.approx(sum(a * b for a, b in zip(f, p_mean)), rel=1e-6)
     # softmax scores: the same rule
-    soft = build_moe_layer(3, 6, router="lossfree", num_experts=3, top_k=1, score_fn="softmax",
+    soft = build_moe_layer(3, 6, router="lossfree", num_experts=3, top_k=1, router_options={"score_fn": "softmax"},
                            aux_loss="seq_balance")
     _set_router(soft, torch.eye(3))
     soft.router.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))

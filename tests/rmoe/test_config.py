@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -39,3 +40,73 @@ def test_bad_config_names_key_value_and_allowed(cfg, key):
         build_moe_layer(8, 16, **cfg)
     msg = str(err.value)
     assert f"{key}=" in msg and "allowed" in msg
+
+
+# --- router-specific settings live with their router (rmoe.routing.*Options), not in MoEConfig's flat fields
+
+
+def _message(**cfg) -> str:
+    with pytest.raises(ConfigError) as err:
+        MoEConfig.from_dict(cfg)
+    return str(err.value)
+
+
+def test_router_options_are_validated_by_their_router():
+    from rmoe.routing import CosineOptions, LossFreeOptions
+
+    assert {"score_fn", "bias_update_rate", "cosine_proj_dim", "cosine_init_temperature", "extra"}.isdisjoint(
+        f.name for f in dataclasses.fields(MoEConfig))
+    c = MoEConfig.from_dict({"router": "lossfree", "router_options": {"score_fn": "sigmoid"}})
+    assert c.router_options == LossFreeOptions(score_fn="sigmoid", bias_update_rate=1e-3)
+    assert MoEConfig(router="cosine", top_k=1).router_options == CosineOptions(proj_dim=256, init_temperature=0.5)
+    assert _message(router="topk", router_options={"score_fn": "sigmoid"}) == (
+        "invalid MoE config: router_options.score_fn='sigmoid'; allowed: no keys (router 'topk' has no settings)")
+    assert _message(router="cosine", top_k=1, router_options={"proj": 3}) == (
+        "invalid MoE config: router_options.proj=3; allowed: keys ['proj_dim', 'init_temperature'] for router "
+        "'cosine'")
+    assert _message(router="cosine", top_k=1, router_options={"proj_dim": 0}) == (
+        "invalid MoE config: router_options.proj_dim=0; allowed: an integer >= 1")
+    assert _message(router="cosine", top_k=1, router_options={"init_temperature": 0.0}) == (
+        "invalid MoE config: router_options.init_temperature=0.0; allowed: a number > 0")
+    # a round trip through to_dict keeps them
+    assert MoEConfig.from_dict(c.to_dict()) == c
+
+
+def test_the_previous_releases_flat_keys_are_read_with_a_deprecation_message():
+    from rmoe.config import ConfigDeprecationWarning
+
+    with pytest.warns(ConfigDeprecationWarning, match=r"'score_fn' is deprecated: use router_options.score_fn \(the"):
+        old = MoEConfig.from_dict({"router": "lossfree", "score_fn": "sigmoid", "bias_update_rate": 0.5})
+    assert (old.router_options.score_fn, old.router_options.bias_update_rate) == ("sigmoid", 0.5)
+    with pytest.warns(ConfigDeprecationWarning, match=r"'cosine_proj_dim' is deprecated: use router_options.proj_dim"):
+        assert MoEConfig.from_dict({"router": "cosine", "top_k": 1, "cosine_proj_dim": 4}).router_options.proj_dim == 4
+    # another router never read them: still ignored, now with the message
+    with pytest.warns(ConfigDeprecationWarning, match=r"router 'lossfree''s router_options.score_fn \(ignored for "
+                                                      r"router 'topk'\)"):
+        ignored = MoEConfig.from_dict({"router": "topk", "score_fn": "sigmoid"})
+    assert ignored == MoEConfig(router="topk")
+    with pytest.warns(ConfigDeprecationWarning, match="'extra' is deprecated: it was never read"):
+        MoEConfig.from_dict({"extra": {}})
+    # set on top of a config that states the new key (+moe.score_fn=softmax on moe=lossfree): the old key wins
+    with pytest.warns(ConfigDeprecationWarning, match=r"\(the old key's value 'softmax' is used\)"):
+        both = MoEConfig.from_dict({"router": "lossfree", "score_fn": "softmax",
+                                    "router_options": {"score_fn": "sigmoid", "bias_update_rate": 0.25}})
+    assert (both.router_options.score_fn, both.router_options.bias_update_rate) == ("softmax", 0.25)
+
+
+def test_topany_refuses_gate_noise_it_would_not_use():
+    # the routing step adds noise for every router; DynMoE's gate has none, so the value is refused, not ignored
+    assert _message(router="topany", num_experts=2, max_experts=4, gate_noise=1.0) == (
+        "invalid MoE config: gate_noise=1.0; allowed: 0 for router 'topany' (DynMoE's gate has no noise)")
+
+
+def test_the_slot_count_is_max_experts_everywhere_and_the_old_name_warns():
+    from rmoe.config import ConfigDeprecationWarning
+
+    layer = build_moe_layer(4, 8, router="topany", num_experts=2, max_experts=5)
+    assert layer.max_experts == layer.router.max_experts == layer.experts.max_experts == 5
+    assert layer.cfg.num_experts == 2  # the config's num_experts: the experts active at the start
+    for obj, owner in ((layer, "MoELayer"), (layer.router, "TopAnyRouter"), (layer.experts, "Experts")):
+        with pytest.warns(ConfigDeprecationWarning, match=rf"{owner}.num_experts is deprecated: use "
+                                                          rf"{owner}.max_experts"):
+            assert obj.num_experts == 5

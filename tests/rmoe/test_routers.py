@@ -81,7 +81,7 @@ def test_apply_capacity_prefers_first_choices():
 
 
 def test_cosine_router_by_hand():
-    cfg = MoEConfig(router="cosine", num_experts=2, top_k=1, cosine_proj_dim=2)
+    cfg = MoEConfig(router="cosine", num_experts=2, top_k=1, router_options={"proj_dim": 2})
     r = CosineRouter(2, cfg)
     with torch.no_grad():
         r.proj.weight.copy_(torch.eye(2))
@@ -289,3 +289,88 @@ def test_routing_is_fp32_under_autocast(router, extra):
         lowp = x @ (w if w.shape[0] == 8 else w.t())
     exact = x @ (w if w.shape[0] == 8 else w.t())
     assert lowp.dtype == torch.bfloat16 and (lowp.float() - exact).abs().max() > 1e-4
+
+
+# --- one routing step for every router (Router.forward, as flaxformer's routing.Router): a router defines its
+# logits and its decision (route); fp32, gate noise, aux loss, z-loss and the record come from the base
+
+
+def _hard_top1_router():
+    from torch import nn
+
+    from rmoe.routing import Route, Router
+
+    class HardTop1(Router):
+        """Every token to the argmax of its softmax, combine weight 1."""
+
+        family = "softmax"
+        default_aux_loss = "switch"
+
+        def __init__(self, d_model, cfg):
+            super().__init__(d_model, cfg)
+            self.weight = nn.Parameter(torch.zeros(self.max_experts, d_model))
+
+        def logits(self, x):
+            return F.linear(x, self.weight.float())
+
+        def route(self, x, logits):
+            self.seen = logits  # what the decision was made on
+            probs = torch.softmax(logits, dim=-1)
+            idx = probs.argmax(-1, keepdim=True)
+            return Route(indices=idx, weights=torch.ones_like(idx, dtype=probs.dtype), probs=probs)
+
+    return HardTop1
+
+
+def test_a_router_that_defines_only_its_decision_gets_the_shared_step():
+    router_cls = _hard_top1_router()
+    r = router_cls(2, MoEConfig(router="topk", num_experts=3, top_k=1, gate_noise=0.6))
+    with torch.no_grad():
+        r.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    x = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rec = r.eval()(x.bfloat16())
+    rows = [[1.0, 2.0, 3.0], [-1.0, 0.5, -0.5]]  # W x by hand (x is exact in bf16)
+    p = [_softmax(row) for row in rows]
+    assert rec.router_logits.dtype == torch.float32 and rec.router_logits.tolist() == rows
+    assert torch.equal(r.seen, rec.router_logits)  # eval: no noise
+    assert rec.expert_indices.tolist() == [[2], [1]] and rec.expert_weights.tolist() == [[1.0], [1.0]]
+    assert rec.gate_values.tolist() == [[1.0], [1.0]] and torch.equal(rec.dispatch_scores, rec.router_probs)
+    assert torch.allclose(rec.router_probs, torch.tensor(p), atol=1e-6)
+    assert rec.tokens_per_expert.tolist() == [0, 1, 1] and rec.active_mask.tolist() == [True] * 3
+    assert int(rec.num_dropped) == 0 and rec.selection_scores is None and rec.fusion_pi is None
+    # ST-MoE z-loss: mean_t (logsumexp_e logits)^2
+    lse = [math.log(sum(math.exp(v) for v in row)) for row in rows]
+    assert float(rec.z_loss) == pytest.approx(sum(v * v for v in lse) / 2, rel=1e-6)
+    # Switch loss E * sum_e f_e P_e, f from the first choices (experts 2 and 1)
+    f = [0.0, 0.5, 0.5]
+    pm = [(p[0][e] + p[1][e]) / 2 for e in range(3)]
+    assert float(rec.aux_loss) == pytest.approx(3 * sum(a * b for a, b in zip(f, pm)), rel=1e-6)
+    # training: the decision sees logits + gate_noise * eps / E (eps ~ N(0, 1)); the record keeps the clean ones
+    torch.manual_seed(3)
+    eps = torch.randn(2, 3)
+    torch.manual_seed(3)
+    rec = r.train()(x)
+    assert torch.allclose(r.seen, torch.tensor(rows) + 0.6 * eps / 3, atol=1e-6)
+    assert rec.router_logits.tolist() == rows
+
+
+def test_a_router_without_parameters_routes_through_the_shared_step():
+    from rmoe.routing import Route, Router
+
+    class RoundRobin(Router):
+        """Token i to expert i mod E (no parameters, as a hash router)."""
+
+        def logits(self, x):
+            return x.new_zeros(x.shape[0], self.max_experts)
+
+        def route(self, x, logits):
+            idx = (torch.arange(x.shape[0]) % self.max_experts).unsqueeze(1)
+            return Route(indices=idx, weights=torch.ones(x.shape[0], 1), probs=torch.softmax(logits, dim=-1))
+
+    router = RoundRobin(2, MoEConfig(router="topk", num_experts=3, top_k=1)).eval()
+    assert router.active_mask.tolist() == [True, True, True]  # what callbacks read
+    rec = router(torch.randn(5, 2))
+    assert rec.expert_indices.flatten().tolist() == [0, 1, 2, 0, 1] and rec.tokens_per_expert.tolist() == [2, 2, 1]
+    assert rec.active_mask.tolist() == [True, True, True]
+    assert float(rec.z_loss) == pytest.approx(math.log(3) ** 2, rel=1e-6)  # logsumexp of 3 zeros
