@@ -260,3 +260,108 @@ def test_a_released_variant_name_without_released_switches_is_refused():
     with pytest.raises(RunConfigError, match=r"variant='rmoe_released'.*allowed: moe=rmoe_released"):
         check_config(cfg)
     check_config(_compose(["task=glue/rte", "moe=rmoe_released"]))
+
+
+# --- λ's values: one home per cell --------------------------------------------------------------------------------
+LAMBDA_KEYS = ("lambda0", "lambda_min", "lambda_max", "beta")
+PHASE_VALUE_KEYS = ("value", "start_value", "end_value")
+
+
+def _yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _lambda_literals(path: Path) -> dict[str, object]:
+    """The λ values a conf file states as literals (not interpolations): ``{key: value}``."""
+    data = _yaml(path)
+    conf = Path(CONF_DIR)
+    node = data if path.parent == conf / "curriculum" else data.get("curriculum")
+    if not isinstance(node, dict):
+        return {}
+    out = {k: node[k] for k in LAMBDA_KEYS if isinstance(node.get(k), (int, float))}
+    for i, phase in enumerate(node.get("phases") or []):
+        out.update({f"phases[{i}].{k}": phase[k] for k in PHASE_VALUE_KEYS
+                    if isinstance(phase, dict) and isinstance(phase.get(k), (int, float))})
+    return out
+
+
+def _included(path: Path) -> list[Path]:
+    """The conf files a protocol cell includes through its defaults list (``/protocol/<b>/<m>@_here_``)."""
+    out = []
+    for entry in _yaml(path).get("defaults") or []:
+        if isinstance(entry, str) and entry.startswith("/protocol/"):
+            out.append(Path(CONF_DIR) / f"{entry[1:].split('@')[0]}.yaml")
+    return out
+
+
+def _cell_chain(path: Path) -> list[Path]:
+    chain, todo = [], [path]
+    while todo:
+        p = todo.pop()
+        chain.append(p)
+        todo.extend(_included(p))
+    return chain
+
+
+CELLS = sorted(p for p in (Path(CONF_DIR) / "protocol").rglob("*.yaml") if not p.name.startswith("_"))
+
+
+def test_lambda_values_are_stated_only_in_the_protocol_cells():
+    """A curriculum option, a module, a task or an experiment file states no λ value: λ's values live in the
+    protocol cells alone (a curriculum option names a schedule shape; its phases refer to the cell's values)."""
+    stating = {p.relative_to(CONF_DIR).as_posix(): _lambda_literals(p) for p in Path(CONF_DIR).rglob("*.yaml")}
+    stating = {k: v for k, v in stating.items() if v}
+    outside = {k: v for k, v in stating.items() if not k.startswith("protocol/")}
+    assert not outside, f"λ values stated outside conf/protocol/: {outside}"
+    assert {"protocol/glue/rmoe.yaml", "protocol/domainbed/rmoe.yaml", "protocol/glue/dense.yaml"} <= set(stating)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_each_cells_lambda_values_are_in_exactly_one_file(cell):
+    files = [p.relative_to(CONF_DIR).as_posix() for p in _cell_chain(cell) if _lambda_literals(p)]
+    assert len(files) == 1, f"{cell.relative_to(CONF_DIR)}: λ values stated in {files or 'no file'}"
+
+
+def _distinct_cells() -> list[tuple[str, str]]:
+    """One (benchmark, method) per distinct λ content among the cells (the others state the same values)."""
+    seen: dict[str, tuple[str, str]] = {}
+    for cell in CELLS:
+        values = next(_lambda_literals(p) for p in _cell_chain(cell) if _lambda_literals(p))
+        mode = next((_yaml(p)["curriculum"]["mode"] for p in _cell_chain(cell)
+                     if "mode" in (_yaml(p).get("curriculum") or {})), None)
+        seen.setdefault(repr((cell.parent.name, mode, sorted(values.items()))), (cell.parent.name, cell.stem))
+    return sorted(seen.values())
+
+
+TASK_OF = {"glue": "glue/rte", "domainbed": "domainbed/rotated_mnist"}
+CURRICULUM_OPTIONS = sorted(p.stem for p in (Path(CONF_DIR) / "curriculum").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("bench,method", _distinct_cells())
+def test_a_curriculum_option_keeps_the_cells_values_or_names_the_missing_key(bench, method):
+    """``curriculum=<mode>`` on the command line changes the schedule's shape only: every λ value the run uses is
+    the cell's, or the run is refused before training naming the key the cell does not state."""
+    from tasks.run.checks import ConfigError as RunConfigError
+    from tasks.run.checks import check_curriculum
+
+    cell = [f"task={TASK_OF[bench]}", f"moe={method}"]
+    base = OmegaConf.to_container(_compose(cell).curriculum, resolve=True)
+    cell_values = {k: base[k] for k in LAMBDA_KEYS if k in base}
+    assert cell_values
+    for option in CURRICULUM_OPTIONS:
+        cfg = _compose([*cell, f"curriculum={option}"])
+        try:
+            check_curriculum(cfg)
+        except RunConfigError as err:
+            key = re.search(r"curriculum\.(\w+) is missing", str(err)).group(1)
+            assert key in LAMBDA_KEYS and key not in cell_values, (option, str(err))
+            assert f"conf/protocol/{bench}/{method}.yaml" in str(err) and f"+curriculum.{key}=" in str(err)
+            continue
+        cur = OmegaConf.to_container(cfg.curriculum, resolve=True)
+        assert cur["mode"] == option
+        assert {k: cur[k] for k in LAMBDA_KEYS if k in cur} == cell_values, option
+        if option == "phased":  # its phases are written in the cell's ramp ends
+            ends = {v for ph in cur["phases"] for k, v in ph.items() if k in PHASE_VALUE_KEYS}
+            assert ends == {cell_values["lambda_min"], cell_values["lambda_max"]}

@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError
 
 SEED_MAX = 2**32 - 1
 WANDB_MODES = (None, "online", "offline", "disabled")
@@ -347,8 +349,55 @@ def check_variant(cfg: Any) -> None:
               "equations under the released code's name")
 
 
+def _protocol_cell(cfg: Any) -> str:
+    """The file of the run's protocol cell (``conf/protocol/<benchmark>/<method>.yaml``), for messages."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("protocol")
+    except Exception:  # composed without Hydra's runtime: the compose API (its hydra node, when returned)
+        choice = OmegaConf.select(cfg, "hydra.runtime.choices.protocol", default=None) \
+            if isinstance(cfg, DictConfig) else None
+    method = _get(cfg, "moe.name", "<method>")
+    return f"conf/protocol/{choice or '<benchmark>/' + str(method)}.yaml"
+
+
+def check_curriculum(cfg: Any) -> None:
+    """λ's values have one home, the run's protocol cell; a ``curriculum=<mode>`` option names a schedule shape
+    only. A mode whose values the cell does not state is refused here, naming the key, instead of training with
+    values from somewhere else (imports ``rmoe.schedules``, hence torch: after the torch-free checks)."""
+    if not _has(cfg, "curriculum"):
+        return
+    cur = OmegaConf.select(cfg, "curriculum") if isinstance(cfg, DictConfig) else _get(cfg, "curriculum")
+    if not isinstance(cur, (Mapping, DictConfig)):
+        return
+    from rmoe.schedules import MODE_PARAMS
+
+    mode = cur.get("mode")
+    if mode not in MODE_PARAMS:
+        return  # rmoe.build_schedule names the allowed modes when the callback is built
+    cell = _protocol_cell(cfg)
+    for key in MODE_PARAMS[mode]:
+        if key == "units" or key in cur:
+            continue
+        raise ConfigError(
+            f"invalid config: curriculum.{key} is missing for curriculum.mode={mode} (a curriculum option names a "
+            f"schedule shape only; λ's values come from the protocol cell {cell}, which states no {key}); allowed: "
+            f"+curriculum.{key}=<value> on the command line, or a mode whose values the cell states")
+    if isinstance(cur, DictConfig):  # phased: the phases are written in the cell's lambda_min / lambda_max
+        try:
+            OmegaConf.to_container(cur, resolve=True)
+        except InterpolationKeyError as e:
+            missing = re.search(r"key '([^']+)'", str(e))
+            key = missing.group(1) if missing else "curriculum.lambda_min"
+            raise ConfigError(
+                f"invalid config: {key} is missing for curriculum.mode={mode} (the mode's phases are written in the "
+                f"cell's values, and the protocol cell {cell} states no {key.rsplit('.', 1)[-1]}); allowed: "
+                f"+{key}=<value> on the command line, or a mode whose values the cell states") from None
+
+
 CHECKS = (check_data_root, check_hub, check_trainer, check_moe, check_fusion, check_test_envs, check_learning_rates,
-          check_max_length, check_seeds, check_wandb, check_variant, check_moe_fields)
+          check_max_length, check_seeds, check_wandb, check_variant, check_moe_fields, check_curriculum)
 
 
 def check_config(cfg: Any) -> None:

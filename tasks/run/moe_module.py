@@ -70,12 +70,18 @@ class MoEModule(L.LightningModule):
         """The current λ (read-only: set it with :meth:`set_lambda`)."""
         return self._lambda
 
+    @property
+    def aux_weight(self) -> float:
+        """The effective weight of ``Σ aux`` in the loss, ``λ · block_weight`` (computed here only: λ and the
+        block weight both come from the run's protocol, ``conf/protocol/<benchmark>/``)."""
+        return self._lambda * self.block_weight
+
     # --- loss ------------------------------------------------------------------------------------
     def moe_loss(self, task_loss: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, Σ aux, Σ z)`` for ``task_loss`` and the MoE layers of ``model`` (module docstring)."""
         aux, z = moe_losses(model)
         aux, z = aux.to(task_loss.device), z.to(task_loss.device)
-        loss = task_loss + self._lambda * self.block_weight * aux
+        loss = task_loss + self.aux_weight * aux
         if self.z_loss_weight:
             loss = loss + self.z_loss_weight * z
         return loss, aux, z

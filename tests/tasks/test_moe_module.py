@@ -60,6 +60,7 @@ def test_set_lambda_reaches_the_loss_by_hand():
     assert aux.item() == pytest.approx(aux_hand.item(), rel=1e-5) and aux.item() >= 1.0 - 1e-6
     assert z.item() == pytest.approx(z_hand.item(), rel=1e-5)
     assert loss.item() == pytest.approx((task + 0.2 * 0.5 * aux_hand + 0.1 * z_hand).item(), rel=1e-5)
+    assert module.aux_weight == pytest.approx(0.1)  # λ · block_weight, the one place it is computed
     module.set_lambda(0.0)
     assert module.moe_loss(task, module.layer)[0].item() == pytest.approx((task + 0.1 * z_hand).item(), rel=1e-5)
 
