@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from rmoe import ConfigError, MoEConfig, build_schedule
@@ -71,10 +70,11 @@ LAMBDA_AT = {
 }
 
 
-def _compose(overrides: list[str], config_dir: str = CONF_DIR, config_name: str = "train"):
-    extra = [] if config_dir == CONF_DIR else [f"hydra.searchpath=[file://{CONF_DIR}]"]
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        return compose(config_name=config_name, overrides=[*overrides, *extra], return_hydra_config=True)
+@pytest.fixture(scope="session")
+def _compose(compose_cfg):
+    def _compose_(overrides: list[str], config_dir: str = CONF_DIR, config_name: str = "train"):
+        return compose_cfg(overrides, config_name=config_name, config_dir=config_dir, hydra=True)
+    return _compose_
 
 
 def check_cell(cfg, bench: str, method: str, where: str) -> None:
@@ -129,7 +129,7 @@ EXPERIMENTS = sorted(str(p.relative_to(Path(CONF_DIR) / "experiment"))[:-5]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_file_has_its_cells_protocol(name):
+def test_every_experiment_file_has_its_cells_protocol(_compose, name):
     bench, stem = name.split("/")
     cfg = _compose([f"experiment={name}"])
     check_cell(cfg, bench, _bench_method(stem), f"experiment={name}")
@@ -151,7 +151,7 @@ SWEEP_CELLS = [
 
 
 @pytest.mark.parametrize("sweep,fixed,bench", SWEEP_CELLS)
-def test_every_sweep_gives_each_method_its_protocol(sweep, fixed, bench):
+def test_every_sweep_gives_each_method_its_protocol(_compose, sweep, fixed, bench):
     base = _compose(fixed, SWEEPS, sweep)
     methods = _sweep_values(base, "moe") or [base.moe.name]
     assert methods
@@ -160,7 +160,7 @@ def test_every_sweep_gives_each_method_its_protocol(sweep, fixed, bench):
         check_cell(cfg, bench, m, f"sweeps/{sweep} moe={m}")
 
 
-def test_the_study_domainbed_sweep_gives_each_method_its_protocol():
+def test_the_study_domainbed_sweep_gives_each_method_its_protocol(_compose):
     base = _compose([], SWEEPS, "reproduce_domainbed")
     exps = _sweep_values(base, "experiment")
     assert {_bench_method(e.split("/")[1]) for e in exps} >= {"dense", "gmoe", "dynmoe", "rmoe"}
@@ -172,11 +172,11 @@ def test_the_study_domainbed_sweep_gives_each_method_its_protocol():
 @pytest.mark.parametrize("task,bench", [("glue/rte", "glue"), ("glue/cola", "glue"), ("domainbed/pacs", "domainbed"),
                                         ("domainbed/rotated_mnist", "domainbed")])
 @pytest.mark.parametrize("method", METHODS)
-def test_command_line_cells_get_the_same_protocol(task, bench, method):
+def test_command_line_cells_get_the_same_protocol(_compose, task, bench, method):
     check_cell(_compose([f"task={task}", f"moe={method}"]), bench, method, f"task={task} moe={method}")
 
 
-def test_curriculum_ablation_uses_the_benchmarks_baseline_lambda():
+def test_curriculum_ablation_uses_the_benchmarks_baseline_lambda(_compose):
     glue = _compose(["task=glue/rte", "moe=rmoe", "curriculum=constant"])
     vision = _compose(["task=domainbed/pacs", "moe=rmoe", "curriculum=constant"])
     assert (glue.curriculum.mode, glue.curriculum.lambda0) == ("constant", 0.01)
@@ -184,7 +184,7 @@ def test_curriculum_ablation_uses_the_benchmarks_baseline_lambda():
     assert glue.moe.fusion is not None and vision.moe.fusion is None  # the rest of the cell is unchanged
 
 
-def test_search_spaces_never_propose_lambda_min_above_lambda_max():
+def test_search_spaces_never_propose_lambda_min_above_lambda_max(_compose):
     optuna = _compose(["task=glue/rte"], SWEEPS, "optuna_glue")
     p = optuna.hydra.sweeper.params
 
@@ -199,7 +199,7 @@ def test_search_spaces_never_propose_lambda_min_above_lambda_max():
     assert lo and hi and max(lo) <= min(hi)
 
 
-def test_lambda_min_above_lambda_max_is_rejected_before_training():
+def test_lambda_min_above_lambda_max_is_rejected_before_training(_compose):
     import hydra
 
     cfg = _compose(["task=glue/rte", "moe=rmoe", "curriculum.lambda_min=0.1"])
@@ -214,7 +214,7 @@ PAPER_GLUE_TASKS = ("cola", "mrpc", "qnli", "mnli", "rte")
 
 
 @pytest.mark.parametrize("task", PAPER_GLUE_TASKS)
-def test_the_papers_glue_moe_row_is_the_released_cosine_router(task):
+def test_the_papers_glue_moe_row_is_the_released_cosine_router(_compose, task):
     """The paper's GLUE "MoE" row is what the released scripts ran (DynMoE EMoE/Language/scripts/<task>.sh:
     --gate_type cosine_top; search_glue_no_trainer.py: gate_noise 1.0, capacity_factor 1.5, is_gshard_loss off;
     moe_utils.py: batch_prioritized_routing=True): a cell of its own, beside the textbook top-k."""
@@ -237,7 +237,7 @@ RELEASED_ON = {  # SPEC §9: which released behaviours each released variant swi
 
 @pytest.mark.parametrize("bench,task", [("glue", "glue/rte"), ("domainbed", "domainbed/rotated_mnist")])
 @pytest.mark.parametrize("method", ["rmoe", "dynmoe"])
-def test_released_variants_are_their_methods_cell_with_the_released_switches(bench, task, method):
+def test_released_variants_are_their_methods_cell_with_the_released_switches(_compose, bench, task, method):
     name = f"{method}_released"
     cfg = _compose([f"task={task}", f"moe={name}"])
     assert cfg.variant == name and cfg.moe.name == name
@@ -252,7 +252,7 @@ def test_released_variants_are_their_methods_cell_with_the_released_switches(ben
     assert not plain.released.any
 
 
-def test_a_released_variant_name_without_released_switches_is_refused():
+def test_a_released_variant_name_without_released_switches_is_refused(_compose):
     from tasks.run.checks import ConfigError as RunConfigError
     from tasks.run.checks import check_config
 
@@ -340,7 +340,7 @@ CURRICULUM_OPTIONS = sorted(p.stem for p in (Path(CONF_DIR) / "curriculum").glob
 
 
 @pytest.mark.parametrize("bench,method", _distinct_cells())
-def test_a_curriculum_option_keeps_the_cells_values_or_names_the_missing_key(bench, method):
+def test_a_curriculum_option_keeps_the_cells_values_or_names_the_missing_key(_compose, bench, method):
     """``curriculum=<mode>`` on the command line changes the schedule's shape only: every λ value the run uses is
     the cell's, or the run is refused before training naming the key the cell does not state."""
     from tasks.run.checks import ConfigError as RunConfigError

@@ -6,23 +6,20 @@ import os
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 from rmoe import find_moe_layers
 from rmoe.routing import TopAnyRouter
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 FAST = ["backbone=tiny_bert", "debug=fast"]
 
 
-def make_cfg(out_dir, *overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+@pytest.fixture(scope="session")
+def make_cfg(compose_cfg):
+    def make(out_dir, *overrides):
         task = [] if any(o.startswith("task=") for o in overrides) else ["task=glue/cola"]  # default: DomainBed
-        cfg = compose(config_name="train", overrides=[*FAST, *task, *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
+        return compose_cfg([*FAST, *task, *overrides], output_dir=out_dir)
+    return make
 
 
 def read_csv(path):
@@ -42,7 +39,7 @@ def _needs_data(data_dir):
 @pytest.mark.parametrize("moe,router,num_layers", [
     ("dense", None, 0), ("moe_topk", "topk", 1), ("gmoe", "cosine", 1), ("dynmoe", "topany", 1), ("rmoe", "topany", 1),
 ])
-def test_every_moe_option_trains(tmp_path, moe, router, num_layers):
+def test_every_moe_option_trains(make_cfg, tmp_path, moe, router, num_layers):
     cfg = make_cfg(tmp_path, f"moe={moe}", "task=glue/cola")
     metrics, obj = train(cfg)
     model = obj["model"]
@@ -82,7 +79,7 @@ def test_pretrained_backbone_module_starts_in_training_mode():
     assert len(find_moe_layers(module)) == 1 and module.encoder.config.hidden_size == 384
 
 
-def test_loss_includes_lambda_times_aux(tmp_path):
+def test_loss_includes_lambda_times_aux(make_cfg, tmp_path):
     """train/loss = task_loss + λ·block_weight·aux, read back from the logged values."""
     cfg = make_cfg(tmp_path, "moe=moe_topk", "module.block_weight=0.5", "curriculum.lambda0=0.2")
     train(cfg)
@@ -99,7 +96,7 @@ def test_loss_includes_lambda_times_aux(tmp_path):
     pytest.param(["task=domainbed/rotated_digits", "backbone=vit_tiny", "moe=gmoe",
                   "trainer.accumulate_grad_batches=3"], id="domainbed"),
 ])
-def test_global_batch_trains_under_gradient_accumulation(tmp_path, overrides):
+def test_global_batch_trains_under_gradient_accumulation(make_cfg, tmp_path, overrides):
     """moe.aux_loss=global_batch with accumulation through train(): every window's routing pre-pass reproduces the
     real forwards (gate noise, dropout, capacity; the loss raises otherwise) with the task's own loader (GLUE's
     resumable sampler; DomainBed's endless stream, which Lightning prefetches) and the default callbacks."""
@@ -115,7 +112,7 @@ def _state(model):
     return {k: v.clone() for k, v in sd.items() if k.endswith("fusion.m") or k.endswith("router.expert_mask")}
 
 
-def test_resume_restores_lambda_fusion_and_expert_mask(tmp_path):
+def test_resume_restores_lambda_fusion_and_expert_mask(make_cfg, tmp_path):
     run1 = tmp_path / "run1"
     cfg = make_cfg(run1, "moe=rmoe", "moe.num_experts=2", "moe.max_experts=4", "trainer.max_epochs=2")
     _, obj1 = train(cfg)
@@ -159,14 +156,14 @@ def test_resume_restores_lambda_fusion_and_expert_mask(tmp_path):
     assert lam == pytest.approx([1e-3 + 9e-3 * t / 12 for t in range(8, 12)])
 
 
-def test_unknown_task_fails_before_training(tmp_path):
+def test_unknown_task_fails_before_training(make_cfg, tmp_path):
     cfg = make_cfg(tmp_path, "data.task=colaa")
     with pytest.raises(Exception, match="allowed: cola\\|sst2\\|mrpc"):
         train(cfg)
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_malformed_glue_file_fails_before_training(tmp_path, data_dir):
+def test_malformed_glue_file_fails_before_training(make_cfg, tmp_path, data_dir):
     glue = tmp_path / "glue" / "CoLA"
     glue.mkdir(parents=True)
     with open(os.path.join(data_dir, "glue", "CoLA", "train.tsv"), encoding="utf-8") as f:
@@ -181,7 +178,7 @@ def test_malformed_glue_file_fails_before_training(tmp_path, data_dir):
     assert not os.path.exists(out / "checkpoints") and not os.path.exists(out / "metrics.csv")
 
 
-def test_bad_moe_and_curriculum_values_fail_before_training(tmp_path):
+def test_bad_moe_and_curriculum_values_fail_before_training(make_cfg, tmp_path):
     with pytest.raises(Exception, match="top_k"):
         train(make_cfg(tmp_path / "a", "moe=moe_topk", "moe.top_k=9"))
     with pytest.raises(Exception, match="lambda_max"):
@@ -189,7 +186,7 @@ def test_bad_moe_and_curriculum_values_fail_before_training(tmp_path):
     assert not os.path.exists(tmp_path / "a" / "checkpoints") and not os.path.exists(tmp_path / "b" / "checkpoints")
 
 
-def test_mnli_logs_matched_and_mismatched(tmp_path):
+def test_mnli_logs_matched_and_mismatched(make_cfg, tmp_path):
     header = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
               "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n")
     labels = ["entailment", "neutral", "contradiction"]

@@ -3,14 +3,13 @@
 import os
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 
 @pytest.mark.slow  # 160 optimizer steps: ~5 min on 2 loaded cores
-def test_tiny_rmoe_memorises_64_sentences(tmp_path, data_dir):
+def test_tiny_rmoe_memorises_64_sentences(compose_cfg, tmp_path, data_dir):
     glue = tmp_path / "glue" / "CoLA"
     glue.mkdir(parents=True)
     with open(os.path.join(data_dir, "glue", "CoLA", "train.tsv"), encoding="utf-8") as f:
@@ -21,8 +20,7 @@ def test_tiny_rmoe_memorises_64_sentences(tmp_path, data_dir):
                  "data.batch_size=16", "data.max_length=32", "trainer.max_epochs=40", "module.lr=3e-3",
                  "trainer.enable_progress_bar=false", "trainer.num_sanity_val_steps=0", "~callbacks.routing_stability",
                  "callbacks.early_stopping=null"]  # memorisation, not the GLUE protocol's early stop
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_cfg(overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     metrics, _ = train(cfg)

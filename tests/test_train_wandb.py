@@ -3,27 +3,22 @@
 import os
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 wandb = pytest.importorskip("wandb")
 
 
 @pytest.mark.slow  # ~12-35 s: two tiny runs, W&B starts a run twice
-def test_each_job_finishes_its_wandb_run(tmp_path, data_dir, monkeypatch, capsys):
+def test_each_job_finishes_its_wandb_run(compose_cfg, tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     ids = []
     for i in range(2):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            overrides = ["task=glue/cola", "backbone=tiny_bert", "debug=fast", "logger=csv_wandb",
-                         "trainer.limit_train_batches=1", "trainer.limit_val_batches=1"]
-            cfg = compose(config_name="train", overrides=overrides)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / f"job{i}")
+        overrides = ["task=glue/cola", "backbone=tiny_bert", "debug=fast", "logger=csv_wandb",
+                     "trainer.limit_train_batches=1", "trainer.limit_val_batches=1"]
+        cfg = compose_cfg(overrides, output_dir=tmp_path / f"job{i}")
         _, obj = train(cfg)
         assert wandb.run is None  # finished at the end of the job
         wb = [lg for lg in obj["logger"] if type(lg).__name__ == "WandbLogger"][0]

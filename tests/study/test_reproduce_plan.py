@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from tasks.run import jobs
 from tasks.study import driver as reproduce
@@ -112,12 +111,13 @@ def test_glue_is_seed_major_then_ablations_and_domainbed_trial_seed_major():
     assert [j.expected["trial_seed"] for j in db] == sorted(j.expected["trial_seed"] for j in db)
 
 
-def _subdir(config, overrides):
-    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
+@pytest.fixture(scope="session")
+def _subdir(compose_cfg):
+    def _subdir_(config, overrides):
         # rmoe-train -cd sweeps: the primary config dir is sweeps/, conf/ stays on the search path
-        cfg = compose(config_name=config, overrides=[*overrides, f"hydra.searchpath=[file://{CONF_DIR}]"],
-                      return_hydra_config=True)
-    return cfg.hydra.sweep.subdir, cfg
+        cfg = compose_cfg(overrides, config_name=config, config_dir=SWEEPS, hydra=True)
+        return cfg.hydra.sweep.subdir, cfg
+    return _subdir_
 
 
 def _one(job):
@@ -126,7 +126,7 @@ def _one(job):
 
 @pytest.mark.parametrize("name", ["cola_dense_s0", "rte_lossfree_s4", "mrpc_rmoe_s3", "cola_rmoe_nofusion_s2",
                                   "rte_rmoe_nocurriculum_s0"])
-def test_glue_job_names_are_the_folders_hydra_makes(name):
+def test_glue_job_names_are_the_folders_hydra_makes(_subdir, name):
     job = {j.name: j for j in reproduce.glue_plan()}[name]
     sub, cfg = _subdir(job.config, _one(job))
     assert sub == name
@@ -141,7 +141,7 @@ def test_glue_job_names_are_the_folders_hydra_makes(name):
 
 @pytest.mark.parametrize("name", ["RotatedMNIST_dense_env0_t0", "RotatedMNIST_lossfree_env5_t2",
                                   "ColoredMNIST_lossfree_env1_t0", "ColoredMNIST_gmoe_env2_t1"])
-def test_domainbed_job_names_are_the_folders_hydra_makes(name):
+def test_domainbed_job_names_are_the_folders_hydra_makes(_subdir, name):
     job = {j.name: j for j in reproduce.domainbed_plan()}[name]
     sub, cfg = _subdir(job.config, _one(job))
     assert sub == name and cfg.study_version == 2
@@ -150,7 +150,7 @@ def test_domainbed_job_names_are_the_folders_hydra_makes(name):
 
 @pytest.mark.skipif(not (SWEEPS / "glue_ceiling.yaml").is_file(), reason="sweeps/glue_ceiling.yaml not written yet")
 @pytest.mark.parametrize("i", range(9))
-def test_ceiling_job_names_are_the_folders_hydra_makes(i):
+def test_ceiling_job_names_are_the_folders_hydra_makes(_subdir, i):
     job = reproduce.ceiling_plan()[i]
     sub, cfg = _subdir(job.config, _one(job))
     assert sub == job.name and "study_version" not in cfg  # version 1: no marker

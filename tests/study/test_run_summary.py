@@ -4,10 +4,9 @@ import csv
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 
 def read_csv(path):
@@ -20,12 +19,10 @@ def _needs_data(data_dir):
     return data_dir
 
 
-def test_summary_matches_metrics_csv(tmp_path):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            "backbone=tiny_bert", "debug=fast", "task=glue/rte", "moe=rmoe", "variant=rmoe_test", "seed=3",
-            "data.heldout_samples=16", "trainer.max_epochs=2", "module.lr=3e-4",
-            "callbacks.routing_stability.probe_every_n_steps=2"])
+def test_summary_matches_metrics_csv(compose_cfg, tmp_path):
+    cfg = compose_cfg(["backbone=tiny_bert", "debug=fast", "task=glue/rte", "moe=rmoe", "variant=rmoe_test", "seed=3",
+                       "data.heldout_samples=16", "trainer.max_epochs=2", "module.lr=3e-4",
+                       "callbacks.routing_stability.probe_every_n_steps=2"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     train(cfg)

@@ -6,41 +6,39 @@ import os
 import re
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 from tasks.run.checks import ConfigError, check_config
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 GLUE = ["task=glue/cola", "backbone=tiny_bert", "debug=fast"]
 DOMAINBED = ["task=domainbed/rotated_digits"]
 
 
-def make_cfg(out_dir, *overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
+@pytest.fixture(scope="session")
+def make_cfg(compose_cfg):
+    return lambda out_dir, *overrides: compose_cfg(overrides, output_dir=out_dir)
 
 
-def rejected(tmp_path, key, value, allowed, *overrides):
-    """train() fails with ConfigError naming ``key=value`` and ``allowed``, and writes nothing."""
-    out = tmp_path / "run"
-    with pytest.raises(ConfigError) as info:
-        train(make_cfg(out, *overrides))
-    msg = str(info.value)
-    assert msg.startswith(f"invalid config: {key}={value}"), msg
-    assert re.search(r"; allowed: " + allowed, msg), msg
-    assert not out.exists() or os.listdir(out) == []  # nothing trained, nothing recorded
-    return msg
+@pytest.fixture
+def rejected(make_cfg):
+    def check(tmp_path, key, value, allowed, *overrides):
+        """train() fails with ConfigError naming ``key=value`` and ``allowed``, and writes nothing."""
+        out = tmp_path / "run"
+        with pytest.raises(ConfigError) as info:
+            train(make_cfg(out, *overrides))
+        msg = str(info.value)
+        assert msg.startswith(f"invalid config: {key}={value}"), msg
+        assert re.search(r"; allowed: " + allowed, msg), msg
+        assert not out.exists() or os.listdir(out) == []  # nothing trained, nothing recorded
+        return msg
+    return check
 
 
 @pytest.mark.parametrize("override,value,allowed", [
     ("trainer.max_steps=0", "0", r"-1 \(no step limit; trainer.max_epochs decides\) or an integer >= 1"),
     ("trainer.max_steps=-7", "-7", r"-1 \(no step limit.* or an integer >= 1"),
 ])
-def test_a_run_of_no_steps_is_rejected(tmp_path, override, value, allowed):
+def test_a_run_of_no_steps_is_rejected(rejected, tmp_path, override, value, allowed):
     msg = rejected(tmp_path, "trainer.max_steps", value, allowed, *DOMAINBED, override)
     assert "trains nothing" in msg or value != "0"
 
@@ -50,11 +48,11 @@ def test_a_run_of_no_steps_is_rejected(tmp_path, override, value, allowed):
     ("trainer.val_check_interval", "0", r"null \(once per epoch\), a fraction of an epoch in \(0.0, 1.0\]"),
     ("trainer.val_check_interval", "1.5", r"null \(once per epoch\), a fraction"),
 ])
-def test_zero_accumulation_or_validation_interval_is_rejected_before_training(tmp_path, key, value, allowed):
+def test_zero_accumulation_or_validation_interval_is_rejected_before_training(rejected, tmp_path, key, value, allowed):
     rejected(tmp_path, key, value, allowed, *DOMAINBED, f"{key}={value}")
 
 
-def test_no_epoch_limit_and_no_step_limit_is_rejected(tmp_path):
+def test_no_epoch_limit_and_no_step_limit_is_rejected(rejected, tmp_path):
     rejected(tmp_path, "trainer.max_epochs", "-1", r"an integer >= 1 when trainer.max_steps=-1", *GLUE,
              "trainer.max_epochs=-1", "trainer.max_steps=-1")
     rejected(tmp_path, "trainer.limit_train_batches", "0", r"a fraction in \(0, 1\] or an integer >= 1", *GLUE,
@@ -62,13 +60,13 @@ def test_no_epoch_limit_and_no_step_limit_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("moe", ["rmoe", "moe_topk", "dynmoe", "gmoe"])
-def test_an_moe_method_without_moe_layers_is_rejected(tmp_path, moe):
+def test_an_moe_method_without_moe_layers_is_rejected(rejected, tmp_path, moe):
     msg = rejected(tmp_path, "moe.layers", "[]", r"a non-empty list of distinct integer layer indices in \[0, 1\]",
                    *GLUE, f"moe={moe}", "moe.layers=[]")
     assert f"moe={moe} with no MoE layer would train the dense model" in msg
 
 
-def test_repeated_or_out_of_range_moe_layers_are_rejected(tmp_path):
+def test_repeated_or_out_of_range_moe_layers_are_rejected(rejected, tmp_path):
     msg = rejected(tmp_path, "moe.layers", "[1, 1]", r"a non-empty list of distinct integer layer indices in \[0, 1\]",
                    *GLUE, "moe=rmoe", "moe.layers=[1,1]")
     assert "layer(s) [1] repeated" in msg
@@ -80,12 +78,12 @@ def test_repeated_or_out_of_range_moe_layers_are_rejected(tmp_path):
              *DOMAINBED, "moe.layers=[4]")
 
 
-def test_dense_needs_no_moe_layers(tmp_path):
+def test_dense_needs_no_moe_layers(make_cfg, tmp_path):
     check_config(make_cfg(tmp_path, *GLUE, "moe=dense"))  # moe.layers=[] is the dense model itself
 
 
 @pytest.mark.parametrize("value,why", [("[]", "no test environment"), ("[0,1,2,3,4,5]", "leaves no training")])
-def test_test_envs_empty_or_all_domains_is_rejected(tmp_path, value, why):
+def test_test_envs_empty_or_all_domains_is_rejected(rejected, tmp_path, value, why):
     shown = "[]" if value == "[]" else "[0, 1, 2, 3, 4, 5]"
     msg = rejected(tmp_path, "data.test_envs", shown, r"a non-empty list of distinct indices of RotatedDigits's "
                    r"environments \(0=0, 1=15, 2=30, 3=45, 4=60, 5=75\) leaving at least one for training",
@@ -95,12 +93,12 @@ def test_test_envs_empty_or_all_domains_is_rejected(tmp_path, value, why):
 
 @pytest.mark.parametrize("value,shown", [("inf", "inf"), ("nan", "nan"), ("0", "0.0"), ("-1e-3", "-0.001"),
                                          ("'fast'", "'fast'")])
-def test_learning_rate_must_be_finite_and_positive(tmp_path, value, shown):
+def test_learning_rate_must_be_finite_and_positive(rejected, tmp_path, value, shown):
     overrides = [*GLUE, f"module.lr={value}"] if value != "0" else [*GLUE, "module.lr=0.0"]
     rejected(tmp_path, "module.lr", shown, "a finite number > 0", *overrides)
 
 
-def test_max_length_beyond_the_position_embeddings_is_rejected(tmp_path):
+def test_max_length_beyond_the_position_embeddings_is_rejected(make_cfg, rejected, tmp_path):
     rejected(tmp_path, "data.max_length", "513", r"an integer in \[1, 512\] \(backbone tiny_bert has 512 position",
              *GLUE, "data.max_length=513")
     # a pretrained backbone: read from its own config (all-MiniLM-L6-v2: 512 positions)
@@ -111,16 +109,16 @@ def test_max_length_beyond_the_position_embeddings_is_rejected(tmp_path):
 
 @pytest.mark.parametrize("key,value", [("seed", "-5"), ("seed", "4294967296"), ("data.trial_seed", "-1"),
                                        ("data.data_seed", "'a'")])
-def test_seeds_out_of_range_are_rejected(tmp_path, key, value):
+def test_seeds_out_of_range_are_rejected(rejected, tmp_path, key, value):
     shown = "'a'" if value == "'a'" else value
     rejected(tmp_path, key, shown, r"an integer in \[0, 4294967295\]", *DOMAINBED, f"{key}={value}")
 
 
-def test_unknown_wandb_mode_names_the_key(tmp_path):
+def test_unknown_wandb_mode_names_the_key(rejected, tmp_path):
     rejected(tmp_path, "logger.wandb.mode", "'sometimes'", r"null \(auto.*\) \| online \| offline \| disabled",
              *GLUE, "logger=wandb", "logger.wandb.mode=sometimes")
 
 
-def test_the_default_configs_pass(tmp_path):
+def test_the_default_configs_pass(make_cfg, tmp_path):
     for overrides in (GLUE, DOMAINBED, [*GLUE, "moe=rmoe"], [*DOMAINBED, "moe=dense"], [*GLUE, "logger=csv_wandb"]):
         check_config(make_cfg(tmp_path, *overrides))

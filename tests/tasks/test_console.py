@@ -22,12 +22,11 @@ import warnings
 import lightning as L
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from lightning.pytorch.demos.boring_classes import BoringModel
 from omegaconf import open_dict
 
 from tasks.run.console import StepTQDMProgressBar, progress_bar
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 EXE = shutil.which("rmoe-train", path=os.path.dirname(sys.executable)) or shutil.which("rmoe-train")
 ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
@@ -109,16 +108,17 @@ def test_domainbed_run_console(tmp_path, data_dir):
     assert any("chosen by training-domain validation" in ln for ln in table)
 
 
-def glue_cfg(out_dir, *overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["backbone=tiny_bert", "debug=fast", "task=glue/cola",
-                                                       *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
+@pytest.fixture(scope="session")
+def glue_cfg(compose_cfg):
+    def glue_cfg_(out_dir, *overrides):
+        cfg = compose_cfg(["backbone=tiny_bert", "debug=fast", "task=glue/cola", *overrides])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out_dir)
+        return cfg
+    return glue_cfg_
 
 
-def test_glue_progress_bar_metrics_and_summary(tmp_path, data_dir, capsys):
+def test_glue_progress_bar_metrics_and_summary(glue_cfg, tmp_path, data_dir, capsys):
     """GLUE, 2 epochs of 4 steps: the bar carries train/loss and val/score only; rank 0 prints the best
     dev score with its epoch and step, the last score and the run folder once (checked against metrics.csv)."""
     metrics, obj = train(glue_cfg(tmp_path, "trainer.enable_progress_bar=true", "trainer.max_epochs=2"))

@@ -7,24 +7,24 @@ import io
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from tasks.run.console import print_config_tree
 from tasks.run.multirun_summary import MultirunSummary
-from tasks.train import CONF_DIR, _announce, _commit_attempt, train
+from tasks.train import _announce, _commit_attempt, train
 
 
-def cfg_of(out_dir, *overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["backbone=tiny_bert", "debug=fast", "task=glue/rte",
-                                                       *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
+@pytest.fixture(scope="session")
+def cfg_of(compose_cfg):
+    def cfg_of_(out_dir, *overrides):
+        cfg = compose_cfg(["backbone=tiny_bert", "debug=fast", "task=glue/rte", *overrides])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out_dir)
+        return cfg
+    return cfg_of_
 
 
-def test_print_config_false_prints_no_tree_and_still_saves_it(tmp_path, capsys):
+def test_print_config_false_prints_no_tree_and_still_saves_it(cfg_of, tmp_path, capsys):
     _announce(cfg_of(tmp_path, "print_config=false"), str(tmp_path))
     out = capsys.readouterr().out
     assert "trainer:" not in out and "config (resolved)" not in out and "variant rmoe" in out
@@ -35,7 +35,7 @@ def test_print_config_false_prints_no_tree_and_still_saves_it(tmp_path, capsys):
     assert "trainer:" in capsys.readouterr().out
 
 
-def test_off_a_terminal_the_config_is_printed_whole(tmp_path):
+def test_off_a_terminal_the_config_is_printed_whole(cfg_of, tmp_path):
     long_dir = "/data/" + "a-rather-long-folder-name/" * 8 + "glue"
     cfg = cfg_of(tmp_path, f"data.glue_dir={long_dir}")
     buf = io.StringIO()  # not a terminal (a pipe, a Slurm log)
@@ -45,7 +45,7 @@ def test_off_a_terminal_the_config_is_printed_whole(tmp_path):
     assert OmegaConf.create(text).data.glue_dir == long_dir
 
 
-def test_one_key_for_the_pool_size(tmp_path):
+def test_one_key_for_the_pool_size(cfg_of, tmp_path):
     metrics, objects = train(cfg_of(tmp_path, "moe=rmoe"))
     assert not [k for k in metrics if k.startswith("moe/")]
     from rmoe.routing import TopAnyRouter
@@ -86,9 +86,8 @@ def test_multirun_summary_lists_every_job(tmp_path, capsys):
         ["done", "done", "failed", "killed"]
 
 
-def test_the_summary_callback_is_configured():
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True)
+def test_the_summary_callback_is_configured(compose_cfg):
+    cfg = compose_cfg(hydra=True)
     assert cfg.hydra.callbacks.multirun_summary._target_ == "tasks.run.multirun_summary.MultirunSummary"
 
 

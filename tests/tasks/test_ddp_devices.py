@@ -2,10 +2,8 @@
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from tasks.run.distributed import ddp_devices
-from tasks.train import CONF_DIR
 
 
 def test_process_count_follows_the_accelerator():
@@ -16,19 +14,17 @@ def test_process_count_follows_the_accelerator():
         ddp_devices(2, "tpu")
 
 
-def test_the_composed_trainer_passes_the_accelerator():
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["trainer=ddp", "trainer.accelerator=cpu"])
+def test_the_composed_trainer_passes_the_accelerator(compose_cfg):
+    cfg = compose_cfg(["trainer=ddp", "trainer.accelerator=cpu"])
     assert cfg.trainer.devices.accelerator == "cpu" and cfg.trainer.devices.cpu_processes == 2
 
 
-def test_ddp_strategy_keeps_each_ranks_buffers():
+def test_ddp_strategy_keeps_each_ranks_buffers(compose_cfg):
     """torch DDP's default broadcast_buffers=True copies rank 0's buffers over the others' before every
     forward, which would replace each rank's recorded DynMoE pool counts with rank 0's (summed twice by
     adapt()); rmoe synchronises its routing buffers itself."""
     import hydra
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["trainer=ddp", "trainer.accelerator=cpu"])
+    cfg = compose_cfg(["trainer=ddp", "trainer.accelerator=cpu"])
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)
     assert strategy._ddp_kwargs == {"find_unused_parameters": True, "broadcast_buffers": False}

@@ -12,13 +12,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from callbacks.domainbed_schedule import domainbed_should_evaluate
 from tasks.domainbed.datasets import rotate_uint8
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 
 def _first_mnist_images(data_dir, n):
@@ -68,12 +67,14 @@ def test_seed_hash_resolver_is_domainbeds_seed_hash():
     assert _resolve_seed("VLCS", "rmoe", "[2]", "0", "2") == _reference_seed_hash("VLCS", "rmoe", [2], 0, 2)
 
 
-def _compose(overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=overrides)
+@pytest.fixture(scope="session")
+def _compose(compose_cfg):
+    def _compose_(overrides):
+        return compose_cfg(overrides)
+    return _compose_
 
 
-def test_domainbed_run_seed_is_the_sweep_seed_hash_unless_given():
+def test_domainbed_run_seed_is_the_sweep_seed_hash_unless_given(_compose):
     exp = ["experiment=domainbed/rotated_mnist_rmoe"]
     cfg = _compose(exp)
     # the algorithm name is the run's method identity, `variant` (= moe.name unless an ablation names itself)
@@ -116,7 +117,7 @@ TINY = ["data.batch_size=4", "data.eval_batch_size=256", "logger=csv", "trainer.
         "backbone.moe_layers=[1]", "callbacks.routing_stability.plots=false"]
 
 
-def test_short_run_evaluates_on_domainbeds_schedule(tmp_path):
+def test_short_run_evaluates_on_domainbeds_schedule(_compose, tmp_path):
     cfg = _compose(["task=domainbed/rotated_digits", "trainer.max_steps=7", "trainer.val_check_interval=3", *TINY])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
@@ -163,7 +164,7 @@ def _all_mnist_labels(data_dir):
                                             load("t10k-labels-idx1-ubyte", 8)]).astype(np.int64))
 
 
-def test_colored_mnist_digits_and_coins_follow_the_training_seed_as_in_domainbed(data_dir):
+def test_colored_mnist_digits_and_coins_follow_the_training_seed_as_in_domainbed(_compose, data_dir):
     from hydra.utils import instantiate
 
     labels = _all_mnist_labels(data_dir)

@@ -5,23 +5,24 @@ import os
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from tasks.domainbed.datasets import DomainBedDataError
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 TINY = ["trainer.val_check_interval=3", "data.batch_size=4", "data.eval_batch_size=256", "logger=csv",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "backbone.embed_dim=16", "backbone.num_heads=2", "backbone.depth=2", "backbone.moe_layers=[1]"]
 
 
-def make_cfg(out_dir, overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["task=domainbed/rotated_digits"] + overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
+@pytest.fixture(scope="session")
+def make_cfg(compose_cfg):
+    def make_cfg_(out_dir, overrides):
+        cfg = compose_cfg(["task=domainbed/rotated_digits"] + overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out_dir)
+        return cfg
+    return make_cfg_
 
 
 def records(out_dir):
@@ -29,9 +30,8 @@ def records(out_dir):
         return [json.loads(line) for line in f]
 
 
-def test_default_task_is_rmoe_on_rotated_digits_with_a_small_vit():
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train")
+def test_default_task_is_rmoe_on_rotated_digits_with_a_small_vit(compose_cfg):
+    cfg = compose_cfg()
     assert cfg.task_name == "domainbed/rotated_digits"
     assert cfg.data.dataset == "RotatedDigits" and cfg.backbone.name == "vit_tiny"
     assert cfg.moe.name == "rmoe" and cfg.curriculum.mode == "exp_decay"
@@ -39,14 +39,13 @@ def test_default_task_is_rmoe_on_rotated_digits_with_a_small_vit():
     assert cfg.callbacks.adaptive_experts.mode == "every_step"
 
 
-def test_command_line_groups_win_over_the_task_choices():
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["task=domainbed/pacs", "moe=gmoe", "curriculum=constant"])
+def test_command_line_groups_win_over_the_task_choices(compose_cfg):
+    cfg = compose_cfg(["task=domainbed/pacs", "moe=gmoe", "curriculum=constant"])
     assert cfg.moe.name == "gmoe" and cfg.curriculum.mode == "constant" and cfg.backbone.name == "deit_small"
     assert list(cfg.backbone.moe_layers) == [8, 10] and list(cfg.moe.layers) == [8, 10]
 
 
-def test_train_resume_and_records(tmp_path):
+def test_train_resume_and_records(make_cfg, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     metrics, objs = train(make_cfg(straight, TINY + ["trainer.max_steps=9"]))
     recs = records(straight)
@@ -80,7 +79,7 @@ def test_train_resume_and_records(tmp_path):
     assert objs2["model"].lambda_aux == pytest.approx(recs[-1]["lambda_aux"])
 
 
-def test_resume_drops_records_after_the_checkpoint(tmp_path):
+def test_resume_drops_records_after_the_checkpoint(make_cfg, tmp_path):
     out = tmp_path / "run"
     train(make_cfg(out, TINY + ["trainer.max_steps=6", "callbacks.model_checkpoint.save_last=false",
                                 "callbacks.model_checkpoint.monitor=null",
@@ -98,14 +97,14 @@ def test_resume_drops_records_after_the_checkpoint(tmp_path):
     assert after[0] == before[0]
 
 
-def test_bad_test_envs_fail_before_training(tmp_path):
+def test_bad_test_envs_fail_before_training(make_cfg, tmp_path):
     # raised by the datamodule's constructor (Hydra wraps it in an InstantiationException)
     with pytest.raises(Exception, match=r"test_envs=\[7\]: 7 is not an environment of RotatedDigits"):
         train(make_cfg(tmp_path, TINY + ["trainer.max_steps=3", "data.test_envs=[7]"]))
     assert not (tmp_path / "results.jsonl").exists()
 
 
-def test_missing_data_root_fails_before_training(tmp_path):
+def test_missing_data_root_fails_before_training(make_cfg, tmp_path):
     with pytest.raises(DomainBedDataError, match="MNIST idx files not found"):
         train(make_cfg(tmp_path, TINY + ["task=domainbed/rotated_mnist", f"data.root={tmp_path / 'none'}"]))
 
@@ -134,20 +133,19 @@ def test_vit_small_loads_local_weights_and_upcycles_blocks_8_and_10(tmp_path):
 
 
 @pytest.mark.parametrize("dataset", ["pacs", "vlcs", "office_home", "domain_net", "terra_incognita"])
-def test_the_papers_image_datasets_start_from_deit_s(dataset):
+def test_the_papers_image_datasets_start_from_deit_s(compose_cfg, dataset):
     """The released vision code builds deit_small_patch16_224(pretrained=True) (R-MoE RMoE/Vision/domainbed/
     algorithms.py; GMoE domainbed/algorithms.py): the DeiT-S/16 ImageNet-1k weights. With no weights_path the hub
     gives that checkpoint, not timm's augreg ViT-S (timm's registry only: no download)."""
     from tasks.domainbed.model import weights_source
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        for over in ([f"task=domainbed/{dataset}"], [f"experiment=domainbed/{dataset}_rmoe"]):
-            cfg = compose("train", overrides=over)
-            bb = OmegaConf.to_container(cfg.backbone, resolve=True)
-            assert (bb["name"], bb["arch"], bb["drop_path_rate"], bb["moe_layers"]) == (
-                "deit_small", "deit_small_patch16_224", 0.1, [8, 10]), over
-            assert weights_source(bb) == "hub timm/deit_small_patch16_224.fb_in1k"
-            assert weights_source({**bb, "weights_path": "/w/deit.pth"}) == "file /w/deit.pth"
-            assert weights_source({**bb, "pretrained": False}) is None
+    for over in ([f"task=domainbed/{dataset}"], [f"experiment=domainbed/{dataset}_rmoe"]):
+        cfg = compose_cfg(over)
+        bb = OmegaConf.to_container(cfg.backbone, resolve=True)
+        assert (bb["name"], bb["arch"], bb["drop_path_rate"], bb["moe_layers"]) == (
+            "deit_small", "deit_small_patch16_224", 0.1, [8, 10]), over
+        assert weights_source(bb) == "hub timm/deit_small_patch16_224.fb_in1k"
+        assert weights_source({**bb, "weights_path": "/w/deit.pth"}) == "file /w/deit.pth"
+        assert weights_source({**bb, "pretrained": False}) is None
     other = weights_source({"arch": "vit_small_patch16_224", "pretrained": True})
     assert other == "hub timm/vit_small_patch16_224.augreg_in21k_ft_in1k"  # what vit_small would have loaded

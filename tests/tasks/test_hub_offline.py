@@ -7,10 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from tasks.run.hub import hub_needs
-from tasks.train import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,10 +45,9 @@ def test_a_cached_copy_is_used_offline(tmp_path):
     assert r.stdout.split() == ["1"]
 
 
-def test_which_configs_need_the_hub():
+def test_which_configs_need_the_hub(compose_cfg):
     def needs(*overrides):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return [(k, repo) for k, repo, _ in hub_needs(compose(config_name="train", overrides=list(overrides)))]
+        return [(k, repo) for k, repo, _ in hub_needs(compose_cfg(list(overrides)))]
 
     assert needs("task=glue/rte", "backbone=tiny_bert") == []
     assert needs("task=glue/rte", "backbone=minilm_l6") == []  # pkg: a PyPI package

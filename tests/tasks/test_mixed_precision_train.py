@@ -7,10 +7,9 @@ import os
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 HELPERS = os.path.dirname(os.path.abspath(__file__))  # _resume_helpers.RaiseAtStep
 MOES = ["dense", "moe_topk", "gmoe", "dynmoe", "rmoe", "lossfree", "expert_choice"]
@@ -25,22 +24,23 @@ def _needs_data(data_dir, monkeypatch):
     return data_dir
 
 
-def make_cfg(out_dir, *overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*COMMON, *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
+@pytest.fixture(scope="session")
+def make_cfg(compose_cfg):
+    def make_cfg_(out_dir, *overrides):
+        cfg = compose_cfg([*COMMON, *overrides])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out_dir)
+        return cfg
+    return make_cfg_
 
 
-def test_trainer_gpu_is_bf16_mixed():
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["trainer=gpu"])
+def test_trainer_gpu_is_bf16_mixed(compose_cfg):
+    cfg = compose_cfg(["trainer=gpu"])
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
 
 
 @pytest.mark.parametrize("moe", MOES)
-def test_bf16_mixed_trains_validates_and_resumes_exactly(tmp_path, moe):
+def test_bf16_mixed_trains_validates_and_resumes_exactly(make_cfg, tmp_path, moe):
     _, full = train(make_cfg(tmp_path / "full", f"moe={moe}"))
     assert full["trainer"].global_step == 4
     assert full["trainer"].precision_plugin.precision == "bf16-mixed"

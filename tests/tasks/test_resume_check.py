@@ -6,26 +6,21 @@ import re
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 from tasks.run.resume import CheckpointMismatchError
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 HELPERS = os.path.dirname(os.path.abspath(__file__))
 RMOE = ["backbone=tiny_bert", "debug=fast", "task=glue/cola", "moe=rmoe", "moe.num_experts=2", "moe.max_experts=4"]
 
 
-def make_cfg(out_dir, *overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
+@pytest.fixture(scope="session")
+def make_cfg(compose_cfg):
+    return lambda out_dir, *overrides: compose_cfg(overrides, output_dir=out_dir)
 
 
 @pytest.fixture(scope="module")
-def rmoe_ckpt(tmp_path_factory):
+def rmoe_ckpt(make_cfg, tmp_path_factory):
     if not os.path.isdir(os.environ.get("RMOE_DATA_DIR", "")):
         pytest.skip("RMOE_DATA_DIR is not set to the offline data folder")
     out = tmp_path_factory.mktemp("rmoe_run")
@@ -33,14 +28,17 @@ def rmoe_ckpt(tmp_path_factory):
     return out / "checkpoints" / "last.ckpt"
 
 
-def fails_before_training(out, exc, match, *overrides):
-    with pytest.raises(exc, match=match) as info:
-        train(make_cfg(out, *overrides))
-    assert not os.path.exists(out / "checkpoints")  # the trainer never started
-    return str(info.value)
+@pytest.fixture(scope="session")
+def fails_before_training(make_cfg):
+    def fails_before_training_(out, exc, match, *overrides):
+        with pytest.raises(exc, match=match) as info:
+            train(make_cfg(out, *overrides))
+        assert not os.path.exists(out / "checkpoints")  # the trainer never started
+        return str(info.value)
+    return fails_before_training_
 
 
-def test_checkpoint_of_another_pool_size_names_file_keys_and_shapes(tmp_path, rmoe_ckpt):
+def test_checkpoint_of_another_pool_size_names_file_keys_and_shapes(fails_before_training, tmp_path, rmoe_ckpt):
     msg = fails_before_training(tmp_path / "run", CheckpointMismatchError, "does not fit the model",
                                 *RMOE[:-1], "moe.max_experts=8", f"ckpt_path={rmoe_ckpt}")
     assert f"ckpt_path='{rmoe_ckpt}'" in msg
@@ -50,7 +48,7 @@ def test_checkpoint_of_another_pool_size_names_file_keys_and_shapes(tmp_path, rm
     assert "allowed:" in msg
 
 
-def test_checkpoint_of_another_moe_option_names_missing_and_unexpected_keys(tmp_path, rmoe_ckpt):
+def test_checkpoint_of_another_moe_option_names_missing_and_unexpected_keys(fails_before_training, tmp_path, rmoe_ckpt):
     msg = fails_before_training(tmp_path / "run", CheckpointMismatchError, "does not fit the model",
                                 "backbone=tiny_bert", "debug=fast", "task=glue/cola", "moe=dense",
                                 f"ckpt_path={rmoe_ckpt}")
@@ -60,7 +58,7 @@ def test_checkpoint_of_another_moe_option_names_missing_and_unexpected_keys(tmp_
     assert re.search(r"key\(s\) the model does not have: \S*moe\.", msg), msg
 
 
-def test_missing_truncated_and_foreign_files_name_the_path(tmp_path, rmoe_ckpt):
+def test_missing_truncated_and_foreign_files_name_the_path(fails_before_training, tmp_path, rmoe_ckpt):
     missing = tmp_path / "nope" / "last.ckpt"
     fails_before_training(tmp_path / "a", FileNotFoundError, re.escape(f"ckpt_path='{missing}': no such file"),
                           *RMOE, f"ckpt_path={missing}")
@@ -84,13 +82,13 @@ def test_missing_truncated_and_foreign_files_name_the_path(tmp_path, rmoe_ckpt):
                           *RMOE, f"ckpt_path={foreign}")
 
 
-def test_a_matching_checkpoint_resumes(tmp_path, rmoe_ckpt):
+def test_a_matching_checkpoint_resumes(make_cfg, tmp_path, rmoe_ckpt):
     _, obj = train(make_cfg(tmp_path / "run", *RMOE, "trainer.max_epochs=2", f"ckpt_path={rmoe_ckpt}"))
     assert obj["trainer"].global_step == 8  # 4 restored + 4 more
 
 
 @pytest.mark.parametrize("every,saves", [(2, [2, 4, 5, 6, 8, 10]), (5, [5, 10])])
-def test_last_checkpoint_every_n_steps_and_after_each_validation(tmp_path, monkeypatch, every, saves):
+def test_last_checkpoint_every_n_steps_and_after_each_validation(make_cfg, tmp_path, monkeypatch, every, saves):
     """5 batches per epoch, 2 epochs, validation at each epoch end. A step save is skipped when the
     epoch's validation follows the batch: the save after the validation (with its score) covers it."""
     monkeypatch.syspath_prepend(HELPERS)
@@ -113,7 +111,7 @@ TOPK = ["backbone=tiny_bert", "debug=fast", "task=glue/cola", "moe=moe_topk", "m
 
 
 @pytest.fixture(scope="module")
-def topk_ckpt(tmp_path_factory):
+def topk_ckpt(make_cfg, tmp_path_factory):
     if not os.path.isdir(os.environ.get("RMOE_DATA_DIR", "")):
         pytest.skip("RMOE_DATA_DIR is not set to the offline data folder")
     out = tmp_path_factory.mktemp("topk_run")
@@ -121,7 +119,7 @@ def topk_ckpt(tmp_path_factory):
     return out / "checkpoints" / "last.ckpt"
 
 
-def test_checkpoint_of_another_backbone_names_the_embedding_shapes(tmp_path, rmoe_ckpt):
+def test_checkpoint_of_another_backbone_names_the_embedding_shapes(fails_before_training, tmp_path, rmoe_ckpt):
     # tiny_bert (hidden 32) -> a hidden-64 BERT of the same depth
     msg = fails_before_training(tmp_path / "run", CheckpointMismatchError, "does not fit the model", *RMOE,
                                 "backbone.config.hidden_size=64", "backbone.config.intermediate_size=128",
@@ -130,13 +128,14 @@ def test_checkpoint_of_another_backbone_names_the_embedding_shapes(tmp_path, rmo
                      msg), msg
 
 
-def test_checkpoint_of_another_number_of_experts_names_the_router_shape(tmp_path, topk_ckpt):
+def test_checkpoint_of_another_number_of_experts_names_the_router_shape(fails_before_training, tmp_path, topk_ckpt):
     msg = fails_before_training(tmp_path / "run", CheckpointMismatchError, "does not fit the model", *TOPK[:-1],
                                 "moe.num_experts=4", f"ckpt_path={topk_ckpt}")
     assert re.search(r"router\.weight: checkpoint \[2, 32\], model expects \[4, 32\]", msg), msg
 
 
-def test_checkpoint_with_moe_at_other_layers_names_the_missing_and_unexpected_layers(tmp_path, rmoe_ckpt):
+def test_checkpoint_with_moe_at_other_layers_names_the_missing_and_unexpected_layers(fails_before_training, tmp_path,
+                                                                                     rmoe_ckpt):
     msg = fails_before_training(tmp_path / "run", CheckpointMismatchError, "does not fit the model", *RMOE,
                                 "moe.layers=[0]", f"ckpt_path={rmoe_ckpt}")
     # the checkpoint has the MoE at encoder layer 1 (tiny_bert's default), the model at layer 0
@@ -146,7 +145,7 @@ def test_checkpoint_with_moe_at_other_layers_names_the_missing_and_unexpected_la
 
 
 # --- another run: same architecture, another task ------------------------------------------------
-def test_checkpoint_of_another_task_is_refused_naming_the_difference(tmp_path, rmoe_ckpt):
+def test_checkpoint_of_another_task_is_refused_naming_the_difference(fails_before_training, tmp_path, rmoe_ckpt):
     """A CoLA checkpoint resumed into an RTE run of the same architecture would put CoLA's state (and
     its dev scores) into RTE's records: refused before training, nothing recorded."""
     from tasks.run.resume import CheckpointIdentityError
@@ -165,7 +164,7 @@ def test_checkpoint_of_another_task_is_refused_naming_the_difference(tmp_path, r
                      "variant": "rmoe", "backbone": "tiny_bert"}
 
 
-def test_init_from_starts_a_new_run_from_another_tasks_weights(tmp_path, rmoe_ckpt):
+def test_init_from_starts_a_new_run_from_another_tasks_weights(make_cfg, tmp_path, rmoe_ckpt):
     from tasks.glue.module import GLUEModule  # noqa: F401  (instantiated by the config)
     from tasks.run.resume import init_from_checkpoint
 
@@ -184,7 +183,7 @@ def test_init_from_starts_a_new_run_from_another_tasks_weights(tmp_path, rmoe_ck
     assert ident["task"] == "rte"
 
 
-def test_a_bad_init_from_file_names_init_from_not_ckpt_path(tmp_path, rmoe_ckpt):
+def test_a_bad_init_from_file_names_init_from_not_ckpt_path(fails_before_training, tmp_path, rmoe_ckpt):
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(open(rmoe_ckpt, "rb").read()[:2000])
     want = re.escape(f"init_from='{truncated}' is not a readable checkpoint (truncated or corrupt?)")

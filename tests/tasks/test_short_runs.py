@@ -5,10 +5,9 @@ import csv
 import os
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 
 def rows(path):
@@ -16,23 +15,23 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
-def run(tmp_path, *overrides):
-    if not os.path.isdir(os.path.join(os.environ.get("RMOE_DATA_DIR", ""), "glue")):
-        pytest.skip("RMOE_DATA_DIR is not set to the offline data folder")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["task=glue/rte", "backbone=tiny_bert", "moe=rmoe",
-                                                      "trainer.enable_progress_bar=false",
-                                                      "trainer.enable_model_summary=false",
-                                                      "trainer.num_sanity_val_steps=0", *overrides])
-    assert cfg.trainer.val_check_interval is None
-    assert "early_stopping" in cfg.callbacks
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-    metrics, objects = train(cfg)
-    return metrics, objects, rows(tmp_path / "metrics.csv")
+@pytest.fixture(scope="session")
+def run(compose_cfg):
+    def run_(tmp_path, *overrides):
+        if not os.path.isdir(os.path.join(os.environ.get("RMOE_DATA_DIR", ""), "glue")):
+            pytest.skip("RMOE_DATA_DIR is not set to the offline data folder")
+        cfg = compose_cfg(["task=glue/rte", "backbone=tiny_bert", "moe=rmoe", "trainer.enable_progress_bar=false",
+                           "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0", *overrides])
+        assert cfg.trainer.val_check_interval is None
+        assert "early_stopping" in cfg.callbacks
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path)
+        metrics, objects = train(cfg)
+        return metrics, objects, rows(tmp_path / "metrics.csv")
+    return run_
 
 
-def test_max_steps_inside_the_first_epoch_validates_at_the_end_and_logs_train_rows(tmp_path):
+def test_max_steps_inside_the_first_epoch_validates_at_the_end_and_logs_train_rows(run, tmp_path):
     metrics, objects, table = run(tmp_path, "trainer.max_steps=3", "trainer.limit_val_batches=2",
                                   "data.batch_size=8")
     trainer = objects["trainer"]
@@ -47,7 +46,7 @@ def test_max_steps_inside_the_first_epoch_validates_at_the_end_and_logs_train_ro
     assert list((tmp_path / "checkpoints").glob("best_*.ckpt"))
 
 
-def test_a_run_longer_than_its_cadences_is_untouched(tmp_path):
+def test_a_run_longer_than_its_cadences_is_untouched(run, tmp_path):
     _, objects, _ = run(tmp_path, "trainer.max_epochs=1", "trainer.limit_train_batches=6",
                         "trainer.log_every_n_steps=4", "trainer.limit_val_batches=1", "data.batch_size=4")
     trainer = objects["trainer"]
