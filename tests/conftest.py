@@ -50,3 +50,19 @@ def compose_cfg():
     """``compose_cfg(overrides, config_name="train", config_dir=None, output_dir=None, hydra=False)``: the one
     compose-through-Hydra helper of the tests (see :func:`_compose_config`)."""
     return _compose_config
+
+
+@pytest.fixture(scope="session")
+def build_module(compose_cfg):
+    """``build_module(overrides, **args)``: the benchmark's LightningModule as ``rmoe-train`` builds it (its
+    arguments from conf/module/ and the protocol, composed with ``overrides``), each of ``args`` replacing the
+    config's value of that argument (e.g. a tiny ``backbone`` or ``moe`` mapping)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    def build(overrides=(), **args):
+        node = OmegaConf.to_container(compose_cfg(overrides).module, resolve=True)
+        target = get_class(node.pop("_target_"))
+        return target(**{**node, **args})  # the module's own exceptions, not Hydra's wrapper
+
+    return build

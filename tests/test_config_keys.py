@@ -122,3 +122,24 @@ def test_a_dataset_option_the_dataset_does_not_have_is_an_error(_compose):
 def test_debug_runs_get_their_own_task_name(_compose):
     assert _compose(["task=glue/rte", "debug=fast"]).task_name == "debug/rte"
     assert _compose(["task=domainbed/pacs", "debug=fdr"]).task_name == "debug/PACS"
+
+
+def _stated_with_python_default(conf_file: Path) -> list[str]:
+    """The keys of a conf/module/ file whose target's constructor also has a default for them (a value, or a
+    fallback, stated in two places)."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    node = OmegaConf.load(conf_file)
+    params = inspect.signature(get_class(node["_target_"]).__init__).parameters
+    return [k for k in node if k != "_target_" and k in params
+            and params[k].default is not inspect.Parameter.empty]
+
+
+@pytest.mark.parametrize("name", _options("module"))
+def test_module_defaults_have_one_home(name):
+    """Each argument of the benchmark's LightningModule has its default in one place: the conf/module/ file
+    states it and the constructor requires it (a key the file does not state may keep a Python default)."""
+    duplicated = _stated_with_python_default(CONF / "module" / f"{name}.yaml")
+    assert duplicated == [], f"conf/module/{name}.yaml and its target both state defaults for {duplicated}"

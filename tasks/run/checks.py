@@ -207,10 +207,15 @@ def check_test_envs(cfg: Any) -> None:
         _fail("data.test_envs", list(envs), allowed, str(e))
 
 
-def check_learning_rates(cfg: Any) -> None:
-    module = _get(cfg, "module")
-    if not isinstance(module, Mapping):
-        return
+#: the module's loss weights and weight decay: finite numbers >= 0 (learning rates: > 0)
+NONNEGATIVE_MODULE_KEYS = ("weight_decay", "block_weight", "z_loss_weight")
+
+
+def check_module_hparams(module: Mapping[str, Any]) -> None:
+    """``module.lr`` and every ``module.*_lr`` (null allowed for the latter): a finite number > 0;
+    ``module.weight_decay``, ``module.block_weight``, ``module.z_loss_weight``: a finite number >= 0. The one
+    check of these keys: :func:`check_config` runs it on the composed config, :class:`tasks.run.moe_module.MoEModule`
+    on its arguments (a module built without the config)."""
     for k, v in module.items():
         if not (k == "lr" or k.endswith("_lr")):
             continue
@@ -218,9 +223,16 @@ def check_learning_rates(cfg: Any) -> None:
             continue
         if not _is_number(v) or not math.isfinite(float(v)) or float(v) <= 0:
             _fail(f"module.{k}", v, "a finite number > 0")
-    wd = module.get("weight_decay")
-    if wd is not None and (not _is_number(wd) or not math.isfinite(float(wd)) or float(wd) < 0):
-        _fail("module.weight_decay", wd, "a finite number >= 0")
+    for k in NONNEGATIVE_MODULE_KEYS:
+        v = module.get(k)
+        if v is not None and (not _is_number(v) or not math.isfinite(float(v)) or float(v) < 0):
+            _fail(f"module.{k}", v, "a finite number >= 0")
+
+
+def check_learning_rates(cfg: Any) -> None:
+    module = _get(cfg, "module")
+    if isinstance(module, Mapping):
+        check_module_hparams(module)
 
 
 def check_max_length(cfg: Any) -> None:

@@ -73,13 +73,11 @@ def test_heldout_too_large_names_key_value_and_limit(glue_dir):
         GLUEDataModule("rte", TOKENIZER, glue_dir=glue_dir, heldout_samples=0)
 
 
-def test_freeze_layers_freezes_embeddings_and_lower_layers():
-    from tasks.glue.module import GLUEModule
-
+def test_freeze_layers_freezes_embeddings_and_lower_layers(build_module):
     backbone = {"pretrained": None, "config": {"model_type": "bert", "vocab_size": 100, "hidden_size": 16,
                 "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 32}}
     moe = {"name": "moe_topk", "router": "topk", "num_experts": 4, "top_k": 2, "layers": [2], "init": "upcycle"}
-    m = GLUEModule("rte", backbone, moe, freeze_layers=2)
+    m = build_module(["task=glue/rte"], backbone=backbone, moe=moe, freeze_layers=2)
     frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
     assert frozen and all(n.startswith(("encoder.embeddings.", "encoder.encoder.layer.0.",
                                         "encoder.encoder.layer.1.")) for n in frozen)
@@ -88,9 +86,9 @@ def test_freeze_layers_freezes_embeddings_and_lower_layers():
     n_l01 = sum(1 for b in m.encoder.encoder.layer[:2] for _ in b.parameters())
     assert len(frozen) == n_emb + n_l01
     with pytest.raises(ValueError, match=r"module.freeze_layers=3: it would freeze the MoE layer\(s\) \[2\]"):
-        GLUEModule("rte", backbone, moe, freeze_layers=3)
+        build_module(["task=glue/rte"], backbone=backbone, moe=moe, freeze_layers=3)
     with pytest.raises(ValueError, match=r"module.freeze_layers=9; allowed: an integer in \[0, 3\]"):
-        GLUEModule("rte", backbone, None, freeze_layers=9)
+        build_module(["task=glue/rte"], backbone=backbone, moe=None, freeze_layers=9)
 
 
 def test_max_images_keeps_the_head_of_domainbeds_shuffle():

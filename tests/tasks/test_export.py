@@ -9,7 +9,6 @@ import torch
 import yaml
 
 from tasks.glue.export import MOE_MODEL_TYPE, export_pretrained, load_pretrained
-from tasks.glue.module import GLUEModule
 from tasks.train import CONF_DIR
 
 
@@ -47,10 +46,10 @@ def a_batch():
 
 
 @pytest.mark.parametrize("task", ["rte", "stsb"])
-def test_dense_export_loads_with_auto_model_for_sequence_classification(tmp_path, task):
+def test_dense_export_loads_with_auto_model_for_sequence_classification(build_module, tmp_path, task):
     from transformers import AutoModelForSequenceClassification
 
-    model = trained_like(GLUEModule(task, tiny_backbone(), moe_cfg("dense")))
+    model = trained_like(build_module(["task=glue/rte"], task=task, backbone=tiny_backbone(), moe=moe_cfg("dense")))
     export_pretrained(model, tmp_path / "x")
     cfg = json.loads((tmp_path / "x" / "config.json").read_text())
     assert cfg["architectures"] == ["BertForSequenceClassification"]
@@ -75,10 +74,10 @@ def test_dense_export_loads_with_auto_model_for_sequence_classification(tmp_path
         torch.testing.assert_close(load_pretrained(tmp_path / "x")(batch), want, rtol=0, atol=0)
 
 
-def test_moe_export_is_refused_by_auto_model_and_rebuilt_by_load_pretrained(tmp_path):
+def test_moe_export_is_refused_by_auto_model_and_rebuilt_by_load_pretrained(build_module, tmp_path):
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    model = trained_like(GLUEModule("rte", tiny_backbone(), moe_cfg("moe_topk")))
+    model = trained_like(build_module(["task=glue/rte"], backbone=tiny_backbone(), moe=moe_cfg("moe_topk")))
     export_pretrained(model, tmp_path / "x")
     for auto in (AutoModel, AutoModelForSequenceClassification):
         with pytest.raises(ValueError, match=r"rmoe-moe .*load_pretrained"):

@@ -35,18 +35,16 @@ def test_fused_is_asked_only_for_floating_cpu_or_cuda_parameters():
     assert fused_if_supported([nn.Parameter(torch.zeros(2, device="meta"))]) == {}
 
 
-def test_glue_and_domainbed_modules_build_fused_optimizers():
-    from tasks.domainbed.module import DomainBedModule
-    from tasks.glue.module import GLUEModule
-
+def test_glue_and_domainbed_modules_build_fused_optimizers(build_module):
     bert = {"pretrained": None, "config": {"model_type": "bert", "vocab_size": 100, "hidden_size": 16,
             "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}}
-    glue = GLUEModule("rte", bert, None, freeze_layers=1)
+    glue = build_module(["task=glue/rte"], backbone=bert, moe=None, freeze_layers=1)
     glue._trainer = SimpleNamespace(estimated_stepping_batches=10)  # what configure_optimizers reads
     opt = glue.configure_optimizers()["optimizer"]
     assert opt.defaults["fused"] is True
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
         p.numel() for p in glue.parameters() if p.requires_grad)
     vit = {"arch": None, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
-    db = DomainBedModule(vit, input_shape=[2, 8, 8], num_classes=3, moe=None, algorithm="ERM", lr=1e-3)
+    db = build_module(["task=domainbed/rotated_digits"], backbone=vit, input_shape=[2, 8, 8], num_classes=3, moe=None,
+                      algorithm="ERM", lr=1e-3)
     assert db.configure_optimizers().defaults["fused"] is True

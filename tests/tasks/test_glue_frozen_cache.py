@@ -5,8 +5,6 @@ import pytest
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from tasks.glue.module import GLUEModule
-
 BACKBONE = {"pretrained": None, "config": {"model_type": "bert", "vocab_size": 100, "hidden_size": 16,
             "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 32,
             "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}}
@@ -34,24 +32,31 @@ def fitting(module):
     return module
 
 
-def pair():
+@pytest.fixture
+def glue_module(build_module):
+    """The GLUE module as rmoe-train builds it (task=glue/rte), on the tiny backbone and MoE above."""
+    return lambda **args: build_module(["task=glue/rte"], backbone=BACKBONE, moe=MOE, **args)
+
+
+@pytest.fixture
+def pair(glue_module):
     torch.manual_seed(0)
-    frozen = GLUEModule("rte", BACKBONE, MOE, freeze_layers=2, cache_frozen=True)
-    plain = GLUEModule("rte", BACKBONE, MOE, freeze_layers=0)
+    frozen = glue_module(freeze_layers=2, cache_frozen=True)
+    plain = glue_module(freeze_layers=0)
     plain.load_state_dict(frozen.state_dict())
     return frozen, plain
 
 
-def test_frozen_forward_equals_the_hugging_face_forward_in_eval():
-    frozen, plain = pair()
+def test_frozen_forward_equals_the_hugging_face_forward_in_eval(pair):
+    frozen, plain = pair
     frozen.eval(), plain.eval()
     b = batch([0, 1, 2], [5, 9, 3])
     with torch.no_grad():
         assert torch.equal(frozen(b), plain(b))
 
 
-def test_the_frozen_prefix_stays_in_eval_mode():
-    frozen, plain = pair()
+def test_the_frozen_prefix_stays_in_eval_mode(pair):
+    frozen, plain = pair
     frozen.train()
     assert not frozen.encoder.embeddings.training
     assert [blk.training for blk in frozen.encoder.encoder.layer] == [False, False, True]
@@ -65,8 +70,8 @@ def test_the_frozen_prefix_stays_in_eval_mode():
         assert torch.allclose(frozen(b), plain(b), atol=1e-6)
 
 
-def test_cached_prefix_gives_the_logits_of_the_recomputed_one_and_pays_once(monkeypatch):
-    frozen, _ = pair()
+def test_cached_prefix_gives_the_logits_of_the_recomputed_one_and_pays_once(pair, monkeypatch):
+    frozen, _ = pair
     fitting(frozen).train()
     calls = []
     emb = frozen.encoder.embeddings
@@ -90,8 +95,8 @@ def test_cached_prefix_gives_the_logits_of_the_recomputed_one_and_pays_once(monk
     assert a.shape == b.shape
 
 
-def test_a_batch_with_an_unseen_row_recomputes_and_adds_it():
-    frozen, _ = pair()
+def test_a_batch_with_an_unseen_row_recomputes_and_adds_it(pair):
+    frozen, _ = pair
     fitting(frozen).eval()
     with torch.no_grad():
         frozen(batch([0, 1], [4, 5]))
@@ -100,16 +105,16 @@ def test_a_batch_with_an_unseen_row_recomputes_and_adds_it():
     assert frozen._frozen_cache[2].shape == (6, 16)
 
 
-def test_cache_is_used_only_while_fitting():
-    frozen, _ = pair()
+def test_cache_is_used_only_while_fitting(pair):
+    frozen, _ = pair
     frozen.eval()
     with torch.no_grad():
         frozen(batch([0, 1], [4, 5]))  # no trainer: predict / plain calls never touch the cache
     assert frozen._frozen_cache == {}
 
 
-def test_a_row_id_reused_for_another_example_is_an_error():
-    frozen, _ = pair()
+def test_a_row_id_reused_for_another_example_is_an_error(pair):
+    frozen, _ = pair
     fitting(frozen).eval()
     with torch.no_grad():
         frozen(batch([0, 1], [4, 5]))
@@ -117,7 +122,7 @@ def test_a_row_id_reused_for_another_example_is_an_error():
             frozen(batch([0, 1], [4, 7]))
 
 
-def test_cache_frozen_needs_a_frozen_prefix():
+def test_cache_frozen_needs_a_frozen_prefix(glue_module):
     with pytest.raises(ValueError, match=r"module.cache_frozen=True with module.freeze_layers=0; allowed: false, or "
                                          r"true with freeze_layers >= 1"):
-        GLUEModule("rte", BACKBONE, MOE, freeze_layers=0, cache_frozen=True)
+        glue_module(freeze_layers=0, cache_frozen=True)

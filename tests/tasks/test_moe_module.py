@@ -84,12 +84,20 @@ def test_lambda_is_set_only_through_set_lambda():
     ("module.block_weight", {"block_weight": True}, ">= 0"),
     ("module.z_loss_weight", {"z_loss_weight": math.nan}, ">= 0"),
 ])
-def test_shared_hparam_checks_name_key_value_and_range(key, kwargs, allowed):
+def test_shared_hparam_checks_name_key_value_and_range(compose_cfg, key, kwargs, allowed):
+    """The module's arguments and the composed config are checked by the same code, with the same message."""
+    from tasks.run.checks import ConfigError, check_learning_rates
+
     args = {"lr": 1e-3, "weight_decay": 0.0, "block_weight": 1.0, "z_loss_weight": 0.0, **kwargs}
     value = next(iter(kwargs.values()))
-    with pytest.raises(ValueError) as err:
+    want = f"invalid config: {key}={value!r}; allowed: a finite number {allowed}"
+    with pytest.raises(ConfigError) as err:
         MoEModule(**args)
-    assert str(err.value) == f"invalid {key}={value!r}; allowed: a number {allowed}"
+    assert str(err.value) == want
+    cfg = compose_cfg(["task=glue/rte", f"{key}={value}"])
+    with pytest.raises(ConfigError) as err:
+        check_learning_rates(cfg)
+    assert str(err.value) == want
 
 
 def test_best_score_is_the_running_max_and_a_nan_never_counts():
