@@ -21,7 +21,7 @@ Both layouts also have ``rmoe_config.json`` (the GLUE task and its labels, the M
 :class:`rmoe.MoEConfig` fields, the backend, the head's dropout, the checkpoint it came from) and the tokenizer's
 ``save_pretrained`` files (``AutoTokenizer.from_pretrained(folder)`` reads them). :func:`load_pretrained` rebuilds
 the same :class:`tasks.glue.module.GLUEModule` from either layout (and from format-1 folders of older commits) and
-loads the weights strictly; in eval mode it returns the checkpoint's logits (``tests/tasks/test_export.py``).
+loads the weights strictly; in eval mode it returns the checkpoint's logits (``tests/tasks/glue/test_export.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""callbacks/lightning_internals.py: the one home of Lightning's private API, pinned to the series it was written for."""
+"""callbacks/lightning_internals.py: the one home of Lightning's private API, pinned to the series it supports."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from tasks.domainbed.datasets import DATASETS
 from tasks.results.labels import DATASET_ENVIRONMENTS, sort_variants, variant_label
 from tasks.results.stats import mean_se
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_callbacks_never_import_tasks():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tasks.run.hub import hub_needs
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def env_without_hub(tmp_path):

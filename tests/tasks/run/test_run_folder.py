@@ -25,7 +25,7 @@ from tasks.run.run_folder import (
     release_lock,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 HELPERS = os.path.dirname(os.path.abspath(__file__))  # _run_helpers.py
 FAST = ["task=glue/cola", "backbone=tiny_bert", "debug=fast", "moe=moe_topk", "callbacks.routing_stability.plots=false"]
 

@@ -25,7 +25,7 @@ import yaml
 
 from tasks.collect import collect
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 GRID = {("0.9", "1e-3"): [.60, .62, .67], ("0.9", "1e-4"): [.50, .50, .53],
         ("0.99", "1e-3"): [.70, .74], ("0.99", "1e-4"): [.40, .41, .45]}

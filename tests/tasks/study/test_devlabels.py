@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tasks.study.devlabels import main
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_counts_from_hand_made_dev_files(tmp_path):

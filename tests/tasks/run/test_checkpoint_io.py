@@ -27,7 +27,7 @@ while True:
 def test_kill_during_save_leaves_old_or_new_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(3), "tag": "old"}, path)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, cwd=root)
     assert proc.stdout.readline().strip() == b"saving"
     time.sleep(0.4)  # inside a save

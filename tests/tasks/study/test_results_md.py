@@ -7,7 +7,7 @@ import pytest
 
 from tasks.study.report import main as study_report
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.skipif(not (ROOT / "docs" / "results").is_dir(), reason="no study records committed yet")

@@ -27,7 +27,7 @@ import pytest
 
 from tasks.study.report import generate, load_study
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 SEEDS = (0, 1, 2)
 TASKS = {"cola": "mcc", "mrpc": "f1", "rte": "accuracy"}
 VARIANTS = ("dense", "moe_topk", "dynmoe", "rmoe")
