@@ -49,10 +49,19 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loops.fetchers import _PrefetchDataFetcher
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
+from callbacks.contract import TrainingForward
+from callbacks.lightning_internals import (
+    as_training_step_sees_it,
+    check_lightning_version,
+    fetcher_iterator,
+    prefetch_fetcher,
+    prefetched_batches,
+    set_fetcher_iterator,
+    train_dataloaders,
+)
 from rmoe import ConfigError, find_moe_layers
 from rmoe.accumulation import (
     AccumulationWindow,
@@ -77,7 +86,7 @@ def check_global_batch_accumulation(trainer: L.Trainer, pl_module: L.LightningMo
             f"invalid config: trainer.strategy={type(strategy).__name__} {with_acc} (the routing pre-pass runs the "
             "module's own forward, unwrapped); allowed: a single-device or DDP strategy, or "
             "trainer.accumulate_grad_batches=1")
-    if not callable(getattr(pl_module, "training_forward", None)):
+    if not isinstance(pl_module, TrainingForward):  # callbacks.contract
         raise ConfigError(
             f"invalid config: {type(pl_module).__name__} has no training_forward(batch) {with_acc} (the routing "
             "pre-pass runs the forward training_step runs on each micro-batch of the window); allowed: a module "
@@ -124,7 +133,7 @@ class BalancingCallback(Callback):
         self._window: AccumulationWindow | None = None
         self._window_at: tuple[int, int] | None = None  # (epoch, batch_idx of the window's first micro-batch)
         self._next = 0                        # the window's next micro-batch to begin
-        self._fetcher: _PrefetchDataFetcher | None = None
+        self._fetcher: Any = None             # the fit loop's batch fetcher (callbacks.lightning_internals)
         self._stateful_loader = False
         self._resume: dict[str, Any] | None = None
 
@@ -136,6 +145,7 @@ class BalancingCallback(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
+            check_lightning_version()
             check_global_batch_accumulation(trainer, pl_module)
 
     @staticmethod
@@ -156,15 +166,12 @@ class BalancingCallback(Callback):
         for m in self._layers:
             m.router.global_batch_window = WINDOW_REQUIRED if on else None
 
-    def _look_ahead(self, trainer: L.Trainer) -> tuple[_PrefetchDataFetcher, _LookAhead]:
-        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-        if type(fetcher) is not _PrefetchDataFetcher or fetcher.iterator is None:
-            raise RuntimeError(f"global_batch accumulation: the fit loop's batch fetcher is {type(fetcher).__name__}, "
-                               "not Lightning's _PrefetchDataFetcher the routing pre-pass reads ahead from")
-        if not isinstance(fetcher.iterator, _LookAhead):  # a new iterator each epoch
-            fetcher.iterator = _LookAhead(fetcher.iterator)
+    def _look_ahead(self, trainer: L.Trainer) -> tuple[Any, _LookAhead]:
+        fetcher = prefetch_fetcher(trainer)
+        if not isinstance(fetcher_iterator(fetcher), _LookAhead):  # a new iterator each epoch
+            set_fetcher_iterator(fetcher, _LookAhead(fetcher_iterator(fetcher)))
         self._fetcher = fetcher
-        return fetcher, fetcher.iterator
+        return fetcher, fetcher_iterator(fetcher)
 
     def _read_ahead(self, trainer: L.Trainer, n: int) -> list[Any]:
         """The next ``n`` raw items ``(batch, batch_idx, dataloader_idx)`` the fit loop will fetch (fewer at
@@ -172,15 +179,8 @@ class BalancingCallback(Callback):
         if n <= 0:
             return []
         fetcher, ahead = self._look_ahead(trainer)
-        items = list(fetcher.batches)[:n]
+        items = prefetched_batches(fetcher)[:n]
         return items + ahead.peek(n - len(items))
-
-    @staticmethod
-    def _to_device(trainer: L.Trainer, pl_module: L.LightningModule, raw: Any) -> Any:
-        """A raw batch through what the training loop applies before ``training_step``."""
-        batch = trainer.precision_plugin.convert_input(raw)
-        batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
-        return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
     @staticmethod
     def _forwards(trainer: L.Trainer, pl_module: L.LightningModule, batches: list[Any]) -> list[Any]:
@@ -194,7 +194,7 @@ class BalancingCallback(Callback):
         total = trainer.num_training_batches
         size = acc if total == float("inf") else max(1, min(acc, int(total) - batch_idx))
         ahead = self._read_ahead(trainer, size - 1)
-        batches = [batch] + [self._to_device(trainer, pl_module, item[0]) for item in ahead]
+        batches = [batch] + [as_training_step_sees_it(trainer, pl_module, item[0]) for item in ahead]
         self._window = open_window(pl_module, self._forwards(trainer, pl_module, batches), device=pl_module.device)
         self._window_at = (int(trainer.current_epoch), batch_idx)
 
@@ -206,7 +206,7 @@ class BalancingCallback(Callback):
                                f"but training resumed at {(int(trainer.current_epoch), batch_idx)}")
         first, size = int(state["next"]), int(state["size"])
         ahead = self._read_ahead(trainer, size - first - 1)
-        batches = [batch] + [self._to_device(trainer, pl_module, item[0]) for item in ahead]
+        batches = [batch] + [as_training_step_sees_it(trainer, pl_module, item[0]) for item in ahead]
         self._window = resume_window(pl_module, self._forwards(trainer, pl_module, batches), state["counts"], size,
                                      int(state["world"]), first, [tuple(s) for s in state["rng"]],
                                      device=pl_module.device)
@@ -215,13 +215,13 @@ class BalancingCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._layers = global_batch_layers(pl_module)
         self._window, self._window_at, self._next = None, None, 0
-        loaders = getattr(trainer.fit_loop._combined_loader, "flattened", None) or []
+        loaders = train_dataloaders(trainer)
         self._stateful_loader = bool(loaders) and all(callable(getattr(dl, "state_dict", None)) and
                                                       callable(getattr(dl, "load_state_dict", None)) for dl in loaders)
         self._arm(self._accumulating(trainer))
         if self._resume is not None and self._accumulating(trainer):
             fetcher, ahead = self._look_ahead(trainer)
-            if fetcher.batches:  # prefetched before this hook: the read-ahead batches cannot go first
+            if prefetched_batches(fetcher):  # prefetched before this hook: the read-ahead batches cannot go first
                 raise RuntimeError("global_batch accumulation: cannot resume inside an accumulation window with a "
                                    "train loader without a length (Lightning prefetched a batch before the window's "
                                    "saved batches could be put back); resume from a checkpoint written after an "
@@ -267,8 +267,9 @@ class BalancingCallback(Callback):
         w = self._window
         if w is None or self._next >= w.size or w.world != 1 or not self._stateful_loader or self._fetcher is None:
             return {"window": None}
-        pending = list(self._fetcher.batches) + list(getattr(self._fetcher.iterator, "buffer", []))
-        if self._fetcher.batches or len(pending) != w.size - self._next:
+        prefetched = prefetched_batches(self._fetcher)
+        pending = prefetched + list(getattr(fetcher_iterator(self._fetcher), "buffer", []))
+        if prefetched or len(pending) != w.size - self._next:
             return {"window": None}
         epoch, start = self._window_at
         return {"window": {"epoch": epoch, "start": start, "size": w.size, "next": self._next, "world": w.world,

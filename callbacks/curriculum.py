@@ -2,7 +2,8 @@
 
 Before each training batch, ``λ, phase = schedule(τ, T)`` with ``τ = trainer.global_step`` (the
 optimizer steps taken so far) and ``T = trainer.estimated_stepping_batches``; the callback hands λ
-to the module through ``pl_module.set_lambda(λ)`` and logs ``curriculum/lambda`` and
+to the module through ``pl_module.set_lambda(λ)`` (the module is a :class:`callbacks.contract.LambdaModule`,
+checked at ``setup``) and logs ``curriculum/lambda`` and
 ``curriculum/phase`` (the index of the phase in ``schedule.phase_names``; 0 for the one-phase
 modes).
 
@@ -20,15 +21,12 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from callbacks.contract import LambdaModule, require
 from rmoe.schedules import SCHEDULES, Schedule, build_schedule
 
 
 def _set_lambda(pl_module: L.LightningModule, value: float) -> None:
-    setter = getattr(pl_module, "set_lambda", None)
-    if not callable(setter):
-        raise TypeError(f"{type(pl_module).__name__} has no set_lambda(value) method; the curriculum callback "
-                        "needs one (tasks.run.moe_module.MoEModule provides it)")
-    setter(float(value))
+    pl_module.set_lambda(float(value))  # a LambdaModule: checked in CurriculumCallback.setup
 
 
 class CurriculumCallback(Callback):
@@ -80,6 +78,10 @@ class CurriculumCallback(Callback):
         self.lam, self.phase = self.value(trainer.global_step, total)
         self.step = int(trainer.global_step)
         _set_lambda(pl_module, self.lam)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # the module takes λ through set_lambda (tasks.run.moe_module.MoEModule provides it)
+        require(pl_module, LambdaModule, type(self).__name__)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # λ back on the module as soon as the checkpoint is read (also when fit has nothing left to run)

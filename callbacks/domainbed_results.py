@@ -33,6 +33,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from callbacks.contract import DomainEvalModule, require
 from callbacks.records import RESULTS_FILE, read_jsonl
 
 
@@ -78,6 +79,10 @@ class DomainBedResultsCallback(Callback):
         return read_jsonl(path)
 
     # --- hooks ---------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # the module keeps each evaluation's accuracies in last_eval (tasks.domainbed.module.DomainBedModule)
+        require(pl_module, DomainEvalModule, type(self).__name__)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.path = self._path(trainer)
         if trainer.is_global_zero and os.path.exists(self.path):
@@ -94,7 +99,7 @@ class DomainBedResultsCallback(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
             return
-        accs = getattr(pl_module, "last_eval", None)
+        accs = pl_module.last_eval  # a DomainEvalModule: checked in setup
         if not accs:
             return
         dm = trainer.datamodule
@@ -102,7 +107,7 @@ class DomainBedResultsCallback(Callback):
         spe = float(getattr(dm, "steps_per_epoch", 0) or 0)
         record: dict[str, Any] = {"step": step, "epoch": step / spe if spe else None}
         record.update({k: float(v) for k, v in accs.items()})
-        record["lambda_aux"] = float(getattr(pl_module, "lambda_aux", 0.0))
+        record["lambda_aux"] = float(pl_module.lambda_aux)
         record["hparams"] = self.hparams
         record["args"] = self.args
         self.path = self.path or self._path(trainer)

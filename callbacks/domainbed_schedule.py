@@ -8,8 +8,8 @@ updates ``1 + f``, ``1 + 2f``, ... (counted from 1) and after the last. Lightnin
 :class:`DomainBedEvalSchedule` makes the fit loop follow DomainBed's schedule, with
 ``checkpoint_freq`` = the Trainer's integer ``val_check_interval`` (its one config home,
 ``trainer.val_check_interval``) and ``n_steps`` = ``trainer.max_steps``. Lightning decides after each
-training batch whether to validate in ``_TrainingEpochLoop._should_check_val_fx``; the callback
-replaces that method on the trainer's epoch loop, so every user of the decision follows the
+training batch whether to validate in a private method of its epoch loop; the callback replaces it
+(``callbacks.lightning_internals.replace_validation_decision``), so every user of the decision follows the
 schedule: the loop itself, its restart logic (a resumed run does not redo an evaluation its
 checkpoint already holds) and ``callbacks.resume.LastCheckpoint`` (no step save between a batch and
 its evaluation). Kept from Lightning: no validation while gradients accumulate, none when
@@ -19,10 +19,10 @@ A non-integer ``val_check_interval`` (null, a fraction or a duration) leaves Lig
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+
+from callbacks.lightning_internals import check_lightning_version, replace_validation_decision
 
 
 def domainbed_should_evaluate(updates: int, checkpoint_freq: int, max_steps: int | None) -> bool:
@@ -48,13 +48,6 @@ class DomainBedEvalSchedule(Callback):
         if not isinstance(freq, int) or isinstance(freq, bool) or freq < 1:
             return
         self.checkpoint_freq = freq
-        loop = trainer.fit_loop.epoch_loop
-
-        def should_check_val(data_fetcher: Any) -> bool:
-            if not loop._should_check_val_epoch() or loop._should_accumulate():
-                return False
-            if trainer.should_stop and trainer.fit_loop._can_stop_early:
-                return True
-            return domainbed_should_evaluate(int(trainer.global_step), freq, trainer.max_steps)
-
-        loop._should_check_val_fx = should_check_val
+        check_lightning_version()
+        replace_validation_decision(
+            trainer, lambda: domainbed_should_evaluate(int(trainer.global_step), freq, trainer.max_steps))

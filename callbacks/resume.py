@@ -40,6 +40,16 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from callbacks.lightning_internals import (
+    allow_checkpoint_resave,
+    check_lightning_version,
+    checkpoint_saves_at_epoch_end,
+    checkpoint_skips_saving,
+    load_dropped_loader_states,
+    save_checkpoint_now,
+    validation_follows,
+)
+
 IDENTITY_KEY = "rmoe_run_identity"
 
 
@@ -125,12 +135,7 @@ class RNGStateCallback(Callback):
                 raise RuntimeError(f"the checkpoint holds the RNG states of {len(ranks)} ranks; this run has "
                                    f"{trainer.world_size}: resume with the run's own trainer.devices")
             self._pending = ranks[trainer.global_rank]
-        fit_loop = trainer.fit_loop
-        loader_states = getattr(fit_loop, "_combined_loader_states_to_load", None)
-        combined = getattr(fit_loop, "_combined_loader", None)
-        if loader_states and combined is not None:  # Lightning #20550 (see the class docstring)
-            combined._load_state_dicts(loader_states)
-            fit_loop._combined_loader_states_to_load = []
+        load_dropped_loader_states(trainer)  # Lightning #20550 (see the class docstring)
         if self._pending is not None:
             set_rng_states(self._pending)
             self._pending = None
@@ -157,6 +162,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     # --- preemption ---------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_lightning_version()
         super().setup(trainer, pl_module, stage)
         if (stage == "fit" and hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)):
@@ -186,7 +192,7 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._stop_pending is not None:
             self._stop(trainer, self._stop_pending)
-        if self._should_save_on_train_epoch_end(trainer):
+        if checkpoint_saves_at_epoch_end(self, trainer):
             self._allow_resave(trainer)
         super().on_train_epoch_end(trainer, pl_module)
 
@@ -209,34 +215,29 @@ class LastCheckpoint(ModelCheckpoint):
         if signum is not None and not trainer.sanity_checking:
             if self._validation_follows(trainer):
                 return  # that validation runs, its save is the checkpoint of the moment, then the run stops
-            if not self._should_skip_saving_checkpoint(trainer):  # (not saved at this very step already)
-                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            if not checkpoint_skips_saving(self, trainer):  # (not saved at this very step already)
+                save_checkpoint_now(self, trainer)
                 self._step_saved_at = int(trainer.global_step)
             self._stop_pending = signum  # stop once Lightning has handed this batch's metrics to the loggers
             return
         n = self.save_every_n_train_steps
-        if n < 1 or trainer.global_step % n != 0 or self._should_skip_saving_checkpoint(trainer):
+        if n < 1 or trainer.global_step % n != 0 or checkpoint_skips_saving(self, trainer):
             return
         if self._validation_follows(trainer):
             return  # the save after that validation covers this step (Lightning would not redo it on resume)
-        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        save_checkpoint_now(self, trainer)
         self._step_saved_at = int(trainer.global_step)
 
     @staticmethod
     def _validation_follows(trainer: L.Trainer) -> bool:
         """Whether Lightning validates right after this batch. A checkpoint taken in between would
         resume after the validation point, and Lightning does not rerun a skipped validation."""
-        epoch_loop = trainer.fit_loop.epoch_loop
-        try:
-            return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
-                        and not getattr(epoch_loop, "_skip_next_val", False))
-        except Exception:  # private Lightning API changed: save anyway
-            return False
+        return validation_follows(trainer)
 
     def _allow_resave(self, trainer: L.Trainer) -> None:
         # the step save of this very step was taken before the validation: let the validation's save replace it
         if not trainer.sanity_checking and self._step_saved_at == trainer.global_step:
-            self._last_global_step_saved = -1
+            allow_checkpoint_resave(self)
             self._step_saved_at = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -43,6 +43,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from callbacks.contract import DomainEvalData, LambdaReader, RoutingProbe
 from callbacks.curriculum import CurriculumCallback
 from callbacks.plots import close_figures, draw_routing_plots, render_figures, save_images, send_to_loggers
 from callbacks.route_trace import write_step
@@ -73,11 +74,11 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 def run_probe(pl_module: LightningModule, batch: Any) -> None:
     """Forward the probe batch through the model (no grad, eval mode).
 
-    Uses ``pl_module.routing_probe(batch)`` when the module defines it, else ``pl_module(batch)``.
+    Uses ``pl_module.routing_probe(batch)`` when the module is a :class:`callbacks.contract.RoutingProbe`, else
+    ``pl_module(batch)``.
     """
-    fn = getattr(pl_module, "routing_probe", None)
-    if fn is not None:
-        fn(batch)
+    if isinstance(pl_module, RoutingProbe):
+        pl_module.routing_probe(batch)
     else:
         pl_module(batch)
 
@@ -129,9 +130,10 @@ class RoutingStabilityCallback(Callback):
         """What the ``n`` validation sets are: ``{name, split, test}`` from the datamodule's
         ``eval_names`` (``env<i>_<split>``), ``environments`` and ``test_envs`` when it has them."""
         dm = getattr(trainer, "datamodule", None)
-        names = list(getattr(dm, "eval_names", None) or [])
-        envs = list(getattr(dm, "environments", None) or [])
-        test = {int(t) for t in getattr(dm, "test_envs", None) or []}
+        domains = isinstance(dm, DomainEvalData)  # callbacks.contract: optional, DomainBed's datamodule
+        names = list(dm.eval_names or []) if domains else []
+        envs = list(dm.environments or []) if domains else []
+        test = {int(t) for t in dm.test_envs or []} if domains else set()
         rows = []
         for k in range(n):
             name = names[k] if k < len(names) else f"set {k}"
@@ -207,7 +209,8 @@ class RoutingStabilityCallback(Callback):
 
     def _log_stream(self, trainer: Trainer, pl_module: LightningModule, layers, step: int) -> None:
         self.history["step"].append(step)
-        self.history["lambda"].append(float(getattr(pl_module, "lambda_aux", float("nan"))))
+        self.history["lambda"].append(float(pl_module.lambda_aux) if isinstance(pl_module, LambdaReader)
+                                      else float("nan"))
         self.history["phase"].append(next((cb.phase for cb in trainer.callbacks if isinstance(cb, CurriculumCallback)),
                                           None))
         for name, moe in layers:

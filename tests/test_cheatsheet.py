@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
@@ -64,34 +63,35 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     return [firsts] if firsts == lasts else [firsts, lasts]
 
 
-def compose_command(command: str) -> list:
-    for k, v in PLACEHOLDERS.items():
-        command = command.replace(k, v)
-    command = os.path.expandvars(command)
-    prog, *args = shlex.split(command)
-    config_dir, config_name, overrides = CONF_DIR, "train" if prog == "rmoe-train" else "eval", []
-    it = iter(args)
-    for a in it:
-        if a in ("-m", "--multirun", "..."):
-            continue
-        if a == "-cd":  # rmoe-train's own config dir stays on the search path (train.yaml)
-            config_dir = str(ROOT / next(it))
-            overrides.append(f"hydra.searchpath=[file://{CONF_DIR}]")
-        elif a == "-cn":
-            config_name = next(it)
-        elif a in ("--cfg", "--info"):
-            assert next(it) in ("job", "defaults", "all", "hydra")
-        else:
-            assert "=" in a, f"{command!r}: {a!r} is no override"
-            overrides.append(a)
-    cfgs = []
-    for ov in _expand(overrides):
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=ov)
-        check_config(cfg)
-        check_overrides(cfg, ov)
-        cfgs.append(cfg)
-    return cfgs
+@pytest.fixture(scope="session")
+def compose_command(compose_cfg):
+    def compose_command_(command: str) -> list:
+        for k, v in PLACEHOLDERS.items():
+            command = command.replace(k, v)
+        command = os.path.expandvars(command)
+        prog, *args = shlex.split(command)
+        config_dir, config_name, overrides = CONF_DIR, "train" if prog == "rmoe-train" else "eval", []
+        it = iter(args)
+        for a in it:
+            if a in ("-m", "--multirun", "..."):
+                continue
+            if a == "-cd":  # rmoe-train's own config dir stays on the search path (train.yaml)
+                config_dir = str(ROOT / next(it))  # (compose_cfg keeps conf/ on the search path)
+            elif a == "-cn":
+                config_name = next(it)
+            elif a in ("--cfg", "--info"):
+                assert next(it) in ("job", "defaults", "all", "hydra")
+            else:
+                assert "=" in a, f"{command!r}: {a!r} is no override"
+                overrides.append(a)
+        cfgs = []
+        for ov in _expand(overrides):
+            cfg = compose_cfg(ov, config_name=config_name, config_dir=config_dir)
+            check_config(cfg)
+            check_overrides(cfg, ov)
+            cfgs.append(cfg)
+        return cfgs
+    return compose_command_
 
 
 def test_the_extractor_finds_the_commands():
@@ -102,27 +102,24 @@ def test_the_extractor_finds_the_commands():
 
 
 @pytest.mark.parametrize("command", sorted(set(readme_commands() + help_commands())))
-def test_every_documented_command_composes_and_passes_the_checks(monkeypatch, command):
+def test_every_documented_command_composes_and_passes_the_checks(compose_command, monkeypatch, command):
     monkeypatch.setenv("RMOE_DATA_DIR", os.environ.get("RMOE_DATA_DIR") or "/nonexistent/data")
     assert compose_command(command)
 
 
-def test_fusion_beta_line_sets_beta_on_a_protocol_with_fusion():
+def test_fusion_beta_line_sets_beta_on_a_protocol_with_fusion(compose_command):
     line = next(c for c in readme_commands() if "moe.fusion.beta=0.9" in c)
     (cfg,) = compose_command(line)
     assert cfg.moe.fusion.beta == 0.9 and cfg.curriculum.lambda_min == 1e-4 and cfg.moe.fusion.update_in_eval
 
 
-def test_plus_fusion_beta_on_a_protocol_without_fusion_is_refused():
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["moe=rmoe", "+moe.fusion.beta=0.9"])
+def test_plus_fusion_beta_on_a_protocol_without_fusion_is_refused(compose_cfg):
+    cfg = compose_cfg(["moe=rmoe", "+moe.fusion.beta=0.9"])
     assert cfg.moe.fusion == {"beta": 0.9}  # Hydra's hint composes: fusion on with beta only
     with pytest.raises(ConfigError, match=r"moe.fusion=\{'beta': 0.9\} \(missing agg, update_in_eval, mix_alpha"):
         check_config(cfg)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        full = compose(config_name="train", overrides=[
-            "moe=rmoe", "variant=rmoe_fusion",
-            "moe.fusion={beta: 0.9, agg: sum, update_in_eval: false, mix_alpha: 1.0}"])
+    full = compose_cfg(["moe=rmoe", "variant=rmoe_fusion",
+                        "moe.fusion={beta: 0.9, agg: sum, update_in_eval: false, mix_alpha: 1.0}"])
     check_config(full)
 
 

@@ -10,10 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from tasks.run.checks import ConfigError, check_overrides
-from tasks.train import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,9 +65,8 @@ def test_unknown_keys_and_options_get_a_did_you_mean(args, hint):
 
 @pytest.mark.parametrize("moe,refused", [("rmoe", True), ("dynmoe", True), ("expert_choice", True),
                                          ("moe_topk", False), ("gmoe", False)])
-def test_top_k_override_is_refused_for_routers_that_ignore_it(moe, refused):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"moe={moe}", "moe.top_k=1"])
+def test_top_k_override_is_refused_for_routers_that_ignore_it(compose_cfg, moe, refused):
+    cfg = compose_cfg([f"moe={moe}", "moe.top_k=1"])
     if refused:
         with pytest.raises(ConfigError, match=rf"moe.top_k=1 \(the {cfg.moe.router} router ignores top_k"):
             check_overrides(cfg, [f"moe={moe}", "moe.top_k=1"])

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import hydra
 import pytest
-from hydra import compose, initialize_config_dir
 
 from tasks.run.cli import complete_nested, group_options
 from tasks.train import CONF_DIR
@@ -19,10 +18,12 @@ from tasks.train import CONF_DIR
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _data(overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    return hydra.utils.instantiate(cfg.data, _convert_="all")
+@pytest.fixture(scope="session")
+def _data(compose_cfg):
+    def _data_(overrides):
+        cfg = compose_cfg(overrides)
+        return hydra.utils.instantiate(cfg.data, _convert_="all")
+    return _data_
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -30,7 +31,7 @@ def _data(overrides):
     (["task=domainbed/rotated_mnist"], "data.root=None"),
     (["task=domainbed/pacs"], "data.root=None"),
 ])
-def test_missing_data_root_names_the_variable_and_the_key(monkeypatch, overrides, key):
+def test_missing_data_root_names_the_variable_and_the_key(_data, monkeypatch, overrides, key):
     monkeypatch.delenv("RMOE_DATA_DIR", raising=False)
     with pytest.raises(Exception) as err:
         _data(overrides)
@@ -38,7 +39,7 @@ def test_missing_data_root_names_the_variable_and_the_key(monkeypatch, overrides
     assert key in msg and "RMOE_DATA_DIR" in msg and "allowed:" in msg
 
 
-def test_the_hub_is_used_only_when_asked(monkeypatch):
+def test_the_hub_is_used_only_when_asked(_data, monkeypatch):
     monkeypatch.delenv("RMOE_DATA_DIR", raising=False)
     dm = _data(["task=glue/rte", "backbone=tiny_bert", "data.glue_dir=hub"])  # constructing reads nothing
     assert dm.glue_dir is None  # setup() would load nyu-mll/glue

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import hydra
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
@@ -29,9 +28,10 @@ def _options(group: str) -> list[str]:
                   if not p.name.startswith("_"))
 
 
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+@pytest.fixture(scope="session")
+def _compose(compose_cfg):
+    def compose_(overrides: list[str]):
+        cfg = compose_cfg(overrides)
         if cfg.data._target_.endswith("GLUEDataModule"):
             from tasks.glue.tasks import get_task
 
@@ -39,8 +39,9 @@ def _compose(overrides: list[str]):
             # (the constructor reads nothing then; the local-folder checks have their own tests)
             root = os.environ.get("RMOE_DATA_DIR")
             if not root or not (Path(root) / "glue" / get_task(cfg.data.task).dir_name / "train.tsv").is_file():
-                cfg = compose(config_name="train", overrides=[*overrides, "data.glue_dir=hub"])
+                cfg = compose_cfg([*overrides, "data.glue_dir=hub"])
         return cfg
+    return compose_
 
 
 def _accepted(target) -> set[str] | None:
@@ -90,7 +91,7 @@ CASES = [(g, o) for g, opts in GROUPS.items() for o in opts]
 
 
 @pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
-def test_every_group_option_composes_and_its_keys_are_read(group, option):
+def test_every_group_option_composes_and_its_keys_are_read(_compose, group, option):
     extra = []
     if group in ("backbone",) and option.startswith(("vit", "deit")):
         extra = ["task=domainbed/rotated_digits"]
@@ -104,11 +105,11 @@ EXPERIMENTS = _options("experiment")
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes_and_its_keys_are_read(name):
+def test_every_experiment_composes_and_its_keys_are_read(_compose, name):
     _check(_compose([f"experiment={name}"]), f"experiment={name}")
 
 
-def test_a_dataset_option_the_dataset_does_not_have_is_an_error():
+def test_a_dataset_option_the_dataset_does_not_have_is_an_error(_compose):
     cfg = _compose(["task=domainbed/rotated_digits", "data.augment=false"])
     with pytest.raises(Exception, match=r"invalid data\.augment=False: dataset RotatedDigits has no such option; "
                                         r"allowed: null \(the options of RotatedDigits are max_images\)"):
@@ -118,6 +119,27 @@ def test_a_dataset_option_the_dataset_does_not_have_is_an_error():
         hydra.utils.instantiate(cfg.data, _convert_="all")
 
 
-def test_debug_runs_get_their_own_task_name():
+def test_debug_runs_get_their_own_task_name(_compose):
     assert _compose(["task=glue/rte", "debug=fast"]).task_name == "debug/rte"
     assert _compose(["task=domainbed/pacs", "debug=fdr"]).task_name == "debug/PACS"
+
+
+def _stated_with_python_default(conf_file: Path) -> list[str]:
+    """The keys of a conf/module/ file whose target's constructor also has a default for them (a value, or a
+    fallback, stated in two places)."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    node = OmegaConf.load(conf_file)
+    params = inspect.signature(get_class(node["_target_"]).__init__).parameters
+    return [k for k in node if k != "_target_" and k in params
+            and params[k].default is not inspect.Parameter.empty]
+
+
+@pytest.mark.parametrize("name", _options("module"))
+def test_module_defaults_have_one_home(name):
+    """Each argument of the benchmark's LightningModule has its default in one place: the conf/module/ file
+    states it and the constructor requires it (a key the file does not state may keep a Python default)."""
+    duplicated = _stated_with_python_default(CONF / "module" / f"{name}.yaml")
+    assert duplicated == [], f"conf/module/{name}.yaml and its target both state defaults for {duplicated}"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HELPERS = os.path.join(ROOT, "tests", "tasks")  # _resume_helpers.DumpState
+HELPERS = os.path.join(ROOT, "tests", "tasks", "run")  # _resume_helpers.DumpState
 
 
 def test_ddp_two_cpu_processes_keep_routing_state_identical(tmp_path):

@@ -17,7 +17,7 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__)).rsplit(os.sep, 1)[0]
-HELPERS = os.path.join(ROOT, "tests", "tasks")  # _resume_helpers.DumpState, _run_helpers.FailAtStep
+HELPERS = os.path.join(ROOT, "tests", "tasks", "run")  # _resume_helpers.DumpState, _run_helpers.FailAtStep
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=8",
        "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
        "callbacks.routing_stability.probe_every_n_steps=2",

@@ -83,6 +83,8 @@ CLI_LAZY = {
     ("tasks.run.checks", "check_moe_fields"): "rmoe (torch): the last check, so earlier errors come without torch",
     ("tasks.run.checks", "check_overrides"): "rmoe's router registry (torch): only when moe.top_k is overridden",
     ("tasks.run.checks", "_hf_config"): "transformers: only for a hub text backbone",
+    ("tasks.run.checks", "_protocol_cell"): "Hydra's runtime choices: only to name the cell in an error message",
+    ("tasks.run.checks", "check_curriculum"): "rmoe.schedules (torch): after the torch-free checks",
     ("tasks.run.hub", "cached"): "huggingface_hub: only for a hub backbone or dataset",
     ("tasks.run.run_folder", "staging_dir"): "Hydra's runtime: inside a job (hydra.main has loaded it)",
     ("tasks.run.run_folder", "_appending_writer_class"): "Lightning's CSV logger: when a run's loggers are built",

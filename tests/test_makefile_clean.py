@@ -10,10 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from tasks.run.checks import ConfigError, check_config
-from tasks.train import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,12 +36,11 @@ def test_clean_keeps_runs_and_clean_runs_removes_them(tmp_path):
 
 @pytest.mark.parametrize("overrides,key", [(["task=glue/rte", "backbone=tiny_bert"], "data.glue_dir"),
                                            (["experiment=domainbed/rotated_mnist_rmoe"], "data.root")])
-def test_a_missing_data_root_names_the_variable(monkeypatch, tmp_path, overrides, key):
+def test_a_missing_data_root_names_the_variable(compose_cfg, monkeypatch, tmp_path, overrides, key):
     missing = tmp_path / "shared" / "data"
     monkeypatch.setenv("RMOE_DATA_DIR", str(missing))
     monkeypatch.setenv("RMOE_DATA_DIR_ORIGIN", "the Makefile's default, ../shared/data beside the clone")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_cfg(overrides)
     with pytest.raises(ConfigError) as err:
         check_config(cfg)
     msg = str(err.value)

@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from rmoe import ConfigError, MoEConfig, build_schedule
@@ -71,10 +70,11 @@ LAMBDA_AT = {
 }
 
 
-def _compose(overrides: list[str], config_dir: str = CONF_DIR, config_name: str = "train"):
-    extra = [] if config_dir == CONF_DIR else [f"hydra.searchpath=[file://{CONF_DIR}]"]
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        return compose(config_name=config_name, overrides=[*overrides, *extra], return_hydra_config=True)
+@pytest.fixture(scope="session")
+def _compose(compose_cfg):
+    def _compose_(overrides: list[str], config_dir: str = CONF_DIR, config_name: str = "train"):
+        return compose_cfg(overrides, config_name=config_name, config_dir=config_dir, hydra=True)
+    return _compose_
 
 
 def check_cell(cfg, bench: str, method: str, where: str) -> None:
@@ -130,7 +130,7 @@ EXPERIMENTS = sorted(str(p.relative_to(Path(CONF_DIR) / "experiment"))[:-5]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_file_has_its_cells_protocol(name):
+def test_every_experiment_file_has_its_cells_protocol(_compose, name):
     bench, stem = name.split("/")
     cfg = _compose([f"experiment={name}"])
     check_cell(cfg, bench, _bench_method(stem), f"experiment={name}")
@@ -152,7 +152,7 @@ SWEEP_CELLS = [
 
 
 @pytest.mark.parametrize("sweep,fixed,bench", SWEEP_CELLS)
-def test_every_sweep_gives_each_method_its_protocol(sweep, fixed, bench):
+def test_every_sweep_gives_each_method_its_protocol(_compose, sweep, fixed, bench):
     base = _compose(fixed, SWEEPS, sweep)
     methods = _sweep_values(base, "moe") or [base.moe.name]
     assert methods
@@ -161,7 +161,7 @@ def test_every_sweep_gives_each_method_its_protocol(sweep, fixed, bench):
         check_cell(cfg, bench, m, f"sweeps/{sweep} moe={m}")
 
 
-def test_the_study_domainbed_sweep_gives_each_method_its_protocol():
+def test_the_study_domainbed_sweep_gives_each_method_its_protocol(_compose):
     base = _compose([], SWEEPS, "reproduce_domainbed")
     exps = _sweep_values(base, "experiment")
     assert {_bench_method(e.split("/")[1]) for e in exps} >= {"dense", "gmoe", "dynmoe", "rmoe"}
@@ -173,11 +173,11 @@ def test_the_study_domainbed_sweep_gives_each_method_its_protocol():
 @pytest.mark.parametrize("task,bench", [("glue/rte", "glue"), ("glue/cola", "glue"), ("domainbed/pacs", "domainbed"),
                                         ("domainbed/rotated_mnist", "domainbed")])
 @pytest.mark.parametrize("method", METHODS)
-def test_command_line_cells_get_the_same_protocol(task, bench, method):
+def test_command_line_cells_get_the_same_protocol(_compose, task, bench, method):
     check_cell(_compose([f"task={task}", f"moe={method}"]), bench, method, f"task={task} moe={method}")
 
 
-def test_curriculum_ablation_uses_the_benchmarks_baseline_lambda():
+def test_curriculum_ablation_uses_the_benchmarks_baseline_lambda(_compose):
     glue = _compose(["task=glue/rte", "moe=rmoe", "curriculum=constant"])
     vision = _compose(["task=domainbed/pacs", "moe=rmoe", "curriculum=constant"])
     assert (glue.curriculum.mode, glue.curriculum.lambda0) == ("constant", 0.01)
@@ -185,7 +185,7 @@ def test_curriculum_ablation_uses_the_benchmarks_baseline_lambda():
     assert glue.moe.fusion is not None and vision.moe.fusion is None  # the rest of the cell is unchanged
 
 
-def test_search_spaces_never_propose_lambda_min_above_lambda_max():
+def test_search_spaces_never_propose_lambda_min_above_lambda_max(_compose):
     optuna = _compose(["task=glue/rte"], SWEEPS, "optuna_glue")
     p = optuna.hydra.sweeper.params
 
@@ -200,7 +200,7 @@ def test_search_spaces_never_propose_lambda_min_above_lambda_max():
     assert lo and hi and max(lo) <= min(hi)
 
 
-def test_lambda_min_above_lambda_max_is_rejected_before_training():
+def test_lambda_min_above_lambda_max_is_rejected_before_training(_compose):
     import hydra
 
     cfg = _compose(["task=glue/rte", "moe=rmoe", "curriculum.lambda_min=0.1"])
@@ -215,7 +215,7 @@ PAPER_GLUE_TASKS = ("cola", "mrpc", "qnli", "mnli", "rte")
 
 
 @pytest.mark.parametrize("task", PAPER_GLUE_TASKS)
-def test_the_papers_glue_moe_row_is_the_released_cosine_router(task):
+def test_the_papers_glue_moe_row_is_the_released_cosine_router(_compose, task):
     """The paper's GLUE "MoE" row is what the released scripts ran (DynMoE EMoE/Language/scripts/<task>.sh:
     --gate_type cosine_top; search_glue_no_trainer.py: gate_noise 1.0, capacity_factor 1.5, is_gshard_loss off;
     moe_utils.py: batch_prioritized_routing=True): a cell of its own, beside the textbook top-k."""
@@ -238,7 +238,7 @@ RELEASED_ON = {  # SPEC §9: which released behaviours each released variant swi
 
 @pytest.mark.parametrize("bench,task", [("glue", "glue/rte"), ("domainbed", "domainbed/rotated_mnist")])
 @pytest.mark.parametrize("method", ["rmoe", "dynmoe"])
-def test_released_variants_are_their_methods_cell_with_the_released_switches(bench, task, method):
+def test_released_variants_are_their_methods_cell_with_the_released_switches(_compose, bench, task, method):
     name = f"{method}_released"
     cfg = _compose([f"task={task}", f"moe={name}"])
     assert cfg.variant == name and cfg.moe.name == name
@@ -253,7 +253,7 @@ def test_released_variants_are_their_methods_cell_with_the_released_switches(ben
     assert not plain.released.any
 
 
-def test_a_released_variant_name_without_released_switches_is_refused():
+def test_a_released_variant_name_without_released_switches_is_refused(_compose):
     from tasks.run.checks import ConfigError as RunConfigError
     from tasks.run.checks import check_config
 
@@ -261,3 +261,108 @@ def test_a_released_variant_name_without_released_switches_is_refused():
     with pytest.raises(RunConfigError, match=r"variant='rmoe_released'.*allowed: moe=rmoe_released"):
         check_config(cfg)
     check_config(_compose(["task=glue/rte", "moe=rmoe_released"]))
+
+
+# --- λ's values: one home per cell --------------------------------------------------------------------------------
+LAMBDA_KEYS = ("lambda0", "lambda_min", "lambda_max", "beta")
+PHASE_VALUE_KEYS = ("value", "start_value", "end_value")
+
+
+def _yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _lambda_literals(path: Path) -> dict[str, object]:
+    """The λ values a conf file states as literals (not interpolations): ``{key: value}``."""
+    data = _yaml(path)
+    conf = Path(CONF_DIR)
+    node = data if path.parent == conf / "curriculum" else data.get("curriculum")
+    if not isinstance(node, dict):
+        return {}
+    out = {k: node[k] for k in LAMBDA_KEYS if isinstance(node.get(k), (int, float))}
+    for i, phase in enumerate(node.get("phases") or []):
+        out.update({f"phases[{i}].{k}": phase[k] for k in PHASE_VALUE_KEYS
+                    if isinstance(phase, dict) and isinstance(phase.get(k), (int, float))})
+    return out
+
+
+def _included(path: Path) -> list[Path]:
+    """The conf files a protocol cell includes through its defaults list (``/protocol/<b>/<m>@_here_``)."""
+    out = []
+    for entry in _yaml(path).get("defaults") or []:
+        if isinstance(entry, str) and entry.startswith("/protocol/"):
+            out.append(Path(CONF_DIR) / f"{entry[1:].split('@')[0]}.yaml")
+    return out
+
+
+def _cell_chain(path: Path) -> list[Path]:
+    chain, todo = [], [path]
+    while todo:
+        p = todo.pop()
+        chain.append(p)
+        todo.extend(_included(p))
+    return chain
+
+
+CELLS = sorted(p for p in (Path(CONF_DIR) / "protocol").rglob("*.yaml") if not p.name.startswith("_"))
+
+
+def test_lambda_values_are_stated_only_in_the_protocol_cells():
+    """A curriculum option, a module, a task or an experiment file states no λ value: λ's values live in the
+    protocol cells alone (a curriculum option names a schedule shape; its phases refer to the cell's values)."""
+    stating = {p.relative_to(CONF_DIR).as_posix(): _lambda_literals(p) for p in Path(CONF_DIR).rglob("*.yaml")}
+    stating = {k: v for k, v in stating.items() if v}
+    outside = {k: v for k, v in stating.items() if not k.startswith("protocol/")}
+    assert not outside, f"λ values stated outside conf/protocol/: {outside}"
+    assert {"protocol/glue/rmoe.yaml", "protocol/domainbed/rmoe.yaml", "protocol/glue/dense.yaml"} <= set(stating)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_each_cells_lambda_values_are_in_exactly_one_file(cell):
+    files = [p.relative_to(CONF_DIR).as_posix() for p in _cell_chain(cell) if _lambda_literals(p)]
+    assert len(files) == 1, f"{cell.relative_to(CONF_DIR)}: λ values stated in {files or 'no file'}"
+
+
+def _distinct_cells() -> list[tuple[str, str]]:
+    """One (benchmark, method) per distinct λ content among the cells (the others state the same values)."""
+    seen: dict[str, tuple[str, str]] = {}
+    for cell in CELLS:
+        values = next(_lambda_literals(p) for p in _cell_chain(cell) if _lambda_literals(p))
+        mode = next((_yaml(p)["curriculum"]["mode"] for p in _cell_chain(cell)
+                     if "mode" in (_yaml(p).get("curriculum") or {})), None)
+        seen.setdefault(repr((cell.parent.name, mode, sorted(values.items()))), (cell.parent.name, cell.stem))
+    return sorted(seen.values())
+
+
+TASK_OF = {"glue": "glue/rte", "domainbed": "domainbed/rotated_mnist"}
+CURRICULUM_OPTIONS = sorted(p.stem for p in (Path(CONF_DIR) / "curriculum").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("bench,method", _distinct_cells())
+def test_a_curriculum_option_keeps_the_cells_values_or_names_the_missing_key(_compose, bench, method):
+    """``curriculum=<mode>`` on the command line changes the schedule's shape only: every λ value the run uses is
+    the cell's, or the run is refused before training naming the key the cell does not state."""
+    from tasks.run.checks import ConfigError as RunConfigError
+    from tasks.run.checks import check_curriculum
+
+    cell = [f"task={TASK_OF[bench]}", f"moe={method}"]
+    base = OmegaConf.to_container(_compose(cell).curriculum, resolve=True)
+    cell_values = {k: base[k] for k in LAMBDA_KEYS if k in base}
+    assert cell_values
+    for option in CURRICULUM_OPTIONS:
+        cfg = _compose([*cell, f"curriculum={option}"])
+        try:
+            check_curriculum(cfg)
+        except RunConfigError as err:
+            key = re.search(r"curriculum\.(\w+) is missing", str(err)).group(1)
+            assert key in LAMBDA_KEYS and key not in cell_values, (option, str(err))
+            assert f"conf/protocol/{bench}/{method}.yaml" in str(err) and f"+curriculum.{key}=" in str(err)
+            continue
+        cur = OmegaConf.to_container(cfg.curriculum, resolve=True)
+        assert cur["mode"] == option
+        assert {k: cur[k] for k in LAMBDA_KEYS if k in cur} == cell_values, option
+        if option == "phased":  # its phases are written in the cell's ramp ends
+            ends = {v for ph in cur["phases"] for k, v in ph.items() if k in PHASE_VALUE_KEYS}
+            assert ends == {cell_values["lambda_min"], cell_values["lambda_max"]}

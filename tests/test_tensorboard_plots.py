@@ -10,14 +10,13 @@ import os
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tasks.plots import main as plots_main
 from tasks.results.records import read_run
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 TINY = ["task=domainbed/rotated_digits", "logger=csv_tensorboard", "trainer.max_steps=7",
         "trainer.val_check_interval=3", "data.batch_size=4", "data.eval_batch_size=256",
@@ -28,10 +27,9 @@ TINY = ["task=domainbed/rotated_digits", "logger=csv_tensorboard", "trainer.max_
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(compose_cfg, tmp_path_factory):
     out = tmp_path_factory.mktemp("tb_run")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=TINY)
+    cfg = compose_cfg(TINY)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     metrics, _ = train(cfg)

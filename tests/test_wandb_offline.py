@@ -25,11 +25,10 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from tasks.run import wandb_utils
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 wandb = pytest.importorskip("wandb")
 
@@ -182,16 +181,18 @@ def no_auth_env(monkeypatch, tmp_path):
     return netrc
 
 
-def wandb_cfg(tmp_path, logger="wandb", *overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["task=glue/cola", f"logger={logger}", *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-    return cfg
+@pytest.fixture(scope="session")
+def wandb_cfg(compose_cfg):
+    def wandb_cfg_(tmp_path, logger="wandb", *overrides):
+        cfg = compose_cfg(["task=glue/cola", f"logger={logger}", *overrides])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path)
+        return cfg
+    return wandb_cfg_
 
 
 # --- mode detection -----------------------------------------------------------------------------
-def test_no_api_key_goes_offline_with_one_warning_line(tmp_path, no_auth_env, caplog):
+def test_no_api_key_goes_offline_with_one_warning_line(wandb_cfg, tmp_path, no_auth_env, caplog):
     cfg = wandb_cfg(tmp_path)
     assert cfg.logger.wandb.mode is None
     with caplog.at_level(logging.WARNING, logger="tasks.run.wandb_utils"):
@@ -203,7 +204,7 @@ def test_no_api_key_goes_offline_with_one_warning_line(tmp_path, no_auth_env, ca
     assert "W&B offline" in warnings[0] and "wandb sync" in warnings[0] and str(tmp_path) in warnings[0]
 
 
-def test_api_key_but_unreachable_host_goes_offline(tmp_path, no_auth_env, monkeypatch):
+def test_api_key_but_unreachable_host_goes_offline(wandb_cfg, tmp_path, no_auth_env, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
     cfg = wandb_cfg(tmp_path, "csv_wandb")
@@ -221,7 +222,7 @@ def test_unresolvable_host_is_unreachable_within_the_timeout(no_auth_env):
     assert time.monotonic() - t0 < 2.0
 
 
-def test_netrc_entry_and_reachable_host_stay_online(tmp_path, no_auth_env, monkeypatch):
+def test_netrc_entry_and_reachable_host_stay_online(wandb_cfg, tmp_path, no_auth_env, monkeypatch):
     with tcp_server() as (port, _):
         url = f"http://127.0.0.1:{port}"
         monkeypatch.setenv("WANDB_BASE_URL", url)
@@ -247,7 +248,7 @@ def test_through_a_proxy_the_connect_answer_decides(no_auth_env, monkeypatch, st
 
 
 @pytest.mark.parametrize("how", ["env", "mode", "offline"])
-def test_an_explicit_choice_is_respected(tmp_path, no_auth_env, monkeypatch, how):
+def test_an_explicit_choice_is_respected(wandb_cfg, tmp_path, no_auth_env, monkeypatch, how):
     overrides = {"env": [], "mode": ["logger.wandb.mode=online"], "offline": ["logger.wandb.offline=true"]}[how]
     if how == "env":
         monkeypatch.setenv("WANDB_MODE", "online")
@@ -257,7 +258,7 @@ def test_an_explicit_choice_is_respected(tmp_path, no_auth_env, monkeypatch, how
     assert OmegaConf.to_container(cfg.logger) == before
 
 
-def test_without_a_wandb_logger_nothing_happens(tmp_path, no_auth_env):
+def test_without_a_wandb_logger_nothing_happens(wandb_cfg, tmp_path, no_auth_env):
     cfg = wandb_cfg(tmp_path, "csv")
     assert wandb_utils.auto_offline(cfg) is None
     assert "mode" not in cfg.logger.csv
@@ -265,7 +266,7 @@ def test_without_a_wandb_logger_nothing_happens(tmp_path, no_auth_env):
 
 # --- one tiny real run, offline by auto-detection ------------------------------------------------
 @pytest.fixture(scope="module")
-def offline_run(tmp_path_factory):
+def offline_run(wandb_cfg, tmp_path_factory):
     root = os.environ.get("RMOE_DATA_DIR")
     if not root or not os.path.isdir(root):
         pytest.skip("RMOE_DATA_DIR is not set to the offline data folder")
@@ -357,16 +358,14 @@ def test_run_carries_project_group_tags_and_the_resolved_config(offline_run):
     assert len(exits) == 1 and exits[0].exit_code == 0
 
 
-def test_multirun_jobs_are_named_by_variant_seed_and_job_and_grouped_by_sweep(tmp_path):
+def test_multirun_jobs_are_named_by_variant_seed_and_job_and_grouped_by_sweep(compose_cfg, tmp_path):
     """In a multirun job (Hydra's config of the job set as Hydra sets it), the W&B name and group resolve from
     the variant, the seed, the job number and the sweep folder; a single run keeps task_name as its group."""
     from hydra.core.hydra_config import HydraConfig
 
     sweep = tmp_path / "logs" / "glue" / "rte" / "multiruns" / "2026-12-07_21-00-00_000001"
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True,
-                      overrides=["task=glue/rte", "logger=wandb", "variant=rmoe_nofusion", "moe.fusion=null",
-                                 "seed=2", "hydra.mode=MULTIRUN", "hydra.job.num=5", f"hydra.sweep.dir={sweep}"])
+    cfg = compose_cfg(["task=glue/rte", "logger=wandb", "variant=rmoe_nofusion", "moe.fusion=null", "seed=2",
+                       "hydra.mode=MULTIRUN", "hydra.job.num=5", f"hydra.sweep.dir={sweep}"], hydra=True)
     HydraConfig.instance().set_config(cfg)
     try:
         assert cfg.logger.wandb.name == "rmoe_nofusion-seed2-job5"

@@ -27,10 +27,14 @@ from .model import build_moe_vit
 
 
 class DomainBedModule(MoEModule):
+    """Every argument stated in ``conf/module/domainbed.yaml`` is required here: its value has one home, that
+    file (the task file for the data-dependent ones, the protocol for ``block_weight``); ``adam_betas``, which
+    no config file states, keeps its default here (Adam's)."""
+
     def __init__(self, backbone: Mapping[str, Any], input_shape: Sequence[int], num_classes: int,
-                 moe: Mapping[str, Any] | None = None, backend: str = "torch", algorithm: str = "RMoE",
-                 lr: float = 3e-5, weight_decay: float = 0.0, adam_betas: Sequence[float] = (0.9, 0.999),
-                 block_weight: float = 0.01, z_loss_weight: float = 0.0, num_threads: int | None = None):
+                 moe: Mapping[str, Any] | None, backend: str, algorithm: str, lr: float, weight_decay: float,
+                 block_weight: float, z_loss_weight: float, num_threads: int | None,
+                 adam_betas: Sequence[float] = (0.9, 0.999)):
         super().__init__(lr=lr, weight_decay=weight_decay, block_weight=block_weight, z_loss_weight=z_loss_weight)
         self.save_hyperparameters()
         if not isinstance(num_classes, int) or num_classes < 2:

@@ -21,7 +21,7 @@ Both layouts also have ``rmoe_config.json`` (the GLUE task and its labels, the M
 :class:`rmoe.MoEConfig` fields, the backend, the head's dropout, the checkpoint it came from) and the tokenizer's
 ``save_pretrained`` files (``AutoTokenizer.from_pretrained(folder)`` reads them). :func:`load_pretrained` rebuilds
 the same :class:`tasks.glue.module.GLUEModule` from either layout (and from format-1 folders of older commits) and
-loads the weights strictly; in eval mode it returns the checkpoint's logits (``tests/tasks/test_export.py``).
+loads the weights strictly; in eval mode it returns the checkpoint's logits (``tests/tasks/glue/test_export.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ from .module import GLUEModule
 WEIGHTS_FILE = "model.safetensors"
 RMOE_CONFIG_FILE = "rmoe_config.json"
 EXPORT_FORMAT = 2
+#: GLUEModule's training-only arguments for a loaded export, which is evaluated, never trained: no held-out slice,
+#: no frozen prefix (the same forward), and optimizer/loss weights that no eval-mode forward reads
+NOT_TRAINED = {"heldout_samples": None, "freeze_layers": 0, "cache_frozen": False, "lr": 1.0, "weight_decay": 0.0,
+               "warmup_ratio": 0.0, "adam_eps": 1.0, "block_weight": 0.0, "z_loss_weight": 0.0}
 #: ``config.json``'s model_type of a MoE export: AutoConfig's "does not recognize this architecture" quotes it
 MOE_MODEL_TYPE = ("rmoe-moe (a MoE model: Transformers has no architecture for its MoE FFN layers; load it with "
                   "tasks.glue.export.load_pretrained(folder) from the rmoe package)")
@@ -174,7 +178,7 @@ def load_pretrained(folder: str | os.PathLike, map_location: str = "cpu") -> Any
     else:
         hf = record["encoder_config"]
     model = GLUEModule(record["task"], {"pretrained": None, "config": hf}, record["moe"], backend=record["backend"],
-                       classifier_dropout=record.get("classifier_dropout"))
+                       classifier_dropout=record.get("classifier_dropout"), **NOT_TRAINED)
     if layout == "transformers" and fmt == EXPORT_FORMAT:
         state = load_file(str(folder / WEIGHTS_FILE), device=map_location)
         prefix = next(k.split(".", 1)[0] for k in state if not k.startswith("classifier."))

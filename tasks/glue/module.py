@@ -40,14 +40,14 @@ from .tasks import get_task
 
 class GLUEModule(MoEModule):
     """``backbone``: ``{pretrained, config, ...}`` (see ``conf/backbone``); ``moe``: the ``moe``
-    config group (``layers``, ``init`` and the :class:`rmoe.MoEConfig` fields); ``backend``:
-    ``torch|megablocks``."""
+    config group (``layers``, ``init`` and the :class:`rmoe.MoEConfig` fields, None for the dense model);
+    ``backend``: ``torch|megablocks``. Every argument is required: their defaults have one home,
+    ``conf/module/glue.yaml`` (and the protocol for ``block_weight``), which ``rmoe-train`` instantiates."""
 
-    def __init__(self, task: str, backbone: Mapping[str, Any], moe: Mapping[str, Any] | None = None,
-                 backend: str = "torch", heldout_samples: int | None = None, freeze_layers: int = 0,
-                 lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
-                 adam_eps: float = 1e-8, block_weight: float = 1.0, z_loss_weight: float = 0.0,
-                 classifier_dropout: float | None = None, cache_frozen: bool = False):
+    def __init__(self, task: str, backbone: Mapping[str, Any], moe: Mapping[str, Any] | None, backend: str,
+                 heldout_samples: int | None, freeze_layers: int, lr: float, weight_decay: float,
+                 warmup_ratio: float, adam_eps: float, block_weight: float, z_loss_weight: float,
+                 classifier_dropout: float | None, cache_frozen: bool):
         super().__init__(lr=lr, weight_decay=weight_decay, block_weight=block_weight, z_loss_weight=z_loss_weight)
         self.save_hyperparameters()
         self.task = get_task(task)

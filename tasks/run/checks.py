@@ -45,10 +45,12 @@ import functools
 import importlib
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError
 
 from tasks.run.common import resolve_model_path, split_moe_config
 from tasks.run.hub import HubUnreachable, preflight
@@ -212,10 +214,15 @@ def check_data(cfg: Any) -> None:
         cls.check_config(cfg)
 
 
-def check_learning_rates(cfg: Any) -> None:
-    module = _get(cfg, "module")
-    if not isinstance(module, Mapping):
-        return
+#: the module's loss weights and weight decay: finite numbers >= 0 (learning rates: > 0)
+NONNEGATIVE_MODULE_KEYS = ("weight_decay", "block_weight", "z_loss_weight")
+
+
+def check_module_hparams(module: Mapping[str, Any]) -> None:
+    """``module.lr`` and every ``module.*_lr`` (null allowed for the latter): a finite number > 0;
+    ``module.weight_decay``, ``module.block_weight``, ``module.z_loss_weight``: a finite number >= 0. The one
+    check of these keys: :func:`check_config` runs it on the composed config, :class:`tasks.run.moe_module.MoEModule`
+    on its arguments (a module built without the config)."""
     for k, v in module.items():
         if not (k == "lr" or k.endswith("_lr")):
             continue
@@ -223,9 +230,16 @@ def check_learning_rates(cfg: Any) -> None:
             continue
         if not _is_number(v) or not math.isfinite(float(v)) or float(v) <= 0:
             _fail(f"module.{k}", v, "a finite number > 0")
-    wd = module.get("weight_decay")
-    if wd is not None and (not _is_number(wd) or not math.isfinite(float(wd)) or float(wd) < 0):
-        _fail("module.weight_decay", wd, "a finite number >= 0")
+    for k in NONNEGATIVE_MODULE_KEYS:
+        v = module.get(k)
+        if v is not None and (not _is_number(v) or not math.isfinite(float(v)) or float(v) < 0):
+            _fail(f"module.{k}", v, "a finite number >= 0")
+
+
+def check_learning_rates(cfg: Any) -> None:
+    module = _get(cfg, "module")
+    if isinstance(module, Mapping):
+        check_module_hparams(module)
 
 
 def check_max_length(cfg: Any) -> None:
@@ -348,8 +362,55 @@ def check_variant(cfg: Any) -> None:
               "equations under the released code's name")
 
 
+def _protocol_cell(cfg: Any) -> str:
+    """The file of the run's protocol cell (``conf/protocol/<benchmark>/<method>.yaml``), for messages."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("protocol")
+    except Exception:  # composed without Hydra's runtime: the compose API (its hydra node, when returned)
+        choice = OmegaConf.select(cfg, "hydra.runtime.choices.protocol", default=None) \
+            if isinstance(cfg, DictConfig) else None
+    method = _get(cfg, "moe.name", "<method>")
+    return f"conf/protocol/{choice or '<benchmark>/' + str(method)}.yaml"
+
+
+def check_curriculum(cfg: Any) -> None:
+    """λ's values have one home, the run's protocol cell; a ``curriculum=<mode>`` option names a schedule shape
+    only. A mode whose values the cell does not state is refused here, naming the key, instead of training with
+    values from somewhere else (imports ``rmoe.schedules``, hence torch: after the torch-free checks)."""
+    if not _has(cfg, "curriculum"):
+        return
+    cur = OmegaConf.select(cfg, "curriculum") if isinstance(cfg, DictConfig) else _get(cfg, "curriculum")
+    if not isinstance(cur, (Mapping, DictConfig)):
+        return
+    from rmoe.schedules import MODE_PARAMS
+
+    mode = cur.get("mode")
+    if mode not in MODE_PARAMS:
+        return  # rmoe.build_schedule names the allowed modes when the callback is built
+    cell = _protocol_cell(cfg)
+    for key in MODE_PARAMS[mode]:
+        if key == "units" or key in cur:
+            continue
+        raise ConfigError(
+            f"invalid config: curriculum.{key} is missing for curriculum.mode={mode} (a curriculum option names a "
+            f"schedule shape only; λ's values come from the protocol cell {cell}, which states no {key}); allowed: "
+            f"+curriculum.{key}=<value> on the command line, or a mode whose values the cell states")
+    if isinstance(cur, DictConfig):  # phased: the phases are written in the cell's lambda_min / lambda_max
+        try:
+            OmegaConf.to_container(cur, resolve=True)
+        except InterpolationKeyError as e:
+            missing = re.search(r"key '([^']+)'", str(e))
+            key = missing.group(1) if missing else "curriculum.lambda_min"
+            raise ConfigError(
+                f"invalid config: {key} is missing for curriculum.mode={mode} (the mode's phases are written in the "
+                f"cell's values, and the protocol cell {cell} states no {key.rsplit('.', 1)[-1]}); allowed: "
+                f"+{key}=<value> on the command line, or a mode whose values the cell states") from None
+
+
 CHECKS = (check_data_root, check_hub, check_trainer, check_moe, check_fusion, check_data, check_learning_rates,
-          check_max_length, check_seeds, check_wandb, check_variant, check_moe_fields)
+          check_max_length, check_seeds, check_wandb, check_variant, check_moe_fields, check_curriculum)
 
 
 def check_config(cfg: Any) -> None:

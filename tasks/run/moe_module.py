@@ -16,7 +16,6 @@ the sanity check; :meth:`MoEModule.update_best_score` returns the value logged a
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import lightning as L
 import torch
@@ -26,6 +25,7 @@ from callbacks.balancing import BalancingCallback
 from rmoe import ConfigError, moe_losses
 from rmoe.accumulation import global_batch_layers, megatron_global_batch_layers
 from rmoe.fusion import frozen_fusion
+from tasks.run.checks import check_module_hparams
 
 
 def fused_if_supported(params: list[nn.Parameter]) -> dict[str, bool]:
@@ -36,16 +36,6 @@ def fused_if_supported(params: list[nn.Parameter]) -> dict[str, bool]:
     return {"fused": True} if ok else {}
 
 
-def check_hparams(lr: Any, weight_decay: Any, block_weight: Any, z_loss_weight: Any) -> None:
-    """``lr > 0``; ``weight_decay``, ``block_weight``, ``z_loss_weight >= 0`` (finite numbers)."""
-    for key, value, allowed in (("module.lr", lr, "> 0"), ("module.weight_decay", weight_decay, ">= 0"),
-                                ("module.block_weight", block_weight, ">= 0"),
-                                ("module.z_loss_weight", z_loss_weight, ">= 0")):
-        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
-                or (allowed == "> 0" and value <= 0)):
-            raise ValueError(f"invalid {key}={value!r}; allowed: a number {allowed}")
-
-
 class MoEModule(L.LightningModule):
     """Base of the task modules: subclasses call ``super().__init__(lr=..., weight_decay=...,
     block_weight=..., z_loss_weight=...)`` first, compute their task loss and call
@@ -53,7 +43,8 @@ class MoEModule(L.LightningModule):
 
     def __init__(self, lr: float, weight_decay: float, block_weight: float, z_loss_weight: float):
         super().__init__()
-        check_hparams(lr, weight_decay, block_weight, z_loss_weight)
+        check_module_hparams({"lr": lr, "weight_decay": weight_decay, "block_weight": block_weight,
+                              "z_loss_weight": z_loss_weight})
         self.block_weight = float(block_weight)
         self.z_loss_weight = float(z_loss_weight)
         self._lambda = 0.0
@@ -71,12 +62,18 @@ class MoEModule(L.LightningModule):
         """The current λ (read-only: set it with :meth:`set_lambda`)."""
         return self._lambda
 
+    @property
+    def aux_weight(self) -> float:
+        """The effective weight of ``Σ aux`` in the loss, ``λ · block_weight`` (computed here only: λ and the
+        block weight both come from the run's protocol, ``conf/protocol/<benchmark>/``)."""
+        return self._lambda * self.block_weight
+
     # --- loss ------------------------------------------------------------------------------------
     def moe_loss(self, task_loss: Tensor, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, Σ aux, Σ z)`` for ``task_loss`` and the MoE layers of ``model`` (module docstring)."""
         aux, z = moe_losses(model)
         aux, z = aux.to(task_loss.device), z.to(task_loss.device)
-        loss = task_loss + self._lambda * self.block_weight * aux
+        loss = task_loss + self.aux_weight * aux
         if self.z_loss_weight:
             loss = loss + self.z_loss_weight * z
         return loss, aux, z

@@ -83,26 +83,19 @@ def test_noop_without_lossfree_router(tmp_path):
     assert cb.updates == 0
 
 
-def test_tasks_config_check_accepts_global_batch_with_accumulation_and_refuses_other_strategies():
-    from hydra import compose, initialize_config_dir
-
+def test_tasks_config_check_accepts_global_batch_with_accumulation_and_refuses_other_strategies(compose_cfg):
     from tasks.run.checks import ConfigError as TaskConfigError
     from tasks.run.checks import check_config
-    from tasks.train import CONF_DIR
 
     base = ["task=glue/rte", "moe=moe_topk", "moe.aux_loss=global_batch"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        ok = [compose(config_name="train", overrides=base + extra)
-              for extra in ([], ["trainer.accumulate_grad_batches=4"],
-                            ["trainer=ddp", "trainer.accumulate_grad_batches=4"],
-                            ["+trainer.strategy=ddp_spawn", "trainer.accumulate_grad_batches=2"])]
-        bad = compose(config_name="train", overrides=base + ["trainer.accumulate_grad_batches=4",
-                                                             "+trainer.strategy=fsdp"])
-        fsdp_acc1 = compose(config_name="train", overrides=base + ["+trainer.strategy=fsdp"])
-        # Megatron-Core's running rule needs no routing pre-pass, so no strategy check
-        fsdp_megatron = compose(config_name="train", overrides=base + ["trainer.accumulate_grad_batches=4",
-                                                                       "+trainer.strategy=fsdp",
-                                                                       "moe.global_batch_mode=megatron"])
+    ok = [compose_cfg(base + extra)
+          for extra in ([], ["trainer.accumulate_grad_batches=4"], ["trainer=ddp", "trainer.accumulate_grad_batches=4"],
+                        ["+trainer.strategy=ddp_spawn", "trainer.accumulate_grad_batches=2"])]
+    bad = compose_cfg(base + ["trainer.accumulate_grad_batches=4", "+trainer.strategy=fsdp"])
+    fsdp_acc1 = compose_cfg(base + ["+trainer.strategy=fsdp"])
+    # Megatron-Core's running rule needs no routing pre-pass, so no strategy check
+    fsdp_megatron = compose_cfg(base + ["trainer.accumulate_grad_batches=4", "+trainer.strategy=fsdp",
+                                        "moe.global_batch_mode=megatron"])
     for cfg in ok + [fsdp_acc1, fsdp_megatron]:
         check_config(cfg)
     with pytest.raises(TaskConfigError, match=r"invalid config: trainer.strategy='fsdp' \(the routing pre-pass .*\); "

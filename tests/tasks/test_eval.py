@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from tasks.glue.predict import (
@@ -21,7 +20,7 @@ from tasks.glue.predict import (
     write_submission,
 )
 from tasks.glue.tasks import GlueDataError, get_task
-from tasks.train import CONF_DIR, train
+from tasks.train import train
 
 BIN = os.path.dirname(sys.executable)
 RUN_ARGS = ["task=glue/rte", "backbone=tiny_bert", "debug=fast", "moe=rmoe", "moe.fusion.update_in_eval=false",
@@ -181,7 +180,7 @@ def test_export_and_load_pretrained_give_identical_logits(run, tmp_path):
     assert not torch.equal(a, fresh)  # the comparison can fail: an unloaded model gives other logits
 
 
-def test_rmoe_eval_refuses_another_runs_config_and_warns_for_moving_fusion_state(run):
+def test_rmoe_eval_refuses_another_runs_config_and_warns_for_moving_fusion_state(compose_cfg, run):
     from tasks.eval import EvalConfigError, eval_config, evaluate, register_eval_resolvers, run_choice_overrides
 
     register_eval_resolvers()
@@ -192,8 +191,7 @@ def test_rmoe_eval_refuses_another_runs_config_and_warns_for_moving_fusion_state
     def eval_cfg(*overrides):
         given = {o.split("=")[0] for o in overrides}
         injected = [c for c in choices if c.split("=")[0] not in given and "run_config=null" not in overrides]
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="eval", overrides=[*injected, f"ckpt_path={ckpt}", *overrides])
+        cfg = compose_cfg([*injected, f"ckpt_path={ckpt}", *overrides], config_name="eval")
         with open_dict(cfg):
             cfg.paths.output_dir = str(run)
         return eval_config(cfg, list(overrides), groups=("task", "backbone", "moe", "trainer", "data", "module"))
@@ -213,7 +211,7 @@ def test_rmoe_eval_without_ckpt_path_fails_naming_it(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_train_false_is_refused_naming_the_keys(run, tmp_path):
+def test_train_false_is_refused_naming_the_keys(compose_cfg, run, tmp_path):
     r = cli("rmoe-train", "tasks.train", ["train=false", "task=glue/rte", f"paths.log_dir={tmp_path / 'logs'}"],
             tmp_path)
     assert r.returncode == 2
@@ -224,17 +222,14 @@ def test_train_false_is_refused_naming_the_keys(run, tmp_path):
     assert r.returncode == 2 and f"rmoe-eval ckpt_path={ckpt}" in r.stderr
     assert {n: digest(run / n) for n in before} == before  # the run folder is not touched
     assert not os.path.exists(tmp_path / "logs")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["task=glue/rte", "backbone=tiny_bert", "train=false"])
+    cfg = compose_cfg(["task=glue/rte", "backbone=tiny_bert", "train=false"])
     with pytest.raises(ValueError, match=r"train=false with ckpt_path=null .*allowed: train=true"):
         train(cfg)
 
 
-def test_test_true_evaluates_the_best_checkpoint_after_fitting(glue_with_test, tmp_path):
+def test_test_true_evaluates_the_best_checkpoint_after_fitting(compose_cfg, glue_with_test, tmp_path):
     glue_dir, _ = glue_with_test
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*RUN_ARGS, "trainer.max_epochs=2", "test=true",
-                                                        f"data.glue_dir={glue_dir}"])
+    cfg = compose_cfg([*RUN_ARGS, "trainer.max_epochs=2", "test=true", f"data.glue_dir={glue_dir}"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     metrics, objects = train(cfg)
