@@ -148,7 +148,8 @@ def claims_section(self: Report) -> list[str]:
     task_note = ("Tasks in the verdict: " + (", ".join(glue_task_label(t) for t in tasks) or "none") + out + ". ")
 
     # 1. GLUE
-    head1 = "**1. RMoE beats the MoE baseline (the released scripts' cosine router) and DynMoE on GLUE dev (paper: on every task).** "
+    head1 = ("**1. RMoE beats the MoE baseline (the released scripts' cosine router) and DynMoE on GLUE dev "
+             "(paper: on every task).** ")
     if self.is_superseded("glue"):
         lines += [head1 + withheld.format("GLUE"), ""]
     else:

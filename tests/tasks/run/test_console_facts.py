@@ -101,7 +101,7 @@ def test_epoch_description(epoch, max_epochs, text):
     assert epoch_description(epoch, max_epochs) == text
 
 
-def test_one_step_number_per_moment_in_every_record(tmp_path, capsys):
+def test_one_step_number_per_moment_in_every_record(tmp_path, capsys, compose_cfg):
     """A DomainBed run of 4 updates evaluated after updates 1 and 4: metrics.csv, summary.json (its evaluations
     and its routing series), the best checkpoint's name, the printed table say the same step
     for the same moment -- the updates completed; results.jsonl keeps DomainBed's own step (that number - 1)."""
@@ -109,12 +109,11 @@ def test_one_step_number_per_moment_in_every_record(tmp_path, capsys):
 
     if not os.path.isdir(os.path.join(os.environ.get("RMOE_DATA_DIR", ""), "mnist")):
         pytest.skip("RMOE_DATA_DIR is not set to the offline data folder (MNIST)")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            "task=domainbed/rotated_digits", "trainer.max_steps=4", "trainer.val_check_interval=3",
-            "trainer.log_every_n_steps=1", "data.batch_size=4", "data.eval_batch_size=256", "logger=csv",
-            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "backbone.embed_dim=16",
-            "backbone.num_heads=2", "backbone.depth=2", "backbone.moe_layers=[1]", "print_config=false"])
+    cfg = compose_cfg([
+        "task=domainbed/rotated_digits", "trainer.max_steps=4", "trainer.val_check_interval=3",
+        "trainer.log_every_n_steps=1", "data.batch_size=4", "data.eval_batch_size=256", "logger=csv",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "backbone.embed_dim=16",
+        "backbone.num_heads=2", "backbone.depth=2", "backbone.moe_layers=[1]", "print_config=false"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     train(cfg)
