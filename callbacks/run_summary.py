@@ -82,6 +82,9 @@ class RunSummaryCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._t0 = time.perf_counter()
+        # the code this process runs: read when it starts (a checkout that moves on during a long run must
+        # not relabel the run with code it did not run)
+        self._commit = git_commit()
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -119,7 +122,8 @@ class RunSummaryCallback(Callback):
             test_envs=info.get("test_envs"), trial_seed=info.get("trial_seed"),
             epochs=self.epochs, stability=stability, series=series,
             global_step=int(trainer.global_step),
-            wall_time_s=round(elapsed, 3), overrides=hydra_overrides(), commit=git_commit(),
+            wall_time_s=round(elapsed, 3), overrides=hydra_overrides(),
+            commit=self._commit if getattr(self, "_commit", None) is not None else git_commit(),
         ))
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

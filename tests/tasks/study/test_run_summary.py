@@ -19,7 +19,19 @@ def _needs_data(data_dir):
     return data_dir
 
 
-def test_summary_matches_metrics_csv(compose_cfg, tmp_path):
+def test_summary_matches_metrics_csv(compose_cfg, tmp_path, monkeypatch):
+    # the checkout moves on while the run trains: the record names the commit the run started with
+    import callbacks.run_summary as rs
+
+    moved = []
+    validated = rs.RunSummaryCallback.on_validation_end
+
+    def on_validation_end(self, *a):  # the checkout moves on once training is under way
+        moved.append(True)
+        return validated(self, *a)
+
+    monkeypatch.setattr(rs.RunSummaryCallback, "on_validation_end", on_validation_end)
+    monkeypatch.setattr(rs, "git_commit", lambda *a: "moved-on" if moved else "at-start")
     cfg = compose_cfg(["backbone=tiny_bert", "debug=fast", "task=glue/rte", "moe=rmoe", "variant=rmoe_test", "seed=3",
                        "data.heldout_samples=16", "trainer.max_epochs=2", "module.lr=3e-4",
                        "callbacks.routing_stability.probe_every_n_steps=2"])
@@ -51,3 +63,4 @@ def test_summary_matches_metrics_csv(compose_cfg, tmp_path):
     assert len(s["series"]["load"]["moe0"]) == len(s["series"]["step"])
     assert all(sum(row) == pytest.approx(1.0) for row in s["series"]["load"]["moe0"])
     assert s["wall_time_s"] > 0
+    assert s["commit"] == "at-start"
