@@ -16,14 +16,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from . import registry
+from .errors import ConfigError  # noqa: F401  (re-exported: rmoe.config.ConfigError)
 
 FUSION_AGGS = ("sum", "mean")
 DROPOUT_POSITIONS = ("pre_act", "post_act")
 GLOBAL_BATCH_MODES = ("window", "megatron")
-
-
-class ConfigError(ValueError):
-    """A configuration value is outside what is allowed; the message names key, value and range."""
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:

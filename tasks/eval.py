@@ -163,7 +163,7 @@ def _check_identity(ckpt_path: str, saved: dict[str, Any] | None, cfg: DictConfi
 
 
 def _warn_fusion_updates(model: Any) -> None:
-    from rmoe import find_moe_layers
+    from rmoe.surgery import find_moe_layers
 
     moving = [name for name, layer in find_moe_layers(model)
               if getattr(layer, "fusion", None) is not None and layer.fusion.cfg.update_in_eval]

@@ -52,15 +52,15 @@ from typing import Any, Protocol, runtime_checkable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
+from rmoe.config import MoEConfig  # torch-free (rmoe/__init__ is lazy); its registries load torch when read
+from rmoe.errors import ConfigError  # the one configuration error type
+from rmoe.registry import ROUTERS
+from rmoe.schedules import MODE_PARAMS
 from tasks.run.common import resolve_model_path, split_moe_config
 from tasks.run.hub import HubUnreachable, preflight
 
 SEED_MAX = 2**32 - 1
 WANDB_MODES = (None, "online", "offline", "disabled")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be trained; the message names the key, the value and what is allowed."""
 
 
 def _fail(key: str, value: Any, allowed: str, why: str = "") -> None:
@@ -302,15 +302,12 @@ def check_moe_fields(cfg: Any) -> None:
     _, _, layer_cfg = split_moe_config(moe, _get(cfg, "backend.name"))
     if layer_cfg is None:
         return
-    from rmoe.config import ConfigError as MoEConfigError
-    from rmoe.config import MoEConfig
-
     fields = dict(layer_cfg)
     if fields.get("activation") is None:
         fields["activation"] = "gelu"  # the backbone's own activation is filled in when the model is built
     try:
         MoEConfig.from_dict(fields)
-    except MoEConfigError as e:
+    except ConfigError as e:
         raise ConfigError(str(e).replace("invalid MoE config: ", "invalid config: moe.", 1)) from None
 
 
@@ -341,8 +338,6 @@ def check_overrides(cfg: Any, overrides: list[str]) -> None:
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
     router = _get(cfg, "moe.router")
     if "moe.top_k" in keys and isinstance(router, str):
-        from rmoe.registry import ROUTERS  # torch: only when top_k was set
-
         if router in ROUTERS and not getattr(ROUTERS[router], "uses_top_k", True):
             _fail("moe.top_k", _get(cfg, "moe.top_k"), f"no moe.top_k override with moe.router={router} "
                   f"(moe={_get(cfg, 'moe.name')}); routers that read it: "
@@ -384,8 +379,6 @@ def check_curriculum(cfg: Any) -> None:
     cur = OmegaConf.select(cfg, "curriculum") if isinstance(cfg, DictConfig) else _get(cfg, "curriculum")
     if not isinstance(cur, (Mapping, DictConfig)):
         return
-    from rmoe.schedules import MODE_PARAMS
-
     mode = cur.get("mode")
     if mode not in MODE_PARAMS:
         return  # rmoe.build_schedule names the allowed modes when the callback is built

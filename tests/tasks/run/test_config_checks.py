@@ -122,3 +122,20 @@ def test_unknown_wandb_mode_names_the_key(rejected, tmp_path):
 def test_the_default_configs_pass(make_cfg, tmp_path):
     for overrides in (GLUE, DOMAINBED, [*GLUE, "moe=rmoe"], [*DOMAINBED, "moe=dense"], [*GLUE, "logger=csv_wandb"]):
         check_config(make_cfg(tmp_path, *overrides))
+
+
+def test_one_configuration_error_type_and_rmoe_imports_without_torch():
+    """The library's and the command line's configuration errors are one type (rmoe.errors.ConfigError, a
+    ValueError); `import rmoe` and the config checks load no torch until a layer is built or a registry read."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import rmoe, rmoe.config, tasks.run.checks as c; from rmoe.errors import ConfigError; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert c.ConfigError is ConfigError is rmoe.ConfigError is rmoe.config.ConfigError; "
+            "assert issubclass(ConfigError, ValueError)\n"
+            "try:\n    rmoe.MoEConfig(num_experts=0)\nexcept c.ConfigError as e:\n    print('caught', e)\n"
+            "assert 'torch' in sys.modules  # the registries loaded the implementations")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("caught invalid MoE config: num_experts=0")
