@@ -440,6 +440,14 @@ class Report:
                     out[r.variant] += 1
         return dict(out)
 
+    def _donor(self, bench: str, key: str) -> str | None:
+        """A gate-only task / dataset (only its dense model planned): the benchmark's task / dataset with
+        the most planned methods, whose plan and measured job-time ratios stand in for a full cell here."""
+        plans = {k: self._planned_variants(bench, k) for k in {e[0] for e in expected_keys(self.s.meta.get(bench),
+                                                                                             bench)} if k != key}
+        plans = {k: p for k, p in plans.items() if len(p) > 1 and p.get("dense")}
+        return max(sorted(plans), key=lambda k: len(plans[k])) if plans else None
+
     def floor_cost_lines(self) -> list[str]:
         """For each missed floor, what reaching it would cost here: per method, the planned jobs x the
         measured per-job time of the setting that would be used (GLUE: the ceiling's setting, whose
@@ -460,6 +468,14 @@ class Report:
             what = "; ".join(" ".join(filter(None, (g.part, g.detail.split(";")[0]))) for g in fs)
             head = f"- **{label}** ({what}): "
             plan = self._planned_variants(bench, key)
+            donor = self._donor(bench, key) if set(plan) == {"dense"} else None
+            if donor:  # only the dense model ran here: a full cell as planned on the donor, at the donor's ratios
+                dp = self._planned_variants(bench, donor)
+                plan = {v: max(1, round(plan["dense"] * n / dp["dense"])) for v, n in dp.items()}
+                head += (f"only its dense model is in the study (a gate check); a full cell has the methods and "
+                         f"runs planned on {glue_task_label(donor) if bench == 'glue' else donor}, scaled to "
+                         f"this one's {plan['dense']} dense runs, each method at its job-time "
+                         f"ratio to dense measured there: ")
             par = DEFAULT_JOBS[bench]
             if bench == "glue":
                 c = self.ceilings.get(key)
@@ -467,6 +483,12 @@ class Report:
                               if r.task == key and r.summary and r.summary.get("wall_time_s") is not None]
                 study = {v: mean_wall_s([r.summary for r in self.s.bench_runs("glue")
                                          if r.task == key and r.variant == v]) for v in plan}
+                if donor:
+                    there = {v: mean_wall_s([r.summary for r in self.s.bench_runs("glue")
+                                             if r.task == donor and r.variant == v]) for v in plan}
+                    if study.get("dense") and there.get("dense"):
+                        study = {v: study["dense"] * there[v] / there["dense"] if there.get(v) else None
+                                 for v in plan}
                 if c is None or not ceil_walls or not study.get("dense"):
                     lines.append(head + "the ceiling's or the study's dense records hold no wall time.")
                     continue
@@ -484,7 +506,7 @@ class Report:
                              + "); each MoE method's job is that time times its own measured job-time ratio to "
                              "dense in this study on the task (in brackets). The task's planned study jobs: " + per
                              + f" = {fmt_duration(total)} of job time, {fmt_duration(total / par)} with {par} jobs "
-                             "in parallel, against the study's budget of 180 minutes for everything.")
+                             "in parallel, against the study's budget of 10 hours for everything.")
             else:
                 rates: dict[str, float] = {}
                 steps: set[int] = set()
@@ -496,6 +518,17 @@ class Report:
                         rates[v] = math.fsum(float(r.summary["wall_time_s"]) / int(r.summary["global_step"])
                                              for r in runs) / len(runs)
                         steps |= {int(r.summary["global_step"]) for r in runs}
+                if donor and "dense" in rates:
+                    there = {}
+                    for v in plan:
+                        runs = [r for r in self.s.bench_runs("domainbed")
+                                if r.task == donor and r.variant == v
+                                and (r.summary or {}).get("wall_time_s") and (r.summary or {}).get("global_step")]
+                        if runs:
+                            there[v] = math.fsum(float(r.summary["wall_time_s"]) / int(r.summary["global_step"])
+                                                 for r in runs) / len(runs)
+                    if there.get("dense"):
+                        rates = {v: rates["dense"] * there[v] / there["dense"] for v in there}
                 if "dense" not in rates or set(rates) != set(plan):
                     lines.append(head + "the records of some method hold no wall time or steps.")
                     continue

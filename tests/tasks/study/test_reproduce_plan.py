@@ -413,3 +413,47 @@ def test_meta_says_why_the_version_2_records_were_superseded(tmp_path):
     (results / "domainbed" / "meta.json").write_text(json.dumps(m))
     again = json.loads(reproduce.write_meta("domainbed", reproduce.domainbed_plan(), results, None).read_text())
     assert again == meta
+
+
+def test_a_gate_only_cell_is_costed_as_a_full_cell_at_the_donors_ratios(tmp_path):
+    """MRPC and ColoredMNIST run only their dense model; what closing their gate costs is a full cell: the
+    methods and runs planned on CoLA / RotatedMNIST, each at its job-time (per-step) ratio to dense there."""
+    import shutil
+
+    results = tmp_path / "results"
+    wall = {"dense": 100.0, "moe_cosine": 150.0, "gmoe": 150.0, "dynmoe": 200.0, "rmoe": 210.0, "lossfree": 160.0,
+            "rmoe_nofusion": 190.0, "rmoe_nocurriculum": 200.0}
+    for bench in ("glue", "domainbed"):
+        plan = reproduce.PLANS[bench]()
+        for j in plan:
+            folder = results / bench / j.name
+            finish(folder, bench, j)
+            s = json.loads((folder / "summary.json").read_text())
+            s["wall_time_s"] = wall[j.expected["variant"]] * (0.7 if j.expected["task"] == "ColoredMNIST" else 1)
+            s["global_step"] = 1500
+            (folder / "summary.json").write_text(json.dumps(s))
+        reproduce.write_meta(bench, plan, results, None)
+    root = Path(reproduce.__file__).resolve().parents[2] / "docs" / "results"
+    shutil.copy(root / "glue_dev_labels.json", results / "glue_dev_labels.json")
+    shutil.copytree(root / "ceiling", results / "ceiling")
+    reproduce.report(results, tmp_path / "RESULTS.md")
+    text = (tmp_path / "RESULTS.md").read_text()
+    mrpc = next(x for x in text.splitlines() if x.startswith("- **MRPC**"))
+    cmnist = next(x for x in text.splitlines() if x.startswith("- **ColoredMNIST**"))
+    assert "only its dense model is in the study (a gate check)" in mrpc and "planned on CoLA" in mrpc
+    # the ceiling's MRPC jobs (their mean) x the CoLA plan's jobs x each method's ratio to dense on CoLA
+    ceil = [json.loads((root / "ceiling" / f"mrpc_lr{lr}" / "summary.json").read_text())["wall_time_s"]
+            for lr in ("5e-05", "0.0001", "0.0002")]
+    jobs = 5 * (1 + 1.5 + 2.0 + 1.6 + 2.1) + 3 * (1.9 + 2.0)
+    assert f"= {fmt(sum(ceil) / 3 * jobs)} of job time" in mrpc
+    assert "MoE (cosine) 5 ×" in mrpc and "RMoE w/o fusion 3 ×" in mrpc and "(× 2.10)" in mrpc
+    # ColoredMNIST: 9 runs per method at its dense rate (70 s / 1500 steps) x the RotatedMNIST ratios, 5,001 steps
+    assert "planned on RotatedMNIST" in cmnist
+    assert f"= {fmt(9 * 5001 * 70 / 1500 * (1 + 1.5 + 2.0 + 1.6 + 2.1))} of job time" in cmnist
+
+
+def fmt(seconds):
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h} h {m:02d} min {sec:02d} s" if h else f"{m} min {sec:02d} s"
