@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,6 +52,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from callbacks.records import DONE_FILE, OVERRIDES_FILE, RESULTS_FILE, SUMMARY_FILE
 from callbacks.records import git_commit as commit
@@ -80,12 +83,24 @@ SUPERSEDED_WHY = {
                      "data order follows the run's seed (data.data_seed = seed since version 2's records)"},
 }
 
+def sweep_grid(config: str) -> dict[str, list[str]]:
+    """``hydra.sweeper.params`` of ``sweeps/<config>.yaml``: each swept key and its values (Hydra's comma
+    list, split). The study's grids have one home, the sweep files; the plan below reads them."""
+    data = yaml.safe_load((ROOT / "sweeps" / f"{config}.yaml").read_text(encoding="utf-8"))
+    params = ((data.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    # a value is a list literal ("[0],[1]") or a plain token; commas between them separate the values
+    return {k: [x.strip() for x in re.findall(r"\[[^\]]*\]|[^,]+", str(v))] for k, v in params.items()}
+
+
+_GLUE = sweep_grid("reproduce_glue")
+_DOMAINBED = sweep_grid("reproduce_domainbed")
+_CEILING = sweep_grid("glue_ceiling")
+
 #: CoLA (the paper's table) and STS-B (not in it; the backbone is a sentence-similarity model): the tasks
-#: whose dense pilots passed their gates at an affordable cost (docs/pilots); MRPC and RTE stay in the
-#: ceiling only (RESULTS.md says what closing them would cost).
-GLUE_TASKS = ("cola", "stsb")
-GLUE_METHODS = ("dense", "moe_cosine", "dynmoe", "rmoe", "lossfree")
-GLUE_SEEDS = (0, 1, 2, 3, 4)
+#: whose dense pilots passed their gates at an affordable cost (docs/pilots). From sweeps/reproduce_glue.yaml.
+GLUE_TASKS = tuple(t.split("/", 1)[1] for t in _GLUE["task"])
+GLUE_METHODS = tuple(_GLUE["moe"])
+GLUE_SEEDS = tuple(int(s) for s in _GLUE["seed"])
 GLUE_ABLATIONS = {  # variant -> overrides (on every GLUE task)
     "rmoe_nofusion": ["moe=rmoe", "variant=rmoe_nofusion", "moe.fusion=null"],
     "rmoe_nocurriculum": ["moe=rmoe", "variant=rmoe_nocurriculum", "curriculum=constant"],
@@ -96,14 +111,19 @@ ABLATION_SEEDS = (0, 1, 2)
 #: else), so the report's gate table shows the miss from study records; no method runs where no verdict can be.
 GLUE_GATE_ONLY_TASKS = ("mrpc",)
 
-DOMAINBED = {"RotatedMNIST": ("rotated_mnist", 6), "ColoredMNIST": ("colored_mnist", 3)}
-DOMAINBED_METHODS = ("dense", "gmoe", "dynmoe", "rmoe", "lossfree")
-TRIAL_SEEDS = (0, 1, 2)
+#: dataset -> (experiment stem, test domains); the swept datasets, methods, domains and trial seeds come from
+#: sweeps/reproduce_domainbed.yaml (experiment=domainbed/<stem>_<method>); ColoredMNIST is a gate-only dataset.
+_DB_STEMS = {"rotated_mnist": "RotatedMNIST", "colored_mnist": "ColoredMNIST"}
+DOMAINBED_METHODS = tuple(dict.fromkeys(e.rsplit("_", 1)[1] for e in _DOMAINBED["experiment"]))
+DOMAINBED = {_DB_STEMS[stem]: (stem, len(_DOMAINBED["data.test_envs"]))
+             for stem in dict.fromkeys(e.split("/", 1)[1].rsplit("_", 1)[0] for e in _DOMAINBED["experiment"])}
+DOMAINBED["ColoredMNIST"] = ("colored_mnist", 3)
+TRIAL_SEEDS = tuple(int(t) for t in _DOMAINBED["data.trial_seed"])
 #: Datasets whose dense pilot missed a floor (docs/pilots): dense only, after every other dataset's jobs.
 DOMAINBED_GATE_ONLY = ("ColoredMNIST",)
 
-CEILING_TASKS = ("cola", "mrpc", "rte", "stsb")
-CEILING_LRS = (5e-05, 1e-04, 2e-04)
+CEILING_TASKS = tuple(t.split("/", 1)[1] for t in _CEILING["task"])
+CEILING_LRS = tuple(float(lr) for lr in _CEILING["module.lr"])
 
 SHORTENED = {
     "glue": [

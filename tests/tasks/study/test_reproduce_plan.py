@@ -457,3 +457,28 @@ def fmt(seconds):
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h} h {m:02d} min {sec:02d} s" if h else f"{m} min {sec:02d} s"
+
+
+def test_the_plan_reads_its_grids_from_the_sweep_files():
+    """One home for the study's grids: the driver's plan is the sweeps' hydra.sweeper.params (plus the
+    ablations and the gate-only checks, which no sweep grid states), not a copy of them."""
+    import yaml
+
+    def grid(name):
+        params = yaml.safe_load((SWEEPS / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
+        return {k: str(v) for k, v in params.items()}
+
+    g = grid("reproduce_glue")
+    main = {(j.expected["task"], j.expected["variant"], j.expected["seed"]) for j in reproduce.glue_plan()
+            if not j.piece.startswith(("ablation", "gate"))}
+    assert main == {(t.split("/")[1], m, int(s)) for t in g["task"].split(",") for m in g["moe"].split(",")
+                    for s in g["seed"].split(",")}
+    d = grid("reproduce_domainbed")
+    envs = [int(e.strip("[]")) for e in d["data.test_envs"].split(",")]
+    db = {(j.expected["variant"], j.expected["test_env"], j.expected["trial_seed"]) for j in reproduce.domainbed_plan()
+          if j.piece != "gate only"}
+    assert db == {(e.rsplit("_", 1)[1], env, int(t)) for e in d["experiment"].split(",") for env in envs
+                  for t in d["data.trial_seed"].split(",")}
+    c = grid("glue_ceiling")
+    assert {(j.expected["task"], j.expected["lr"]) for j in reproduce.ceiling_plan()} == {
+        (t.split("/")[1], float(lr)) for t in c["task"].split(",") for lr in c["module.lr"].split(",")}
