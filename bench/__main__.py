@@ -285,7 +285,7 @@ def bench_regulation(n: int, reps: int) -> None:
     torch.manual_seed(0)
     e, k = 8, 2
     x0, g = torch.randn(n, D_MODEL), torch.randn(n, D_MODEL)
-    fusion = {"beta": 0.99, "agg": "sum", "mix_alpha": 1.0}
+    fusion = {"ema_decay": 0.99, "agg": "sum", "mix_alpha": 1.0}
     layers = {
         "plain top-k (k=2)": build_moe_layer(D_MODEL, D_FF, router="topk", num_experts=e, top_k=k),
         "top-k (k=2) + Stateful Fusion": build_moe_layer(D_MODEL, D_FF, router="topk", num_experts=e, top_k=k,
@@ -403,7 +403,7 @@ def minilm_models(variants: list[str]):
             moefy_bert(m, [3], {"router": "topk", "num_experts": 8, "top_k": 2})
         elif v == "rmoe":
             moefy_bert(m, [3], {"router": "topany", "num_experts": 8, "max_experts": 16,
-                                "fusion": {"beta": 0.99}})
+                                "fusion": {"ema_decay": 0.99}})
         m.train()
         out[v] = m
     return out

@@ -106,7 +106,7 @@ class TritonInterpretOps(TorchReferenceOps):
 CASES = {
     "topk_k2": dict(router="topk", num_experts=4, top_k=2),
     "capacity_drops": dict(router="topk", num_experts=4, top_k=2, capacity_factor=0.5),
-    "topany_fusion": dict(router="topany", num_experts=4, max_experts=8, fusion={"beta": 0.9}),
+    "topany_fusion": dict(router="topany", num_experts=4, max_experts=8, fusion={"ema_decay": 0.9}),
     "expert_dropout": dict(router="topk", num_experts=4, top_k=2, expert_dropout=0.3),
     "lossfree": dict(router="lossfree", num_experts=4, top_k=2),
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
 from . import registry
@@ -29,16 +29,21 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """Stateful Fusion (SPEC §4): ``m <- beta*m + (1-beta)*agg_t score``, ``pi = (1+m)/sum(1+m)``."""
+    """Stateful Fusion (SPEC §4): ``m <- d*m + (1-d)*agg_t score`` with ``d = ema_decay``,
+    ``pi = (1+m)/sum(1+m)``. ``beta`` (the previous release's name of ``ema_decay``) is read with a warning."""
 
-    beta: float = 0.99
+    ema_decay: float = 0.99
     agg: str = "sum"
     update_in_eval: bool = False
     mix_alpha: float = 1.0
+    beta: InitVar[float | None] = None  # deprecated: ema_decay
 
-    def __post_init__(self) -> None:
-        if not (isinstance(self.beta, (int, float)) and 0.0 <= self.beta < 1.0):
-            _fail("fusion.beta", self.beta, "a number in [0, 1)")
+    def __post_init__(self, beta: float | None = None) -> None:
+        if beta is not None:
+            _deprecated("fusion.beta", f"use fusion.ema_decay (the old key's value {beta!r} is used)")
+            object.__setattr__(self, "ema_decay", beta)
+        if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
+            _fail("fusion.ema_decay", self.ema_decay, "a number in [0, 1)")
         if self.agg not in FUSION_AGGS:
             _fail("fusion.agg", self.agg, "|".join(FUSION_AGGS))
         if not isinstance(self.update_in_eval, bool):
@@ -53,8 +58,8 @@ class FusionConfig:
         if isinstance(value, FusionConfig):
             return value
         if not isinstance(value, Mapping):
-            _fail("fusion", value, "null or a mapping {beta, agg, update_in_eval, mix_alpha}")
-        known = {f.name for f in fields(cls)}
+            _fail("fusion", value, "null or a mapping {ema_decay, agg, update_in_eval, mix_alpha}")
+        known = {f.name for f in fields(cls)} | {"beta"}  # beta: the previous release's ema_decay (a warning)
         unknown = sorted(set(value) - known)
         if unknown:
             _fail(f"fusion.{unknown[0]}", value[unknown[0]], f"keys {sorted(known)}")

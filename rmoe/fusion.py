@@ -41,7 +41,7 @@ class StatefulFusion(nn.Module):
     """Keeps ``m`` (a buffer, saved in checkpoints) and re-weights each token's selected experts.
 
     Each training forward (and eval forward when ``update_in_eval``):
-    ``a_e = agg_t score_te`` (detached; summed over data-parallel ranks), ``m <- beta m + (1-beta) a``,
+    ``a_e = agg_t score_te`` (detached; summed over data-parallel ranks), ``m <- d m + (1-d) a`` (``d = ema_decay``),
     where ``score`` is the router's dispatch score (``RoutingRecord.dispatch_scores``: the binary
     activations ``z`` for top-any, so with ``agg=sum`` ``a_e`` counts the tokens that activated
     ``e``; the probabilities for softmax routers).
@@ -64,7 +64,7 @@ class StatefulFusion(nn.Module):
             torch.distributed.all_reduce(n)
         if self.cfg.agg == "mean":
             a = a / n.clamp_min(1.0)
-        self.m.mul_(self.cfg.beta).add_((1.0 - self.cfg.beta) * a)
+        self.m.mul_(self.cfg.ema_decay).add_((1.0 - self.cfg.ema_decay) * a)
 
     @property
     def pi(self) -> Tensor:

@@ -8,6 +8,7 @@ a small frozen :class:`Schedule` object that knows its phase names and computes 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,9 +44,9 @@ def linear_ramp(step: int, total_steps: int, lambda_min: float, lambda_max: floa
     return lambda_min + (lambda_max - lambda_min) * frac
 
 
-def exp_decay(step: int, total_steps: int, lambda_min: float, lambda_max: float, beta: float) -> float:
-    """``λ = max(λ_min, λ_max * β^(τ+1))`` (the released code multiplies by β before the first step)."""
-    return max(lambda_min, lambda_max * beta ** (step + 1))
+def exp_decay(step: int, total_steps: int, lambda_min: float, lambda_max: float, decay: float) -> float:
+    """``λ = max(λ_min, λ_max * decay^(τ+1))`` (the released code multiplies by the decay before the first step)."""
+    return max(lambda_min, lambda_max * decay ** (step + 1))
 
 
 @dataclass(frozen=True)
@@ -158,15 +159,15 @@ class LinearRamp(Schedule):
 
 @dataclass(frozen=True)
 class ExpDecay(Schedule):
-    """``λ = max(λ_min, λ_max * β^(τ+1))``; one phase, ``decay``."""
+    """``λ = max(λ_min, λ_max * decay^(τ+1))``; one phase, ``decay``."""
 
     lambda_min: float
     lambda_max: float
-    beta: float
+    decay: float
     phase_names = ("decay",)
 
     def value(self, step: int, total_steps: int) -> tuple[float, str]:
-        return exp_decay(step, total_steps, self.lambda_min, self.lambda_max, self.beta), "decay"
+        return exp_decay(step, total_steps, self.lambda_min, self.lambda_max, self.decay), "decay"
 
 
 @dataclass(frozen=True)
@@ -185,19 +186,35 @@ class Phased(Schedule):
         return phased(step, total_steps, self.phases, self.units)
 
 
-PARAMS = ("lambda0", "lambda_min", "lambda_max", "beta", "phases", "units")
+PARAMS = ("lambda0", "lambda_min", "lambda_max", "decay", "phases", "units")
 MODE_PARAMS = {"constant": ("lambda0",), "linear_ramp": ("lambda_min", "lambda_max"),
-               "exp_decay": ("lambda_min", "lambda_max", "beta"), "phased": ("phases", "units")}
+               "exp_decay": ("lambda_min", "lambda_max", "decay"), "phased": ("phases", "units")}
+#: the previous release's names, read with a warning for one release: old -> new
+RENAMED = {"beta": "decay"}
+
+
+def renamed_params(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with each previous release's name (:data:`RENAMED`) moved to its new one, with a warning."""
+    out = dict(params)
+    for old, new in RENAMED.items():
+        if old in out:
+            value = out.pop(old)
+            warnings.warn(f"curriculum.{old} is deprecated: use curriculum.{new} (the old key's value {value!r} is "
+                          "used); the old key is read until the next release", FutureWarning, stacklevel=3)
+            out.setdefault(new, value)
+    return out
 
 
 def build_schedule(mode: str, **params: Any) -> Schedule:
     """Validate parameters and return the mode's :class:`Schedule` object.
 
     constant: ``lambda0``; linear_ramp: ``lambda_min, lambda_max``; exp_decay:
-    ``lambda_min, lambda_max, beta`` (0 < β <= 1); phased: ``phases, units``. Parameters of the
+    ``lambda_min, lambda_max, decay`` (0 < decay <= 1; ``beta``, its previous name, is read with a
+    warning); phased: ``phases, units``. Parameters of the
     other modes may be present and are not read (a protocol states its benchmark's ``lambda0``
     beside its ramp, for the curriculum-off ablation); any other key is an error.
     """
+    params = renamed_params(params)
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
         k = unknown[0]
@@ -215,9 +232,9 @@ def build_schedule(mode: str, **params: Any) -> Schedule:
         return LinearRamp(*_check_order(params))
     if mode == "exp_decay":
         lo, hi = _check_order(params)
-        beta = params["beta"]
-        if not isinstance(beta, (int, float)) or not (0 < beta <= 1):
-            raise ConfigError(f"invalid curriculum: beta={beta!r}; allowed: a number in (0, 1]")
-        return ExpDecay(lo, hi, float(beta))
+        decay = params["decay"]
+        if not isinstance(decay, (int, float)) or not (0 < decay <= 1):
+            raise ConfigError(f"invalid curriculum: decay={decay!r}; allowed: a number in (0, 1]")
+        return ExpDecay(lo, hi, float(decay))
     units = params.get("units", "fraction")
     return Phased(tuple(parse_phases(params["phases"], units)), units)

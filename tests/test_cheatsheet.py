@@ -107,26 +107,26 @@ def test_every_documented_command_composes_and_passes_the_checks(compose_command
     assert compose_command(command)
 
 
-def test_fusion_beta_line_sets_beta_on_a_protocol_with_fusion(compose_command):
-    line = next(c for c in readme_commands() if "moe.fusion.beta=0.9" in c)
+def test_fusion_decay_line_sets_it_on_a_protocol_with_fusion(compose_command):
+    line = next(c for c in readme_commands() if "moe.fusion.ema_decay=0.9" in c)
     (cfg,) = compose_command(line)
-    assert cfg.moe.fusion.beta == 0.9 and cfg.curriculum.lambda_min == 1e-4 and cfg.moe.fusion.update_in_eval
+    assert cfg.moe.fusion.ema_decay == 0.9 and cfg.curriculum.lambda_min == 1e-4 and cfg.moe.fusion.update_in_eval
 
 
-def test_plus_fusion_beta_on_a_protocol_without_fusion_is_refused(compose_cfg):
-    cfg = compose_cfg(["moe=rmoe", "+moe.fusion.beta=0.9"])
-    assert cfg.moe.fusion == {"beta": 0.9}  # Hydra's hint composes: fusion on with beta only
-    with pytest.raises(ConfigError, match=r"moe.fusion=\{'beta': 0.9\} \(missing agg, update_in_eval, mix_alpha"):
+def test_plus_fusion_decay_on_a_protocol_without_fusion_is_refused(compose_cfg):
+    cfg = compose_cfg(["moe=rmoe", "+moe.fusion.ema_decay=0.9"])
+    assert cfg.moe.fusion == {"ema_decay": 0.9}  # Hydra's hint composes: fusion on with the decay only
+    with pytest.raises(ConfigError, match=r"moe.fusion=\{'ema_decay': 0.9\} \(missing agg, update_in_eval, mix_al"):
         check_config(cfg)
     full = compose_cfg(["moe=rmoe", "variant=rmoe_fusion",
-                        "moe.fusion={beta: 0.9, agg: sum, update_in_eval: false, mix_alpha: 1.0}"])
+                        "moe.fusion={ema_decay: 0.9, agg: sum, update_in_eval: false, mix_alpha: 1.0}"])
     check_config(full)
 
 
 def test_the_fusion_line_runs_through_the_cli_with_cfg_job():
-    line = next(c for c in readme_commands() if "moe.fusion.beta=0.9" in c)
+    line = next(c for c in readme_commands() if "moe.fusion.ema_decay=0.9" in c)
     args = shlex.split(line)[1:]
     r = subprocess.run([sys.executable, "-m", "tasks.train", *args, "--cfg", "job"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "beta: 0.9" in r.stdout
+    assert "ema_decay: 0.9" in r.stdout

@@ -37,7 +37,7 @@ EXPECTED = {
     ("glue", "dynmoe"): {"lam": ("constant", {"lambda0": 0.01}), "aux": "dynmoe", "pool": (8, 16),
                          "fusion": None, "dropout": GLUE_DROPOUT, "bpr": False},
     ("glue", "rmoe"): {"lam": ("linear_ramp", {"lambda_min": 1e-3, "lambda_max": 1e-2}), "aux": "dynmoe",
-                       "pool": (8, 16), "fusion": {"beta": 0.99, "agg": "sum", "update_in_eval": True,
+                       "pool": (8, 16), "fusion": {"ema_decay": 0.99, "agg": "sum", "update_in_eval": True,
                                                    "mix_alpha": 1.0},
                        "dropout": GLUE_DROPOUT, "bpr": False},
     # beyond the paper: loss-free balancing and expert choice keep the baselines' constant λ (no aux loss by default)
@@ -54,7 +54,7 @@ EXPECTED = {
                             "fusion": None, "dropout": VISION_DROPOUT, "bpr": True},
     ("domainbed", "dynmoe"): {"lam": ("constant", {"lambda0": 1.0}), "aux": "gshard_binary", "pool": (6, 8),
                               "fusion": None, "dropout": VISION_DROPOUT, "bpr": False},
-    ("domainbed", "rmoe"): {"lam": ("exp_decay", {"lambda_min": 1e-3, "lambda_max": 1e-2, "beta": 0.9}),
+    ("domainbed", "rmoe"): {"lam": ("exp_decay", {"lambda_min": 1e-3, "lambda_max": 1e-2, "decay": 0.9}),
                             "aux": "gshard_binary", "pool": (6, 8), "fusion": None, "dropout": VISION_DROPOUT,
                             "bpr": False},
     ("domainbed", "lossfree"): {"lam": ("constant", {"lambda0": 1.0}), "aux": "none", "pool": (8, 8),
@@ -264,7 +264,7 @@ def test_a_released_variant_name_without_released_switches_is_refused(_compose):
 
 
 # --- λ's values: one home per cell --------------------------------------------------------------------------------
-LAMBDA_KEYS = ("lambda0", "lambda_min", "lambda_max", "beta")
+LAMBDA_KEYS = ("lambda0", "lambda_min", "lambda_max", "decay")
 PHASE_VALUE_KEYS = ("value", "start_value", "end_value")
 
 

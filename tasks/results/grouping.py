@@ -74,7 +74,7 @@ def varying(runs: Sequence[RunRecord], keys: Iterable[str]) -> list[str]:
 
 
 def row_name(variant: str, config: Config) -> str:
-    """``"rmoe"``, ``"rmoe [curriculum.lambda_min=1e-4, moe.fusion.beta=0.9]"``."""
+    """``"rmoe"``, ``"rmoe [curriculum.lambda_min=1e-4, moe.fusion.ema_decay=0.9]"``."""
     if not config:
         return variant
     return f"{variant} [" + ", ".join(f"{k}={v}" for k, v in config) + "]"

@@ -1,7 +1,7 @@
 """The one labels / display-order list: methods (variants), GLUE tasks, DomainBed datasets and their
 test domains, benchmarks. Every table and report sorts and labels through these functions.
 
-A table *row* may be a method with the overrides that set it apart (``"rmoe [moe.fusion.beta=0.9]"``,
+A table *row* may be a method with the overrides that set it apart (``"rmoe [moe.fusion.ema_decay=0.9]"``,
 see :mod:`tasks.results.grouping`): it sorts after its method and is labelled by the method's label
 followed by the bracket.
 """
@@ -57,7 +57,7 @@ def _override_key(rest: str) -> tuple:
 
 
 def variant_label(v: str) -> str:
-    """``"rmoe"`` -> ``"RMoE"``; ``"rmoe [moe.fusion.beta=0.9]"`` -> ``"RMoE [moe.fusion.beta=0.9]"``."""
+    """``"rmoe"`` -> ``"RMoE"``; ``"rmoe [moe.fusion.ema_decay=0.9]"`` -> ``"RMoE [moe.fusion.ema_decay=0.9]"``."""
     base, rest = _split_row(v)
     return VARIANT_LABELS.get(base, base) + rest
 

@@ -28,7 +28,7 @@ the key, the value and what is allowed:
   default ``../shared/data`` beside a fresh clone): the message names the variable and its value;
 * a Hugging Face hub backbone or dataset on a machine that cannot reach the hub and has no cached copy
   (:mod:`tasks.run.hub`: one TCP probe, seconds, instead of minutes of retries deep in ``from_pretrained``);
-* ``moe.fusion``: null or every Stateful Fusion key (``beta``, ``agg``, ``update_in_eval``, ``mix_alpha``): a
+* ``moe.fusion``: null or every Stateful Fusion key (``ema_decay``, ``agg``, ``update_in_eval``, ``mix_alpha``): a
   partial mapping comes from ``+moe.fusion.<key>=...`` on a protocol with fusion off, which would switch fusion
   on with defaults for the keys not given, under the method's own name;
 * the MoE layer's fields as :class:`rmoe.MoEConfig` checks them (``moe.num_experts=0``, an unknown router ...),
@@ -55,7 +55,7 @@ from omegaconf.errors import InterpolationKeyError
 from rmoe.config import MoEConfig  # torch-free (rmoe/__init__ is lazy); its registries load torch when read
 from rmoe.errors import ConfigError  # the one configuration error type
 from rmoe.registry import ROUTERS
-from rmoe.schedules import MODE_PARAMS
+from rmoe.schedules import MODE_PARAMS, RENAMED
 from tasks.run.common import resolve_model_path, split_moe_config
 from tasks.run.hub import HubUnreachable, preflight
 
@@ -277,18 +277,18 @@ def check_wandb(cfg: Any) -> None:
                                          "offline) | online | offline | disabled")
 
 
-FUSION_KEYS = ("beta", "agg", "update_in_eval", "mix_alpha")
+FUSION_KEYS = ("ema_decay", "agg", "update_in_eval", "mix_alpha")
 
 
 def check_fusion(cfg: Any) -> None:
     fusion = _get(cfg, "moe.fusion")
     if fusion is None or fusion is False or not isinstance(fusion, Mapping):
         return  # rmoe.FusionConfig names any other bad value
-    missing = [k for k in FUSION_KEYS if k not in fusion]
+    missing = [k for k in FUSION_KEYS if k not in fusion and not (k == "ema_decay" and "beta" in fusion)]
     if missing:
-        _fail("moe.fusion", dict(fusion), "null, or every key of Stateful Fusion (moe.fusion={beta: 0.99, agg: "
+        _fail("moe.fusion", dict(fusion), "null, or every key of Stateful Fusion (moe.fusion={ema_decay: 0.99, agg: "
               "sum, update_in_eval: false, mix_alpha: 1.0}, named by a variant, e.g. variant=rmoe_fusion), or a "
-              "task whose protocol has fusion on (GLUE: task=glue/rte moe.fusion.beta=0.9)",
+              "task whose protocol has fusion on (GLUE: task=glue/rte moe.fusion.ema_decay=0.9)",
               f"missing {', '.join(missing)}: this protocol has fusion off, and +moe.fusion.<key> would switch it on "
               f"with defaults for the rest under the method's own name")
 
@@ -383,8 +383,9 @@ def check_curriculum(cfg: Any) -> None:
     if mode not in MODE_PARAMS:
         return  # rmoe.build_schedule names the allowed modes when the callback is built
     cell = _protocol_cell(cfg)
+    old_names = {new: old for old, new in RENAMED.items()}  # the previous release's names still count
     for key in MODE_PARAMS[mode]:
-        if key == "units" or key in cur:
+        if key == "units" or key in cur or old_names.get(key) in cur:
             continue
         raise ConfigError(
             f"invalid config: curriculum.{key} is missing for curriculum.mode={mode} (a curriculum option names a "

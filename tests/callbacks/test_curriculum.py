@@ -61,7 +61,7 @@ def test_linear_ramp_every_step(tmp_path):
 
 
 def test_exp_decay_and_constant(tmp_path):
-    module, _ = fit(CurriculumCallback({"mode": "exp_decay", "lambda_min": 0.1, "lambda_max": 1.0, "beta": 0.5}),
+    module, _ = fit(CurriculumCallback({"mode": "exp_decay", "lambda_min": 0.1, "lambda_max": 1.0, "decay": 0.5}),
                     tmp_path / "a", n=5)
     # λ_max β^(τ+1), floored: the released code multiplies by β before the first step
     assert module.seen == pytest.approx([0.5, 0.25, 0.125, 0.1, 0.1])
@@ -130,7 +130,7 @@ def test_schedule_object_gives_the_phase_names():
     phases = [{"name": "warm", "end": 0.5, "value": 0.0}, {"name": "hold", "end": 1.0, "value": 1.0}]
     cb = CurriculumCallback({"mode": "phased", "phases": phases, "name": "phased"})
     assert cb.phase_names == ("warm", "hold") and cb.phase_index("hold") == 1 and cb.phase_index("x") == -1
-    assert CurriculumCallback({"mode": "exp_decay", "lambda_min": 0, "lambda_max": 1, "beta": 0.5}).phase_names == (
+    assert CurriculumCallback({"mode": "exp_decay", "lambda_min": 0, "lambda_max": 1, "decay": 0.5}).phase_names == (
         "decay",)
 
 

@@ -192,7 +192,7 @@ class Noisy(Dataset):
         return x, y
 
 
-NOISY = {"gate_noise": 0.5, "expert_dropout": 0.3, "fusion": {"beta": 0.5, "mix_alpha": 0.5}}
+NOISY = {"gate_noise": 0.5, "expert_dropout": 0.3, "fusion": {"ema_decay": 0.5, "mix_alpha": 0.5}}
 
 
 def test_the_prepass_changes_nothing_a_run_draws_or_keeps():

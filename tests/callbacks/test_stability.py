@@ -135,7 +135,7 @@ def test_probe_flip_rate_of_the_lossfree_router_counts_its_biased_selection(tmp_
 def test_keys_in_csv_plots_and_state_roundtrip(tmp_path):
     torch.manual_seed(0)
     cb = RoutingStabilityCallback(log_every_n_steps=1, probe_every_n_steps=2, probe_size=16)
-    module = TinyMoEClassifier(router="topany", fusion={"beta": 0.9, "update_in_eval": True})
+    module = TinyMoEClassifier(router="topany", fusion={"ema_decay": 0.9, "update_in_eval": True})
     _fit(tmp_path, module, [cb], steps=6, val=[_loader(32, 1), _loader(32, 2)])
     header = set(_rows(tmp_path)[0].keys())
     for k in ["load_cv", "max_vio", "load_entropy", "dead_experts", "active_experts", "experts_per_token",
@@ -170,7 +170,7 @@ def test_probe_leaves_fusion_state_untouched(tmp_path):
     results = []
     for cbs in ([], [RoutingStabilityCallback(log_every_n_steps=1, probe_every_n_steps=1, plots=False)]):
         torch.manual_seed(0)
-        m = TinyMoEClassifier(router="topk", fusion={"beta": 0.9, "update_in_eval": True})
+        m = TinyMoEClassifier(router="topk", fusion={"ema_decay": 0.9, "update_in_eval": True})
         _fit(tmp_path / str(len(cbs)), m, cbs, steps=5)
         results.append(m.moe.fusion.m.clone())
     assert torch.equal(results[0], results[1])

@@ -25,8 +25,8 @@ def test_defaults_and_router_aux_defaults():
         ({"capacity_factor": -1.0}, "capacity_factor"),
         ({"capacity_factor": math.nan}, "capacity_factor"),
         ({"gate_noise": -0.1}, "gate_noise"),
-        ({"fusion": {"beta": 1.0}}, "fusion.beta"),
-        ({"fusion": {"beta": -0.1}}, "fusion.beta"),
+        ({"fusion": {"ema_decay": 1.0}}, "fusion.ema_decay"),
+        ({"fusion": {"ema_decay": -0.1}}, "fusion.ema_decay"),
         ({"fusion": {"agg": "max"}}, "fusion.agg"),
         ({"fusion": {"mix_alpha": 1.5}}, "fusion.mix_alpha"),
         ({"fusion": {"betta": 0.9}}, "fusion.betta"),
@@ -110,3 +110,28 @@ def test_the_slot_count_is_max_experts_everywhere_and_the_old_name_warns():
         with pytest.warns(ConfigDeprecationWarning, match=rf"{owner}.num_experts is deprecated: use "
                                                           rf"{owner}.max_experts"):
             assert obj.num_experts == 5
+
+
+def test_fusion_and_curriculum_decays_have_their_own_names_and_beta_still_reads_with_a_warning():
+    """``beta`` meant Stateful Fusion's EMA decay and the exp_decay curriculum's factor; they are now
+    ``fusion.ema_decay`` and ``curriculum.decay``. The old name is read for one release, with a warning."""
+    import warnings
+    from dataclasses import asdict
+
+    from rmoe import FusionConfig
+    from rmoe.config import ConfigDeprecationWarning
+    from rmoe.schedules import build_schedule
+
+    assert FusionConfig(ema_decay=0.5).ema_decay == 0.5 and "beta" not in asdict(FusionConfig())
+    with pytest.warns(ConfigDeprecationWarning, match=r"fusion.beta.*fusion.ema_decay.*0.7"):
+        assert FusionConfig.from_any({"beta": 0.7, "agg": "mean"}) == FusionConfig(ema_decay=0.7, agg="mean")
+    with pytest.warns(ConfigDeprecationWarning, match="fusion.beta"):
+        assert FusionConfig(beta=0.3).ema_decay == 0.3
+    with pytest.warns(FutureWarning, match=r"curriculum.beta.*curriculum.decay"):
+        old = build_schedule("exp_decay", lambda_min=1e-3, lambda_max=1e-2, beta=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = build_schedule("exp_decay", lambda_min=1e-3, lambda_max=1e-2, decay=0.9)
+    assert old == new and new.decay == 0.9
+    # λ at step 0 = max(1e-3, 1e-2 * 0.9^1) = 9e-3, by hand
+    assert new.value(0, 100)[0] == pytest.approx(9e-3)

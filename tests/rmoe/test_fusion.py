@@ -17,7 +17,7 @@ def _rec(probs, idx, gates):
 
 
 def test_sum_update_pi_and_weights_by_hand():
-    f = StatefulFusion(3, FusionConfig(beta=0.5, agg="sum")).train()
+    f = StatefulFusion(3, FusionConfig(ema_decay=0.5, agg="sum")).train()
     rec = _rec([[0.2, 0.3, 0.5], [0.6, 0.2, 0.2]], [[2, 0], [0, -1]], [[0.6, 0.4], [1.0, 0.0]])
     out = f(rec)
     # a = (0.8, 0.5, 0.7); m = 0.5*0 + 0.5*a = (0.4, 0.25, 0.35); pi = (1.4, 1.25, 1.35)/4
@@ -30,7 +30,7 @@ def test_sum_update_pi_and_weights_by_hand():
 
 
 def test_mean_agg_and_mix_alpha():
-    f = StatefulFusion(2, FusionConfig(beta=0.0, agg="mean", mix_alpha=0.25)).train()
+    f = StatefulFusion(2, FusionConfig(ema_decay=0.0, agg="mean", mix_alpha=0.25)).train()
     rec = _rec([[0.2, 0.8], [0.6, 0.4]], [[0, 1], [1, 0]], [[0.3, 0.7], [0.4, 0.6]])
     out = f(rec)
     # m = a = mean = (0.4, 0.6); pi ∝ (1.4, 1.6): state weights token0 (1.4/3, 1.6/3)
@@ -43,10 +43,10 @@ def test_mean_agg_and_mix_alpha():
 
 def test_eval_frozen_unless_update_in_eval():
     rec = _rec([[0.5, 0.5]], [[0, 1]], [[0.5, 0.5]])
-    frozen = StatefulFusion(2, FusionConfig(beta=0.9)).eval()
+    frozen = StatefulFusion(2, FusionConfig(ema_decay=0.9)).eval()
     frozen(rec)
     assert frozen.m.tolist() == [0.0, 0.0]
-    live = StatefulFusion(2, FusionConfig(beta=0.9, update_in_eval=True)).eval()
+    live = StatefulFusion(2, FusionConfig(ema_decay=0.9, update_in_eval=True)).eval()
     live(rec)
     assert live.m.tolist() == pytest.approx([0.05, 0.05])
 
@@ -62,7 +62,7 @@ def test_topany_fusion_pi_is_the_ema_of_activation_counts():
     torch.manual_seed(0)
     beta = 0.9
     layer = build_moe_layer(6, 4, router="topany", num_experts=4, max_experts=6, top_k=1,
-                            fusion={"beta": beta, "agg": "sum"}).train()
+                            fusion={"ema_decay": beta, "agg": "sum"}).train()
     with torch.no_grad():
         layer.router.thresholds.copy_(torch.tensor([-0.5, 0.3, 0.0, 0.6, 0.0, 0.0]))
     w, g = layer.router.weight.detach(), layer.router.thresholds.detach()
@@ -94,7 +94,7 @@ def test_mix_alpha_controls_the_task_gradient_reaching_the_router(alpha):
     gradient to the router (thresholds learn nothing from it); alpha<1 keeps the router's gates."""
     torch.manual_seed(1)
     layer = build_moe_layer(6, 4, router="topany", num_experts=4, max_experts=6, top_k=1, aux_loss="none",
-                            fusion={"beta": 0.9, "agg": "sum", "mix_alpha": alpha}).train()
+                            fusion={"ema_decay": 0.9, "agg": "sum", "mix_alpha": alpha}).train()
     with torch.no_grad():
         layer.router.thresholds.copy_(torch.tensor([-1.0, -1.0, -1.0, -1.0, 0.0, 0.0]))  # tokens take 2+ experts
         layer.experts.w2.mul_(torch.arange(1.0, 7.0).view(6, 1, 1))  # experts differ
@@ -113,7 +113,7 @@ def test_frozen_fusion_keeps_m_and_restores_the_flag():
     from rmoe.fusion import frozen_fusion
 
     layer = build_moe_layer(6, 4, router="topany", num_experts=3, max_experts=4, top_k=1,
-                            fusion={"beta": 0.5, "agg": "sum", "update_in_eval": True}).eval()
+                            fusion={"ema_decay": 0.5, "agg": "sum", "update_in_eval": True}).eval()
     x = torch.randn(10, 6)
     with frozen_fusion(layer):
         _, rec = layer(x)

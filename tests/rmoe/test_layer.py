@@ -62,7 +62,7 @@ def _dense_ffn(d, d_ff, act=nn.GELU):
     ("cosine", {"num_experts": 6, "top_k": 2}),
     ("topany", {"num_experts": 4, "max_experts": 8, "top_k": 1}),
 ])
-@pytest.mark.parametrize("fusion", [None, {"beta": 0.9}])
+@pytest.mark.parametrize("fusion", [None, {"ema_decay": 0.9}])
 def test_upcycled_layer_reproduces_dense_ffn_in_eval(router, extra, fusion):
     d, d_ff = 16, 32
     ffn = _dense_ffn(d, d_ff)

@@ -22,7 +22,7 @@ ROUTERS = {
     "topany": dict(router="topany", num_experts=4, max_experts=8, top_k=1),
     # RMoE: fusion with mix_alpha=1, so the combine weights need no gradient (the crash)
     "topany_fusion": dict(router="topany", num_experts=4, max_experts=8, top_k=1,
-                          fusion={"beta": 0.9, "mix_alpha": 1.0}),
+                          fusion={"ema_decay": 0.9, "mix_alpha": 1.0}),
     "lossfree": dict(router="lossfree", num_experts=4, top_k=2),
     "expert_choice": dict(router="expert_choice", num_experts=4, top_k=2, capacity_factor=1.0),
 }

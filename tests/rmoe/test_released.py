@@ -98,7 +98,7 @@ def _released_route(layer, x, training):
 
 # --- 9: Stateful Fusion's padding clamp ----------------------------------------------------------------------
 def test_fusion_pad_clamp_weights_and_dispatch_follow_the_released_dw_branch():
-    fusion = {"beta": 0.9, "agg": "sum", "update_in_eval": False, "mix_alpha": 1.0}
+    fusion = {"ema_decay": 0.9, "agg": "sum", "update_in_eval": False, "mix_alpha": 1.0}
     layer = _layer({"fusion_pad_clamp": True}, fusion=fusion)
     m0 = torch.tensor([20.0, 3.0, 1.0, 0.0])
     layer.fusion.m.copy_(m0)
@@ -126,7 +126,7 @@ def test_fusion_pad_clamp_weights_and_dispatch_follow_the_released_dw_branch():
 
 
 def test_fusion_pad_clamp_is_off_by_default_and_refused_without_fusion():
-    fusion = {"beta": 0.9, "agg": "sum", "update_in_eval": False, "mix_alpha": 1.0}
+    fusion = {"ema_decay": 0.9, "agg": "sum", "update_in_eval": False, "mix_alpha": 1.0}
     layer = _layer({}, fusion=fusion)
     layer.train()
     _, rec = layer(X)
@@ -142,7 +142,7 @@ def test_fusion_pad_clamp_is_off_by_default_and_refused_without_fusion():
 # --- 10: the pool recorder reads the clamped indices ---------------------------------------------------------
 @pytest.mark.parametrize("clamped", [False, True])
 def test_pool_recorder_follows_the_released_record_routing(clamped):
-    fusion = {"beta": 0.9, "agg": "sum", "update_in_eval": False, "mix_alpha": 1.0}
+    fusion = {"ema_decay": 0.9, "agg": "sum", "update_in_eval": False, "mix_alpha": 1.0}
     layer = _layer({"fusion_pad_clamp": clamped, "pool_reads_clamped": clamped}, fusion=fusion)
     layer.train()
     layer.router.start_recording()
@@ -211,7 +211,7 @@ def test_upcycle_bias_split_is_the_released_moe_utils_rule(router, kw, div):
 
 
 def test_route_padding_sends_every_position_through_the_moe_layer():
-    fusion = {"beta": 0.9, "agg": "sum", "update_in_eval": False, "mix_alpha": 1.0}
+    fusion = {"ema_decay": 0.9, "agg": "sum", "update_in_eval": False, "mix_alpha": 1.0}
     layer = _layer({"route_padding": True}, fusion=fusion)
     layer.train()
     x = X.reshape(1, 4, 4)

@@ -24,7 +24,7 @@ def test_linear_ramp_by_hand():
 
 
 def test_exp_decay_by_hand():
-    f = build_schedule("exp_decay", lambda_min=0.1, lambda_max=1.0, beta=0.5)
+    f = build_schedule("exp_decay", lambda_min=0.1, lambda_max=1.0, decay=0.5)
     assert f(0, 10)[0] == 0.5  # β applied before the first step: λ_max β^(τ+1)
     assert f(2, 10)[0] == 0.125
     assert f(10, 10)[0] == 0.1  # floor
@@ -33,7 +33,7 @@ def test_exp_decay_by_hand():
 
 def test_exp_decay_vision_defaults_reach_the_floor_at_step_21():
     # SPEC §3 vision: λ_max 1e-2, β 0.9, λ_min 1e-3: 1e-2 * 0.9^22 = 9.85e-4 < 1e-3 <= 1e-2 * 0.9^21
-    f = build_schedule("exp_decay", lambda_min=1e-3, lambda_max=1e-2, beta=0.9)
+    f = build_schedule("exp_decay", lambda_min=1e-3, lambda_max=1e-2, decay=0.9)
     assert f(0, 5001)[0] == pytest.approx(9e-3)
     assert f(1, 5001)[0] == pytest.approx(8.1e-3)
     assert f(20, 5001)[0] == pytest.approx(1.0941898913151245e-3)
@@ -41,7 +41,7 @@ def test_exp_decay_vision_defaults_reach_the_floor_at_step_21():
     assert f(22, 5001)[0] == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("mode,extra", [("linear_ramp", {}), ("exp_decay", {"beta": 0.9})])
+@pytest.mark.parametrize("mode,extra", [("linear_ramp", {}), ("exp_decay", {"decay": 0.9})])
 def test_lambda_min_above_lambda_max_is_rejected(mode, extra):
     with pytest.raises(ConfigError, match=r"lambda_min=0\.01 > lambda_max=0\.001.*lambda_min <= lambda_max"):
         build_schedule(mode, lambda_min=1e-2, lambda_max=1e-3, **extra)
@@ -81,7 +81,7 @@ def test_phased_absolute_steps():
     ({"mode": "phased", "phases": [{"name": "a", "end": 1.0, "value": -1}]}, "phases[0].value=-1"),
     ({"mode": "linear_ramp", "lambda_min": -1e-3, "lambda_max": 1e-2}, "lambda_min=-0.001"),
     ({"mode": "constant", "lambda0": math.nan}, "lambda0=nan"),
-    ({"mode": "exp_decay", "lambda_min": 0, "lambda_max": 1, "beta": 1.5}, "beta=1.5"),
+    ({"mode": "exp_decay", "lambda_min": 0, "lambda_max": 1, "decay": 1.5}, "decay=1.5"),
     ({"mode": "cosine"}, "mode='cosine'"),
     ({"mode": "constant", "lambda0": 1, "lambda_maxx": 2}, "lambda_maxx=2"),  # a typo, not another mode's key
 ])
@@ -95,7 +95,7 @@ def test_bad_schedules_fail_with_key_and_value(kwargs, needle):
 
 def test_other_modes_parameters_are_carried_but_not_read():
     # a protocol states its benchmark's lambda0 beside its ramp; switching the mode picks the right one
-    params = {"lambda0": 0.5, "lambda_min": 1e-3, "lambda_max": 1e-2, "beta": 0.9}
+    params = {"lambda0": 0.5, "lambda_min": 1e-3, "lambda_max": 1e-2, "decay": 0.9}
     assert build_schedule("constant", **params)(7, 10)[0] == 0.5
     assert build_schedule("linear_ramp", **params)(5, 10)[0] == pytest.approx(1e-3 + 0.5 * 9e-3)
     assert build_schedule("exp_decay", **params)(0, 10)[0] == pytest.approx(9e-3)
@@ -107,7 +107,7 @@ def test_schedule_objects_know_their_phases():
     ramp = build_schedule("linear_ramp", lambda_min=0.0, lambda_max=2.0)
     assert ramp == LinearRamp(0.0, 2.0) and ramp.phase_names == ("ramp",)
     assert ramp.value(1, 4) == (0.5, "ramp")  # 0 + 2 * 1/4
-    decay = build_schedule("exp_decay", lambda_min=0.0, lambda_max=1.0, beta=0.5)
+    decay = build_schedule("exp_decay", lambda_min=0.0, lambda_max=1.0, decay=0.5)
     assert decay == ExpDecay(0.0, 1.0, 0.5) and decay.phase_names == ("decay",)
     assert decay.value(1, 4) == (0.25, "decay")  # 1 * 0.5^2
     with pytest.raises(dataclasses.FrozenInstanceError):

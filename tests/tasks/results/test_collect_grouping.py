@@ -63,7 +63,7 @@ def write_grid(root):
             write_run(os.path.join(root, "multiruns", "2026-01-01_00-00-00", str(n)),
                       glue_summary("rte", "rmoe", seed, score),
                       overrides=["task=glue/rte", "moe=rmoe", "module.lr=2e-5", f"seed={seed}",
-                                 f"moe.fusion.beta={beta}", f"curriculum.lambda_min={lmin}",
+                                 f"moe.fusion.ema_decay={beta}", f"curriculum.lambda_min={lmin}",
                                  "paths.log_dir=/somewhere/logs"])
             n += 1
 
@@ -81,10 +81,10 @@ def test_a_beta_lambda_min_seed_grid_gives_one_row_per_configuration(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("| RMoE")]
     # one row per configuration, ordered by the override values as numbers (1e-4 < 1e-3, 0.9 < 0.99)
     assert rows == [
-        "| RMoE [curriculum.lambda_min=1e-4, moe.fusion.beta=0.9] | 51.0 ± 1.0 (n=3) |",
-        "| RMoE [curriculum.lambda_min=1e-4, moe.fusion.beta=0.99] | 42.0 ± 1.5 (n=3) |",
-        "| RMoE [curriculum.lambda_min=1e-3, moe.fusion.beta=0.9] | 63.0 ± 2.1 (n=3) |",
-        "| RMoE [curriculum.lambda_min=1e-3, moe.fusion.beta=0.99] | 72.0 ± 2.0 (n=2) |",
+        "| RMoE [curriculum.lambda_min=1e-4, moe.fusion.ema_decay=0.9] | 51.0 ± 1.0 (n=3) |",
+        "| RMoE [curriculum.lambda_min=1e-4, moe.fusion.ema_decay=0.99] | 42.0 ± 1.5 (n=3) |",
+        "| RMoE [curriculum.lambda_min=1e-3, moe.fusion.ema_decay=0.9] | 63.0 ± 2.1 (n=3) |",
+        "| RMoE [curriculum.lambda_min=1e-3, moe.fusion.ema_decay=0.99] | 72.0 ± 2.0 (n=2) |",
     ]
     assert "Total records (glue): 11" in out
 
@@ -93,7 +93,7 @@ def test_the_collect_cli_prints_the_grid_rows(tmp_path):
     write_grid(str(tmp_path))
     p = subprocess.run([sys.executable, "-m", "tasks.collect", "--input_dir", str(tmp_path), "--format", "latex"],
                        cwd=ROOT, capture_output=True, text=True, check=True)
-    assert "RMoE [curriculum.lambda\\_min=1e-4, moe.fusion.beta=0.99] & 42.0 $\\pm$ 1.5 (n=3) \\\\" in p.stdout
+    assert "RMoE [curriculum.lambda\\_min=1e-4, moe.fusion.ema\\_decay=0.99] & 42.0 $\\pm$ 1.5 (n=3) \\\\" in p.stdout
 
 
 def test_an_ablation_variant_gets_its_own_glue_row(tmp_path):

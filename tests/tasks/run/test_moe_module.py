@@ -161,7 +161,7 @@ def test_sanity_check_does_not_move_fusion_state_under_update_in_eval():
         def __init__(self):
             super().__init__(lr=1e-3, weight_decay=0.0, block_weight=1.0, z_loss_weight=0.0)
             self.moe = build_moe_layer(4, 8, router="topany", num_experts=2, max_experts=3, top_k=1,
-                                       fusion={"beta": 0.5, "agg": "sum", "update_in_eval": True})
+                                       fusion={"ema_decay": 0.5, "agg": "sum", "update_in_eval": True})
 
         def training_step(self, batch, i):
             return self.moe(batch[0])[0].pow(2).mean()
