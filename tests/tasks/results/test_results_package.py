@@ -54,7 +54,8 @@ def test_one_se_convention_sample_std_over_sqrt_n():
 
 
 def test_rows_sort_after_their_method_and_keep_its_label():
-    rows = ["rmoe [moe.fusion.ema_decay=0.99]", "dense", "rmoe_nofusion", "rmoe", "rmoe [moe.fusion.ema_decay=0.9]", "zzz"]
-    assert sort_variants(rows) == ["dense", "rmoe", "rmoe [moe.fusion.ema_decay=0.9]", "rmoe [moe.fusion.ema_decay=0.99]",
-                                   "rmoe_nofusion", "zzz"]
+    rows = ["rmoe [moe.fusion.ema_decay=0.99]", "dense", "rmoe_nofusion", "rmoe", "rmoe [moe.fusion.ema_decay=0.9]",
+            "zzz"]
+    assert sort_variants(rows) == ["dense", "rmoe", "rmoe [moe.fusion.ema_decay=0.9]",
+                                   "rmoe [moe.fusion.ema_decay=0.99]", "rmoe_nofusion", "zzz"]
     assert variant_label("rmoe [moe.fusion=null]") == "RMoE [moe.fusion=null]"
