@@ -90,7 +90,6 @@ from .data import (
     glue_paired,
     glue_runs,
     load_study,
-    mean_wall_s,
     paper_gap,
     paper_gap_pooled,
     plan_key,
@@ -448,6 +447,34 @@ class Report:
         plans = {k: p for k, p in plans.items() if len(p) > 1 and p.get("dense")}
         return max(sorted(plans), key=lambda k: len(plans[k])) if plans else None
 
+    def _timed_runs(self, bench: str, task: str, variants) -> list:
+        """The runs of ``task`` (of ``variants``) whose summary holds a wall time (DomainBed: and its steps)."""
+        def timed(s: dict) -> bool:  # GLUE: any recorded time (as mean_wall_s); DomainBed: a time and steps
+            if bench == "glue":
+                return s.get("wall_time_s") is not None
+            return bool(s.get("wall_time_s") and s.get("global_step"))
+
+        return [r for r in self.s.bench_runs(bench)
+                if r.task == task and r.variant in variants and timed(r.summary or {})]
+
+    def _job_times(self, bench: str, task: str, donor: str | None, variants) -> dict[str, float]:
+        """``{variant: measured time}`` on ``task`` -- GLUE: the mean job time (s), DomainBed: the mean seconds
+        per step -- for the variants that have one. With a ``donor`` (``task`` ran only its dense model): the
+        dense time here times each variant's ratio to dense measured on the donor."""
+        def measured(t: str) -> dict[str, float]:
+            out: dict[str, list[float]] = defaultdict(list)
+            for r in self._timed_runs(bench, t, variants):
+                wall = float(r.summary["wall_time_s"])
+                out[r.variant].append(wall if bench == "glue" else wall / int(r.summary["global_step"]))
+            return {v: math.fsum(x) / len(x) for v, x in out.items() if x}
+
+        here = measured(task)
+        if donor and here.get("dense"):
+            there = measured(donor)
+            if there.get("dense"):
+                here = {v: here["dense"] * there[v] / there["dense"] for v in there}
+        return here
+
     def floor_cost_lines(self) -> list[str]:
         """For each missed floor, what reaching it would cost here: per method, the planned jobs x the
         measured per-job time of the setting that would be used (GLUE: the ceiling's setting, whose
@@ -481,22 +508,15 @@ class Report:
                 c = self.ceilings.get(key)
                 ceil_walls = [float(r.summary["wall_time_s"]) for r in sorted(self.s.ceiling, key=lambda r: r.rel)
                               if r.task == key and r.summary and r.summary.get("wall_time_s") is not None]
-                study = {v: mean_wall_s([r.summary for r in self.s.bench_runs("glue")
-                                         if r.task == key and r.variant == v]) for v in plan}
-                if donor:
-                    there = {v: mean_wall_s([r.summary for r in self.s.bench_runs("glue")
-                                             if r.task == donor and r.variant == v]) for v in plan}
-                    if study.get("dense") and there.get("dense"):
-                        study = {v: study["dense"] * there[v] / there["dense"] if there.get(v) else None
-                                 for v in plan}
+                study = self._job_times(bench, key, donor, plan)
                 if c is None or not ceil_walls or not study.get("dense"):
                     lines.append(head + "the ceiling's or the study's dense records hold no wall time.")
                     continue
                 per_dense = math.fsum(ceil_walls) / len(ceil_walls)
-                jobs = {v: per_dense * (study[v] or study["dense"]) / study["dense"] for v in plan}
+                jobs = {v: per_dense * (study.get(v) or study["dense"]) / study["dense"] for v in plan}
                 total = math.fsum(plan[v] * jobs[v] for v in plan)
                 per = ", ".join(f"{variant_label(v)} {plan[v]} × {fmt_duration(jobs[v])}"
-                                + (f" (× {study[v] / study['dense']:.2f})" if v != "dense" and study[v] else "")
+                                + (f" (× {study[v] / study['dense']:.2f})" if v != "dense" and study.get(v) else "")
                                 for v in sort_variants(plan))
                 lines.append(head + "the ceiling's setting (every layer trained, the full training set, 3 epochs, "
                              "length 128) reaches the ceiling by definition. Its dense job took "
@@ -508,27 +528,8 @@ class Report:
                              + f" = {fmt_duration(total)} of job time, {fmt_duration(total / par)} with {par} jobs "
                              "in parallel, against the study's budget of 10 hours for everything.")
             else:
-                rates: dict[str, float] = {}
-                steps: set[int] = set()
-                for v in plan:
-                    runs = [r for r in self.s.bench_runs("domainbed")
-                            if r.task == key and r.variant == v
-                            and (r.summary or {}).get("wall_time_s") and (r.summary or {}).get("global_step")]
-                    if runs:
-                        rates[v] = math.fsum(float(r.summary["wall_time_s"]) / int(r.summary["global_step"])
-                                             for r in runs) / len(runs)
-                        steps |= {int(r.summary["global_step"]) for r in runs}
-                if donor and "dense" in rates:
-                    there = {}
-                    for v in plan:
-                        runs = [r for r in self.s.bench_runs("domainbed")
-                                if r.task == donor and r.variant == v
-                                and (r.summary or {}).get("wall_time_s") and (r.summary or {}).get("global_step")]
-                        if runs:
-                            there[v] = math.fsum(float(r.summary["wall_time_s"]) / int(r.summary["global_step"])
-                                                 for r in runs) / len(runs)
-                    if there.get("dense"):
-                        rates = {v: rates["dense"] * there[v] / there["dense"] for v in there}
+                rates = self._job_times(bench, key, donor, plan)
+                steps = {int(r.summary["global_step"]) for r in self._timed_runs(bench, key, plan)}
                 if "dense" not in rates or set(rates) != set(plan):
                     lines.append(head + "the records of some method hold no wall time or steps.")
                     continue
