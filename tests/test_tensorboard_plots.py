@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 import pytest
-from omegaconf import open_dict
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -29,9 +28,7 @@ TINY = ["task=domainbed/rotated_digits", "logger=csv_tensorboard", "trainer.max_
 @pytest.fixture(scope="module")
 def run(compose_cfg, tmp_path_factory):
     out = tmp_path_factory.mktemp("tb_run")
-    cfg = compose_cfg(TINY)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
+    cfg = compose_cfg(TINY, output_dir=out)
     metrics, _ = train(cfg)
     events = glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))
     assert len(events) == 1, events

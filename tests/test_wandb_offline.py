@@ -25,7 +25,7 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from tasks.run import wandb_utils
 from tasks.train import train
@@ -184,9 +184,7 @@ def no_auth_env(monkeypatch, tmp_path):
 @pytest.fixture(scope="session")
 def wandb_cfg(compose_cfg):
     def wandb_cfg_(tmp_path, logger="wandb", *overrides):
-        cfg = compose_cfg(["task=glue/cola", f"logger={logger}", *overrides])
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path)
+        cfg = compose_cfg(["task=glue/cola", f"logger={logger}", *overrides], output_dir=tmp_path)
         return cfg
     return wandb_cfg_
 

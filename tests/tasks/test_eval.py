@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from tasks.glue.predict import (
     format_prediction,
@@ -191,9 +191,7 @@ def test_rmoe_eval_refuses_another_runs_config_and_warns_for_moving_fusion_state
     def eval_cfg(*overrides):
         given = {o.split("=")[0] for o in overrides}
         injected = [c for c in choices if c.split("=")[0] not in given and "run_config=null" not in overrides]
-        cfg = compose_cfg([*injected, f"ckpt_path={ckpt}", *overrides], config_name="eval")
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(run)
+        cfg = compose_cfg([*injected, f"ckpt_path={ckpt}", *overrides], config_name="eval", output_dir=run)
         return eval_config(cfg, list(overrides), groups=("task", "backbone", "moe", "trainer", "data", "module"))
 
     with pytest.raises(EvalConfigError, match="task: checkpoint 'rte', config 'cola'"):
@@ -229,9 +227,8 @@ def test_train_false_is_refused_naming_the_keys(compose_cfg, run, tmp_path):
 
 def test_test_true_evaluates_the_best_checkpoint_after_fitting(compose_cfg, glue_with_test, tmp_path):
     glue_dir, _ = glue_with_test
-    cfg = compose_cfg([*RUN_ARGS, "trainer.max_epochs=2", "test=true", f"data.glue_dir={glue_dir}"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
+    cfg = compose_cfg([*RUN_ARGS, "trainer.max_epochs=2", "test=true", f"data.glue_dir={glue_dir}"],
+                      output_dir=tmp_path)
     metrics, objects = train(cfg)
     rec = objects["eval"]
     ckpt = best_ckpt(tmp_path)

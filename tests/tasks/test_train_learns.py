@@ -3,7 +3,6 @@
 import os
 
 import pytest
-from omegaconf import open_dict
 
 from tasks.train import train
 
@@ -20,9 +19,7 @@ def test_tiny_rmoe_memorises_64_sentences(compose_cfg, tmp_path, data_dir):
                  "data.batch_size=16", "data.max_length=32", "trainer.max_epochs=40", "module.lr=3e-3",
                  "trainer.enable_progress_bar=false", "trainer.num_sanity_val_steps=0", "~callbacks.routing_stability",
                  "callbacks.early_stopping=null"]  # memorisation, not the GLUE protocol's early stop
-    cfg = compose_cfg(overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
+    cfg = compose_cfg(overrides, output_dir=tmp_path / "run")
     metrics, _ = train(cfg)
     # majority class is 48/64 = 0.75; memorised means (nearly) every row right
     assert metrics["val/acc"] >= 0.95

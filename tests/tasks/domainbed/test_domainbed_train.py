@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from tasks.domainbed.datasets import DomainBedDataError
 from tasks.train import train
@@ -18,9 +18,7 @@ TINY = ["trainer.val_check_interval=3", "data.batch_size=4", "data.eval_batch_si
 @pytest.fixture(scope="session")
 def make_cfg(compose_cfg):
     def make_cfg_(out_dir, overrides):
-        cfg = compose_cfg(["task=domainbed/rotated_digits"] + overrides)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(out_dir)
+        cfg = compose_cfg(["task=domainbed/rotated_digits"] + overrides, output_dir=out_dir)
         return cfg
     return make_cfg_
 

@@ -23,7 +23,6 @@ import lightning as L
 import pytest
 import yaml
 from lightning.pytorch.demos.boring_classes import BoringModel
-from omegaconf import open_dict
 
 from tasks.run.console import StepTQDMProgressBar, progress_bar
 from tasks.train import train
@@ -111,9 +110,7 @@ def test_domainbed_run_console(tmp_path, data_dir):
 @pytest.fixture(scope="session")
 def glue_cfg(compose_cfg):
     def glue_cfg_(out_dir, *overrides):
-        cfg = compose_cfg(["backbone=tiny_bert", "debug=fast", "task=glue/cola", *overrides])
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(out_dir)
+        cfg = compose_cfg(["backbone=tiny_bert", "debug=fast", "task=glue/cola", *overrides], output_dir=out_dir)
         return cfg
     return glue_cfg_
 

@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from callbacks.records import read_jsonl
 from tasks.run.console import print_config_tree
@@ -19,9 +19,7 @@ from tasks.train import _announce, _commit_attempt, train
 @pytest.fixture(scope="session")
 def cfg_of(compose_cfg):
     def cfg_of_(out_dir, *overrides):
-        cfg = compose_cfg(["backbone=tiny_bert", "debug=fast", "task=glue/rte", *overrides])
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(out_dir)
+        cfg = compose_cfg(["backbone=tiny_bert", "debug=fast", "task=glue/rte", *overrides], output_dir=out_dir)
         return cfg
     return cfg_of_
 
@@ -113,9 +111,8 @@ def test_one_step_number_per_moment_in_every_record(tmp_path, capsys, compose_cf
         "task=domainbed/rotated_digits", "trainer.max_steps=4", "trainer.val_check_interval=3",
         "trainer.log_every_n_steps=1", "data.batch_size=4", "data.eval_batch_size=256", "logger=csv",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "backbone.embed_dim=16",
-        "backbone.num_heads=2", "backbone.depth=2", "backbone.moe_layers=[1]", "print_config=false"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
+        "backbone.num_heads=2", "backbone.depth=2", "backbone.moe_layers=[1]", "print_config=false"],
+        output_dir=tmp_path)
     train(cfg)
     out = capsys.readouterr().out
     evaluated = [1, 4]  # DomainBed's schedule: after the first update and after the last

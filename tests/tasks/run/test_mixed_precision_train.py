@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from omegaconf import open_dict
 
 from tasks.train import train
 
@@ -27,9 +26,7 @@ def _needs_data(data_dir, monkeypatch):
 @pytest.fixture(scope="session")
 def make_cfg(compose_cfg):
     def make_cfg_(out_dir, *overrides):
-        cfg = compose_cfg([*COMMON, *overrides])
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(out_dir)
+        cfg = compose_cfg([*COMMON, *overrides], output_dir=out_dir)
         return cfg
     return make_cfg_
 

@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-from omegaconf import open_dict
 
 from tasks.train import train
 
@@ -34,9 +33,7 @@ def test_summary_matches_metrics_csv(compose_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(rs, "git_commit", lambda *a: "moved-on" if moved else "at-start")
     cfg = compose_cfg(["backbone=tiny_bert", "debug=fast", "task=glue/rte", "moe=rmoe", "variant=rmoe_test", "seed=3",
                        "data.heldout_samples=16", "trainer.max_epochs=2", "module.lr=3e-4",
-                       "callbacks.routing_stability.probe_every_n_steps=2"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
+                       "callbacks.routing_stability.probe_every_n_steps=2"], output_dir=tmp_path)
     train(cfg)
     s = json.loads((tmp_path / "summary.json").read_text())
     # a debug=fast run logs under its own task name (debug/<task>), never collected as a result
