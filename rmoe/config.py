@@ -21,6 +21,8 @@ from .errors import ConfigError  # noqa: F401  (re-exported: rmoe.config.ConfigE
 FUSION_AGGS = ("sum", "mean")
 DROPOUT_POSITIONS = ("pre_act", "post_act")
 GLOBAL_BATCH_MODES = ("window", "megatron")
+#: how FFN surgery (:mod:`rmoe.surgery`) fills a new MoE layer's experts from the dense FFN, the default first
+EXPERT_INITS = ("upcycle", "split", "random")
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:

@@ -17,6 +17,7 @@ from . import losses
 from .config import MoEConfig, RouterOptions, renamed
 from .losses import AuxInputs, GlobalBatchRunning
 from .registry import AUX_LOSSES, ROUTERS
+from .router_options import CosineOptions, LossFreeOptions
 
 
 @dataclass(frozen=True)
@@ -272,22 +273,6 @@ class TopKRouter(SoftmaxTopKRouter):
         return F.linear(x, self.weight.float())
 
 
-@dataclass(frozen=True)
-class CosineOptions(RouterOptions):
-    """The cosine router's settings: ``proj_dim`` (width of ``P``), ``init_temperature`` (``tau = log(1 / it)``
-    at init)."""
-
-    proj_dim: int = 256
-    init_temperature: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.proj_dim, int) and not isinstance(self.proj_dim, bool) and self.proj_dim >= 1):
-            self.fail("proj_dim", "an integer >= 1")
-        t = self.init_temperature
-        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0):
-            self.fail("init_temperature", "a number > 0")
-
-
 @ROUTERS.register("cosine")
 class CosineRouter(SoftmaxTopKRouter):
     """GMoE: ``logits = normalize(P x) · normalize_cols(W) * exp(min(tau, log 100))``."""
@@ -466,24 +451,6 @@ def _all_reduce_sum(t: Tensor) -> Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
     return t
-
-
-@dataclass(frozen=True)
-class LossFreeOptions(RouterOptions):
-    """The loss-free router's settings: ``score_fn`` (softmax | sigmoid) and ``bias_update_rate`` (``u`` of
-    ``b_e += u · sign(mean load − load_e)``)."""
-
-    score_fn: str = "softmax"
-    bias_update_rate: float = 1e-3
-
-    SCORE_FNS = ("softmax", "sigmoid")
-
-    def __post_init__(self) -> None:
-        if self.score_fn not in self.SCORE_FNS:
-            self.fail("score_fn", "|".join(self.SCORE_FNS))
-        u = self.bias_update_rate
-        if not (isinstance(u, (int, float)) and not isinstance(u, bool) and math.isfinite(u) and u >= 0):
-            self.fail("bias_update_rate", "a finite number >= 0")
 
 
 @ROUTERS.register("lossfree")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import MoEConfig
+from .config import EXPERT_INITS, MoEConfig
 from .layer import MoELayer
 
 _HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
@@ -64,7 +64,7 @@ def _init_moe(moe: MoELayer, fc1: nn.Linear, fc2: nn.Linear, init: str) -> MoELa
         return moe.split_from(fc1, fc2)
     if init == "random":
         return moe
-    raise ValueError(f"invalid MoE init={init!r}; allowed: upcycle|split|random")
+    raise ValueError(f"invalid MoE init={init!r}; allowed: {'|'.join(EXPERT_INITS)}")
 
 
 def _bert_layers(model: nn.Module) -> list[nn.Module]:
@@ -92,7 +92,7 @@ def _expert_width(d_ff: int, cfg: MoEConfig, init: str) -> int:
 
 
 def moefy_bert(model: nn.Module, layers: Iterable[int], moe_cfg: Mapping[str, Any] | MoEConfig,
-               init: str = "upcycle") -> list[MoELayer]:
+               init: str = EXPERT_INITS[0]) -> list[MoELayer]:
     """Replace the FFN of encoder layers ``layers`` of a HF BERT-family model by MoE layers.
 
     The activation is taken from ``model.config.hidden_act`` unless ``moe_cfg`` sets one. A model
@@ -139,7 +139,7 @@ def _capture_attention_mask(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def moefy_vit(model: nn.Module, blocks: Iterable[int], moe_cfg: Mapping[str, Any] | MoEConfig,
-              init: str = "upcycle") -> list[MoELayer]:
+              init: str = EXPERT_INITS[0]) -> list[MoELayer]:
     """Replace ``model.blocks[i].mlp`` of a timm VisionTransformer by MoE layers."""
     if not hasattr(model, "blocks"):
         raise ValueError(f"{type(model).__name__} has no .blocks; expected a timm VisionTransformer")

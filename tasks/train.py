@@ -47,7 +47,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from callbacks.records import git_commit
-from tasks.resolvers import register_resolvers
 from tasks.run import jobs
 from tasks.run.checks import ConfigError, check_config, check_overrides
 from tasks.run.cli import StderrTail, complete_nested, did_you_mean, fast_help, wants_fast_help
@@ -115,6 +114,7 @@ def train(cfg: DictConfig, on_checked: Any = None) -> tuple[dict[str, float], di
     import torch
 
     from callbacks.domainbed_results import DomainBedResultsCallback
+    from tasks.resolvers import register_resolvers
     from tasks.results.domainbed import run_report
     from tasks.run.console import drop_disabled_progress_bar
     from tasks.run.resume import init_from_checkpoint, prepare_fit, run_identity
@@ -417,6 +417,8 @@ def main() -> None:
     if wants_fast_help(sys.argv[1:]):  # Hydra's help page, without its seconds of group listing
         print(fast_help(CONF_DIR))
         return
+    from tasks.resolvers import register_resolvers  # Hydra's ConfigStore: not for --help and completion
+
     register_resolvers()
     stage = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1].strip("'\"") for a in sys.argv[1:]
              if a.lstrip("+").startswith(("train=", "ckpt_path="))}

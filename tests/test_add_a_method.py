@@ -55,14 +55,14 @@ class ToyTop1Router(Router):
 '''
 
 TOY_MOE = '''
+defaults:
+  - _layer
+  - _self_
+
 name: toy_top1
 router: toy_top1
 num_experts: 4
 top_k: 1
-layers: ${backbone.moe_layers}
-fusion: null
-aux_loss: null
-init: upcycle
 '''
 
 TOY_TEST = '''

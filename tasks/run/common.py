@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from rmoe.config import EXPERT_INITS
 from tasks.run.wandb_utils import wandb_group, wandb_run_name
 
 PKG_PREFIX = "pkg:"
@@ -77,19 +78,22 @@ def split_moe_config(moe: Mapping[str, Any] | None, backend: str | None = None
     """Split the ``moe`` config group into ``(layers, init, layer_cfg)``.
 
     ``layers`` / ``init`` say where and how MoE layers are built (FFN surgery); the remaining keys
-    form an :class:`rmoe.MoEConfig` (validated by ``rmoe``), plus ``backend``. A null ``router`` or
+    form an :class:`rmoe.MoEConfig` (validated by ``rmoe``), plus ``backend``, less a null ``activation`` (the
+    backbone's own, which FFN surgery fills in; ``moe/_layer`` states it null). A null ``router`` or
     an empty ``layers`` list is the dense model: ``layer_cfg`` is then ``None``.
     """
     if moe is None:
-        return [], "upcycle", None
+        return [], EXPERT_INITS[0], None
     cfg = dict(moe)
     layers = cfg.pop("layers", None) or []
     if isinstance(layers, int):
         layers = [layers]
-    init = cfg.pop("init", "upcycle") or "upcycle"
+    init = cfg.pop("init", None) or EXPERT_INITS[0]
     cfg.pop("name", None)
     if cfg.get("router") is None or not layers:
         return [], init, None
     if backend is not None:
         cfg["backend"] = backend
+    if cfg.get("activation", "") is None:
+        del cfg["activation"]  # null: the backbone's own (filled in by rmoe.surgery)
     return [int(i) for i in layers], init, cfg

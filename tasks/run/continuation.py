@@ -12,7 +12,9 @@
   (:class:`ResumeChangeError`, naming each key with the run's value and the new one), unless the
   key (or a parent of it) is listed in ``resume.allow_changes`` (e.g.
   ``resume.allow_changes=[trainer.max_steps]`` to extend a run). Keys that do not change what is
-  trained are not compared (:data:`NOT_RUN_KEYS`). An allowed change is recorded in
+  trained are not compared (:data:`NOT_RUN_KEYS`), nor a ``moe.*`` key the run's saved config lacks that now
+  holds the ``moe`` group's base default (:func:`tasks.run.moe_schema.is_schema_default`: the method files
+  stated fewer keys before the base existed; the layer built is the same). An allowed change is recorded in
   ``<run>/attempts.jsonl`` (the attempt's ``changes``: key, the run's value, the new value, the step it
   applies from) and the run's ``.hydra/`` then holds the changed config.
 """
@@ -26,6 +28,8 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
+
+from tasks.run.moe_schema import is_schema_default
 
 #: keys (and their sub-keys) that do not change what a run trains: not compared on a continuation
 NOT_RUN_KEYS = ("ckpt_path", "resume", "skip_if_done", "test", "tags", "print_config", "paths", "logger",
@@ -99,7 +103,9 @@ def check_continuation(cfg: Any, run_dir: str | os.PathLike) -> list[dict[str, A
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         return []
-    changes = config_changes(cfg, OmegaConf.load(path))
+    router = OmegaConf.select(cfg, "moe.router", default=None)
+    changes = [c for c in config_changes(cfg, OmegaConf.load(path))  # a key the moe group's base added since
+               if not (c["run"] == _ABSENT and is_schema_default(c["key"], c["now"], router))]
     allowed = OmegaConf.select(cfg, "resume.allow_changes", default=None) or []
     allowed = [str(a) for a in allowed]
     refused = [c for c in changes if not _under(c["key"], allowed)]
