@@ -316,7 +316,7 @@ def test_lambda_values_are_stated_only_in_the_protocol_cells():
     stating = {k: v for k, v in stating.items() if v}
     outside = {k: v for k, v in stating.items() if not k.startswith("protocol/")}
     assert not outside, f"λ values stated outside conf/protocol/: {outside}"
-    assert {"protocol/glue/rmoe.yaml", "protocol/domainbed/rmoe.yaml", "protocol/glue/dense.yaml"} <= set(stating)
+    assert {"protocol/glue/rmoe.yaml", "protocol/domainbed/rmoe.yaml", "protocol/glue/moe_topk.yaml"} <= set(stating)
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -366,3 +366,26 @@ def test_a_curriculum_option_keeps_the_cells_values_or_names_the_missing_key(_co
         if option == "phased":  # its phases are written in the cell's ramp ends
             ends = {v for ph in cur["phases"] for k, v in ph.items() if k in PHASE_VALUE_KEYS}
             assert ends == {cell_values["lambda_min"], cell_values["lambda_max"]}
+
+
+def test_no_cell_repeats_the_baseline_cell_it_is_layered_over():
+    """A method whose protocol is the baseline's has no cell of its own (conf/train.yaml layers every cell over
+    <benchmark>/moe_topk, and an absent cell is the baseline's): a cell that states exactly the baseline's settings
+    is a second home of them -- unless another cell builds on it (glue/dynmoe, under glue/dynmoe_released)."""
+    built_on = {d.split("@")[0].lstrip("/") for c in CELLS for d in _yaml(c).get("defaults", []) if d != "_self_"}
+    for bench in ("glue", "domainbed"):
+        base = _yaml(Path(CONF_DIR) / "protocol" / bench / "moe_topk.yaml")
+        same = [c.stem for c in CELLS if c.parent.name == bench and c.stem != "moe_topk"
+                and _yaml(c) == base and f"protocol/{bench}/{c.stem}" not in built_on]
+        assert same == [], f"conf/protocol/{bench}/: {same} repeat moe_topk.yaml; delete them"
+
+
+def test_a_method_without_a_cell_is_told_the_baseline_cell_it_uses(_compose):
+    from tasks.run.checks import ConfigError as RunConfigError
+    from tasks.run.checks import check_curriculum
+
+    cfg = _compose(["task=glue/rte", "moe=gmoe", "curriculum=exp_decay"])
+    assert not (Path(CONF_DIR) / "protocol" / "glue" / "gmoe.yaml").exists()
+    with pytest.raises(RunConfigError, match=r"the protocol cell conf/protocol/glue/moe_topk\.yaml \(the baselines' "
+                                             r"cell: glue/gmoe has none of its own\), which states no lambda_min"):
+        check_curriculum(cfg)

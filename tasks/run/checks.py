@@ -56,7 +56,7 @@ from rmoe.config import MoEConfig  # torch-free (rmoe/__init__ is lazy); its reg
 from rmoe.errors import ConfigError  # the one configuration error type
 from rmoe.registry import ROUTERS
 from rmoe.schedules import MODE_PARAMS, RENAMED
-from tasks.run.common import resolve_model_path, split_moe_config
+from tasks.run.common import CONF_DIR, resolve_model_path, split_moe_config
 from tasks.run.hub import HubUnreachable, preflight
 
 SEED_MAX = 2**32 - 1
@@ -358,14 +358,18 @@ def check_variant(cfg: Any) -> None:
 
 
 def _protocol_cell(cfg: Any) -> str:
-    """The file of the run's protocol cell (``conf/protocol/<benchmark>/<method>.yaml``), for messages."""
+    """The file of the run's protocol cell (``conf/protocol/<benchmark>/<method>.yaml``), for messages; for a method
+    without a cell of its own, the baseline cell it is layered over (``protocol@_global_`` in conf/train.yaml)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        choice = HydraConfig.get().runtime.choices.get("protocol")
+        choices = HydraConfig.get().runtime.choices
     except Exception:  # composed without Hydra's runtime: the compose API (its hydra node, when returned)
-        choice = OmegaConf.select(cfg, "hydra.runtime.choices.protocol", default=None) \
-            if isinstance(cfg, DictConfig) else None
+        choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None) if isinstance(cfg, DictConfig) else None
+    choices = choices or {}
+    choice, base = choices.get("protocol"), choices.get("protocol@_global_")
+    if choice and base and not os.path.isfile(os.path.join(CONF_DIR, "protocol", f"{choice}.yaml")):
+        return f"conf/protocol/{base}.yaml (the baselines' cell: {choice} has none of its own)"
     method = _get(cfg, "moe.name", "<method>")
     return f"conf/protocol/{choice or '<benchmark>/' + str(method)}.yaml"
 
