@@ -118,7 +118,7 @@ def hf_mixtral_block(moe, intermediate: int, impl: str = "eager"):
     ``impl``: transformers' experts implementation — ``"eager"`` is the block's own loop over hit
     experts (index + index_add; what a standalone block runs), ``"grouped_mm"`` is the sorted
     grouped-GEMM path that ``from_pretrained`` picks by default when it can."""
-    e, k, d, d_ff = moe.cfg.num_experts, moe.cfg.top_k, moe.d_model, moe.d_ff
+    e, k, d, d_ff = moe.cfg.initial_experts, moe.cfg.top_k, moe.d_model, moe.d_ff
     cfg = MixtralConfig(hidden_size=d, intermediate_size=intermediate, num_local_experts=e,
                         num_experts_per_tok=k, hidden_act="gelu", router_jitter_noise=0.0,
                         experts_implementation=impl)
@@ -142,7 +142,7 @@ class GShardDispatchMoE(nn.Module):
 
     def __init__(self, moe, group_size: int = 512, capacity_factor: float = 1.25):
         super().__init__()
-        self.k, self.e = moe.cfg.top_k, moe.cfg.num_experts
+        self.k, self.e = moe.cfg.top_k, moe.cfg.initial_experts
         self.s, self.cf = group_size, capacity_factor
         self.router = nn.Parameter(moe.router.weight.detach().clone())
         ex = moe.experts
@@ -192,7 +192,7 @@ class LayerPair:
         torch.manual_seed(0)
         self.x0, self.g = torch.randn(n, D_MODEL), torch.randn(n, D_MODEL)
         self.floor = DenseFloor(k)
-        self.moe = build_moe_layer(D_MODEL, D_FF, router="topk", num_experts=e, top_k=k)
+        self.moe = build_moe_layer(D_MODEL, D_FF, router="topk", initial_experts=e, top_k=k)
         with torch.no_grad():
             self.moe.experts.b1.normal_(std=0.02)
             self.moe.experts.b2.normal_(std=0.02)
@@ -253,7 +253,7 @@ def _megablocks_fns(e: int, k: int, n: int) -> dict:  # pragma: no cover - GPU h
     floor = DenseFloor(k).to(dev)
     out = {}
     for backend in ("torch", "megablocks"):
-        moe = build_moe_layer(D_MODEL, D_FF, router="topk", num_experts=e, top_k=k, backend=backend).to(dev)
+        moe = build_moe_layer(D_MODEL, D_FF, router="topk", initial_experts=e, top_k=k, backend=backend).to(dev)
 
         def run(moe=moe):
             _zero(moe)
@@ -287,11 +287,11 @@ def bench_regulation(n: int, reps: int) -> None:
     x0, g = torch.randn(n, D_MODEL), torch.randn(n, D_MODEL)
     fusion = {"ema_decay": 0.99, "agg": "sum", "mix_alpha": 1.0}
     layers = {
-        "plain top-k (k=2)": build_moe_layer(D_MODEL, D_FF, router="topk", num_experts=e, top_k=k),
-        "top-k (k=2) + Stateful Fusion": build_moe_layer(D_MODEL, D_FF, router="topk", num_experts=e, top_k=k,
+        "plain top-k (k=2)": build_moe_layer(D_MODEL, D_FF, router="topk", initial_experts=e, top_k=k),
+        "top-k (k=2) + Stateful Fusion": build_moe_layer(D_MODEL, D_FF, router="topk", initial_experts=e, top_k=k,
                                                          fusion=fusion),
-        "top-any": build_moe_layer(D_MODEL, D_FF, router="topany", num_experts=e),
-        "top-any + Stateful Fusion (RMoE)": build_moe_layer(D_MODEL, D_FF, router="topany", num_experts=e,
+        "top-any": build_moe_layer(D_MODEL, D_FF, router="topany", initial_experts=e),
+        "top-any + Stateful Fusion (RMoE)": build_moe_layer(D_MODEL, D_FF, router="topany", initial_experts=e,
                                                             fusion=fusion),
     }
     base = layers["plain top-k (k=2)"]
@@ -358,7 +358,7 @@ def bench_balancing(n: int, reps: int) -> None:
                                                aux_loss="seq_balance"),
         "expert_choice (cf=2)": dict(router="expert_choice", capacity_factor=2.0),
     }
-    layers = {name: build_moe_layer(D_MODEL, D_FF, num_experts=e, **kw) for name, kw in variants.items()}
+    layers = {name: build_moe_layer(D_MODEL, D_FF, initial_experts=e, **kw) for name, kw in variants.items()}
     ref = "plain top-k (k=2, switch)"
     base = layers[ref]
     for lay in layers.values():
@@ -400,9 +400,9 @@ def minilm_models(variants: list[str]):
         torch.manual_seed(0)
         m = AutoModel.from_pretrained(path)
         if v == "moe":
-            moefy_bert(m, [3], {"router": "topk", "num_experts": 8, "top_k": 2})
+            moefy_bert(m, [3], {"router": "topk", "initial_experts": 8, "top_k": 2})
         elif v == "rmoe":
-            moefy_bert(m, [3], {"router": "topany", "num_experts": 8, "max_experts": 16,
+            moefy_bert(m, [3], {"router": "topany", "initial_experts": 8, "max_experts": 16,
                                 "fusion": {"ema_decay": 0.99}})
         m.train()
         out[v] = m
@@ -516,7 +516,7 @@ def mem_child(variant: str, e: int, k: int, n: int) -> dict:
         def fwd(x):
             return mod(x)
     else:
-        mod = build_moe_layer(D_MODEL, D_FF, router="topk", num_experts=e, top_k=k)
+        mod = build_moe_layer(D_MODEL, D_FF, router="topk", initial_experts=e, top_k=k)
         mod.backend = TorchDroplessBackend(impl=variant.split("=")[1]) if "=" in variant else TorchDroplessBackend()
 
         def fwd(x):
@@ -571,7 +571,7 @@ def bench_memory(configs: list[tuple[int, int, int]]) -> None:
             print(f"    {label:<34} peak {r['peak_bytes'] / 2**20:8.1f} MiB ({r['peak_bytes'] / fl['peak_bytes']:.2f}x)"
                   f"   saved activations {r['saved_bytes'] / 2**20:8.1f} MiB "
                   f"({r['saved_bytes'] / fl['saved_bytes']:.2f}x)")
-        wg = sum(p.numel() for p in build_moe_layer(D_MODEL, D_FF, num_experts=e, top_k=k).experts.parameters()) * 4
+        wg = sum(p.numel() for p in build_moe_layer(D_MODEL, D_FF, initial_experts=e, top_k=k).experts.parameters()) * 4
         print(f"    (the MoE layer's weight gradients alone are {wg / 2**20:.1f} MiB: E/k = {e / k:g}x the floor's)")
 
 
@@ -579,7 +579,7 @@ def bench_memory(configs: list[tuple[int, int, int]]) -> None:
 def bench_compile(n: int, reps: int) -> None:
     """Eager versus ``torch.compile(layer, dynamic=True)``; compile time counts against it."""
     torch.manual_seed(0)
-    moe = build_moe_layer(D_MODEL, D_FF, router="topk", num_experts=8, top_k=2)
+    moe = build_moe_layer(D_MODEL, D_FF, router="topk", initial_experts=8, top_k=2)
     cm = torch.compile(moe, dynamic=True)
     gen = torch.Generator().manual_seed(1)
     g = torch.randn(n, D_MODEL, generator=gen)

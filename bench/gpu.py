@@ -85,7 +85,7 @@ def bench_config(e: int, k: int, n: int, d: int, d_ff: int, reps: int, cuda: boo
     torch.manual_seed(0)
     x0, g = torch.randn(n, d, device=dev), torch.randn(n, d, device=dev)
     floor = DenseFloor(k, d, d_ff).to(dev)
-    moe = build_moe_layer(d, d_ff, router="topk", num_experts=e, top_k=k).to(dev)
+    moe = build_moe_layer(d, d_ff, router="topk", initial_experts=e, top_k=k).to(dev)
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)

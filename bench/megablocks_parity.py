@@ -104,11 +104,11 @@ class TritonInterpretOps(TorchReferenceOps):
 
 # name -> build_moe_layer keywords, and what routing the case must show
 CASES = {
-    "topk_k2": dict(router="topk", num_experts=4, top_k=2),
-    "capacity_drops": dict(router="topk", num_experts=4, top_k=2, capacity_factor=0.5),
-    "topany_fusion": dict(router="topany", num_experts=4, max_experts=8, fusion={"ema_decay": 0.9}),
-    "expert_dropout": dict(router="topk", num_experts=4, top_k=2, expert_dropout=0.3),
-    "lossfree": dict(router="lossfree", num_experts=4, top_k=2),
+    "topk_k2": dict(router="topk", initial_experts=4, top_k=2),
+    "capacity_drops": dict(router="topk", initial_experts=4, top_k=2, capacity_factor=0.5),
+    "topany_fusion": dict(router="topany", initial_experts=4, max_experts=8, fusion={"ema_decay": 0.9}),
+    "expert_dropout": dict(router="topk", initial_experts=4, top_k=2, expert_dropout=0.3),
+    "lossfree": dict(router="lossfree", initial_experts=4, top_k=2),
 }
 GRADS = ("x", "weights", "w1", "b1", "w2", "b2")
 

@@ -3,7 +3,7 @@
 Public contract::
 
     from rmoe import build_moe_layer
-    layer = build_moe_layer(d_model, d_ff, router="topk", num_experts=8, top_k=2)
+    layer = build_moe_layer(d_model, d_ff, router="topk", initial_experts=8, top_k=2)
     y, r = layer(x, mask=None)   # r: RoutingRecord
 """
 

@@ -162,6 +162,9 @@ class RouterOptions:
         return cls(**dict(value))
 
 
+#: keys of the previous release read under their new name (with a :class:`ConfigDeprecationWarning`): old -> new
+RENAMED_KEYS = {"num_experts": "initial_experts", "fusion.beta": "fusion.ema_decay"}
+
 #: flat keys of the previous release that are now a router's own settings: old key -> (router, option)
 MOVED_TO_ROUTER_OPTIONS = {
     "score_fn": ("lossfree", "score_fn"),
@@ -175,8 +178,9 @@ MOVED_TO_ROUTER_OPTIONS = {
 class MoEConfig:
     """Configuration of one MoE layer.
 
-    ``num_experts`` experts are active at start; ``max_experts`` slots exist (only top-any grows
-    into them, other routers use ``max_experts == num_experts``). ``capacity_factor == 0`` is
+    ``initial_experts`` experts are active at start; ``max_experts`` slots exist (only top-any grows
+    into them, other routers use ``max_experts == initial_experts``; ``num_experts``, the previous release's name of
+    ``initial_experts``, is read with a warning). ``capacity_factor == 0`` is
     dropless; ``batch_prioritized_routing`` fills a finite capacity in descending order of each
     token's top-1 probability (tutel's BPR) instead of token order. ``aux_loss`` defaults per router
     (its ``default_aux_loss``: topk/cosine -> switch, topany -> dynmoe). ``expert_dropout`` is
@@ -196,7 +200,7 @@ class MoEConfig:
     """
 
     router: str = "topk"
-    num_experts: int = 8
+    initial_experts: int = 8
     max_experts: int | None = None
     top_k: int = 2
     capacity_factor: float = 0.0
@@ -215,8 +219,12 @@ class MoEConfig:
     global_batch_mode: str = "window"
     released: ReleasedConfig = field(default_factory=ReleasedConfig)
     router_options: Any = None
+    num_experts: InitVar[int | None] = None  # deprecated: initial_experts (RENAMED_KEYS)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, num_experts: int | None = None) -> None:
+        if num_experts is not None:
+            _deprecated("num_experts", f"use initial_experts (the old key's value {num_experts!r} is used)")
+            object.__setattr__(self, "initial_experts", num_experts)
         if self.router not in registry.ROUTERS:
             _fail("router", self.router, "|".join(registry.ROUTERS.names()))
         if self.backend not in registry.BACKENDS:
@@ -233,25 +241,25 @@ class MoEConfig:
             check(self, _fail)
 
     def _check_pool(self, router: type) -> None:
-        """``num_experts`` / ``max_experts`` / ``top_k``; fills ``max_experts`` (null: ``num_experts``)."""
-        if not (isinstance(self.num_experts, int) and self.num_experts >= 1):
-            _fail("num_experts", self.num_experts, "an integer >= 1")
-        max_e = self.num_experts if self.max_experts is None else self.max_experts
+        """``initial_experts`` / ``max_experts`` / ``top_k``; fills ``max_experts`` (null: ``initial_experts``)."""
+        if not (isinstance(self.initial_experts, int) and self.initial_experts >= 1):
+            _fail("initial_experts", self.initial_experts, "an integer >= 1")
+        max_e = self.initial_experts if self.max_experts is None else self.max_experts
         if not (isinstance(max_e, int) and max_e >= 1):
             _fail("max_experts", self.max_experts, "an integer >= 1 or null")
-        if self.num_experts > max_e:
-            _fail("num_experts", self.num_experts, f"<= max_experts ({max_e})")
-        if not router.adaptive_pool and max_e != self.num_experts:
+        if self.initial_experts > max_e:
+            _fail("initial_experts", self.initial_experts, f"<= max_experts ({max_e})")
+        if not router.adaptive_pool and max_e != self.initial_experts:
             routers = registry.ROUTERS
             adaptive = "|".join(n for n in routers.names() if routers[n].adaptive_pool) or "no router"
             _fail("max_experts", self.max_experts,
-                  f"equal to num_experts ({self.num_experts}) for router {self.router!r}; "
+                  f"equal to initial_experts ({self.initial_experts}) for router {self.router!r}; "
                   f"only {adaptive} has an adaptive pool")
         object.__setattr__(self, "max_experts", max_e)
         if not (isinstance(self.top_k, int) and self.top_k >= 1):
             _fail("top_k", self.top_k, "an integer >= 1")
-        if router.uses_top_k and self.top_k > self.num_experts:
-            _fail("top_k", self.top_k, f"<= num_experts ({self.num_experts})")
+        if router.uses_top_k and self.top_k > self.initial_experts:
+            _fail("top_k", self.top_k, f"<= initial_experts ({self.initial_experts})")
 
     def _check_capacity(self, router: type, backend: type) -> None:
         """``capacity_factor``, ``batch_prioritized_routing``, ``gate_noise`` against the router and backend."""
@@ -313,7 +321,9 @@ class MoEConfig:
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> MoEConfig:
         cfg = _read_moved_keys(dict(cfg))
-        known = {f.name for f in fields(cls)}
+        if cfg.get("num_experts", 0) is None:
+            del cfg["num_experts"]  # the previous release's key, unset (rmoe-train's moe group states it null)
+        known = {f.name for f in fields(cls)} | {"num_experts"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             _fail(unknown[0], cfg[unknown[0]], f"keys {sorted(known)}")

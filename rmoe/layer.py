@@ -44,7 +44,7 @@ class MoELayer(nn.Module):
 
     @property
     def max_experts(self) -> int:
-        """Expert slots (``cfg.max_experts``; ``cfg.num_experts`` is the experts active at the start)."""
+        """Expert slots (``cfg.max_experts``; ``cfg.initial_experts`` is the experts active at the start)."""
         return self.cfg.max_experts
 
     @property

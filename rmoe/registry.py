@@ -88,8 +88,8 @@ class Registry(Mapping[str, T], Generic[T]):
 
 
 # routers: ``Router`` subclasses with class attributes ``family`` (which aux losses fit),
-# ``default_aux_loss``, ``adaptive_pool`` (max_experts may exceed num_experts) and ``dropless``
-# (no capacity, no batch-prioritized routing, top_k not bounded by num_experts)
+# ``default_aux_loss``, ``adaptive_pool`` (max_experts may exceed initial_experts) and ``dropless``
+# (no capacity, no batch-prioritized routing, top_k not bounded by initial_experts)
 ROUTERS: Registry[type] = Registry("router")
 # expert backends: ``nn.Module`` classes with ``dropless`` (no finite capacity) and optional
 # ``check_available()``

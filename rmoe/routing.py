@@ -139,9 +139,9 @@ class Router(nn.Module):
 
     * ``family``: which aux losses fit (an aux loss lists the families it supports);
     * ``default_aux_loss``: the aux loss when ``aux_loss`` is null;
-    * ``adaptive_pool``: ``max_experts`` may exceed ``num_experts`` (slots switched on later);
+    * ``adaptive_pool``: ``max_experts`` may exceed ``initial_experts`` (slots switched on later);
     * ``dropless``: no finite capacity and no batch-prioritized routing;
-    * ``uses_top_k``: ``top_k`` is read (and must be <= ``num_experts``);
+    * ``uses_top_k``: ``top_k`` is read (and must be <= ``initial_experts``);
     * ``Options``: the router's own settings (a :class:`rmoe.config.RouterOptions` dataclass, validated there),
       read from ``router_options`` as ``self.options``.
 
@@ -165,7 +165,7 @@ class Router(nn.Module):
         self.d_model = d_model
         self.cfg = cfg
         self.options = cfg.router_options
-        self.max_experts = cfg.max_experts  # expert slots (cfg.num_experts: those active at the start)
+        self.max_experts = cfg.max_experts  # expert slots (cfg.initial_experts: those active at the start)
         self.aux_loss_fn = AUX_LOSSES[cfg.aux_loss]
         self.global_batch_window: object | None = None
         self.megatron_global_batch = cfg.aux_loss == "global_batch" and cfg.global_batch_mode == "megatron"
@@ -182,7 +182,7 @@ class Router(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        """Deprecated name of :attr:`max_experts` (the slot count; ``cfg.num_experts`` is the active experts at
+        """Deprecated name of :attr:`max_experts` (the slot count; ``cfg.initial_experts`` is the active experts at
         the start), read until the next release."""
         renamed(type(self).__name__, "num_experts", "max_experts")
         return self.max_experts
@@ -336,7 +336,7 @@ class TopAnyRouter(Router):
         self.weight = nn.Parameter(w)
         self.thresholds = nn.Parameter(torch.zeros(e))
         mask = torch.zeros(e, dtype=torch.bool)
-        mask[: cfg.num_experts] = True
+        mask[: cfg.initial_experts] = True
         self.register_buffer("expert_mask", mask)
         # recording window of the adaptive pool (persisted for exact resume)
         self.register_buffer("recording", torch.zeros((), dtype=torch.bool))

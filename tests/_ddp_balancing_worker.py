@@ -47,8 +47,8 @@ def build():
     import rmoe
 
     torch.manual_seed(7)
-    gb = rmoe.build_moe_layer(D, 16, router="topk", num_experts=4, top_k=2, aux_loss="global_batch")
-    lf = rmoe.build_moe_layer(D, 16, router="lossfree", num_experts=4, top_k=2,
+    gb = rmoe.build_moe_layer(D, 16, router="topk", initial_experts=4, top_k=2, aux_loss="global_batch")
+    lf = rmoe.build_moe_layer(D, 16, router="lossfree", initial_experts=4, top_k=2,
                               router_options={"bias_update_rate": 0.125})
     with torch.no_grad():  # a router that prefers expert 0, so the bias has work to do
         lf.router.weight.add_(torch.randn(4, D) * 0.5)
@@ -84,7 +84,7 @@ def run(rank: int, world_size: int) -> dict:
     # the same layer with Megatron-Core's rule (global_batch_mode=megatron) on the same rows
     import rmoe
 
-    gbm = rmoe.build_moe_layer(D, 16, router="topk", num_experts=4, top_k=2, aux_loss="global_batch",
+    gbm = rmoe.build_moe_layer(D, 16, router="topk", initial_experts=4, top_k=2, aux_loss="global_batch",
                                global_batch_mode="megatron")
     gbm.load_state_dict(build()[0].state_dict(), strict=False)
     gbm_m = torch.nn.parallel.DistributedDataParallel(Wrap(gbm), find_unused_parameters=True) if world_size > 1 \

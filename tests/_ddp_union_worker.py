@@ -31,10 +31,10 @@ STEPS = 3
 WINDOWS = ((0, 1), (2,))  # DynMoE recording windows (steps); adapt() after the last step of each
 NUM_VAL_DOMAINS = 2
 LAYERS = {  # name -> build_moe_layer kwargs; fusion ema_decay 0.5 so every step's update weighs
-    "topany_sum": dict(router="topany", num_experts=3, max_experts=5, fusion=dict(ema_decay=0.5, agg="sum")),
-    "topany_mean": dict(router="topany", num_experts=3, max_experts=5, fusion=dict(ema_decay=0.5, agg="mean")),
-    "topk_sum": dict(router="topk", num_experts=4, top_k=2, fusion=dict(ema_decay=0.5, agg="sum")),
-    "topk_mean": dict(router="topk", num_experts=4, top_k=2, fusion=dict(ema_decay=0.5, agg="mean")),
+    "topany_sum": dict(router="topany", initial_experts=3, max_experts=5, fusion=dict(ema_decay=0.5, agg="sum")),
+    "topany_mean": dict(router="topany", initial_experts=3, max_experts=5, fusion=dict(ema_decay=0.5, agg="mean")),
+    "topk_sum": dict(router="topk", initial_experts=4, top_k=2, fusion=dict(ema_decay=0.5, agg="sum")),
+    "topk_mean": dict(router="topk", initial_experts=4, top_k=2, fusion=dict(ema_decay=0.5, agg="mean")),
 }
 WINDOW_BUFFERS = ("routed_count", "unrouted_sum", "unrouted_count")
 SKIP_ON_RANK1 = 2  # top-any expert that rank 1's tokens never activate

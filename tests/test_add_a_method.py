@@ -61,7 +61,7 @@ defaults:
 
 name: toy_top1
 router: toy_top1
-num_experts: 4
+initial_experts: 4
 top_k: 1
 '''
 
@@ -74,7 +74,7 @@ from rmoe import build_moe_layer
 
 
 def test_toy_top1_by_hand():
-    layer = build_moe_layer(2, 4, router="toy_top1", num_experts=2, top_k=1).eval()
+    layer = build_moe_layer(2, 4, router="toy_top1", initial_experts=2, top_k=1).eval()
     with torch.no_grad():
         layer.router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     _, rec = layer(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))

@@ -82,8 +82,8 @@ def test_top_k_100_with_rmoe_is_refused_through_the_cli(tmp_path):
 
 
 def test_a_moe_field_error_comes_before_the_config_is_printed(tmp_path):
-    proc, msg, _, _ = rmoe_train("moe.num_experts=0", f"hydra.run.dir={tmp_path / 'run'}")
+    proc, msg, _, _ = rmoe_train("moe.initial_experts=0", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and "Traceback" not in msg
     assert msg.strip().splitlines() == [
-        "rmoe-train: error: invalid config: moe.num_experts=0; allowed: an integer >= 1"]
+        "rmoe-train: error: invalid config: moe.initial_experts=0; allowed: an integer >= 1"]
     assert "trainer:" not in proc.stdout and "config (resolved)" not in proc.stdout  # no config tree first

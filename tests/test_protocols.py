@@ -22,7 +22,7 @@ from tasks.train import CONF_DIR
 SWEEPS = str(Path(CONF_DIR).parents[1] / "sweeps")
 METHODS = ("dense", "moe_topk", "moe_cosine", "gmoe", "dynmoe", "rmoe", "lossfree", "expert_choice")
 
-# SPEC §3-5. lam: (mode, {params read by that mode}); pool: (num_experts, max_experts)
+# SPEC §3-5. lam: (mode, {params read by that mode}); pool: (initial_experts, max_experts)
 GLUE_DROPOUT = (0.1, "pre_act")
 VISION_DROPOUT = (0.1, "post_act")
 EXPECTED = {
@@ -98,7 +98,7 @@ def check_cell(cfg, bench: str, method: str, where: str) -> None:
         mc = MoEConfig.from_dict(layer)
         assert layers, where
         assert mc.aux_loss == exp["aux"], f"{where}: aux {mc.aux_loss}"
-        assert (mc.num_experts, mc.max_experts) == exp["pool"], where
+        assert (mc.initial_experts, mc.max_experts) == exp["pool"], where
         fusion = None if mc.fusion is None else {k: getattr(mc.fusion, k) for k in exp["fusion"] or {}}
         assert fusion == exp["fusion"], f"{where}: fusion {mc.fusion}"
         assert (mc.expert_dropout, mc.expert_dropout_position) == exp["dropout"], where

@@ -31,7 +31,7 @@ the key, the value and what is allowed:
 * ``moe.fusion``: null or every Stateful Fusion key (``ema_decay``, ``agg``, ``update_in_eval``, ``mix_alpha``): a
   partial mapping comes from ``+moe.fusion.<key>=...`` on a protocol with fusion off, which would switch fusion
   on with defaults for the keys not given, under the method's own name;
-* the MoE layer's fields as :class:`rmoe.MoEConfig` checks them (``moe.num_experts=0``, an unknown router ...),
+* the MoE layer's fields as :class:`rmoe.MoEConfig` checks them (``moe.initial_experts=0``, an unknown router ...),
   before the config is printed (:func:`check_moe_fields`, last: it imports ``rmoe``, hence torch);
 * an override of ``moe.top_k`` (:func:`check_overrides`, from the command line) for a router that does not read
   it (``topany``, ``expert_choice``).
@@ -294,7 +294,7 @@ def check_fusion(cfg: Any) -> None:
 
 
 def check_moe_fields(cfg: Any) -> None:
-    """The MoE layer's fields (``moe.num_experts``, ``moe.router``, ...) as :class:`rmoe.MoEConfig` validates them
+    """The MoE layer's fields (``moe.initial_experts``, ``moe.router``, ...) as :class:`rmoe.MoEConfig` validates them
     when the model is built -- here, before the config is printed and anything is built (imports ``rmoe``)."""
     moe = _get(cfg, "moe")
     if not isinstance(moe, Mapping) or moe.get("router") is None:

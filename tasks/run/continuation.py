@@ -14,7 +14,9 @@
   ``resume.allow_changes=[trainer.max_steps]`` to extend a run). Keys that do not change what is
   trained are not compared (:data:`NOT_RUN_KEYS`), nor a ``moe.*`` key the run's saved config lacks that now
   holds the ``moe`` group's base default (:func:`tasks.run.moe_schema.is_schema_default`: the method files
-  stated fewer keys before the base existed; the layer built is the same). An allowed change is recorded in
+  stated fewer keys before the base existed; the layer built is the same). A key renamed since the run was saved
+  (:func:`tasks.run.moe_schema.renamed_keys`: ``moe.num_experts``, ``moe.fusion.beta``, ``curriculum.beta``) is
+  compared under its new name. An allowed change is recorded in
   ``<run>/attempts.jsonl`` (the attempt's ``changes``: key, the run's value, the new value, the step it
   applies from) and the run's ``.hydra/`` then holds the changed config.
 """
@@ -29,7 +31,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.run.moe_schema import is_schema_default
+from tasks.run.moe_schema import is_schema_default, renamed_keys
 
 #: keys (and their sub-keys) that do not change what a run trains: not compared on a continuation
 NOT_RUN_KEYS = ("ckpt_path", "resume", "skip_if_done", "test", "tags", "print_config", "paths", "logger",
@@ -87,6 +89,9 @@ def config_changes(now: Any, saved: Any) -> list[dict[str, Any]]:
         return OmegaConf.to_container(c, resolve=False) if isinstance(c, DictConfig) else c
 
     a, b = _flatten(plain(saved)), _flatten(plain(now))
+    for old, new in renamed_keys().items():  # a run saved before a rename: its value under the new name
+        if old in a and new not in a:
+            a[new] = a.pop(old)
     out = []
     for key in sorted(set(a) | set(b)):
         if _under(key, NOT_RUN_KEYS):

@@ -8,7 +8,9 @@ composed), so each default has one home -- the Python dataclass that validates i
   (:data:`tasks.run.common.MOE_LAYOUT_KEYS`): ``name`` (required: the method's name), ``layers`` (the backbone's
   MoE layers) and ``init`` (the first of :data:`rmoe.config.EXPERT_INITS`, FFN surgery's default). Left out: the
   keys set from elsewhere -- ``backend`` (the ``backend`` group) and ``causal`` (the backbone) -- and
-  ``activation`` is null (the backbone's own activation, filled in when the model is built).
+  ``activation`` is null (the backbone's own activation, filled in when the model is built); ``num_experts`` (the
+  previous release's name of ``initial_experts``) is null, so ``moe.num_experts=N`` still composes and is read with a
+  deprecation warning.
 * ``moe/_fusion``: :class:`rmoe.config.FusionConfig`'s fields (a method with Stateful Fusion lists
   ``_fusion@fusion`` in its defaults; ``moe.fusion=null`` switches it off).
 * ``moe/_options/<router>``: the router's own settings (its ``Options`` dataclass, :data:`rmoe.router_options.OPTIONS`),
@@ -27,8 +29,9 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from rmoe.config import EXPERT_INITS, FusionConfig, MoEConfig, ReleasedConfig
+from rmoe.config import EXPERT_INITS, RENAMED_KEYS, FusionConfig, MoEConfig, ReleasedConfig
 from rmoe.router_options import OPTIONS
+from rmoe.schedules import RENAMED as SCHEDULE_RENAMED
 
 #: MoEConfig fields the ``moe`` group does not state: set by the code from another group or the backbone
 SET_ELSEWHERE = ("backend", "causal")
@@ -48,6 +51,7 @@ def layer_defaults() -> dict[str, Any]:
     """``moe/_layer``: the layout keys, then MoEConfig's fields (less :data:`SET_ELSEWHERE`), each at its default."""
     layer = {k: v for k, v in _defaults(MoEConfig).items() if k not in SET_ELSEWHERE}
     layer["activation"] = None  # the backbone's own (rmoe.surgery fills it in); MoEConfig's default is for rmoe alone
+    layer["num_experts"] = None  # the previous release's initial_experts: moe.num_experts=N still works, with a warning
     assert set(layer["released"]) == {f.name for f in dataclasses.fields(ReleasedConfig)}
     return {"name": MISSING, "layers": "${backbone.moe_layers}",
             "init": EXPERT_INITS[0], **layer}
@@ -67,6 +71,13 @@ def schema_nodes() -> list[tuple[str, str, dict[str, Any]]]:
     """``(group, name, node)`` of each base node: ``moe/_layer``, ``moe/_fusion``, ``moe/_options/<router>``."""
     return [("moe", "_layer", layer_defaults()), ("moe", "_fusion", fusion_defaults()),
             *(("moe/_options", router, opts) for router, opts in router_options_defaults().items())]
+
+
+def renamed_keys() -> dict[str, str]:
+    """``{old dotted key: new}`` of the previous release's config keys that are read under a new name (the MoE
+    layer's, :data:`rmoe.config.RENAMED_KEYS`, and the curriculum's, :data:`rmoe.schedules.RENAMED`)."""
+    return {**{f"moe.{old}": f"moe.{new}" for old, new in RENAMED_KEYS.items()},
+            **{f"curriculum.{old}": f"curriculum.{new}" for old, new in SCHEDULE_RENAMED.items()}}
 
 
 def is_schema_default(key: str, value: Any, router: str | None) -> bool:

@@ -167,7 +167,7 @@ def check_checkpoint(ckpt_path: str | os.PathLike | None, model: torch.nn.Module
         raise CheckpointMismatchError(
             f"{key}={path!r} does not fit the model {type(model).__name__} "
             f"({len(expected)} tensors): " + "; ".join(parts)
-            + f". The checkpoint was written for another architecture (backbone, moe option, num_experts/"
+            + f". The checkpoint was written for another architecture (backbone, moe option, initial_experts/"
               f"max_experts or MoE layers); allowed: {_allowed(key)}")
     return ckpt
 

@@ -17,7 +17,7 @@ class OneLayer(L.LightningModule):
 
     def __init__(self):
         super().__init__()
-        self.moe = build_moe_layer(4, 8, router="topany", num_experts=2, max_experts=4, top_k=1)
+        self.moe = build_moe_layer(4, 8, router="topany", initial_experts=2, max_experts=4, top_k=1)
         with torch.no_grad():
             w = torch.zeros(4, 4)
             w[0, 0], w[0, 1], w[1, 2], w[3, 3] = 1.0, -1.0, 1.0, 1.0
@@ -105,7 +105,7 @@ def test_noop_without_topany_and_bad_mode():
     class Plain(OneLayer):
         def __init__(self):
             super().__init__()
-            self.moe = build_moe_layer(4, 8, router="topk", num_experts=2, top_k=1)
+            self.moe = build_moe_layer(4, 8, router="topk", initial_experts=2, top_k=1)
 
         def on_train_batch_end(self, outputs, batch, batch_idx):
             pass

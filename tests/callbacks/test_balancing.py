@@ -20,7 +20,7 @@ class Tiny(pl.LightningModule):
     def __init__(self, router="lossfree", aux_loss=None, freeze_router=True):
         super().__init__()
         kw = {"router_options": {"bias_update_rate": U}} if router == "lossfree" else {}
-        self.moe = build_moe_layer(8, 16, router=router, num_experts=4, top_k=1, aux_loss=aux_loss, **kw)
+        self.moe = build_moe_layer(8, 16, router=router, initial_experts=4, top_k=1, aux_loss=aux_loss, **kw)
         with torch.no_grad():
             torch.manual_seed(5)
             self.moe.router.weight.copy_(torch.randn(4, 8) * 0.5)

@@ -27,7 +27,7 @@ class Tiny(pl.LightningModule):
         super().__init__()
         torch.manual_seed(1)
         self.inp = torch.nn.Linear(8, 8)
-        self.moe = build_moe_layer(8, 16, router="topk", num_experts=4, top_k=2, aux_loss=aux_loss, **moe)
+        self.moe = build_moe_layer(8, 16, router="topk", initial_experts=4, top_k=2, aux_loss=aux_loss, **moe)
         with torch.no_grad():
             self.moe.router.weight.mul_(40)  # peaked routing: f_e differs between the halves
         self.head = torch.nn.Linear(8, 3)

@@ -15,7 +15,7 @@ from rmoe import build_moe_layer, moe_losses
 class Tiny(pl.LightningModule):
     def __init__(self):
         super().__init__()
-        self.moe = build_moe_layer(4, 8, router="topk", num_experts=2, top_k=1)
+        self.moe = build_moe_layer(4, 8, router="topk", initial_experts=2, top_k=1)
         self.head = torch.nn.Linear(4, 2)
 
     def training_step(self, batch, batch_idx):

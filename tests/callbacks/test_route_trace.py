@@ -17,11 +17,11 @@ from callbacks.stability import RoutingStabilityCallback
 from rmoe import build_moe_layer, moe_losses
 
 ROUTERS = {
-    "lossfree": {"router": "lossfree", "num_experts": 4, "top_k": 2, "router_options": {"bias_update_rate": 0.5}},
-    "lossfree_sigmoid_seq": {"router": "lossfree", "num_experts": 4, "top_k": 2,
+    "lossfree": {"router": "lossfree", "initial_experts": 4, "top_k": 2, "router_options": {"bias_update_rate": 0.5}},
+    "lossfree_sigmoid_seq": {"router": "lossfree", "initial_experts": 4, "top_k": 2,
                              "router_options": {"score_fn": "sigmoid"}, "aux_loss": "seq_balance"},
-    "expert_choice": {"router": "expert_choice", "num_experts": 4, "capacity_factor": 2.0},
-    "topk_global_batch": {"router": "topk", "num_experts": 4, "top_k": 2, "aux_loss": "global_batch"},
+    "expert_choice": {"router": "expert_choice", "initial_experts": 4, "capacity_factor": 2.0},
+    "topk_global_batch": {"router": "topk", "initial_experts": 4, "top_k": 2, "aux_loss": "global_batch"},
 }
 
 

@@ -19,7 +19,7 @@ from rmoe import build_moe_layer, moe_losses
 class TinyMoEClassifier(pl.LightningModule):
     def __init__(self, router="topk", fusion=None, lr=0.5):
         super().__init__()
-        kw = {"router": router, "num_experts": 4, "top_k": 2, "fusion": fusion}
+        kw = {"router": router, "initial_experts": 4, "top_k": 2, "fusion": fusion}
         if router == "topany":
             kw.update(max_experts=6, top_k=1)
         self.moe = build_moe_layer(8, 16, **kw)
@@ -111,7 +111,7 @@ def test_probe_flip_rate_of_the_lossfree_router_counts_its_biased_selection(tmp_
 
     torch.manual_seed(0)
     module = TinyMoEClassifier(router="lossfree")
-    module.moe = build_moe_layer(8, 16, router="lossfree", num_experts=4, top_k=2,
+    module.moe = build_moe_layer(8, 16, router="lossfree", initial_experts=4, top_k=2,
                                  router_options={"bias_update_rate": 0.02})
     module.moe.router.weight.requires_grad_(False)
     w = module.moe.router.weight.detach().clone()

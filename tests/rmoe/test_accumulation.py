@@ -44,7 +44,7 @@ def _model(noise=0.0, dropout=0.0, fusion=True):
     class Two(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            kw = {"router": "topk", "num_experts": 4, "top_k": 2, "aux_loss": "global_batch", "gate_noise": noise,
+            kw = {"router": "topk", "initial_experts": 4, "top_k": 2, "aux_loss": "global_batch", "gate_noise": noise,
                   "expert_dropout": dropout}
             self.inp = torch.nn.Linear(6, 6)
             self.a = build_moe_layer(6, 12, **kw, fusion={"ema_decay": 0.5, "mix_alpha": 0.5} if fusion else None)

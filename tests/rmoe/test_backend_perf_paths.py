@@ -201,7 +201,7 @@ def test_weight_gradients_only_through_parameters(kw):
 def test_layer_with_mask_matches_naive(kw):
     """The whole layer (router + backend, padding mask) against the naive loop on its routing."""
     torch.manual_seed(0)
-    layer = build_moe_layer(8, 12, router="topk", num_experts=4, top_k=2)
+    layer = build_moe_layer(8, 12, router="topk", initial_experts=4, top_k=2)
     layer.backend = TorchDroplessBackend(**kw)
     x = torch.randn(2, 5, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)

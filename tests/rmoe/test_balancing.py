@@ -28,7 +28,7 @@ def _set_router(layer, weight):
 
 # --- auxiliary-loss-free balancing ----------------------------------------------------------------
 def test_lossfree_bias_update_sign_and_magnitude_over_two_micro_batches():
-    layer = build_moe_layer(4, 8, router="lossfree", num_experts=4, top_k=1,
+    layer = build_moe_layer(4, 8, router="lossfree", initial_experts=4, top_k=1,
                             router_options={"bias_update_rate": 0.25})
     _set_router(layer, 5 * torch.eye(4))  # token e_j (one-hot) has its highest score on expert j
     eye = torch.eye(4)
@@ -52,7 +52,7 @@ def test_lossfree_bias_update_sign_and_magnitude_over_two_micro_batches():
 
 @pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
 def test_lossfree_selection_uses_the_biased_scores_and_the_gates_do_not(score_fn):
-    layer = build_moe_layer(3, 6, router="lossfree", num_experts=3, top_k=2,
+    layer = build_moe_layer(3, 6, router="lossfree", initial_experts=3, top_k=2,
                             router_options={"score_fn": score_fn})
     _set_router(layer, torch.eye(3))
     x = torch.tensor([[2.0, 1.0, 0.0]])  # logits (2, 1, 0)
@@ -74,20 +74,20 @@ def test_lossfree_selection_uses_the_biased_scores_and_the_gates_do_not(score_fn
 def test_lossfree_top1_sigmoid_gate_is_normalised_to_one_and_config_checks():
     """DeepSeek-V3 inference/model.py Gate (sigmoid: weights /= weights.sum, any k) and torchtitan route_norm:
     the selected sigmoid score over itself, 1 at k = 1; normalize_gate=false keeps the raw score s_e."""
-    layer = build_moe_layer(2, 4, router="lossfree", num_experts=2, top_k=1,
+    layer = build_moe_layer(2, 4, router="lossfree", initial_experts=2, top_k=1,
                             router_options={"score_fn": "sigmoid"})
     _set_router(layer, torch.eye(2))
     x = torch.tensor([[0.5, -1.0], [-2.0, 0.25]])
     _, rec = layer.eval()(x)
     assert rec.expert_indices.tolist() == [[0], [1]]
     assert rec.expert_weights.tolist() == [[1.0], [1.0]]
-    raw = build_moe_layer(2, 4, router="lossfree", num_experts=2, top_k=1, router_options={"score_fn": "sigmoid"},
+    raw = build_moe_layer(2, 4, router="lossfree", initial_experts=2, top_k=1, router_options={"score_fn": "sigmoid"},
                           normalize_gate=False)
     _set_router(raw, torch.eye(2))
     _, rec = raw.eval()(x)
     assert rec.expert_weights[:, 0].tolist() == pytest.approx([1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(-0.25))])
     # softmax scores, k = 1: the raw probability, as the top-k router
-    soft = build_moe_layer(2, 4, router="lossfree", num_experts=2, top_k=1,
+    soft = build_moe_layer(2, 4, router="lossfree", initial_experts=2, top_k=1,
                            router_options={"score_fn": "softmax"})
     _set_router(soft, torch.eye(2))
     _, rec = soft.eval()(x)
@@ -114,8 +114,8 @@ def test_global_batch_loss_by_hand_and_one_process_equals_switch():
     p = [(0.7 + 0.1 + 0.5 + 0.2) / 4, (0.2 + 0.6 + 0.25 + 0.2) / 4, (0.1 + 0.3 + 0.25 + 0.6) / 4]
     want = 3 * (0.5 * p[0] + 0.25 * p[1] + 0.25 * p[2])
     assert float(global_batch_balance_loss(probs, top1)) == pytest.approx(want, rel=1e-6)
-    layer = build_moe_layer(4, 8, router="topk", num_experts=3, top_k=1, aux_loss="global_batch")
-    twin = build_moe_layer(4, 8, router="topk", num_experts=3, top_k=1, aux_loss="switch")
+    layer = build_moe_layer(4, 8, router="topk", initial_experts=3, top_k=1, aux_loss="global_batch")
+    twin = build_moe_layer(4, 8, router="topk", initial_experts=3, top_k=1, aux_loss="switch")
     twin.load_state_dict(layer.state_dict())
     x = torch.randn(2, 5, 4)
     a, b = layer.train()(x)[1].aux_loss.detach(), twin.train()(x)[1].aux_loss.detach()
@@ -135,7 +135,7 @@ def test_global_batch_loss_counts_all_k_selections_divided_by_k():
     got = global_batch_balance_loss(torch.tensor(probs), torch.tensor(top2), top_k=2)
     assert float(got) == pytest.approx(want, rel=1e-6)
     # the layer hands the loss every selection: a top-2 layer's loss from its own probabilities and top-2
-    layer = build_moe_layer(4, 8, router="topk", num_experts=3, top_k=2, aux_loss="global_batch")
+    layer = build_moe_layer(4, 8, router="topk", initial_experts=3, top_k=2, aux_loss="global_batch")
     x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
     _, rec = layer.train()(x)
     p = rec.router_probs.detach().tolist()
@@ -164,7 +164,7 @@ def test_global_batch_megatron_mode_running_mean_by_hand_and_config_check():
     """global_batch_mode=megatron (Megatron-Core router.py _apply_global_aux_loss): micro-batch j's f uses the mean of
     the global counts of micro-batches 1..j over k · T_j; loss E Σ_e f_e Σ_t p_te / T_j; reset clears the running
     state; evaluation forwards use their own counts and leave it alone."""
-    layer = build_moe_layer(3, 6, router="topk", num_experts=3, top_k=2, aux_loss="global_batch",
+    layer = build_moe_layer(3, 6, router="topk", initial_experts=3, top_k=2, aux_loss="global_batch",
                             global_batch_mode="megatron")
     _set_router(layer, torch.eye(3))
     x1 = torch.tensor([[2.0, 1.0, 0.0], [1.5, 0.0, 1.0], [0.0, 2.0, 0.5]])
@@ -193,7 +193,7 @@ def test_global_batch_megatron_mode_running_mean_by_hand_and_config_check():
     layer.router.reset_global_batch_counts()
     assert layer.router.global_batch_counts.tolist() == [0.0, 0.0, 0.0] and float(layer.router.global_batch_steps) == 0
     # window mode (the default) has no running state; the key is checked
-    assert "router.global_batch_counts" not in build_moe_layer(3, 6, router="topk", num_experts=3,
+    assert "router.global_batch_counts" not in build_moe_layer(3, 6, router="topk", initial_experts=3,
                                                                aux_loss="global_batch").state_dict()
     assert fail_message(aux_loss="global_batch", global_batch_mode="running") == (
         "invalid MoE config: global_batch_mode='running'; allowed: window|megatron")
@@ -201,7 +201,7 @@ def test_global_batch_megatron_mode_running_mean_by_hand_and_config_check():
 
 # --- sequence-level balance loss -------------------------------------------------------------------
 def test_seq_balance_by_hand_from_the_batch_layout_and_mask():
-    layer = build_moe_layer(3, 6, router="topk", num_experts=3, top_k=1, aux_loss="seq_balance")
+    layer = build_moe_layer(3, 6, router="topk", initial_experts=3, top_k=1, aux_loss="seq_balance")
     w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     _set_router(layer, w)
     x = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [9.0, 9.0, 9.0]],    # sequence 0: 2 real tokens
@@ -228,7 +228,7 @@ def test_seq_balance_by_hand_from_the_batch_layout_and_mask():
 def test_seq_balance_with_lossfree_sigmoid_counts_the_unbiased_top_k():
     """DeepSeek-V3 eq. 18 (Megatron-Core ``compute_routing_scores_for_aux_loss``): f_e counts the top-k of the
     unbiased scores s, while the dispatch uses the top-k of s + b."""
-    layer = build_moe_layer(3, 6, router="lossfree", num_experts=3, top_k=2, router_options={"score_fn": "sigmoid"},
+    layer = build_moe_layer(3, 6, router="lossfree", initial_experts=3, top_k=2, router_options={"score_fn": "sigmoid"},
                             aux_loss="seq_balance")
     _set_router(layer, torch.eye(3))
     layer.router.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))  # expert 2 always dispatched
@@ -244,7 +244,7 @@ def test_seq_balance_with_lossfree_sigmoid_counts_the_unbiased_top_k():
     p_mean = [(norm[0][e] + norm[1][e]) / 2 for e in range(3)]
     assert float(rec.aux_loss) == pytest.approx(sum(a * b for a, b in zip(f, p_mean)), rel=1e-6)
     # softmax scores: the same rule
-    soft = build_moe_layer(3, 6, router="lossfree", num_experts=3, top_k=1, router_options={"score_fn": "softmax"},
+    soft = build_moe_layer(3, 6, router="lossfree", initial_experts=3, top_k=1, router_options={"score_fn": "softmax"},
                            aux_loss="seq_balance")
     _set_router(soft, torch.eye(3))
     soft.router.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
@@ -262,7 +262,7 @@ def test_a_router_without_seq_ids_keeps_working(cleanup_router):
 
     ROUTERS.register("plain_fwd", Plain)
     cleanup_router.append("plain_fwd")
-    layer = build_moe_layer(4, 8, router="plain_fwd", num_experts=2, top_k=1)
+    layer = build_moe_layer(4, 8, router="plain_fwd", initial_experts=2, top_k=1)
     y, rec = layer(torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [1, 0, 0]]).bool())
     assert y.shape == (2, 3, 4) and rec.num_tokens == 3
 
@@ -291,7 +291,7 @@ def _flaxformer_capacity(n, cf, e):
     (27, 1.0, 2, 14),   # 13.5 -> 14 (half to even)
 ])
 def test_expert_choice_capacity_is_flaxformers_rule(n, cf, e, want):
-    layer = build_moe_layer(2, 4, router="expert_choice", num_experts=e, capacity_factor=cf)
+    layer = build_moe_layer(2, 4, router="expert_choice", initial_experts=e, capacity_factor=cf)
     assert _flaxformer_capacity(n, cf, e) == want
     assert layer.router.capacity(n) == want
     _, rec = layer.train()(torch.randn(n, 2))
@@ -299,7 +299,7 @@ def test_expert_choice_capacity_is_flaxformers_rule(n, cf, e, want):
 
 
 def test_expert_choice_capacity_and_tokens_with_several_or_no_experts():
-    layer = build_moe_layer(2, 4, router="expert_choice", num_experts=2, capacity_factor=0.8, bias=False)
+    layer = build_moe_layer(2, 4, router="expert_choice", initial_experts=2, capacity_factor=0.8, bias=False)
     _set_router(layer, torch.eye(2))
     # logits (a, b): expert 0 prefers large a - b, expert 1 large b - a; tokens 4, 5 nearly neutral
     x = torch.tensor([[3.0, 0.0], [2.5, 0.0], [2.0, 0.0], [1.5, 0.0], [0.1, 0.0],
@@ -308,7 +308,7 @@ def test_expert_choice_capacity_and_tokens_with_several_or_no_experts():
     _, rec = layer.eval()(x)
     assert rec.tokens_per_expert.tolist() == [4, 4]
     assert rec.expert_indices.tolist() == [[0], [0], [0], [0], [-1], [-1], [1], [1], [1], [1]]  # 4, 5: no expert
-    layer2 = build_moe_layer(2, 4, router="expert_choice", num_experts=2, capacity_factor=1.2, bias=False)
+    layer2 = build_moe_layer(2, 4, router="expert_choice", initial_experts=2, capacity_factor=1.2, bias=False)
     _set_router(layer2, torch.eye(2))
     layer2.experts.load_state_dict(layer.experts.state_dict())
     assert layer2.router.capacity(10) == _flaxformer_capacity(10, 1.2, 2) == 6
@@ -326,7 +326,7 @@ def test_expert_choice_capacity_and_tokens_with_several_or_no_experts():
 
 
 def test_expert_choice_gets_the_task_gradient_and_rejects_causal_models():
-    layer = build_moe_layer(4, 8, router="expert_choice", num_experts=3, capacity_factor=2.0)
+    layer = build_moe_layer(4, 8, router="expert_choice", initial_experts=3, capacity_factor=2.0)
     y, rec = layer.train()(torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool))
     y.sum().backward()
     assert layer.router.weight.grad is not None and float(layer.router.weight.grad.abs().sum()) > 0
@@ -342,10 +342,10 @@ def test_expert_choice_gets_the_task_gradient_and_rejects_causal_models():
     cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=32, max_position_embeddings=16, is_decoder=True)
     with pytest.raises(ConfigError, match="causal=True; allowed: false for router 'expert_choice'"):
-        moefy_bert(BertModel(cfg), [1], {"router": "expert_choice", "num_experts": 2, "capacity_factor": 1.0})
+        moefy_bert(BertModel(cfg), [1], {"router": "expert_choice", "initial_experts": 2, "capacity_factor": 1.0})
     encoder = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                    intermediate_size=32, max_position_embeddings=16))
-    (moe,) = moefy_bert(encoder, [1], {"router": "expert_choice", "num_experts": 2, "capacity_factor": 1.0})
+    (moe,) = moefy_bert(encoder, [1], {"router": "expert_choice", "initial_experts": 2, "capacity_factor": 1.0})
     assert moe.cfg.causal is False
 
 
@@ -354,8 +354,8 @@ def test_each_layer_computes_its_own_balance_loss_before_layers_are_summed():
     class Two(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a = build_moe_layer(3, 6, router="topk", num_experts=3, top_k=1, aux_loss="global_batch")
-            self.b = build_moe_layer(3, 6, router="topk", num_experts=3, top_k=1, aux_loss="global_batch")
+            self.a = build_moe_layer(3, 6, router="topk", initial_experts=3, top_k=1, aux_loss="global_batch")
+            self.b = build_moe_layer(3, 6, router="topk", initial_experts=3, top_k=1, aux_loss="global_batch")
 
     m = Two()
     _set_router(m.a, torch.eye(3))

@@ -9,17 +9,17 @@ from rmoe import ConfigError, MoEConfig, build_moe_layer
 def test_defaults_and_router_aux_defaults():
     assert MoEConfig(router="topk").aux_loss == "switch"
     assert MoEConfig(router="cosine", top_k=1).aux_loss == "switch"
-    c = MoEConfig(router="topany", num_experts=8, max_experts=16)
+    c = MoEConfig(router="topany", initial_experts=8, max_experts=16)
     assert c.aux_loss == "dynmoe" and c.max_experts == 16
-    assert MoEConfig(num_experts=4).max_experts == 4
+    assert MoEConfig(initial_experts=4).max_experts == 4
 
 
 @pytest.mark.parametrize(
     "cfg, key",
     [
-        ({"top_k": 5, "num_experts": 4}, "top_k"),
-        ({"router": "topany", "num_experts": 9, "max_experts": 8}, "num_experts"),
-        ({"router": "topk", "num_experts": 4, "max_experts": 8}, "max_experts"),
+        ({"top_k": 5, "initial_experts": 4}, "top_k"),
+        ({"router": "topany", "initial_experts": 9, "max_experts": 8}, "initial_experts"),
+        ({"router": "topk", "initial_experts": 4, "max_experts": 8}, "max_experts"),
         ({"router": "bogus"}, "router"),
         ({"backend": "cuda"}, "backend"),
         ({"capacity_factor": -1.0}, "capacity_factor"),
@@ -96,16 +96,16 @@ def test_the_previous_releases_flat_keys_are_read_with_a_deprecation_message():
 
 def test_topany_refuses_gate_noise_it_would_not_use():
     # the routing step adds noise for every router; DynMoE's gate has none, so the value is refused, not ignored
-    assert _message(router="topany", num_experts=2, max_experts=4, gate_noise=1.0) == (
+    assert _message(router="topany", initial_experts=2, max_experts=4, gate_noise=1.0) == (
         "invalid MoE config: gate_noise=1.0; allowed: 0 for router 'topany' (DynMoE's gate has no noise)")
 
 
 def test_the_slot_count_is_max_experts_everywhere_and_the_old_name_warns():
     from rmoe.config import ConfigDeprecationWarning
 
-    layer = build_moe_layer(4, 8, router="topany", num_experts=2, max_experts=5)
+    layer = build_moe_layer(4, 8, router="topany", initial_experts=2, max_experts=5)
     assert layer.max_experts == layer.router.max_experts == layer.experts.max_experts == 5
-    assert layer.cfg.num_experts == 2  # the config's num_experts: the experts active at the start
+    assert layer.cfg.initial_experts == 2  # the experts active at the start
     for obj, owner in ((layer, "MoELayer"), (layer.router, "TopAnyRouter"), (layer.experts, "Experts")):
         with pytest.warns(ConfigDeprecationWarning, match=rf"{owner}.num_experts is deprecated: use "
                                                           rf"{owner}.max_experts"):

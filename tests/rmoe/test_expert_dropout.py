@@ -289,10 +289,10 @@ def test_mean_over_draws_approaches_eval(kw, position, activation):
 
 def test_moe_layer_post_act_train_vs_eval():
     torch.manual_seed(0)
-    layer = build_moe_layer(8, 16, router="topk", num_experts=4, top_k=2, expert_dropout=0.1,
+    layer = build_moe_layer(8, 16, router="topk", initial_experts=4, top_k=2, expert_dropout=0.1,
                             expert_dropout_position="post_act")
     assert (layer.experts.dropout, layer.experts.dropout_position) == (0.1, "post_act")
-    plain = build_moe_layer(8, 16, router="topk", num_experts=4, top_k=2)
+    plain = build_moe_layer(8, 16, router="topk", initial_experts=4, top_k=2)
     plain.load_state_dict(layer.state_dict())
     x = torch.randn(2, 6, 8)
 

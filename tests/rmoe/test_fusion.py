@@ -61,7 +61,7 @@ def test_topany_fusion_pi_is_the_ema_of_activation_counts():
     that activated expert e; π = (1+m)/Σ(1+m) over several steps (reference from SPEC §1/§4)."""
     torch.manual_seed(0)
     beta = 0.9
-    layer = build_moe_layer(6, 4, router="topany", num_experts=4, max_experts=6, top_k=1,
+    layer = build_moe_layer(6, 4, router="topany", initial_experts=4, max_experts=6, top_k=1,
                             fusion={"ema_decay": beta, "agg": "sum"}).train()
     with torch.no_grad():
         layer.router.thresholds.copy_(torch.tensor([-0.5, 0.3, 0.0, 0.6, 0.0, 0.0]))
@@ -93,7 +93,7 @@ def test_mix_alpha_controls_the_task_gradient_reaching_the_router(alpha):
     """alpha=1 (the paper's code): the combine weights are π only, so the task loss sends no
     gradient to the router (thresholds learn nothing from it); alpha<1 keeps the router's gates."""
     torch.manual_seed(1)
-    layer = build_moe_layer(6, 4, router="topany", num_experts=4, max_experts=6, top_k=1, aux_loss="none",
+    layer = build_moe_layer(6, 4, router="topany", initial_experts=4, max_experts=6, top_k=1, aux_loss="none",
                             fusion={"ema_decay": 0.9, "agg": "sum", "mix_alpha": alpha}).train()
     with torch.no_grad():
         layer.router.thresholds.copy_(torch.tensor([-1.0, -1.0, -1.0, -1.0, 0.0, 0.0]))  # tokens take 2+ experts
@@ -112,7 +112,7 @@ def test_mix_alpha_controls_the_task_gradient_reaching_the_router(alpha):
 def test_frozen_fusion_keeps_m_and_restores_the_flag():
     from rmoe.fusion import frozen_fusion
 
-    layer = build_moe_layer(6, 4, router="topany", num_experts=3, max_experts=4, top_k=1,
+    layer = build_moe_layer(6, 4, router="topany", initial_experts=3, max_experts=4, top_k=1,
                             fusion={"ema_decay": 0.5, "agg": "sum", "update_in_eval": True}).eval()
     x = torch.randn(10, 6)
     with frozen_fusion(layer):

@@ -22,7 +22,7 @@ def test_matmul_fns_run_both_sides():
     from bench.__main__ import DenseFloor
     from rmoe import build_moe_layer
     torch.manual_seed(0)
-    moe = build_moe_layer(impl_grid.D_MODEL, impl_grid.D_FF, router="topk", num_experts=4, top_k=2)
+    moe = build_moe_layer(impl_grid.D_MODEL, impl_grid.D_FF, router="topk", initial_experts=4, top_k=2)
     fns = impl_grid.matmul_fns(moe, DenseFloor(2), torch.randn(16, impl_grid.D_MODEL))
     assert set(fns) == {"floor matmuls", "matmuls"}
     for f in fns.values():

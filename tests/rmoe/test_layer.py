@@ -56,11 +56,11 @@ def _dense_ffn(d, d_ff, act=nn.GELU):
 
 
 @pytest.mark.parametrize("router, extra", [
-    ("topk", {"num_experts": 4, "top_k": 2}),
-    ("topk", {"num_experts": 4, "top_k": 1, "gate_noise": 1.0}),
-    ("cosine", {"num_experts": 6, "top_k": 1}),
-    ("cosine", {"num_experts": 6, "top_k": 2}),
-    ("topany", {"num_experts": 4, "max_experts": 8, "top_k": 1}),
+    ("topk", {"initial_experts": 4, "top_k": 2}),
+    ("topk", {"initial_experts": 4, "top_k": 1, "gate_noise": 1.0}),
+    ("cosine", {"initial_experts": 6, "top_k": 1}),
+    ("cosine", {"initial_experts": 6, "top_k": 2}),
+    ("topany", {"initial_experts": 4, "max_experts": 8, "top_k": 1}),
 ])
 @pytest.mark.parametrize("fusion", [None, {"ema_decay": 0.9}])
 def test_upcycled_layer_reproduces_dense_ffn_in_eval(router, extra, fusion):
@@ -82,7 +82,7 @@ def test_upcycled_layer_reproduces_dense_ffn_in_eval(router, extra, fusion):
 
 def test_upcycle_noise_perturbs_experts_differently():
     ffn = _dense_ffn(8, 16)
-    layer = build_moe_layer(8, 16, num_experts=3, top_k=1, upcycle_noise=0.1).upcycle_from(ffn[0], ffn[2])
+    layer = build_moe_layer(8, 16, initial_experts=3, top_k=1, upcycle_noise=0.1).upcycle_from(ffn[0], ffn[2])
     assert not torch.allclose(layer.experts.w1[0], layer.experts.w1[1])
     assert torch.allclose(layer.experts.w1[0], ffn[0].weight.t(), atol=0.1 * 5 * float(ffn[0].weight.detach().std()))
 
@@ -90,7 +90,7 @@ def test_upcycle_noise_perturbs_experts_differently():
 def test_split_ffn_expert_e_owns_hidden_units_of_part_e():
     d, d_ff, e = 8, 12, 3
     ffn = _dense_ffn(d, d_ff)
-    layer = build_moe_layer(d, d_ff // e, num_experts=e, top_k=3, normalize_gate=False).split_from(ffn[0], ffn[2])
+    layer = build_moe_layer(d, d_ff // e, initial_experts=e, top_k=3, normalize_gate=False).split_from(ffn[0], ffn[2])
     x = torch.randn(5, d)
     h = F.gelu(ffn[0](x))
     for j in range(e):
@@ -103,7 +103,7 @@ def test_split_ffn_expert_e_owns_hidden_units_of_part_e():
 
 
 def test_padding_tokens_are_not_routed():
-    layer = build_moe_layer(8, 16, router="topk", num_experts=4, top_k=2).eval()
+    layer = build_moe_layer(8, 16, router="topk", initial_experts=4, top_k=2).eval()
     x = torch.randn(2, 5, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     y, rec = layer(x, mask=mask)
@@ -114,7 +114,7 @@ def test_padding_tokens_are_not_routed():
 
 
 def test_contract_fields_and_shapes():
-    layer = build_moe_layer(8, 16, router="topany", num_experts=3, max_experts=5, top_k=1,
+    layer = build_moe_layer(8, 16, router="topany", initial_experts=3, max_experts=5, top_k=1,
                             capacity_factor=0.0, gate_noise=0.0, fusion=None, backend="torch")
     y, r = layer(torch.randn(4, 6, 8))
     assert y.shape == (4, 6, 8)
@@ -137,8 +137,8 @@ def test_megablocks_matches_torch_backend_on_gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     torch.manual_seed(0)
-    ref = build_moe_layer(64, 128, router="topk", num_experts=4, top_k=2).cuda().eval()
-    mb = build_moe_layer(64, 128, router="topk", num_experts=4, top_k=2, backend="megablocks").cuda().eval()
+    ref = build_moe_layer(64, 128, router="topk", initial_experts=4, top_k=2).cuda().eval()
+    mb = build_moe_layer(64, 128, router="topk", initial_experts=4, top_k=2, backend="megablocks").cuda().eval()
     mb.load_state_dict(ref.state_dict())
     x = torch.randn(32, 64, device="cuda")
     ref_y, mb_y = ref(x)[0], mb(x)[0]

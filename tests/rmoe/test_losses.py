@@ -102,7 +102,7 @@ def test_gshard_binary_through_the_router_counts_first_selected_experts():
     from rmoe import MoEConfig
     from rmoe.routing import TopAnyRouter
 
-    cfg = MoEConfig(router="topany", num_experts=2, max_experts=3, top_k=1, aux_loss="gshard_binary")
+    cfg = MoEConfig(router="topany", initial_experts=2, max_experts=3, top_k=1, aux_loss="gshard_binary")
     r = TopAnyRouter(2, cfg).train()
     with torch.no_grad():
         r.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]))

@@ -43,7 +43,7 @@ def _layer_and_routing(n=40, d=16, d_ff=32, **cfg):
 
 def test_fresh_dropout_draw_matches_the_torch_backend_for_the_same_rng_state():
     # no explicit mask: both backends draw one [m, d_ff] keep-mask after the sort, in the same row order
-    layer, x, idx, w = _layer_and_routing(router="topk", num_experts=4, top_k=2, expert_dropout=0.4)
+    layer, x, idx, w = _layer_and_routing(router="topk", initial_experts=4, top_k=2, expert_dropout=0.4)
     layer.train()
     torch.manual_seed(7)
     ref = TorchDroplessBackend()(layer.experts, x, idx, w)
@@ -55,7 +55,7 @@ def test_fresh_dropout_draw_matches_the_torch_backend_for_the_same_rng_state():
 
 
 def test_empty_slots_add_nothing_and_their_weights_get_no_gradient():
-    layer, x, idx, w = _layer_and_routing(router="topk", num_experts=4, top_k=2)
+    layer, x, idx, w = _layer_and_routing(router="topk", initial_experts=4, top_k=2)
     idx = idx.clone()
     idx[0] = -1  # token 0: both slots empty
     idx[1, 1] = -1  # token 1: its second slot empty
@@ -69,7 +69,7 @@ def test_empty_slots_add_nothing_and_their_weights_get_no_gradient():
 
 
 def test_all_slots_empty_gives_zeros():
-    layer, x, idx, w = _layer_and_routing(router="topk", num_experts=4, top_k=2)
+    layer, x, idx, w = _layer_and_routing(router="topk", initial_experts=4, top_k=2)
     out = MegaBlocksBackend(ops=TorchReferenceOps())(layer.experts, x, torch.full_like(idx, -1), w)
     assert torch.equal(out, torch.zeros_like(x))
 
@@ -78,7 +78,7 @@ def test_all_slots_empty_gives_zeros():
 def test_bf16_compute_returns_the_input_dtype_close_to_fp32(autocast):
     # the GPU dtype flow on CPU: gmm sees bf16 rows and bf16 weights (the reference gmm checks
     # a.dtype == b.dtype), the combine weights stay fp32, the output comes back in x's dtype
-    layer, x, idx, w = _layer_and_routing(router="topk", num_experts=4, top_k=2)
+    layer, x, idx, w = _layer_and_routing(router="topk", initial_experts=4, top_k=2)
     seen = []
 
     class Bf16Ops(TorchReferenceOps):
@@ -97,7 +97,7 @@ def test_registered_backend_is_the_adapter_and_needs_cuda_at_first_use():
     assert BACKENDS["megablocks"] is MegaBlocksBackend and MegaBlocksBackend.supports_capacity
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    layer, x, idx, w = _layer_and_routing(router="topk", num_experts=4, top_k=2)
+    layer, x, idx, w = _layer_and_routing(router="topk", initial_experts=4, top_k=2)
     with pytest.raises(RuntimeError, match="backend='megablocks' needs a CUDA device"):
         MegaBlocksBackend()(layer.experts, x, idx, w)
 

@@ -16,15 +16,15 @@ from rmoe import build_moe_layer
 from rmoe.experts import Experts, TorchDroplessBackend, compute_dtype
 
 ROUTERS = {
-    "topk": dict(router="topk", num_experts=4, top_k=2),
-    "topk_capacity": dict(router="topk", num_experts=4, top_k=2, capacity_factor=0.5),
-    "cosine": dict(router="cosine", num_experts=4, top_k=2),
-    "topany": dict(router="topany", num_experts=4, max_experts=8, top_k=1),
+    "topk": dict(router="topk", initial_experts=4, top_k=2),
+    "topk_capacity": dict(router="topk", initial_experts=4, top_k=2, capacity_factor=0.5),
+    "cosine": dict(router="cosine", initial_experts=4, top_k=2),
+    "topany": dict(router="topany", initial_experts=4, max_experts=8, top_k=1),
     # RMoE: fusion with mix_alpha=1, so the combine weights need no gradient (the issue's crash)
-    "topany_fusion": dict(router="topany", num_experts=4, max_experts=8, top_k=1,
+    "topany_fusion": dict(router="topany", initial_experts=4, max_experts=8, top_k=1,
                           fusion={"ema_decay": 0.9, "mix_alpha": 1.0}),
-    "lossfree": dict(router="lossfree", num_experts=4, top_k=2),
-    "expert_choice": dict(router="expert_choice", num_experts=4, top_k=2, capacity_factor=1.0),
+    "lossfree": dict(router="lossfree", initial_experts=4, top_k=2),
+    "expert_choice": dict(router="expert_choice", initial_experts=4, top_k=2, capacity_factor=1.0),
 }
 IMPLS = ("auto", "blocked", "grouped_mm", "autograd")
 
@@ -87,7 +87,7 @@ def test_bf16_autocast_trains_and_evaluates(name, impl, input_dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fp16_autocast_runs_the_experts_in_fp16(impl):
     torch.manual_seed(0)
-    layer = build_moe_layer(16, 32, router="topk", num_experts=4, top_k=2)
+    layer = build_moe_layer(16, 32, router="topk", initial_experts=4, top_k=2)
     layer.backend.impl = impl
     x = torch.randn(12, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.float16):
@@ -109,7 +109,7 @@ def test_compute_dtype_outside_autocast_is_the_weights():
 def test_pure_bf16_model_without_autocast():
     """A model cast to bf16 (``model.to(torch.bfloat16)``): experts compute in bf16, no cast."""
     torch.manual_seed(0)
-    layer = build_moe_layer(16, 32, router="topk", num_experts=4, top_k=2).to(torch.bfloat16)
+    layer = build_moe_layer(16, 32, router="topk", initial_experts=4, top_k=2).to(torch.bfloat16)
     x = torch.randn(10, 16, dtype=torch.bfloat16, requires_grad=True)
     y, rec = layer(x)
     y.float().sum().backward()

@@ -49,8 +49,8 @@ def test_builtin_names_in_registration_order():
     ({"router": "topk", "aux_loss": "load_importance_tutel", "gate_noise": 0.0},
      "gate_noise=0.0; allowed: > 0 when aux_loss='load_importance_tutel' (it needs noise)"),
     # router traits: adaptive pool, dropless
-    ({"router": "cosine", "top_k": 1, "num_experts": 2, "max_experts": 4},
-     "max_experts=4; allowed: equal to num_experts (2) for router 'cosine'; only topany has an adaptive pool"),
+    ({"router": "cosine", "top_k": 1, "initial_experts": 2, "max_experts": 4},
+     "max_experts=4; allowed: equal to initial_experts (2) for router 'cosine'; only topany has an adaptive pool"),
     ({"router": "topany", "capacity_factor": 1.5},
      "capacity_factor=1.5; allowed: 0 for router 'topany' (it is dropless)"),
     ({"router": "topany", "batch_prioritized_routing": True},
@@ -73,12 +73,12 @@ def test_registering_a_router_makes_it_valid(cleanup):
 
     ROUTERS.register("toy", ToyRouter)
     cleanup.append((ROUTERS, "toy"))
-    cfg = MoEConfig(router="toy", num_experts=2, max_experts=3, top_k=1)
+    cfg = MoEConfig(router="toy", initial_experts=2, max_experts=3, top_k=1)
     assert cfg.aux_loss == "none" and cfg.max_experts == 3
     # now two routers have an adaptive pool, and the allowed lists name the new router
-    assert "only topany|toy has an adaptive pool" in fail_message(router="topk", num_experts=2, max_experts=3)
+    assert "only topany|toy has an adaptive pool" in fail_message(router="topk", initial_experts=2, max_experts=3)
     assert "allowed: topk|cosine|topany|lossfree|expert_choice|toy" in fail_message(router="nope")
-    layer = build_moe_layer(4, 8, router="toy", num_experts=2, max_experts=3, top_k=1)
+    layer = build_moe_layer(4, 8, router="toy", initial_experts=2, max_experts=3, top_k=1)
     assert type(layer.router) is ToyRouter
     y, rec = layer(torch.randn(5, 4))
     assert y.shape == (5, 4) and rec.aux_loss.item() == 0.0
@@ -88,7 +88,7 @@ def test_registering_an_aux_loss_makes_it_valid_and_routers_use_it(cleanup):
     register_aux_loss("sq_probs", families=("softmax",))(lambda a: a.probs.pow(2).sum())
     cleanup.append((AUX_LOSSES, "sq_probs"))
     torch.manual_seed(0)
-    layer = build_moe_layer(4, 8, router="topk", num_experts=3, top_k=2, aux_loss="sq_probs").eval()
+    layer = build_moe_layer(4, 8, router="topk", initial_experts=3, top_k=2, aux_loss="sq_probs").eval()
     x = torch.randn(6, 4)
     _, rec = layer(x)
     # by hand: softmax of the router's logits W x (no noise in eval), squared and summed
@@ -138,7 +138,7 @@ def test_registering_a_backend_makes_it_valid_with_its_traits(cleanup):
     assert MoEConfig(backend="nocap").backend == "nocap"
     assert fail_message(backend="nocap", capacity_factor=1.0) == (
         "invalid MoE config: capacity_factor=1.0; allowed: 0 for backend 'nocap' (dropless)")
-    assert type(build_moe_layer(4, 8, backend="nocap", num_experts=2).backend) is NoCapacity
+    assert type(build_moe_layer(4, 8, backend="nocap", initial_experts=2).backend) is NoCapacity
 
 
 def test_megablocks_backend_runs_capacity_drops():

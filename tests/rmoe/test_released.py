@@ -25,7 +25,7 @@ X = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.3, 0.0, -1.0, 0
 
 def _layer(released: dict, fusion: dict | None = None, **kw):
     torch.manual_seed(0)
-    cfg = dict(router="topany", num_experts=3, max_experts=E_MAX, d_ff=8, fusion=fusion, released=released)
+    cfg = dict(router="topany", initial_experts=3, max_experts=E_MAX, d_ff=8, fusion=fusion, released=released)
     cfg.update(kw)
     d_ff = cfg.pop("d_ff")
     layer = build_moe_layer(4, d_ff, **cfg)
@@ -195,8 +195,8 @@ def test_eval_fallback_gate_is_s_top1_when_no_token_has_two_experts(switch):
 
 
 # --- 12: GLUE upcycling's bias and routed padding --------------------------------------------------------------
-@pytest.mark.parametrize("router,kw,div", [("topany", {"num_experts": 3, "max_experts": 4}, 4),
-                                          ("topk", {"num_experts": 4, "top_k": 2}, 2)])
+@pytest.mark.parametrize("router,kw,div", [("topany", {"initial_experts": 3, "max_experts": 4}, 4),
+                                          ("topk", {"initial_experts": 4, "top_k": 2}, 2)])
 def test_upcycle_bias_split_is_the_released_moe_utils_rule(router, kw, div):
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(4, 8), nn.Linear(8, 4)

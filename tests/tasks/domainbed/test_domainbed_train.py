@@ -116,7 +116,7 @@ def test_vit_small_loads_local_weights_and_upcycles_blocks_8_and_10(tmp_path):
     path = tmp_path / "vit_s.pth"
     torch.save({"model": ref.state_dict()}, path)
     backbone = {"name": "vit_small", "arch": "vit_small_patch16_224", "pretrained": True, "weights_path": str(path)}
-    moe = {"name": "gmoe", "router": "cosine", "num_experts": 6, "top_k": 1, "capacity_factor": 1.5,
+    moe = {"name": "gmoe", "router": "cosine", "initial_experts": 6, "top_k": 1, "capacity_factor": 1.5,
            "gate_noise": 1.0, "layers": [8, 10], "init": "upcycle"}
     model, layers = build_moe_vit(backbone, moe, (3, 224, 224), 7)
     assert len(layers) == 2 and model.head.out_features == 7

@@ -8,7 +8,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 BACKBONE = {"pretrained": None, "config": {"model_type": "bert", "vocab_size": 100, "hidden_size": 16,
             "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 32,
             "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}}
-MOE = {"name": "moe_topk", "router": "topk", "num_experts": 4, "top_k": 2, "layers": [2], "init": "upcycle",
+MOE = {"name": "moe_topk", "router": "topk", "initial_experts": 4, "top_k": 2, "layers": [2], "init": "upcycle",
        "expert_dropout": 0.1}
 
 

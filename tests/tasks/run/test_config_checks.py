@@ -134,8 +134,8 @@ def test_one_configuration_error_type_and_rmoe_imports_without_torch():
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "assert c.ConfigError is ConfigError is rmoe.ConfigError is rmoe.config.ConfigError; "
             "assert issubclass(ConfigError, ValueError)\n"
-            "try:\n    rmoe.MoEConfig(num_experts=0)\nexcept c.ConfigError as e:\n    print('caught', e)\n"
+            "try:\n    rmoe.MoEConfig(initial_experts=0)\nexcept c.ConfigError as e:\n    print('caught', e)\n"
             "assert 'torch' in sys.modules  # the registries loaded the implementations")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("caught invalid MoE config: num_experts=0")
+    assert out.stdout.startswith("caught invalid MoE config: initial_experts=0")

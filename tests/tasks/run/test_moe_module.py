@@ -22,7 +22,7 @@ class TinyMoE(MoEModule):
     def __init__(self, block_weight=0.5, z_loss_weight=0.0):
         super().__init__(lr=0.1, weight_decay=0.0, block_weight=block_weight, z_loss_weight=z_loss_weight)
         torch.manual_seed(0)
-        self.layer = build_moe_layer(4, 8, router="topk", num_experts=2, top_k=1)
+        self.layer = build_moe_layer(4, 8, router="topk", initial_experts=2, top_k=1)
         self.head = torch.nn.Linear(4, 2)
         self.seen = []
 
@@ -160,7 +160,7 @@ def test_sanity_check_does_not_move_fusion_state_under_update_in_eval():
     class Tiny(MoEModule):
         def __init__(self):
             super().__init__(lr=1e-3, weight_decay=0.0, block_weight=1.0, z_loss_weight=0.0)
-            self.moe = build_moe_layer(4, 8, router="topany", num_experts=2, max_experts=3, top_k=1,
+            self.moe = build_moe_layer(4, 8, router="topany", initial_experts=2, max_experts=3, top_k=1,
                                        fusion={"ema_decay": 0.5, "agg": "sum", "update_in_eval": True})
 
         def training_step(self, batch, i):
@@ -198,7 +198,7 @@ def test_global_batch_under_accumulation_needs_the_balancing_callback():
     class GlobalBatch(TinyMoE):
         def __init__(self):
             super().__init__()
-            self.layer = build_moe_layer(4, 8, router="topk", num_experts=2, top_k=1, aux_loss="global_batch")
+            self.layer = build_moe_layer(4, 8, router="topk", initial_experts=2, top_k=1, aux_loss="global_batch")
 
         def training_forward(self, batch):
             return self(batch[0])
@@ -224,7 +224,7 @@ def test_global_batch_megatron_mode_needs_the_balancing_callback_at_any_accumula
     class Running(TinyMoE):
         def __init__(self):
             super().__init__()
-            self.layer = build_moe_layer(4, 8, router="topk", num_experts=2, top_k=1, aux_loss="global_batch",
+            self.layer = build_moe_layer(4, 8, router="topk", initial_experts=2, top_k=1, aux_loss="global_batch",
                                          global_batch_mode="megatron")
 
     def fit(callbacks, acc):

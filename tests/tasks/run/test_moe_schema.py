@@ -74,8 +74,9 @@ def test_the_base_is_rmoes_dataclass_defaults():
     elsewhere (backend, causal), activation null (the backbone's), and the three layout keys."""
     layer = layer_defaults()
     assert set(layer) == {f.name for f in dataclasses.fields(MoEConfig)} - {"backend", "causal"} | {
-        "name", "layers", "init"}
-    assert (layer["router"], layer["num_experts"], layer["top_k"], layer["capacity_factor"]) == ("topk", 8, 2, 0.0)
+        "name", "layers", "init", "num_experts"}
+    assert layer["num_experts"] is None  # the previous release's initial_experts: composes, unset
+    assert (layer["router"], layer["initial_experts"], layer["top_k"], layer["capacity_factor"]) == ("topk", 8, 2, 0.0)
     assert layer["activation"] is None and layer["init"] == "upcycle" and layer["layers"] == "${backbone.moe_layers}"
     assert layer["released"] == {"fusion_pad_clamp": False, "pool_reads_clamped": False, "eval_fallback_gate": False,
                                  "upcycle_bias_split": False, "route_padding": False}
@@ -113,13 +114,15 @@ def test_a_run_saved_before_the_base_continues_and_a_real_change_is_still_refuse
     assert "normalize_gate" not in saved and "released" not in saved  # the premise: an old run's config
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text(saved)
-    # the other changes since that run (curriculum.beta renamed, a new callback option, ...) are allowed here
+    # the other changes since that run (a new callback option, data_seed's default) are allowed here; the keys
+    # renamed since (moe.num_experts -> initial_experts, curriculum.beta -> decay) are no change
+    assert "num_experts: 6" in saved and "beta: 0.9" in saved
     overrides = [*yaml.safe_load((README_RUN / ".hydra" / "overrides.yaml").read_text()),
-                 "resume.allow_changes=[callbacks,curriculum,data]"]
+                 "resume.allow_changes=[callbacks,data]"]
     changes = check_continuation(compose_cfg(overrides), tmp_path)
-    assert [c["key"] for c in changes if c["key"].startswith("moe.")] == []
+    assert [c["key"] for c in changes if c["key"].startswith(("moe.", "curriculum."))] == []
     for override in ("moe.normalize_gate=false", "moe.released.eval_fallback_gate=true", "moe.top_k=2",
-                     "moe.gate_noise=0.5"):
+                     "moe.gate_noise=0.5", "moe.initial_experts=4", "curriculum.decay=0.5"):
         key = override.split("=")[0]
         with pytest.raises(ResumeChangeError, match=key.replace(".", r"\.")):
             check_continuation(compose_cfg([*overrides, override]), tmp_path)
@@ -134,3 +137,18 @@ def test_every_built_in_routers_settings_are_in_the_torch_free_map():
     with_settings = {name: ROUTERS[name].Options for name in ROUTERS.names()
                      if ROUTERS[name].Options is not RouterOptions}
     assert with_settings == OPTIONS and set(OPTIONS) == {"cosine", "lossfree"}
+
+
+def test_the_previous_releases_num_experts_still_reads_with_a_warning(compose_cfg):
+    """moe.num_experts (the experts active at the start, now initial_experts) composes on the command line and in
+    rmoe's constructor; the old key's value is used, with a deprecation warning naming the new one."""
+    from rmoe.config import ConfigDeprecationWarning
+    from tasks.run.common import split_moe_config
+
+    cfg = compose_cfg(["task=glue/rte", "moe=moe_topk", "moe.num_experts=4"])
+    layer = split_moe_config(OmegaConf.to_container(cfg.moe, resolve=True))[2]
+    with pytest.warns(ConfigDeprecationWarning, match="'num_experts' is deprecated: use initial_experts"):
+        assert MoEConfig.from_dict(layer).initial_experts == 4
+    with pytest.warns(ConfigDeprecationWarning, match="use initial_experts"):
+        assert MoEConfig(num_experts=3, top_k=1).initial_experts == 3
+    assert MoEConfig.from_dict({**layer, "num_experts": None}).initial_experts == 8  # unset: the default

@@ -11,7 +11,7 @@ from tasks.run.resume import CheckpointMismatchError
 from tasks.train import train
 
 HELPERS = os.path.dirname(os.path.abspath(__file__))
-RMOE = ["backbone=tiny_bert", "debug=fast", "task=glue/cola", "moe=rmoe", "moe.num_experts=2", "moe.max_experts=4"]
+RMOE = ["backbone=tiny_bert", "debug=fast", "task=glue/cola", "moe=rmoe", "moe.initial_experts=2", "moe.max_experts=4"]
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +107,7 @@ def test_last_checkpoint_every_n_steps_and_after_each_validation(make_cfg, tmp_p
 
 
 # --- another architecture: backbone, number of experts, MoE layers -----------------------------
-TOPK = ["backbone=tiny_bert", "debug=fast", "task=glue/cola", "moe=moe_topk", "moe.num_experts=2"]
+TOPK = ["backbone=tiny_bert", "debug=fast", "task=glue/cola", "moe=moe_topk", "moe.initial_experts=2"]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_checkpoint_of_another_backbone_names_the_embedding_shapes(fails_before_
 
 def test_checkpoint_of_another_number_of_experts_names_the_router_shape(fails_before_training, tmp_path, topk_ckpt):
     msg = fails_before_training(tmp_path / "run", CheckpointMismatchError, "does not fit the model", *TOPK[:-1],
-                                "moe.num_experts=4", f"ckpt_path={topk_ckpt}")
+                                "moe.initial_experts=4", f"ckpt_path={topk_ckpt}")
     assert re.search(r"router\.weight: checkpoint \[2, 32\], model expects \[4, 32\]", msg), msg
 
 

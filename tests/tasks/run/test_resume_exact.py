@@ -25,7 +25,7 @@ COMMON = ["trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "t
           "callbacks.routing_stability.plots=false"]
 # CoLA, tiny BERT, RMoE (top-any + Stateful Fusion + linear λ ramp): 40 rows / batch 8 = 5 batches per
 # epoch, 3 epochs = 15 steps; last.ckpt every 3 steps (3, 6, 9, 12: mid-epoch) and after each validation
-GLUE = ["task=glue/cola", "backbone=tiny_bert", "moe=rmoe", "moe.num_experts=2", "moe.max_experts=4",
+GLUE = ["task=glue/cola", "backbone=tiny_bert", "moe=rmoe", "moe.initial_experts=2", "moe.max_experts=4",
         "data.max_train_samples=40", "data.batch_size=8", "data.max_eval_samples=16", "data.max_length=32",
         "trainer.max_epochs=3", "callbacks.last_checkpoint.every_n_train_steps=3",
         "callbacks.routing_stability.probe_every_n_steps=2", *COMMON]

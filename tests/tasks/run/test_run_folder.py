@@ -267,7 +267,7 @@ def test_refused_attempts_leave_a_finished_run_untouched(tmp_path, finished_run)
         # the run's config changed (another method): refused naming the key and both values
         ([f"ckpt_path={ckpt}", "moe=rmoe"], "moe.name: the run has 'moe_topk', this attempt 'rmoe'"),
         # a change allowed for the config but the checkpoint does not fit (another pool size)
-        ([f"ckpt_path={ckpt}", "moe.num_experts=4", "resume.allow_changes=[moe.num_experts]"],
+        ([f"ckpt_path={ckpt}", "moe.initial_experts=4", "resume.allow_changes=[moe.initial_experts]"],
          "tensor(s) of another shape"),
         # a fresh run into the finished run's folder
         ([*FAST, "seed=3", f"hydra.run.dir={run_dir}"], "already holds the records of another run"),

@@ -76,7 +76,7 @@ def test_heldout_too_large_names_key_value_and_limit(glue_dir):
 def test_freeze_layers_freezes_embeddings_and_lower_layers(build_module):
     backbone = {"pretrained": None, "config": {"model_type": "bert", "vocab_size": 100, "hidden_size": 16,
                 "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 32}}
-    moe = {"name": "moe_topk", "router": "topk", "num_experts": 4, "top_k": 2, "layers": [2], "init": "upcycle"}
+    moe = {"name": "moe_topk", "router": "topk", "initial_experts": 4, "top_k": 2, "layers": [2], "init": "upcycle"}
     m = build_module(["task=glue/rte"], backbone=backbone, moe=moe, freeze_layers=2)
     frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
     assert frozen and all(n.startswith(("encoder.embeddings.", "encoder.encoder.layer.0.",
