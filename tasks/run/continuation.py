@@ -89,9 +89,10 @@ def config_changes(now: Any, saved: Any) -> list[dict[str, Any]]:
         return OmegaConf.to_container(c, resolve=False) if isinstance(c, DictConfig) else c
 
     a, b = _flatten(plain(saved)), _flatten(plain(now))
-    for old, new in renamed_keys().items():  # a run saved before a rename: its value under the new name
-        if old in a and new not in a:
-            a[new] = a.pop(old)
+    for old, new in renamed_keys().items():  # a key under its previous name (the run's, or given again): the new one
+        for flat in (a, b):
+            if old in flat and new not in flat:
+                flat[new] = flat.pop(old)
     out = []
     for key in sorted(set(a) | set(b)):
         if _under(key, NOT_RUN_KEYS):

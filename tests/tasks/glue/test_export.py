@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from tasks.glue.export import MOE_MODEL_TYPE, export_pretrained, load_pretrained
 from tasks.train import CONF_DIR
@@ -18,8 +20,9 @@ def tiny_backbone():
 
 
 def moe_cfg(name):
-    with open(f"{CONF_DIR}/moe/{name}.yaml") as f:
-        cfg = yaml.safe_load(f)
+    """The ``moe`` node of ``moe=<name>`` as composed (the method file over moe/_layer's defaults), on layer 1."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = OmegaConf.to_container(compose("train", overrides=[f"moe={name}"]).moe, resolve=False)
     cfg["layers"] = [1]
     return cfg
 
