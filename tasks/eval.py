@@ -44,13 +44,21 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from callbacks.records import CONFIG_FILE, HYDRA_FILE, git_commit, write_json_atomic
+from callbacks.resume import IDENTITY_KEY
+from callbacks.run_summary import hydra_overrides
+from rmoe.surgery import find_moe_layers
+from tasks.glue.export import export_pretrained
+from tasks.glue.predict import find_test_files, glue_test_splits, predict_dev_sets, predict_test_sets
 from tasks.resolvers import register_resolvers
 from tasks.run.common import CONF_DIR
+from tasks.run.console import route_lightning_logs
+from tasks.run.resume import IDENTITY_FIELDS, check_checkpoint, run_identity
 from tasks.run.run_folder import run_folder_of_checkpoint
 
 log = logging.getLogger(__name__)
@@ -146,7 +154,6 @@ def run_choice_overrides(ckpt_path: Any) -> list[str]:
 
 
 def _check_identity(ckpt_path: str, saved: dict[str, Any] | None, cfg: DictConfig) -> None:
-    from tasks.run.resume import IDENTITY_FIELDS, run_identity
 
     if not saved:
         warnings.warn(f"ckpt_path={ckpt_path!r} records no run identity: its task/method/backbone cannot be checked "
@@ -163,7 +170,6 @@ def _check_identity(ckpt_path: str, saved: dict[str, Any] | None, cfg: DictConfi
 
 
 def _warn_fusion_updates(model: Any) -> None:
-    from rmoe.surgery import find_moe_layers
 
     moving = [name for name, layer in find_moe_layers(model)
               if getattr(layer, "fusion", None) is not None and layer.fusion.cfg.update_in_eval]
@@ -182,14 +188,6 @@ def evaluate(cfg: DictConfig, write: bool = True) -> dict[str, Any]:
 
     Returns the record written to ``<eval_dir>/<ckpt stem>.json`` (``metrics``, ``epoch``, ``global_step``,
     ``predictions``, ``export``, ...); ``write=False`` writes no file except the export and predictions."""
-    import lightning as L
-
-    from callbacks.resume import IDENTITY_KEY
-    from callbacks.run_summary import hydra_overrides
-    from tasks.glue.export import export_pretrained
-    from tasks.glue.predict import predict_dev_sets, predict_test_sets
-    from tasks.run.resume import check_checkpoint
-
     register_eval_resolvers()
     ckpt_path = cfg.get("ckpt_path")
     eval_dir = Path(cfg.get("eval_dir") or default_eval_dir(ckpt_path))
@@ -259,8 +257,6 @@ def predict_mode(value: Any) -> str | None:
 def check_predict_inputs(mode: str, datamodule: Any) -> None:
     """``predict=test`` needs every test file of the task (GLUE's test layout) under ``data.glue_dir``;
     ``predict=dev`` every dev row (``data.max_eval_samples=null``)."""
-    from tasks.glue.predict import find_test_files, glue_test_splits
-
     task = datamodule.task
     if mode == "dev":
         if getattr(datamodule, "max_eval_samples", None) is not None:
@@ -306,8 +302,6 @@ def print_record(record: dict[str, Any], file: Any = None) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from tasks.run.console import route_lightning_logs
-
     route_lightning_logs()  # each Lightning line once (Hydra's job logging prints them)
     hc = HydraConfig.get()
     injected = set(run_choice_overrides(cfg.ckpt_path)) if cfg.get("run_config") == "auto" else set()

@@ -19,7 +19,8 @@ from omegaconf import OmegaConf, open_dict
 
 from rmoe import find_moe_layers
 from rmoe.registry import ROUTERS
-from tasks.train import CONF_DIR, train
+from tasks.job import train
+from tasks.train import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "toy_top1"

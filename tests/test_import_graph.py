@@ -53,43 +53,19 @@ OPTIONAL = {
 #: external packages whose import costs a CLI its second (rmoe-train --help, completion, config errors; numpy:
 #: 0.14 s by python -X importtime, more than the rest of --help)
 HEAVY = {"torch", "torchvision", "lightning", "pytorch_lightning", "hydra", "transformers", "timm", "datasets",
-         "safetensors", "sklearn", "scipy", "matplotlib", "huggingface_hub", "numpy"}
+         "safetensors", "sklearn", "scipy", "matplotlib", "numpy"}  # not huggingface_hub: its constants take 14 ms
+# (python -X importtime -c "import huggingface_hub.constants"; the package loads its client lazily)
 
-#: the command lines whose start-up CLI_LAZY protects: rmoe-train (--help, completion, config errors:
-#: tests/test_cli_fast.py), rmoe-eval (its argument errors), python -m tasks.collect (the tables) and python -m
-#: tasks.reproduce (the commands other than report)
-CLI_ENTRIES = ("tasks.train", "tasks.eval", "tasks.collect", "tasks.reproduce")
-#: function-local imports kept for those start-ups: (module, function) -> why. Each is checked: the module is on a
-#: CLI's fast path (imported at the top by one of CLI_ENTRIES) and every module the function imports is heavy (it,
-#: or what it imports at its top, is in HEAVY).
+#: the command line whose start-up CLI_LAZY protects: rmoe-train (--help, completion, config errors:
+#: tests/test_cli_fast.py). Its front (tasks.train) hands a job that passed its config checks to tasks.job, which
+#: imports torch and Lightning at its top; rmoe-eval, python -m tasks.collect and tasks.reproduce import at the top.
+CLI_ENTRIES = ("tasks.train",)
+#: the front's two hand-offs, the only function-local imports that are not of an optional dependency: (module,
+#: function) -> why. Each is checked: the module is on the CLI's fast path (imported at the top by CLI_ENTRIES) and
+#: every module the function imports is heavy (it, or what it imports at its top, is in HEAVY).
 CLI_LAZY = {
-    ("tasks.train", "main"): "hydra: after --help and completion, which answer without it",
-    ("tasks.train", "_job"): "Hydra's runtime (already loaded by hydra.main); Lightning only after the config checks",
-    ("tasks.train", "train"): "Lightning, torch and the run's callbacks: after the config checks",
-    ("tasks.train", "instantiate_group"): "hydra.utils: train() only",
-    ("tasks.train", "evaluate_best_checkpoint"): "rmoe-eval's module (hydra, Lightning): test=true only",
-    ("tasks.train", "_commit_attempt"): "checkpoint IO (torch): after the checks passed",
-    ("tasks.train", "_announce"): "the config tree printer (Lightning's progress bars): after the checks",
-    ("tasks.train", "_preemption"): "Lightning's SIGTERMException: after a failed fit",
-    ("tasks.train", "_skipped_batches"): "the numerics callback (Lightning): after fit",
-    ("tasks.train", "_attempt"): "the run summary callback (Lightning): after the checks",
-    ("tasks.eval", "evaluate"): "Lightning, torch, the GLUE export and predictions: after the argument checks",
-    ("tasks.eval", "_check_identity"): "the checkpoint checks (torch): rmoe-eval's errors come without it",
-    ("tasks.eval", "_warn_fusion_updates"): "rmoe (torch): once a model is built",
-    ("tasks.eval", "check_predict_inputs"): "the GLUE predictions (torch): predict=... only",
-    ("tasks.eval", "_hydra_main"): "Lightning's log routing: inside the job",
-    ("tasks.collect", "main"): "the study report (scipy, matplotlib): --study only",
-    ("tasks.study.driver", "report"): "the study report (scipy, matplotlib): the report command only",
-    ("tasks.run.checks", "_hf_config"): "transformers: only for a hub text backbone",
-    ("tasks.run.checks", "_protocol_cell"): "Hydra's runtime choices: only to name the cell in an error message",
-    ("tasks.run.hub", "cached"): "huggingface_hub: only for a hub backbone or dataset",
-    ("tasks.run.run_folder", "staging_dir"): "Hydra's runtime: inside a job (hydra.main has loaded it)",
-    ("tasks.run.run_folder", "_appending_writer_class"): "Lightning's CSV logger: when a run's loggers are built",
-    ("tasks.run.run_folder", "_fresh_writer_class"): "Lightning's CSV logger: when a run's loggers are built",
-    ("tasks.run.run_folder", "start_csv_history"): "Lightning's CSV logger: when a run's loggers are built",
-    ("tasks.run.run_folder", "keep_csv_history"): "Lightning's CSV logger: when a run's loggers are built",
-    ("tasks.run.wandb_utils", "_hydra_multirun"): "Hydra's runtime: inside a job (hydra.main has loaded it)",
-    ("tasks.run.cli", "_compose_keys"): "hydra's compose API: only for a did-you-mean after a failed compose",
+    ("tasks.train", "main"): "hydra and its ConfigStore: after --help and completion, which answer without them",
+    ("tasks.train", "_job"): "Hydra's runtime (loaded by hydra.main); the job (torch, Lightning): after the checks",
 }
 
 

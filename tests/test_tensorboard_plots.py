@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tasks.job import train
 from tasks.plots import main as plots_main
 from tasks.results.records import read_run
-from tasks.train import train
 
 TINY = ["task=domainbed/rotated_digits", "logger=csv_tensorboard", "trainer.max_steps=7",
         "trainer.val_check_interval=3", "data.batch_size=4", "data.eval_batch_size=256",

@@ -27,8 +27,8 @@ import matplotlib.image as mpimg
 import pytest
 from omegaconf import OmegaConf
 
+from tasks.job import train
 from tasks.run import wandb_utils
-from tasks.train import train
 
 wandb = pytest.importorskip("wandb")
 

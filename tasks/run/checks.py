@@ -1,6 +1,6 @@
 """Checks on the composed config that make every accepted run train something real.
 
-:func:`check_config` is called by :func:`tasks.train.train` (and ``rmoe-train`` before it touches the
+:func:`check_config` is called by :func:`tasks.job.train` (and ``rmoe-train`` before it touches the
 run folder) before anything is built. Each violation raises :class:`ConfigError` whose message names
 the key, the value and what is allowed:
 
@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import math
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -57,7 +59,8 @@ from rmoe.errors import ConfigError  # the one configuration error type
 from rmoe.registry import ROUTERS
 from rmoe.schedules import MODE_PARAMS, RENAMED
 from tasks.run.common import CONF_DIR, resolve_model_path, split_moe_config
-from tasks.run.hub import HubUnreachable, preflight
+from tasks.run.hub import HubUnreachable, cached_file, preflight
+from tasks.run.hydra_runtime import hydra_runtime
 
 SEED_MAX = 2**32 - 1
 WANDB_MODES = (None, "online", "offline", "disabled")
@@ -125,9 +128,13 @@ def check_trainer(cfg: Any) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _hf_config(pretrained: str) -> dict[str, Any]:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(resolve_model_path(pretrained)).to_dict()
+    """A Hugging Face backbone's ``config.json`` as written (a folder, or the hub cache's snapshot of a hub name;
+    read without transformers, which imports torch, and without downloading)."""
+    path = Path(resolve_model_path(pretrained))
+    file = path / "config.json" if path.is_dir() else cached_file(pretrained, "config.json")
+    if file is None or not file.is_file():
+        raise FileNotFoundError(f"{pretrained!r}: no config.json in the folder or the hub cache")
+    return json.loads(file.read_text())
 
 
 def backbone_geometry(backbone: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
@@ -360,11 +367,10 @@ def check_variant(cfg: Any) -> None:
 def _protocol_cell(cfg: Any) -> str:
     """The file of the run's protocol cell (``conf/protocol/<benchmark>/<method>.yaml``), for messages; for a method
     without a cell of its own, the baseline cell it is layered over (``protocol@_global_`` in conf/train.yaml)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        choices = HydraConfig.get().runtime.choices
-    except Exception:  # composed without Hydra's runtime: the compose API (its hydra node, when returned)
+    hc = hydra_runtime()
+    if hc is not None:
+        choices = hc.runtime.choices
+    else:  # composed without Hydra's runtime: the compose API (its hydra node, when returned)
         choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None) if isinstance(cfg, DictConfig) else None
     choices = choices or {}
     choice, base = choices.get("protocol"), choices.get("protocol@_global_")
@@ -415,3 +421,16 @@ def check_config(cfg: Any) -> None:
     """Run every check above on the composed config (see the module docstring)."""
     for check in CHECKS:
         check(cfg)
+
+
+def check_stages(train_stage: Any, ckpt_path: Any) -> None:
+    """``rmoe-train`` trains: ``train=false`` is refused, naming the keys (evaluation is ``rmoe-eval``)."""
+    if str(train_stage).lower() not in ("false", "0"):
+        return
+    if ckpt_path in (None, "", "null"):
+        raise ValueError("invalid config: train=false with ckpt_path=null (nothing to train and no checkpoint); "
+                         "allowed: train=true; to evaluate a saved model: rmoe-eval ckpt_path=<run>/checkpoints/"
+                         "<file>.ckpt")
+    raise ValueError(f"invalid config: train=false with ckpt_path={ckpt_path!r} (rmoe-train trains; it does not "
+                     f"evaluate a checkpoint); allowed: train=true (ckpt_path then continues that run); to evaluate "
+                     f"the checkpoint: rmoe-eval ckpt_path={ckpt_path} (metrics in <run>/eval/)")

@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -122,29 +123,29 @@ def _flat_keys(node, prefix: str = "") -> list[str]:
     return out
 
 
-def _compose_keys(conf_dir: str | os.PathLike, overrides: list[str]) -> list[str]:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
+def _compose_keys(hydra: Any, conf_dir: str | os.PathLike, overrides: list[str]) -> list[str]:
+    """The keys of ``conf/train.yaml`` composed with ``overrides`` (or fewer of them), through ``hydra`` (the package,
+    which ``rmoe-train`` has imported by the time Hydra refused a key: this module answers --help without it)."""
     for attempt in (overrides, [o for o in overrides if "." not in o.split("=")[0]], []):
         try:
-            GlobalHydra.instance().clear()
-            with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-                return _flat_keys(compose(config_name="train", overrides=attempt))
+            hydra.core.global_hydra.GlobalHydra.instance().clear()
+            with hydra.initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+                return _flat_keys(hydra.compose(config_name="train", overrides=attempt))
         except Exception:  # noqa: BLE001 - the hint is best effort; Hydra's own message stands
             continue
     return []
 
 
-def did_you_mean(hydra_error: str, argv: list[str], conf_dir: str | os.PathLike) -> str | None:
-    """A line naming the closest keys (or group options) to the one Hydra refused in ``hydra_error``."""
+def did_you_mean(hydra_error: str, argv: list[str], conf_dir: str | os.PathLike, hydra: Any) -> str | None:
+    """A line naming the closest keys (or group options) to the one Hydra refused in ``hydra_error`` (``hydra``: the
+    imported package, to compose the keys there are)."""
     m = re.search(r"Could not override '([^']+)'", hydra_error) or (
         re.search(r"full_key: (\S+)", hydra_error) if "is not in struct" in hydra_error else None)
     if m:
         bad = m.group(1)
         rest = [a for a in argv if "=" in a and not a.startswith("-") and a.split("=")[0].lstrip("+~") != bad
                 and "," not in a]
-        keys = _compose_keys(conf_dir, rest)
+        keys = _compose_keys(hydra, conf_dir, rest)
         parent = bad.rpartition(".")[0]
         siblings = [k for k in keys if k.rpartition(".")[0] == parent]
         close = difflib.get_close_matches(bad, siblings, n=1, cutoff=0.6) or \

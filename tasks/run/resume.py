@@ -1,6 +1,6 @@
 """Before ``trainer.fit``: make the run resumable and check the checkpoint it resumes from.
 
-:func:`prepare_fit` (called by :func:`tasks.train.train` just before ``trainer.fit``)
+:func:`prepare_fit` (called by :func:`tasks.job.train` just before ``trainer.fit``)
 
 * adds :class:`callbacks.resume.RNGStateCallback` to the trainer (unless already there), so every
   checkpoint carries the Python/NumPy/torch generator states and a resumed run continues them;

@@ -19,23 +19,14 @@
   *another* run folder cannot be resumed into this one (the records would be split over two folders); a fresh run (no
   ``ckpt_path``) into a folder that already holds records is refused unless ``skip_if_done=true``
   (which clears an unfinished folder).
-* **Step.** Every logger writes its rows at ``trainer.global_step``, the optimizer updates completed when the
-  row is written (:func:`log_at_global_step`): the training row of update ``N`` and the validation after it
-  are at ``N``, as ``summary.json``, the checkpoint names and the console say (Lightning's own step is
-  ``N - 1`` there); the learning-rate monitor's row, written before update ``N + 1``, is at ``N`` too.
-* **Records.** Lightning's CSV logger deletes an existing ``metrics.csv`` when it starts; on resume
-  :func:`keep_csv_history` keeps the rows logged up to the checkpoint's step (the rest are logged
-  again by the resumed run) and makes the logger append to them; header changes are rewritten
-  atomically. A fresh run's CSV logger (:func:`start_csv_history`) starts ``metrics.csv`` without
-  Lightning's warning that the folder "exists and is not empty" (it always is: ``.hydra/``, the lock,
-  ``attempts.jsonl``); it warns only when there is a ``metrics.csv`` to replace. Orphan
+* **Step and metrics.csv**: :mod:`tasks.run.metrics_csv` (rows at ``trainer.global_step``; a resumed run keeps the
+  rows logged up to its checkpoint). Orphan
   ``.tmp-*.ckpt`` files of a save killed mid-way are removed at start
   (:func:`tasks.run.checkpoint_io.remove_orphan_temporaries`).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import logging as _logging
@@ -43,11 +34,12 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from callbacks.records import ATTEMPTS_FILE, DONE_FILE, METRICS_FILE, RESULTS_FILE, SUMMARY_FILE
+from tasks.run.hydra_runtime import hydra_runtime
 
 log = logging.getLogger(__name__)
 
@@ -204,14 +196,8 @@ def is_staging_override(arg: str) -> bool:
 
 def staging_dir(run_dir: str | os.PathLike) -> Path | None:
     """This job's staging folder (from Hydra's ``output_subdir``), or None when Hydra writes in place."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if not HydraConfig.initialized():
-            return None
-        sub = HydraConfig.get().output_subdir
-    except (ImportError, ValueError):
-        return None
+    hc = hydra_runtime()
+    sub = hc.output_subdir if hc is not None else None
     if not sub or Path(sub).parts[0] != STAGING:
         return None
     return Path(run_dir) / Path(sub).parent
@@ -387,128 +373,3 @@ def check_records_before_start(run_dir: str | os.PathLike, ckpt_path: str | None
 # --------------------------------------------------------------------------------------------
 # CSV history
 # --------------------------------------------------------------------------------------------
-def _write_rows_atomic(path: str, fieldnames: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(fieldnames))
-        writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _appending_writer_class():
-    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-
-    class AppendingExperimentWriter(ExperimentWriter):
-        """Lightning's CSV writer that keeps an existing ``metrics.csv`` (appends) and rewrites it
-        atomically when the header grows."""
-
-        def _check_log_dir_exists(self) -> None:
-            pass
-
-        def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
-            with open(self.metrics_file_path, newline="") as f:
-                rows = list(csv.DictReader(f))
-            _write_rows_atomic(self.metrics_file_path, fieldnames, rows)
-
-    return AppendingExperimentWriter
-
-
-def _fresh_writer_class():
-    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-
-    class FreshExperimentWriter(ExperimentWriter):
-        """Lightning's CSV writer that warns only when a ``metrics.csv`` is there to be replaced (Lightning
-        warns whenever the folder holds any file)."""
-
-        def _check_log_dir_exists(self) -> None:
-            if os.path.isfile(self.metrics_file_path):
-                log.warning("%s exists: this run starts it again (the old rows are deleted)", self.metrics_file_path)
-                os.unlink(self.metrics_file_path)
-
-    return FreshExperimentWriter
-
-
-def start_csv_history(loggers: Sequence[Any]) -> None:
-    """A fresh run: every CSV logger writes a new ``metrics.csv`` (module docstring)."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    for lg in loggers:
-        if isinstance(lg, CSVLogger) and lg._experiment is None:
-            lg._experiment = _fresh_writer_class()(lg.log_dir)
-
-
-def read_metrics_csv(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
-    """``(header, rows)`` of a metrics.csv; a half-written last row (fewer fields) is dropped."""
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, [])
-        rows = []
-        for row in reader:
-            if len(row) != len(header):
-                log.warning("%s: dropped a malformed row at line %d (%d fields, the header has %d)", path,
-                            reader.line_num, len(row), len(header))
-                continue
-            rows.append(dict(zip(header, row)))
-    return header, rows
-
-
-def log_at_global_step(loggers: Sequence[Any], trainer: Any) -> None:
-    """Every logger of ``loggers`` writes its rows at ``trainer.global_step`` (module docstring), whatever step
-    Lightning passes (its ``_batches_that_stepped``, one less between an optimizer step and the end of the
-    validation that follows it). Each logger's ``log_metrics`` is wrapped once, on this instance."""
-    for lg in loggers:
-        if getattr(lg, "_rmoe_global_step", False):
-            continue
-        original = lg.log_metrics
-
-        def log_metrics(metrics: Any, step: int | None = None, _original: Any = original) -> None:
-            _original(metrics, int(trainer.global_step))
-
-        lg.log_metrics = log_metrics
-        lg._rmoe_global_step = True
-
-
-def _before_checkpoint(row: dict[str, str], resume_step: int) -> bool:
-    """Whether a ``metrics.csv`` row was logged before a checkpoint taken after ``resume_step`` updates: every
-    row at a smaller step, and at ``resume_step`` the training and validation rows (the learning-rate monitor's
-    row there, without an ``epoch``, precedes the next update: the resumed run logs it again)."""
-    step = _step(row)
-    if step is None or step > resume_step:
-        return False
-    return step < resume_step or bool(row.get("epoch", ""))
-
-
-def keep_csv_history(loggers: Sequence[Any], resume_step: int) -> int:
-    """On resume: every CSV logger keeps the rows of its ``metrics.csv`` logged before the checkpoint
-    (``resume_step``: its global step; :func:`_before_checkpoint`; the resumed run logs the later ones again)
-    and appends to them. Returns the number of rows kept."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    kept = 0
-    for lg in loggers:
-        if not isinstance(lg, CSVLogger):
-            continue
-        writer_cls = _appending_writer_class()
-        exp = writer_cls(lg.log_dir)
-        path = exp.metrics_file_path
-        if os.path.isfile(path):
-            header, rows = read_metrics_csv(path)
-            keep = [r for r in rows if _before_checkpoint(r, resume_step)]
-            dropped = len(rows) - len(keep)
-            _write_rows_atomic(path, header, keep)
-            exp.metrics_keys = list(header)
-            kept += len(keep)
-            log.info("%s: kept %d logged row(s) up to step %d%s", path, len(keep), resume_step,
-                     f", dropped {dropped} logged after the checkpoint (logged again)" if dropped else "")
-        lg._experiment = exp
-    return kept
-
-
-def _step(row: dict[str, str]) -> int | None:
-    try:
-        return int(float(row.get("step", "")))
-    except ValueError:
-        return None

@@ -1,4 +1,4 @@
-"""Runs shorter than the trainer's cadences still log and validate (a callback :func:`tasks.train.train` adds).
+"""Runs shorter than the trainer's cadences still log and validate (a callback :func:`tasks.job.train` adds).
 
 * ``trainer.log_every_n_steps`` larger than the run's planned optimizer steps (a short GLUE run with the default
   50) would log no ``train/*``, ``routing/*`` or ``curriculum/lambda`` row at all: Lightning writes step metrics

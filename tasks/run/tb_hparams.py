@@ -3,7 +3,7 @@
 Lightning's ``TensorBoardLogger.log_hyperparams`` writes the hparams plugin data only together with metric values
 that it logs as scalars at step 0 (``hp_metric``, off here: it would add a fake point to every curve), so the
 tab stayed empty. :func:`log_hparams_session` writes, at the end of fitting (:class:`HparamsSessionCallback`, which
-:func:`tasks.train.train` adds; before the logger closes its event file), the plugin's experiment, session-start
+:func:`tasks.job.train` adds; before the logger closes its event file), the plugin's experiment, session-start
 (the flattened resolved config: ``moe/name``, ``module/lr``, ...) and session-end summaries naming the run's final
 metrics (the trainer's final metrics, ``done``'s keys: ``val/score_best``, ``routing/*`` ...; ``test=true``'s
 ``test/*`` come after fitting and are not among them); the tab reads each metric's last

@@ -33,6 +33,8 @@ from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, open_dict
 
+from tasks.run.hydra_runtime import hydra_mode, hydra_runtime
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
@@ -165,12 +167,8 @@ def print_sync_command(run_dir: str | None) -> str | None:
 
 def _hydra_multirun() -> Any:
     """Hydra's config of the running multirun job, or None (a single run, or no Hydra: ``train(cfg)`` in tests)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    return hc if str(hc.mode) in ("RunMode.MULTIRUN", "MULTIRUN") else None
+    hc = hydra_runtime()
+    return hc if hydra_mode(hc) == "MULTIRUN" else None
 
 
 def wandb_run_name(variant: Any, seed: Any) -> str:

@@ -61,6 +61,7 @@ from tasks.results.records import META_FILE, VERSION_KEY, folder_study_version
 from tasks.run import jobs
 
 from .parallel import DEFAULT_JOBS
+from .report import main as study_main  # scipy and matplotlib (2.5 s): the report command
 
 log = logging.getLogger("tasks.study.driver")
 
@@ -530,8 +531,6 @@ def _run_multiruns(bench: str, plan: Sequence[Job], runs: Sequence[Multirun], n_
 
 
 def report(results_dir: Path, output: Path) -> None:
-    from .report import main as study_main  # scipy and matplotlib: 2.5 s that the other commands do not need
-
     study_main([str(results_dir), "--output", str(output)])
 
 

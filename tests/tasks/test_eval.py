@@ -20,7 +20,7 @@ from tasks.glue.predict import (
     write_submission,
 )
 from tasks.glue.tasks import GlueDataError, get_task
-from tasks.train import train
+from tasks.job import train
 
 BIN = os.path.dirname(sys.executable)
 RUN_ARGS = ["task=glue/rte", "backbone=tiny_bert", "debug=fast", "moe=rmoe", "moe.fusion.update_in_eval=false",

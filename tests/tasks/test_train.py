@@ -9,7 +9,7 @@ import torch
 
 from rmoe import find_moe_layers
 from rmoe.routing import TopAnyRouter
-from tasks.train import train
+from tasks.job import train
 
 FAST = ["backbone=tiny_bert", "debug=fast"]
 

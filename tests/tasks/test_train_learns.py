@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tasks.train import train
+from tasks.job import train
 
 
 @pytest.mark.slow  # 160 optimizer steps: ~5 min on 2 loaded cores

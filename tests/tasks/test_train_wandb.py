@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tasks.train import train
+from tasks.job import train
 
 wandb = pytest.importorskip("wandb")
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from callbacks.domainbed_schedule import domainbed_should_evaluate
 from tasks.domainbed.datasets import rotate_uint8
-from tasks.train import train
+from tasks.job import train
 
 
 def _first_mnist_images(data_dir, n):

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tasks.domainbed.datasets import DomainBedDataError
-from tasks.train import train
+from tasks.job import train
 
 TINY = ["trainer.val_check_interval=3", "data.batch_size=4", "data.eval_batch_size=256", "logger=csv",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",

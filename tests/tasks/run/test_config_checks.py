@@ -7,8 +7,8 @@ import re
 
 import pytest
 
+from tasks.job import train
 from tasks.run.checks import ConfigError, check_config
-from tasks.train import train
 
 GLUE = ["task=glue/cola", "backbone=tiny_bert", "debug=fast"]
 DOMAINBED = ["task=domainbed/rotated_digits"]

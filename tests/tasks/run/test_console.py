@@ -24,8 +24,8 @@ import pytest
 import yaml
 from lightning.pytorch.demos.boring_classes import BoringModel
 
+from tasks.job import train
 from tasks.run.console import StepTQDMProgressBar, progress_bar
-from tasks.train import train
 
 EXE = shutil.which("rmoe-train", path=os.path.dirname(sys.executable)) or shutil.which("rmoe-train")
 ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
@@ -169,7 +169,7 @@ def test_fresh_csv_logger_warns_only_when_it_replaces_metrics(tmp_path, caplog):
     metrics.csv: a warning naming it, and it is replaced."""
     from lightning.pytorch.loggers import CSVLogger
 
-    from tasks.run.run_folder import start_csv_history
+    from tasks.run.metrics_csv import start_csv_history
 
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("a: 1\n")

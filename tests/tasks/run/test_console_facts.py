@@ -11,9 +11,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from callbacks.records import read_jsonl
+from tasks.job import _announce, _commit_attempt, train
 from tasks.run.console import print_config_tree
 from tasks.run.multirun_summary import MultirunSummary
-from tasks.train import _announce, _commit_attempt, train
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.numerics import NumericalFaultCallback
+from tasks.job import _skipped_batches
 from tasks.results.records import scan
 from tasks.run import jobs
-from tasks.train import _skipped_batches
 
 
 class Linear(pl.LightningModule):

@@ -56,3 +56,24 @@ def test_which_configs_need_the_hub(compose_cfg):
     assert needs("task=glue/rte", "backbone=tiny_bert", "data.glue_dir=hub") == [("data.glue_dir", "nyu-mll/glue")]
     assert needs() == []  # the default run: RotatedDigits, a random-init ViT
     assert needs("experiment=domainbed/pacs_rmoe") == [("backbone.pretrained", None)]  # timm weights
+
+
+def test_a_hub_backbones_depth_is_read_from_the_cached_config_without_transformers(tmp_path, monkeypatch):
+    """The config checks read a hub backbone's layers and positions from the hub cache's config.json (the snapshot
+    refs/main names), so a config error about them comes before transformers and torch are imported."""
+    import json
+
+    from tasks.run import checks, hub
+
+    repo = tmp_path / "models--org--tiny-encoder"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    for rev, layers in (("abc123", 3), ("0old", 9)):
+        (repo / "snapshots" / rev).mkdir(parents=True)
+        (repo / "snapshots" / rev / "config.json").write_text(json.dumps(
+            {"model_type": "bert", "num_hidden_layers": layers, "max_position_embeddings": 128}))
+    monkeypatch.setattr(hub.hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    checks._hf_config.cache_clear()
+    assert checks.backbone_geometry({"pretrained": "org/tiny-encoder", "tokenizer": "org/tiny-encoder"}) == (3, 128)
+    assert checks.backbone_geometry({"pretrained": "org/absent", "tokenizer": "org/absent"}) == (None, None)
+    checks._hf_config.cache_clear()

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tasks.train import train
+from tasks.job import train
 
 HELPERS = os.path.dirname(os.path.abspath(__file__))  # _resume_helpers.RaiseAtStep
 MOES = ["dense", "moe_topk", "gmoe", "dynmoe", "rmoe", "lossfree", "expert_choice"]

@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
+from tasks.job import train
 from tasks.run.resume import CheckpointMismatchError
-from tasks.train import train
 
 HELPERS = os.path.dirname(os.path.abspath(__file__))
 RMOE = ["backbone=tiny_bert", "debug=fast", "task=glue/cola", "moe=rmoe", "moe.initial_experts=2", "moe.max_experts=4"]

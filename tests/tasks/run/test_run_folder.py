@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from tasks.run import jobs
+from tasks.run.metrics_csv import keep_csv_history
 from tasks.run.run_folder import (
     LOCK,
     RunFolderBusyError,
     acquire_lock,
-    keep_csv_history,
     lock_holder,
     plan_from_argv,
     release_lock,

@@ -7,7 +7,7 @@ import os
 import pytest
 from omegaconf import open_dict
 
-from tasks.train import train
+from tasks.job import train
 
 
 def rows(path):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tasks.train import train
+from tasks.job import train
 
 
 def read_csv(path):
