@@ -16,7 +16,7 @@ so targets receive plain dicts/lists):
   or null, are skipped); ``trainer``: ``_target_: lightning.pytorch.Trainer`` and its arguments.
 * ``task_name`` names the log folder ``logs/<task_name>/{runs,multiruns}/...``; ``seed`` seeds
   Python/NumPy/torch (and dataloader workers); ``ckpt_path`` resumes; ``test=true`` evaluates the best
-  checkpoint after fitting, as ``rmoe-eval`` does (:func:`tasks.eval.evaluate`, ``<run>/eval/<ckpt>.json``);
+  checkpoint after fitting, as ``rmoe-eval`` does (:func:`tasks.evaluation.evaluate`, ``<run>/eval/<ckpt>.json``);
   ``train=false`` is refused naming ``train``/``ckpt_path`` (evaluating a checkpoint is ``rmoe-eval``'s job).
 * Runs shorter than ``trainer.log_every_n_steps`` or than one epoch (``max_steps``) still log and validate:
   :class:`tasks.run.short_runs.ShortRunCallback`, always added.
@@ -58,7 +58,7 @@ from callbacks.numerics import NumericalFaultCallback
 from callbacks.records import git_commit
 from callbacks.resume import Preempted
 from callbacks.run_summary import hydra_overrides
-from tasks.eval import evaluate
+from tasks.evaluation import evaluate
 from tasks.resolvers import register_resolvers
 from tasks.results.domainbed import run_report
 from tasks.run import jobs

@@ -56,16 +56,18 @@ HEAVY = {"torch", "torchvision", "lightning", "pytorch_lightning", "hydra", "tra
          "safetensors", "sklearn", "scipy", "matplotlib", "numpy"}  # not huggingface_hub: its constants take 14 ms
 # (python -X importtime -c "import huggingface_hub.constants"; the package loads its client lazily)
 
-#: the command line whose start-up CLI_LAZY protects: rmoe-train (--help, completion, config errors:
-#: tests/test_cli_fast.py). Its front (tasks.train) hands a job that passed its config checks to tasks.job, which
-#: imports torch and Lightning at its top; rmoe-eval, python -m tasks.collect and tasks.reproduce import at the top.
-CLI_ENTRIES = ("tasks.train",)
-#: the front's two hand-offs, the only function-local imports that are not of an optional dependency: (module,
+#: the command lines whose start-up CLI_LAZY protects: rmoe-train (--help, completion, config errors:
+#: tests/test_cli_fast.py) and rmoe-eval (a command without ckpt_path). rmoe-train's front (tasks.train) hands a job
+#: that passed its config checks to tasks.job, rmoe-eval's (tasks.eval) a named checkpoint to tasks.evaluation; both
+#: import torch and Lightning at their top, as python -m tasks.collect and tasks.reproduce import at the top.
+CLI_ENTRIES = ("tasks.train", "tasks.eval")
+#: the fronts' hand-offs, the only function-local imports that are not of an optional dependency: (module,
 #: function) -> why. Each is checked: the module is on the CLI's fast path (imported at the top by CLI_ENTRIES) and
 #: every module the function imports is heavy (it, or what it imports at its top, is in HEAVY).
 CLI_LAZY = {
     ("tasks.train", "main"): "hydra and its ConfigStore: after --help and completion, which answer without them",
     ("tasks.train", "_job"): "Hydra's runtime (loaded by hydra.main); the job (torch, Lightning): after the checks",
+    ("tasks.eval", "main"): "Hydra, torch, Lightning (tasks.evaluation): once the command names a checkpoint",
 }
 
 

@@ -181,7 +181,13 @@ def test_export_and_load_pretrained_give_identical_logits(run, tmp_path):
 
 
 def test_rmoe_eval_refuses_another_runs_config_and_warns_for_moving_fusion_state(compose_cfg, run):
-    from tasks.eval import EvalConfigError, eval_config, evaluate, register_eval_resolvers, run_choice_overrides
+    from tasks.evaluation import (
+        EvalConfigError,
+        eval_config,
+        evaluate,
+        register_eval_resolvers,
+        run_choice_overrides,
+    )
 
     register_eval_resolvers()
     ckpt = best_ckpt(run)
