@@ -87,3 +87,16 @@ def test_a_moe_field_error_comes_before_the_config_is_printed(tmp_path):
     assert msg.strip().splitlines() == [
         "rmoe-train: error: invalid config: moe.initial_experts=0; allowed: an integer >= 1"]
     assert "trainer:" not in proc.stdout and "config (resolved)" not in proc.stdout  # no config tree first
+
+
+def test_rmoe_eval_without_a_checkpoint_is_refused_without_hydra_or_torch():
+    """rmoe-eval's front (tasks/eval.py) refuses a command that names no checkpoint before it hands the command to
+    tasks.evaluation (Hydra, torch, Lightning)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "tasks.eval", "task=glue/rte"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    wall = time.perf_counter() - t0
+    imported = {ln.split("|")[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
+    assert proc.returncode == 2 and "rmoe-eval: error: ckpt_path is mandatory" in proc.stderr
+    assert not imported & {"torch", "lightning", "hydra", "tasks.evaluation"}, sorted(imported & {"torch", "hydra"})
+    assert wall < 2.0, wall  # 0.03-0.09 s measured on the 2-core machine under load
