@@ -144,7 +144,8 @@ def claims_section(self: Report) -> list[str]:
     withheld = "Withheld: the {} records were made with the superseded methods (see the note at the top)."
     tasks = self.verdict_tasks()
     out = self.out_of_verdicts()
-    no_task = "no GLUE task passed its gate"
+    # why a claim has no comparison with data: no task in the verdict, or too few paired seeds in those that are
+    no_task = "no GLUE task passed its gate" if not tasks else "fewer than two paired seeds"
     task_note = ("Tasks in the verdict: " + (", ".join(glue_task_label(t) for t in tasks) or "none") + out + ". ")
 
     # 1. GLUE
@@ -187,13 +188,14 @@ def claims_section(self: Report) -> list[str]:
                                     pooled))
             pw.append(f"{variant_label(a)} − {variant_label(b)}: {paper_gaps_text('domainbed', a, b)}")
         holm_family(comps)
+        no_dataset = "no DomainBed dataset passed its floors" if not gated else "fewer than two paired trial seeds"
         lines += [head2 + "Datasets in the verdict: " + (", ".join(gated) or "none")
                   + (" (left out, a dense floor missed: " + ", ".join(left) + ")" if left else "") + ". "
                   + "Test-domain accuracy under training-domain validation, mean over test domains "
                   "per trial seed, paired over (dataset, trial seed): " + join_comparisons(comps)
                   + ". The paper reports no number for these datasets; its gaps on its own datasets, in points: "
                   + "; ".join(pw) + ". " + family_note(comps)
-                  + f"Verdict: **{claim_verdict(comps, 'no DomainBed dataset passed its floors')}** "
+                  + f"Verdict: **{claim_verdict(comps, no_dataset)}** "
                   f"(see {link(H_DB_PAIRED)}).", ""]
     # 3. stability
     comps = []

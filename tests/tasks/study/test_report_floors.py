@@ -293,3 +293,25 @@ def test_regenerated_byte_for_byte_by_the_report_command(report, tmp_path):
     assert out.read_text() == text
     again = generate(str(tmp / "docs" / "results"), str(tmp_path / "RESULTS.md"))
     assert again == text
+
+
+def test_a_dataset_past_its_floor_with_one_trial_seed_says_why_claim_2_has_no_verdict(tmp_path):
+    """RotatedMNIST's dense model holds its floor, but each method has one trial seed: claim 2 has no comparison with
+    data, and says so for that reason, not for a missed floor."""
+    root = tmp_path / "docs" / "results"
+    make_tree(str(root))
+    for variant in ("dense", "gmoe", "dynmoe", "rmoe", "lossfree"):
+        for t in range(6):
+            rec = {"step": 100, "epoch": 1.0, "hparams": {},
+                   "args": {"dataset": "RotatedMNIST", "algorithm": variant, "test_envs": [t], "trial_seed": 0,
+                            "hparams_seed": 0}}
+            for i in range(6):
+                rec[f"env{i}_in_acc"] = rec[f"env{i}_out_acc"] = .90
+            write(os.path.join(root, "domainbed", f"RotatedMNIST_{variant}_env{t}_t0"),
+                  {"schema": 1, "done": True, "benchmark": "domainbed", "task": "RotatedMNIST", "variant": variant,
+                   "method": variant, "seed": 0, "test_envs": [t], "trial_seed": 0, "stability": stability(variant),
+                   "task_name": "domainbed/rotated_mnist", "wall_time_s": 40.0, "global_step": 100}, records=[rec])
+    text = generate(str(root), str(tmp_path / "docs" / "RESULTS.md"))
+    claim2 = next(line for line in text.splitlines() if line.startswith("**2. "))
+    assert "Datasets in the verdict: RotatedMNIST" in claim2
+    assert "Verdict: **cannot tell at this scale (fewer than two paired trial seeds)**" in claim2
