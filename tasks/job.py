@@ -48,8 +48,6 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -72,6 +70,7 @@ from tasks.run.console import (
     save_resolved_config,
 )
 from tasks.run.continuation import check_continuation
+from tasks.run.hydra_runtime import hydra_mode, hydra_runtime
 from tasks.run.metrics_csv import keep_csv_history, log_at_global_step, start_csv_history
 from tasks.run.resume import init_from_checkpoint, prepare_fit, run_identity
 from tasks.run.run_folder import (
@@ -334,7 +333,7 @@ def run_job(cfg: DictConfig, out_dir: str | None, name: str | None, owner: bool,
             if preempted is not None and e.code != preempted["exit_code"]:  # Lightning's SIGTERMException: code None
                 raise SystemExit(preempted["exit_code"]) from e
             data_error = _data_error(e)
-            if data_error is not None and HydraConfig.get().mode == RunMode.RUN:
+            if data_error is not None and hydra_mode(hydra_runtime()) == "RUN":
                 print(f"rmoe-train: error: {data_error}", file=sys.stderr)  # the message names key, file, fix
                 sys.exit(2)
             raise

@@ -84,7 +84,9 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(now: Any, saved: Any) -> list[dict[str, Any]]:
     """``[{key, run, now}]``: every leaf key (unresolved values) that differs between ``saved`` (the run's
-    ``.hydra/config.yaml``) and ``now`` (this attempt's composed config), sorted; :data:`NOT_RUN_KEYS` left out."""
+    ``.hydra/config.yaml``) and ``now`` (this attempt's composed config), sorted; :data:`NOT_RUN_KEYS` left out, a
+    renamed key compared under its new name, and a ``moe.*`` key the run lacks that now holds the ``moe`` group's
+    base default not counted (module docstring)."""
     def plain(c: Any) -> Any:
         return OmegaConf.to_container(c, resolve=False) if isinstance(c, DictConfig) else c
 
@@ -93,12 +95,13 @@ def config_changes(now: Any, saved: Any) -> list[dict[str, Any]]:
         for flat in (a, b):
             if old in flat and new not in flat:
                 flat[new] = flat.pop(old)
+    router = b.get("moe.router")
     out = []
     for key in sorted(set(a) | set(b)):
         if _under(key, NOT_RUN_KEYS):
             continue
         old, new = a.get(key, _ABSENT), b.get(key, _ABSENT)
-        if old != new:
+        if old != new and not (old == _ABSENT and is_schema_default(key, new, router)):  # the base added it since
             out.append({"key": key, "run": old, "now": new})
     return out
 
@@ -109,9 +112,7 @@ def check_continuation(cfg: Any, run_dir: str | os.PathLike) -> list[dict[str, A
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         return []
-    router = OmegaConf.select(cfg, "moe.router", default=None)
-    changes = [c for c in config_changes(cfg, OmegaConf.load(path))  # a key the moe group's base added since
-               if not (c["run"] == _ABSENT and is_schema_default(c["key"], c["now"], router))]
+    changes = config_changes(cfg, OmegaConf.load(path))
     allowed = OmegaConf.select(cfg, "resume.allow_changes", default=None) or []
     allowed = [str(a) for a in allowed]
     refused = [c for c in changes if not _under(c["key"], allowed)]

@@ -81,14 +81,19 @@ def cached(repo: str | None, kind: str) -> bool:
     """Whether the local hub cache holds a snapshot of ``repo``."""
     if repo is None:
         return False
-    folder = Path(hub_constants.HF_HUB_CACHE) / f"{kind}s--{repo.replace('/', '--')}" / "snapshots"
+    folder = _cache_folder(repo, kind) / "snapshots"
     return folder.is_dir() and any(folder.iterdir())
+
+
+def _cache_folder(repo: str, kind: str) -> Path:
+    """``repo``'s folder in the local hub cache (``<HF_HUB_CACHE>/<kind>s--<org>--<name>``)."""
+    return Path(hub_constants.HF_HUB_CACHE) / f"{kind}s--{repo.replace('/', '--')}"
 
 
 def cached_file(repo: str, filename: str, kind: str = "model") -> Path | None:
     """``filename`` of ``repo``'s snapshot in the local hub cache (the revision ``refs/main`` names, else any
     snapshot that has it), or None; never downloads."""
-    base = Path(hub_constants.HF_HUB_CACHE) / f"{kind}s--{repo.replace('/', '--')}"
+    base = _cache_folder(repo, kind)
     ref = base / "refs" / "main"
     snapshots = [base / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
     snapshots += sorted((base / "snapshots").glob("*")) if (base / "snapshots").is_dir() else []

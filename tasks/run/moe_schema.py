@@ -64,7 +64,7 @@ def fusion_defaults() -> dict[str, Any]:
 
 def router_options_defaults() -> dict[str, dict[str, Any]]:
     """``{router: its Options' fields at their defaults}`` for every built-in router that has settings."""
-    return {name: _defaults(cls) for name, cls in OPTIONS.items() if _defaults(cls)}
+    return {name: opts for name, cls in OPTIONS.items() if (opts := _defaults(cls))}
 
 
 def schema_nodes() -> list[tuple[str, str, dict[str, Any]]]:
